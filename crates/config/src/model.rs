@@ -1,0 +1,250 @@
+//! The resources users write. Field names follow Kubernetes and the Gateway
+//! API (GAMMA profile); every struct refuses unknown fields so that a typo is
+//! an error, never a silently ignored setting.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_saphyr::Spanned;
+
+pub const TANDEM_API: &str = "tandem.dev/v1alpha1";
+pub const GATEWAY_API: &str = "gateway.networking.k8s.io/v1";
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// Where a value came from: file, line and column (1-based).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pos {
+    pub file: Arc<Path>,
+    pub line: u64,
+    pub column: u64,
+}
+
+/// Common head of every resource.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Document<S> {
+    pub api_version: Spanned<String>,
+    pub kind: Spanned<String>,
+    pub metadata: Metadata,
+    pub spec: S,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Metadata {
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub namespace: Option<Spanned<String>>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Just enough of a document to know which kind it is.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Head {
+    pub api_version: Option<Spanned<String>>,
+    pub kind: Option<Spanned<String>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Http,
+    Http2,
+    Grpc,
+    Tcp,
+}
+
+impl Protocol {
+    /// HTTP/2 on the wire (h2c between app and sidecar).
+    pub fn is_h2(self) -> bool {
+        matches!(self, Protocol::Http2 | Protocol::Grpc)
+    }
+    pub fn is_http(self) -> bool {
+        !matches!(self, Protocol::Tcp)
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Http => "http",
+            Protocol::Http2 => "http2",
+            Protocol::Grpc => "grpc",
+            Protocol::Tcp => "tcp",
+        })
+    }
+}
+
+// ---- Service ---------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceSpec {
+    pub ports: Vec<ServicePort>,
+    /// Static endpoints for a service that runs outside the mesh.
+    #[serde(default)]
+    pub endpoints: Vec<StaticEndpoint>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServicePort {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub port: Spanned<u16>,
+    pub protocol: Spanned<Protocol>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct StaticEndpoint {
+    /// `host:port`, with an IP literal host.
+    pub address: Spanned<String>,
+}
+
+// ---- HTTPRoute (GAMMA) -------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpRouteSpec {
+    pub parent_refs: Vec<ParentRef>,
+    #[serde(default)]
+    pub rules: Vec<Spanned<RouteRuleSpec>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ParentRef {
+    #[serde(default)]
+    pub group: Option<Spanned<String>>,
+    #[serde(default)]
+    pub kind: Option<Spanned<String>>,
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub namespace: Option<Spanned<String>>,
+    #[serde(default)]
+    pub port: Option<Spanned<u16>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RouteRuleSpec {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub matches: Vec<Spanned<MatchSpec>>,
+    #[serde(default)]
+    pub backend_refs: Vec<BackendRef>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MatchSpec {
+    #[serde(default)]
+    pub path: Option<PathMatchSpec>,
+    #[serde(default)]
+    pub headers: Vec<ValueMatchSpec>,
+    #[serde(default)]
+    pub query_params: Vec<ValueMatchSpec>,
+    #[serde(default)]
+    pub method: Option<Spanned<String>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PathMatchType {
+    Exact,
+    PathPrefix,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PathMatchSpec {
+    #[serde(default, rename = "type")]
+    pub kind: Option<Spanned<PathMatchType>>,
+    #[serde(default)]
+    pub value: Option<Spanned<String>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum ValueMatchType {
+    Exact,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ValueMatchSpec {
+    #[serde(default, rename = "type")]
+    pub kind: Option<ValueMatchType>,
+    pub name: Spanned<String>,
+    pub value: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BackendRef {
+    #[serde(default)]
+    pub group: Option<Spanned<String>>,
+    #[serde(default)]
+    pub kind: Option<Spanned<String>>,
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub namespace: Option<Spanned<String>>,
+    #[serde(default)]
+    pub port: Option<Spanned<u16>>,
+    #[serde(default)]
+    pub weight: Option<Spanned<u32>>,
+}
+
+// ---- The loaded set ----------------------------------------------------------
+
+/// A resource with its identity and where it was defined.
+#[derive(Debug)]
+pub struct Loaded<S> {
+    pub name: String,
+    pub namespace: String,
+    pub pos: Pos,
+    pub name_pos: Pos,
+    pub file: Arc<Path>,
+    pub spec: S,
+}
+
+impl<S> Loaded<S> {
+    /// Where a value inside this resource was written.
+    pub fn at<T>(&self, s: &Spanned<T>) -> Pos {
+        if s.referenced.line() == 0 {
+            return self.pos.clone();
+        }
+        Pos {
+            file: self.file.clone(),
+            line: s.referenced.line(),
+            column: s.referenced.column(),
+        }
+    }
+
+    /// `namespace/name`, the key resources are referred to by.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// All resources of a config directory, in file order.
+#[derive(Debug, Default)]
+pub struct ResourceSet {
+    pub services: Vec<Loaded<ServiceSpec>>,
+    pub http_routes: Vec<Loaded<HttpRouteSpec>>,
+}
+
+impl ResourceSet {
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&Loaded<ServiceSpec>> {
+        self.services
+            .iter()
+            .find(|s| s.name == name && s.namespace == namespace)
+    }
+}

@@ -1,0 +1,109 @@
+//! The per-proxy configuration the control plane compiles and pushes. It is
+//! self-contained (a proxy needs nothing else to route) and small: it holds
+//! only the proxy's own inbound settings and the destinations it talks to.
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::model::{PathMatchType, Protocol};
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The namespace and service of the proxy this snapshot is for.
+    pub namespace: String,
+    pub service: String,
+    /// How to serve inbound traffic; `None` when the proxy's service is not
+    /// declared in the config (the proxy then refuses inbound connections).
+    pub inbound: Option<Inbound>,
+    /// Destinations this proxy may call, by service.
+    pub destinations: Vec<Destination>,
+    /// Destination names the proxy asked for that do not exist.
+    #[serde(default)]
+    pub unknown: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Inbound {
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Destination {
+    pub name: String,
+    pub namespace: String,
+    /// Protocol of the service's (first) port; decides how the hop is spoken.
+    pub protocol: Protocol,
+    pub ports: Vec<u16>,
+    /// Route rules in precedence order. Empty means "no HTTPRoute": all
+    /// traffic goes to the destination's own endpoints (backend 0).
+    pub routes: Vec<Route>,
+    /// Every service traffic to this destination can land on. Backend 0 is
+    /// always the destination itself.
+    pub backends: Vec<Backend>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Route {
+    /// `namespace/name` of the HTTPRoute and the rule index, for display.
+    pub route: String,
+    pub rule: usize,
+    /// The parentRef port this rule is attached to, if it named one.
+    pub port: Option<u16>,
+    pub matcher: Matcher,
+    pub backends: Vec<WeightedBackend>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Matcher {
+    pub path: Option<PathMatch>,
+    pub headers: Vec<NameValue>,
+    pub query: Vec<NameValue>,
+    pub method: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PathMatch {
+    pub kind: PathMatchType,
+    pub value: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NameValue {
+    /// Header names are stored lower-case.
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WeightedBackend {
+    /// Index into [`Destination::backends`].
+    pub backend: usize,
+    pub weight: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Backend {
+    pub name: String,
+    pub namespace: String,
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// `ip:port` to connect to.
+    pub address: String,
+    /// Instance name of a meshed endpoint, empty for a static one.
+    pub instance: String,
+    /// Whether a Tandem sidecar answers on this address.
+    pub meshed: bool,
+}
+
+impl Snapshot {
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}

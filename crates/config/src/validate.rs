@@ -1,0 +1,265 @@
+//! Whole-set checks that a single document cannot make on its own:
+//! duplicate names, references to services that do not exist, ports and
+//! weights that make no sense.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+
+use crate::diag::Diagnostic;
+use crate::model::{Loaded, Protocol, ResourceSet, ServiceSpec};
+
+const METHODS: &[&str] = &[
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+pub(crate) fn validate(set: &ResourceSet, diags: &mut Vec<Diagnostic>) {
+    let mut seen: HashMap<(&str, String), &crate::model::Pos> = HashMap::new();
+    for s in &set.services {
+        check_name(&s.name, &s.name_pos, diags);
+        check_name(&s.namespace, &s.pos, diags);
+        if let Some(first) = seen.insert(("Service", s.key()), &s.pos) {
+            diags.push(Diagnostic::at(
+                &s.name_pos,
+                format!(
+                    "duplicate Service `{}` (first defined at {}:{})",
+                    s.key(),
+                    first.file.display(),
+                    first.line
+                ),
+            ));
+        }
+        validate_service(s, diags);
+    }
+    for r in &set.http_routes {
+        check_name(&r.name, &r.name_pos, diags);
+        if let Some(first) = seen.insert(("HTTPRoute", r.key()), &r.pos) {
+            diags.push(Diagnostic::at(
+                &r.name_pos,
+                format!(
+                    "duplicate HTTPRoute `{}` (first defined at {}:{})",
+                    r.key(),
+                    first.file.display(),
+                    first.line
+                ),
+            ));
+        }
+        validate_route(set, r, diags);
+    }
+}
+
+fn check_name(name: &str, pos: &crate::model::Pos, diags: &mut Vec<Diagnostic>) {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if !ok {
+        diags.push(Diagnostic::at(
+            pos,
+            format!("`{name}` is not a valid name: use 1-63 lower-case letters, digits and '-', starting and ending with a letter or digit"),
+        ));
+    }
+}
+
+fn validate_service(s: &Loaded<ServiceSpec>, diags: &mut Vec<Diagnostic>) {
+    if s.spec.ports.is_empty() {
+        diags.push(Diagnostic::at(
+            &s.pos,
+            format!("Service `{}` declares no ports", s.name),
+        ));
+    }
+    let mut ports = HashSet::new();
+    for p in &s.spec.ports {
+        if p.port.value == 0 {
+            diags.push(Diagnostic::at(&s.at(&p.port), "port must be 1-65535"));
+        }
+        if !ports.insert(p.port.value) {
+            diags.push(Diagnostic::at(
+                &s.at(&p.port),
+                format!("duplicate port {}", p.port.value),
+            ));
+        }
+    }
+    for e in &s.spec.endpoints {
+        if e.address.value.parse::<SocketAddr>().is_err() {
+            diags.push(Diagnostic::at(
+                &s.at(&e.address),
+                format!("endpoint address `{}` is not an ip:port", e.address.value),
+            ));
+        }
+    }
+}
+
+fn validate_route(
+    set: &ResourceSet,
+    r: &Loaded<crate::model::HttpRouteSpec>,
+    diags: &mut Vec<Diagnostic>,
+) {
+    if r.spec.parent_refs.is_empty() {
+        diags.push(Diagnostic::at(
+            &r.pos,
+            "HTTPRoute has no parentRefs; attach it to a Service",
+        ));
+    }
+    for p in &r.spec.parent_refs {
+        check_service_kind(r, p.group.as_ref(), p.kind.as_ref(), diags);
+        let ns = p
+            .namespace
+            .as_ref()
+            .map(|n| n.value.as_str())
+            .unwrap_or(&r.namespace);
+        match set.service(ns, &p.name.value) {
+            None => diags.push(Diagnostic::at(
+                &r.at(&p.name),
+                format!(
+                    "parentRef names Service `{ns}/{}`, which does not exist",
+                    p.name.value
+                ),
+            )),
+            Some(svc) => {
+                let port = match &p.port {
+                    Some(port) => {
+                        let found = svc.spec.ports.iter().find(|sp| sp.port.value == port.value);
+                        if found.is_none() {
+                            diags.push(Diagnostic::at(
+                                &r.at(port),
+                                format!("Service `{}` has no port {}", svc.key(), port.value),
+                            ));
+                        }
+                        found
+                    }
+                    None => svc.spec.ports.first(),
+                };
+                if let Some(sp) = port {
+                    if sp.protocol.value == Protocol::Tcp {
+                        diags.push(Diagnostic::at(
+                            &r.at(&p.name),
+                            format!("Service `{}` port {} is tcp; an HTTPRoute needs an http, http2 or grpc port", svc.key(), sp.port.value),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    for rule in &r.spec.rules {
+        let rule_pos = r.at(rule);
+        let rule = &rule.value;
+        if rule.backend_refs.is_empty() {
+            diags.push(Diagnostic::at(&rule_pos, "rule has no backendRefs"));
+        }
+        let mut total: u64 = 0;
+        for b in &rule.backend_refs {
+            check_service_kind(r, b.group.as_ref(), b.kind.as_ref(), diags);
+            let weight = b.weight.as_ref().map(|w| w.value).unwrap_or(1);
+            if weight > 1_000_000 {
+                let pos = b
+                    .weight
+                    .as_ref()
+                    .map(|w| r.at(w))
+                    .unwrap_or_else(|| r.at(&b.name));
+                diags.push(Diagnostic::at(&pos, "weight must be at most 1000000"));
+            }
+            total += u64::from(weight);
+            let ns = b
+                .namespace
+                .as_ref()
+                .map(|n| n.value.as_str())
+                .unwrap_or(&r.namespace);
+            match set.service(ns, &b.name.value) {
+                None => diags.push(Diagnostic::at(
+                    &r.at(&b.name),
+                    format!(
+                        "backendRef names Service `{ns}/{}`, which does not exist",
+                        b.name.value
+                    ),
+                )),
+                Some(svc) => {
+                    if let Some(port) = &b.port {
+                        if !svc.spec.ports.iter().any(|sp| sp.port.value == port.value) {
+                            diags.push(Diagnostic::at(
+                                &r.at(port),
+                                format!("Service `{}` has no port {}", svc.key(), port.value),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        if !rule.backend_refs.is_empty() && total == 0 {
+            diags.push(Diagnostic::at(
+                &rule_pos,
+                "all backendRefs of this rule have weight 0; no traffic could be sent",
+            ));
+        }
+        for m in &rule.matches {
+            let mpos = r.at(m);
+            let m = &m.value;
+            if let Some(path) = &m.path {
+                if let Some(v) = &path.value {
+                    if !v.value.starts_with('/') {
+                        diags.push(Diagnostic::at(
+                            &r.at(v),
+                            format!("path `{}` must start with '/'", v.value),
+                        ));
+                    }
+                } else {
+                    diags.push(Diagnostic::at(&mpos, "path match needs a `value`"));
+                }
+            }
+            if let Some(method) = &m.method {
+                if !METHODS.contains(&method.value.as_str()) {
+                    diags.push(Diagnostic::at(
+                        &r.at(method),
+                        format!(
+                            "unknown method `{}`; expected one of {}",
+                            method.value,
+                            METHODS.join(", ")
+                        ),
+                    ));
+                }
+            }
+            for h in m.headers.iter().chain(m.query_params.iter()) {
+                let n = &h.name.value;
+                if n.is_empty()
+                    || !n
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.!#$%&'*+^`|~".contains(&b))
+                {
+                    diags.push(Diagnostic::at(
+                        &r.at(&h.name),
+                        format!("`{n}` is not a valid name"),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+fn check_service_kind<S>(
+    r: &Loaded<S>,
+    group: Option<&serde_saphyr::Spanned<String>>,
+    kind: Option<&serde_saphyr::Spanned<String>>,
+    diags: &mut Vec<Diagnostic>,
+) {
+    if let Some(g) = group {
+        if !(g.value.is_empty() || g.value == "core") {
+            diags.push(Diagnostic::at(
+                &r.at(g),
+                format!(
+                    "group `{}` is not supported; refer to a Service (group \"\")",
+                    g.value
+                ),
+            ));
+        }
+    }
+    if let Some(k) = kind {
+        if k.value != "Service" {
+            diags.push(Diagnostic::at(
+                &r.at(k),
+                format!("kind `{}` is not supported here; only Service", k.value),
+            ));
+        }
+    }
+}

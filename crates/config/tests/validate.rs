@@ -1,0 +1,130 @@
+//! Loading and validation: every problem is reported with its position.
+
+use tandem_config::load_str;
+
+fn errors(yaml: &str) -> Vec<String> {
+    match load_str("t.yaml", yaml) {
+        Ok(_) => vec![],
+        Err(d) => d.iter().map(|d| d.to_string()).collect(),
+    }
+}
+
+const GOOD: &str = r#"
+apiVersion: tandem.dev/v1alpha1
+kind: Service
+metadata: {name: catalog}
+spec:
+  ports: [{name: http, port: 8080, protocol: http}]
+---
+apiVersion: tandem.dev/v1alpha1
+kind: Service
+metadata: {name: catalog-v1}
+spec:
+  ports: [{port: 8080, protocol: http}]
+---
+apiVersion: tandem.dev/v1alpha1
+kind: Service
+metadata:
+  name: catalog-v2
+spec:
+  ports: [{port: 8080, protocol: http}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: catalog}
+spec:
+  parentRefs: [{kind: Service, name: catalog, port: 8080}]
+  rules:
+    - matches: [{headers: [{name: x-beta, value: "1"}]}]
+      backendRefs: [{name: catalog-v2, port: 8080}]
+    - backendRefs:
+        - {name: catalog-v1, port: 8080, weight: 90}
+        - {name: catalog-v2, port: 8080, weight: 10}
+"#;
+
+#[test]
+fn good_config_loads() {
+    let set = load_str("t.yaml", GOOD).expect("valid");
+    assert_eq!(set.services.len(), 3);
+    assert_eq!(set.http_routes.len(), 1);
+    assert_eq!(set.services[0].namespace, "default");
+    assert_eq!(set.http_routes[0].spec.rules.len(), 2);
+}
+
+#[test]
+fn misspelled_field_is_reported_with_position() {
+    let yaml =
+        "apiVersion: tandem.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec:\n  prots: []\n";
+    let e = errors(yaml);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].starts_with("t.yaml:5:3: "), "{e:?}");
+    assert!(e[0].contains("prots"), "{e:?}");
+}
+
+#[test]
+fn unknown_kind_and_wrong_type_in_separate_documents_are_both_reported() {
+    let yaml = "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {}\n---\napiVersion: tandem.dev/v1alpha1\nkind: Service\nmetadata: {name: b}\nspec:\n  ports: [{port: eighty, protocol: http}]\n";
+    let e = errors(yaml);
+    assert_eq!(e.len(), 2, "{e:?}");
+    assert!(e[0].starts_with("t.yaml:2:7: unknown kind `Pod`"), "{e:?}");
+    assert!(e[1].starts_with("t.yaml:10:"), "{e:?}");
+}
+
+#[test]
+fn bad_protocol_is_refused() {
+    let yaml = "apiVersion: tandem.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec:\n  ports: [{port: 80, protocol: udp}]\n";
+    let e = errors(yaml);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].starts_with("t.yaml:5:"), "{e:?}");
+}
+
+#[test]
+fn dangling_reference_zero_weights_and_duplicates() {
+    let yaml = format!(
+        "{GOOD}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: catalog}}\nspec:\n  parentRefs: [{{name: nope}}]\n  rules:\n    - backendRefs: [{{name: catalog-v1, weight: 0}}, {{name: ghost}}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: zero}}\nspec:\n  parentRefs: [{{name: catalog}}]\n  rules:\n    - backendRefs: [{{name: catalog-v1, weight: 0}}]\n"
+    );
+    let e = errors(&yaml);
+    let all = e.join("\n");
+    assert!(
+        all.contains("duplicate HTTPRoute `default/catalog`"),
+        "{all}"
+    );
+    assert!(
+        all.contains("Service `default/nope`, which does not exist"),
+        "{all}"
+    );
+    assert!(
+        all.contains("Service `default/ghost`, which does not exist"),
+        "{all}"
+    );
+    assert!(all.contains("weight 0"), "{all}");
+    for line in &e {
+        let mut parts = line.splitn(4, ':');
+        assert_eq!(parts.next(), Some("t.yaml"));
+        assert!(
+            parts
+                .next()
+                .and_then(|l| l.parse::<u64>().ok())
+                .is_some_and(|l| l > 30),
+            "{line}"
+        );
+    }
+}
+
+#[test]
+fn tcp_service_cannot_have_http_route() {
+    let yaml = "apiVersion: tandem.dev/v1alpha1\nkind: Service\nmetadata: {name: db}\nspec:\n  ports: [{port: 5432, protocol: tcp}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: db}\nspec:\n  parentRefs: [{name: db}]\n  rules: [{backendRefs: [{name: db}]}]\n";
+    let e = errors(yaml);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].contains("is tcp"), "{e:?}");
+}
+
+#[test]
+fn bad_names_paths_methods_and_addresses() {
+    let yaml = "apiVersion: tandem.dev/v1alpha1\nkind: Service\nmetadata: {name: Bad_Name}\nspec:\n  ports: [{port: 80, protocol: http}]\n  endpoints: [{address: 'localhost'}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec:\n  parentRefs: [{name: Bad_Name}]\n  rules:\n    - matches: [{path: {type: Exact, value: nope}, method: FETCH}]\n      backendRefs: [{name: Bad_Name}]\n";
+    let all = errors(yaml).join("\n");
+    assert!(all.contains("not a valid name"), "{all}");
+    assert!(all.contains("is not an ip:port"), "{all}");
+    assert!(all.contains("must start with '/'"), "{all}");
+    assert!(all.contains("unknown method `FETCH`"), "{all}");
+}
