@@ -1,1 +1,385 @@
-fn main() {}
+//! `tandem`: one binary for the whole mesh — control plane, sidecar proxy,
+//! demo app, the embedded demo (`tandem up`) and the read commands.
+#![forbid(unsafe_code)]
+
+mod api;
+mod up;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "tandem",
+    version,
+    about = "Tandem service mesh: sidecar proxies and the control plane that configures them"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the embedded demo mesh: control plane, demo services with their
+    /// sidecars and a load generator, with a live view of golden signals.
+    Up(up::UpArgs),
+    /// Run the control plane.
+    Control {
+        /// Directory of YAML config files, watched for changes.
+        #[arg(long)]
+        config: PathBuf,
+        /// Directory for state that must survive a restart.
+        #[arg(long)]
+        data: PathBuf,
+        /// gRPC address proxies connect to.
+        #[arg(long, default_value = tandem_control::DEFAULT_LISTEN)]
+        listen: SocketAddr,
+        /// HTTP API address (used by `tandem stat` and `tandem status`).
+        #[arg(long, default_value = tandem_control::DEFAULT_API)]
+        api: SocketAddr,
+        /// How long a disconnected proxy stays an endpoint.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        grace: Duration,
+        /// How often proxies' metrics are collected for `tandem stat`.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        scrape_interval: Duration,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Run a sidecar proxy for one service instance.
+    Proxy(Box<ProxyArgs>),
+    /// Check a config directory; print every problem as `file:line:col: message`.
+    Validate { dir: PathBuf },
+    /// Golden signals per (source, destination) service pair.
+    Stat {
+        /// Control-plane API address.
+        #[arg(long, default_value = tandem_control::DEFAULT_API, env = "TANDEM_API")]
+        api: SocketAddr,
+        /// Window the figures cover.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        window: Duration,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Every proxy known to the control plane and the config version it runs.
+    Status {
+        #[arg(long, default_value = tandem_control::DEFAULT_API, env = "TANDEM_API")]
+        api: SocketAddr,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// The sample service used by the demo and the tests.
+    DemoApp(Box<DemoArgs>),
+}
+
+#[derive(clap::Args, Clone)]
+struct Common {
+    /// Exit (gracefully) when standard input closes; `tandem up` uses this so
+    /// that no child outlives it.
+    #[arg(long, hide = true)]
+    exit_on_stdin_close: bool,
+    /// Worker threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+#[derive(clap::Args)]
+struct ProxyArgs {
+    /// Control-plane gRPC URL.
+    #[arg(long, default_value = "http://127.0.0.1:7700")]
+    control: String,
+    /// Service this instance belongs to.
+    #[arg(long)]
+    service: String,
+    /// Name of this instance (unique within the service).
+    #[arg(long)]
+    instance: String,
+    #[arg(long, default_value = tandem_config::model::DEFAULT_NAMESPACE)]
+    namespace: String,
+    /// Where other sidecars reach this service.
+    #[arg(long)]
+    inbound: SocketAddr,
+    /// Address registered for other sidecars, if not `--inbound`.
+    #[arg(long)]
+    advertise: Option<String>,
+    /// The local application.
+    #[arg(long)]
+    app: SocketAddr,
+    /// Admin endpoint: /metrics, /ready, /live, /config.
+    #[arg(long, default_value = "127.0.0.1:4191")]
+    admin: SocketAddr,
+    /// Outbound HTTP proxy port (destination from Host / authority).
+    #[arg(long)]
+    http_proxy: Option<SocketAddr>,
+    /// Outbound port for one destination: SERVICE=LOCAL_ADDR (repeatable).
+    #[arg(long, value_parser = parse_upstream)]
+    upstream: Vec<(String, SocketAddr)>,
+    /// Time in-flight requests get to finish on SIGTERM/SIGINT.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    drain_grace: Duration,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    #[arg(long)]
+    listen: SocketAddr,
+    #[arg(long)]
+    service: String,
+    #[arg(long, default_value = "v1")]
+    version: String,
+    #[arg(long)]
+    instance: Option<String>,
+    /// Service to call on every request (repeatable).
+    #[arg(long)]
+    call: Vec<String>,
+    /// The sidecar's HTTP proxy port, used for calls.
+    #[arg(long)]
+    proxy: Option<SocketAddr>,
+    /// Latency added to every answer.
+    #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+    latency: Duration,
+    /// Fraction of requests answered with 500 (0.0-1.0).
+    #[arg(long, default_value_t = 0.0)]
+    failure_rate: f64,
+    /// Send this many requests per second to each `--call` target.
+    #[arg(long, default_value_t = 0.0)]
+    rps: f64,
+    /// Also run a raw TCP echo server here.
+    #[arg(long)]
+    tcp_echo: Option<SocketAddr>,
+    #[command(flatten)]
+    common: Common,
+}
+
+fn parse_upstream(s: &str) -> Result<(String, SocketAddr), String> {
+    let (name, addr) = s.split_once('=').ok_or("expected SERVICE=ADDR")?;
+    let addr = addr.parse().map_err(|e| format!("`{addr}`: {e}"))?;
+    if name.is_empty() {
+        return Err("empty service name".into());
+    }
+    Ok((name.to_string(), addr))
+}
+
+/// `250ms`, `2s`, `1m`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (e.g. 500ms, 2s, 1m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (ms, s, m, h)")),
+    };
+    if !(0.0..=1e9).contains(&secs) {
+        return Err(format!("`{s}` is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .enable_all()
+        .build()
+}
+
+/// Resolves on SIGINT, SIGTERM, or (if asked) when stdin closes.
+async fn shutdown_signal(stdin: bool) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    let stdin_closed = async {
+        if !stdin {
+            return std::future::pending().await;
+        }
+        let mut buf = [0u8; 64];
+        let mut input = tokio::io::stdin();
+        loop {
+            match tokio::io::AsyncReadExt::read(&mut input, &mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+        _ = stdin_closed => {}
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Up(args) => up::run(args),
+        Command::Control {
+            config,
+            data,
+            listen,
+            api,
+            grace,
+            scrape_interval,
+            common,
+        } => {
+            init_logging();
+            let cfg = tandem_control::ControlConfig {
+                config_dir: config,
+                data_dir: data,
+                listen,
+                api,
+                grace,
+                scrape_interval,
+            };
+            runtime(common.threads.max(2))
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| {
+                    rt.block_on(tandem_control::run(
+                        cfg,
+                        shutdown_signal(common.exit_on_stdin_close),
+                    ))
+                })
+        }
+        Command::Proxy(a) => {
+            init_logging();
+            let cfg = tandem_proxy::ProxyConfig {
+                control: a.control,
+                namespace: a.namespace,
+                service: a.service,
+                instance: a.instance,
+                inbound: a.inbound,
+                advertise: a.advertise,
+                app: a.app,
+                admin: a.admin,
+                http_proxy: a.http_proxy,
+                upstreams: a.upstream,
+                drain_grace: a.drain_grace,
+            };
+            runtime(a.common.threads)
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| {
+                    rt.block_on(tandem_proxy::run(
+                        cfg,
+                        shutdown_signal(a.common.exit_on_stdin_close),
+                    ))
+                })
+        }
+        Command::DemoApp(a) => {
+            init_logging();
+            let cfg = tandem_demo::DemoConfig {
+                instance: a
+                    .instance
+                    .unwrap_or_else(|| format!("{}-{}", a.service, a.version)),
+                listen: a.listen,
+                service: a.service,
+                version: a.version,
+                calls: a.call,
+                proxy: a.proxy,
+                latency: a.latency,
+                failure_rate: a.failure_rate.clamp(0.0, 1.0),
+                rps: a.rps.max(0.0),
+                tcp_echo: a.tcp_echo,
+            };
+            runtime(a.common.threads)
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| {
+                    rt.block_on(tandem_demo::run(
+                        cfg,
+                        shutdown_signal(a.common.exit_on_stdin_close),
+                    ))
+                })
+        }
+        Command::Validate { dir } => match tandem_config::load_dir(&dir) {
+            Ok(set) => {
+                println!(
+                    "{}: ok ({} services, {} HTTP routes)",
+                    dir.display(),
+                    set.services.len(),
+                    set.http_routes.len()
+                );
+                return ExitCode::SUCCESS;
+            }
+            Err(diags) => {
+                for d in &diags {
+                    println!("{d}");
+                }
+                eprintln!("{} problem(s) found", diags.len());
+                return ExitCode::from(1);
+            }
+        },
+        Command::Stat {
+            api,
+            window,
+            output,
+        } => api::stat(api, window, output == Output::Json),
+        Command::Status { api, output } => api::status(api, output == Output::Json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tandem: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("5y").is_err());
+    }
+
+    #[test]
+    fn upstream_flag() {
+        assert_eq!(
+            parse_upstream("users=127.0.0.1:9001"),
+            Ok(("users".to_string(), "127.0.0.1:9001".parse().expect("addr")))
+        );
+        assert!(parse_upstream("users").is_err());
+        assert!(parse_upstream("=127.0.0.1:1").is_err());
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,1 +1,361 @@
-//! placeholder
+//! `tandem demo-app`: the sample service of the demo mesh and the tests.
+//!
+//! It answers HTTP/1.1 and HTTP/2 (h2c) on one port:
+//! - `GET /` — JSON naming `service`, `version` and `instance`; with
+//!   `--call NAME` it first calls each named service through its sidecar's
+//!   HTTP proxy port and includes their answers (a failing call makes the
+//!   answer a 502, so failures travel up the call chain);
+//! - `/echo` — streams the request body back (any size, never buffered);
+//! - `/slow?ms=N` — answers after N milliseconds;
+//! - `/headers` — the request headers as JSON;
+//! - `/ws` — WebSocket echo;
+//! - gRPC `tandem.v1.Echo` (unary and server-streaming).
+//!
+//! Knobs: added latency, failure rate, and a load generator (`--rps`).
+//! `--tcp-echo ADDR` adds a raw TCP echo listener.
+#![forbid(unsafe_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderValue, Request, Response, StatusCode, Uri};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tandem_api::v1::echo_server::{Echo, EchoServer};
+use tandem_api::v1::{EchoReply, EchoRequest};
+use tokio::net::{TcpListener, TcpStream};
+use tower::ServiceExt;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+#[derive(Clone, Debug)]
+pub struct DemoConfig {
+    pub listen: SocketAddr,
+    pub service: String,
+    pub version: String,
+    pub instance: String,
+    /// Services called on every `GET /`.
+    pub calls: Vec<String>,
+    /// The sidecar's HTTP proxy port; without it calls go straight to the
+    /// named `host:port`.
+    pub proxy: Option<SocketAddr>,
+    pub latency: Duration,
+    pub failure_rate: f64,
+    /// Requests per second sent to each `calls` target (0: no load).
+    pub rps: f64,
+    pub tcp_echo: Option<SocketAddr>,
+}
+
+type Connector = tower::util::BoxCloneSyncService<Uri, TokioIo<TcpStream>, std::io::Error>;
+
+struct App {
+    cfg: DemoConfig,
+    client: Client<Connector, Empty<Bytes>>,
+    grpc: tonic::service::Routes,
+}
+
+pub async fn run(
+    cfg: DemoConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(cfg.listen).await?;
+    if let Some(addr) = cfg.tcp_echo {
+        let l = TcpListener::bind(addr).await?;
+        tokio::spawn(tcp_echo(l));
+    }
+    let proxy = cfg.proxy;
+    let connector: Connector =
+        tower::util::BoxCloneSyncService::new(tower::service_fn(move |uri: Uri| async move {
+            let addr = match proxy {
+                Some(p) => p.to_string(),
+                None => uri.authority().map(|a| a.to_string()).unwrap_or_default(),
+            };
+            let s = TcpStream::connect(addr).await?;
+            let _ = s.set_nodelay(true);
+            Ok::<_, std::io::Error>(TokioIo::new(s))
+        }));
+    let client = Client::builder(TokioExecutor::new()).build(connector);
+    let grpc = tonic::service::Routes::new(EchoServer::new(EchoService {
+        instance: cfg.instance.clone(),
+    }));
+    let app = Arc::new(App { cfg, client, grpc });
+    if app.cfg.rps > 0.0 {
+        tokio::spawn(load(app.clone()));
+    }
+    tracing::info!(listen = %app.cfg.listen, service = %app.cfg.service, "demo app serving");
+    tokio::pin!(shutdown);
+    loop {
+        let sock = tokio::select! {
+            r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
+            _ = &mut shutdown => return Ok(()),
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let _ = sock.set_nodelay(true);
+            let svc = service_fn(move |req| handle(app.clone(), req));
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(sock), svc)
+                .await;
+        });
+    }
+}
+
+async fn tcp_echo(l: TcpListener) {
+    loop {
+        let Ok((mut s, _)) = l.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+    }
+}
+
+fn full(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(body.into())
+            .map_err(|e| match e {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(http::header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    r
+}
+
+fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
+    full(
+        status,
+        "application/json",
+        serde_json::to_vec(v).unwrap_or_default(),
+    )
+}
+
+async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let is_grpc = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if is_grpc {
+        let resp = match app.grpc.clone().oneshot(req).await {
+            Ok(r) => r.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()),
+            Err(e) => match e {},
+        };
+        return Ok(resp);
+    }
+    if !app.cfg.latency.is_zero() {
+        tokio::time::sleep(app.cfg.latency).await;
+    }
+    let me = serde_json::json!({
+        "service": app.cfg.service,
+        "version": app.cfg.version,
+        "instance": app.cfg.instance,
+    });
+    let path = req.uri().path().to_string();
+    let resp = match path.as_str() {
+        "/echo" => {
+            let mut r = Response::new(
+                req.into_body()
+                    .map_err(|e| -> BoxError { Box::new(e) })
+                    .boxed_unsync(),
+            );
+            r.headers_mut()
+                .insert("x-served-by", header(&app.cfg.instance));
+            r
+        }
+        "/slow" => {
+            let ms: u64 = req
+                .uri()
+                .query()
+                .and_then(|q| q.strip_prefix("ms="))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1000);
+            tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
+            json(StatusCode::OK, &me)
+        }
+        "/headers" => {
+            let mut h = serde_json::Map::new();
+            for (k, v) in req.headers() {
+                h.insert(k.to_string(), String::from_utf8_lossy(v.as_bytes()).into());
+            }
+            json(StatusCode::OK, &serde_json::Value::Object(h))
+        }
+        "/ws" => websocket(req),
+        _ => {
+            if app.cfg.failure_rate > 0.0 && fastrand::f64() < app.cfg.failure_rate {
+                let mut v = me.clone();
+                v["error"] = "injected failure".into();
+                return Ok(json(StatusCode::INTERNAL_SERVER_ERROR, &v));
+            }
+            let mut calls = Vec::new();
+            let mut failed = false;
+            for target in &app.cfg.calls {
+                let (status, body) = call(&app, target, "/").await;
+                failed |= status == 0 || status >= 500;
+                calls.push(serde_json::json!({"service": target, "status": status, "body": body}));
+            }
+            let mut v = me.clone();
+            v["path"] = path.into();
+            v["calls"] = calls.into();
+            json(
+                if failed {
+                    StatusCode::BAD_GATEWAY
+                } else {
+                    StatusCode::OK
+                },
+                &v,
+            )
+        }
+    };
+    Ok(resp)
+}
+
+fn header(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// Calls `http://TARGET/PATH`; returns the status (0 when the call failed)
+/// and the JSON body (or the error text).
+async fn call(app: &App, target: &str, path: &str) -> (u16, serde_json::Value) {
+    let uri: Uri = match format!("http://{target}{path}").parse() {
+        Ok(u) => u,
+        Err(e) => return (0, e.to_string().into()),
+    };
+    let fut = async {
+        let resp = app.client.get(uri).await.map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        let v = serde_json::from_slice(&body)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned().into());
+        Ok::<_, String>((status, v))
+    };
+    match tokio::time::timeout(Duration::from_secs(10), fut).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => (0, e.into()),
+        Err(_) => (0, "timed out".into()),
+    }
+}
+
+/// Sends `rps` requests per second to each target, without waiting for
+/// answers (an open-loop load, so a slow service shows as latency).
+async fn load(app: Arc<App>) {
+    let period = Duration::from_secs_f64(1.0 / app.cfg.rps);
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let limit = Arc::new(tokio::sync::Semaphore::new(512));
+    loop {
+        tick.tick().await;
+        for target in app.cfg.calls.clone() {
+            let Ok(permit) = limit.clone().try_acquire_owned() else {
+                continue;
+            };
+            let app = app.clone();
+            tokio::spawn(async move {
+                let _ = call(&app, &target, "/").await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+fn websocket(mut req: Request<Incoming>) -> Response<Body> {
+    let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+        return full(
+            StatusCode::BAD_REQUEST,
+            "text/plain",
+            "websocket upgrade expected\n",
+        );
+    };
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
+        while let Some(Ok(msg)) = ws.next().await {
+            if msg.is_close() {
+                break;
+            }
+            if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut r = full(StatusCode::SWITCHING_PROTOCOLS, "text/plain", Bytes::new());
+    let h = r.headers_mut();
+    h.remove(http::header::CONTENT_TYPE);
+    h.insert(
+        http::header::CONNECTION,
+        HeaderValue::from_static("upgrade"),
+    );
+    h.insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert("sec-websocket-accept", header(&accept));
+    r
+}
+
+struct EchoService {
+    instance: String,
+}
+
+#[tonic::async_trait]
+impl Echo for EchoService {
+    async fn unary(
+        &self,
+        request: tonic::Request<EchoRequest>,
+    ) -> Result<tonic::Response<EchoReply>, tonic::Status> {
+        let m = request.into_inner().message;
+        if let Some(reason) = m.strip_prefix("fail:") {
+            // The status travels in the trailers; the caller seeing it proves
+            // trailers crossed every hop.
+            let mut status = tonic::Status::resource_exhausted(reason.to_string());
+            status
+                .metadata_mut()
+                .insert("x-demo-trailer", "kept".parse().expect("static"));
+            return Err(status);
+        }
+        Ok(tonic::Response::new(EchoReply {
+            message: m,
+            served_by: self.instance.clone(),
+        }))
+    }
+
+    type ServerStreamStream =
+        futures_util::stream::BoxStream<'static, Result<EchoReply, tonic::Status>>;
+
+    async fn server_stream(
+        &self,
+        request: tonic::Request<EchoRequest>,
+    ) -> Result<tonic::Response<Self::ServerStreamStream>, tonic::Status> {
+        let r = request.into_inner();
+        let served_by = self.instance.clone();
+        let n = r.count.min(10_000);
+        let s = futures_util::stream::iter((0..n).map(move |i| {
+            Ok(EchoReply {
+                message: format!("{} {i}", r.message),
+                served_by: served_by.clone(),
+            })
+        }));
+        Ok(tonic::Response::new(Box::pin(s)))
+    }
+}

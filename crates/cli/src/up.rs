@@ -1,0 +1,399 @@
+//! `tandem up`: the whole demo mesh as child processes on loopback, with a
+//! live view of its golden signals.
+//!
+//! Every child gets a pipe as standard input and exits (gracefully) when it
+//! closes, so no child outlives `tandem up` however it ends — Ctrl-C, a
+//! crash, or `kill -9`.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::process::{Child, Command};
+
+use crate::api;
+
+pub const DEMO_CONFIG: &str = include_str!("../demo-config/demo.yaml");
+
+#[derive(clap::Args)]
+pub struct UpArgs {
+    /// Config directory to use instead of the built-in demo config.
+    dir: Option<PathBuf>,
+    /// Where config, data and logs go (announced at start).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Control-plane HTTP API address.
+    #[arg(long, default_value = tandem_control::DEFAULT_API)]
+    api: SocketAddr,
+    /// Control-plane gRPC address.
+    #[arg(long, default_value = tandem_control::DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// Requests per second the load generator sends.
+    #[arg(long, default_value_t = 50.0)]
+    rps: f64,
+    /// Print the view as plain lines instead of redrawing the screen.
+    #[arg(long)]
+    plain: bool,
+    /// Write the built-in demo config into this directory and exit.
+    #[arg(long, value_name = "DIR")]
+    write_config: Option<PathBuf>,
+}
+
+/// One demo service: its app flags and which services it calls.
+struct DemoService {
+    service: &'static str,
+    version: &'static str,
+    calls: &'static [&'static str],
+    latency: &'static str,
+    failure_rate: f64,
+    load: bool,
+}
+
+const SERVICES: &[DemoService] = &[
+    DemoService {
+        service: "web",
+        version: "v1",
+        calls: &["catalog", "orders"],
+        latency: "1ms",
+        failure_rate: 0.0,
+        load: false,
+    },
+    DemoService {
+        service: "catalog-v1",
+        version: "v1",
+        calls: &[],
+        latency: "2ms",
+        failure_rate: 0.0,
+        load: false,
+    },
+    DemoService {
+        service: "catalog-v2",
+        version: "v2",
+        calls: &[],
+        latency: "3ms",
+        failure_rate: 0.0,
+        load: false,
+    },
+    DemoService {
+        service: "orders",
+        version: "v1",
+        calls: &["payments"],
+        latency: "2ms",
+        failure_rate: 0.0,
+        load: false,
+    },
+    DemoService {
+        service: "payments",
+        version: "v1",
+        calls: &[],
+        latency: "4ms",
+        failure_rate: 0.01,
+        load: false,
+    },
+    DemoService {
+        service: "loadgen",
+        version: "v1",
+        calls: &["web"],
+        latency: "0ms",
+        failure_rate: 0.0,
+        load: true,
+    },
+];
+
+struct Proc {
+    name: String,
+    child: Child,
+    exited: bool,
+}
+
+fn free_port() -> anyhow::Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?)
+}
+
+pub fn run(args: UpArgs) -> anyhow::Result<()> {
+    if let Some(dir) = &args.write_config {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("demo.yaml");
+        std::fs::write(&path, DEMO_CONFIG)?;
+        println!("wrote {}", path.display());
+        return Ok(());
+    }
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(up(args))
+}
+
+async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let state = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("tandem-up"));
+    let logs = state.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
+    let config_dir = match &args.dir {
+        Some(d) => d.clone(),
+        None => {
+            let d = state.join("config");
+            std::fs::create_dir_all(&d)?;
+            std::fs::write(d.join("demo.yaml"), DEMO_CONFIG)?;
+            d
+        }
+    };
+    if let Err(diags) = tandem_config::load_dir(&config_dir) {
+        for d in &diags {
+            eprintln!("{d}");
+        }
+        anyhow::bail!("{} has {} problem(s)", config_dir.display(), diags.len());
+    }
+    for (what, addr) in [("API", args.api), ("gRPC", args.listen)] {
+        TcpListener::bind(addr).with_context(|| {
+            format!("{addr} ({what}) is in use: is another `tandem up` or `tandem control` running? (see --api / --listen)")
+        })?;
+    }
+    let exe = std::env::current_exe().context("cannot find the tandem binary")?;
+    println!("tandem up: state directory {}", state.display());
+    println!(
+        "  config:  {} (edit it; the mesh follows)",
+        config_dir.display()
+    );
+    println!("  logs:    {}", logs.display());
+
+    let mut procs: Vec<Proc> = Vec::new();
+    let result = start_all(&args, &exe, &state, &config_dir, &logs, &mut procs).await;
+    if let Err(e) = result {
+        stop_all(&mut procs).await;
+        return Err(e);
+    }
+    println!();
+    println!(
+        "  from another terminal:  tandem stat    tandem status    (API {})",
+        args.api
+    );
+    println!("  Ctrl-C stops everything.");
+    println!();
+
+    let outcome = watch(&args, &mut procs).await;
+    stop_all(&mut procs).await;
+    println!("tandem up: stopped all {} processes", procs.len());
+    outcome
+}
+
+fn spawn(
+    exe: &Path,
+    name: &str,
+    args: &[String],
+    logs: &Path,
+    procs: &mut Vec<Proc>,
+) -> anyhow::Result<()> {
+    let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .arg("--exit-on-stdin-close")
+        .stdin(Stdio::piped())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true);
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {name}"))?;
+    procs.push(Proc {
+        name: name.to_string(),
+        child,
+        exited: false,
+    });
+    Ok(())
+}
+
+async fn start_all(
+    args: &UpArgs,
+    exe: &Path,
+    state: &Path,
+    config_dir: &Path,
+    logs: &Path,
+    procs: &mut Vec<Proc>,
+) -> anyhow::Result<()> {
+    let s = |x: &dyn ToString| x.to_string();
+    spawn(
+        exe,
+        "control",
+        &[
+            s(&"control"),
+            s(&"--config"),
+            config_dir.display().to_string(),
+            s(&"--data"),
+            state.join("data").display().to_string(),
+            s(&"--listen"),
+            s(&args.listen),
+            s(&"--api"),
+            s(&args.api),
+        ],
+        logs,
+        procs,
+    )?;
+    let control = format!("http://{}", args.listen);
+    let mut admins = Vec::new();
+    for svc in SERVICES {
+        let (inbound, app, admin, proxy) = (free_port()?, free_port()?, free_port()?, free_port()?);
+        let instance = format!("{}-1", svc.service);
+        let p = vec![
+            s(&"proxy"),
+            s(&"--control"),
+            control.clone(),
+            s(&"--service"),
+            s(&svc.service),
+            s(&"--instance"),
+            instance.clone(),
+            s(&"--inbound"),
+            s(&inbound),
+            s(&"--app"),
+            s(&app),
+            s(&"--admin"),
+            s(&admin),
+            s(&"--http-proxy"),
+            s(&proxy),
+            s(&"--drain-grace"),
+            s(&"2s"),
+        ];
+        spawn(exe, &format!("{}-proxy", svc.service), &p, logs, procs)?;
+        let mut a = vec![
+            s(&"demo-app"),
+            s(&"--listen"),
+            s(&app),
+            s(&"--service"),
+            s(&svc.service),
+            s(&"--version"),
+            s(&svc.version),
+            s(&"--instance"),
+            instance,
+            s(&"--proxy"),
+            s(&proxy),
+            s(&"--latency"),
+            s(&svc.latency),
+            s(&"--failure-rate"),
+            s(&svc.failure_rate),
+        ];
+        for c in svc.calls {
+            a.push(s(&"--call"));
+            a.push(s(c));
+        }
+        if svc.load {
+            a.push(s(&"--rps"));
+            a.push(s(&args.rps));
+        }
+        spawn(exe, svc.service, &a, logs, procs)?;
+        admins.push((svc.service, admin));
+        println!(
+            "  {:<11} app {app}  sidecar inbound {inbound}  http proxy {proxy}  admin {admin}",
+            svc.service
+        );
+    }
+    // Ready when every sidecar has its first snapshot.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    for (name, admin) in admins {
+        loop {
+            if ready(admin).await {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!(
+                    "the {name} sidecar did not become ready in 30s; see {}",
+                    logs.display()
+                );
+            }
+            for p in procs.iter_mut() {
+                if let Ok(Some(status)) = p.child.try_wait() {
+                    anyhow::bail!(
+                        "{} exited during start-up ({status}); see {}/{}.log",
+                        p.name,
+                        logs.display(),
+                        p.name
+                    );
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
+async fn ready(admin: SocketAddr) -> bool {
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(admin).await.ok()?;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(b"GET /ready HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.ok()?;
+        Some(buf.starts_with(b"HTTP/1.1 200"))
+    };
+    tokio::time::timeout(Duration::from_secs(1), fut)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
+/// Shows the live view until Ctrl-C / SIGTERM. A child that dies is
+/// reported; the rest keep running.
+async fn watch(args: &UpArgs, procs: &mut [Proc]) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let tty = !args.plain && std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut notes: Vec<String> = Vec::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = term.recv() => return Ok(()),
+            _ = hup.recv() => return Ok(()),
+        }
+        for p in procs.iter_mut().filter(|p| !p.exited) {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                p.exited = true;
+                notes.push(format!(
+                    "{} exited ({status}); the others keep running",
+                    p.name
+                ));
+            }
+        }
+        let table = match api::fetch_stats(args.api, Duration::from_secs(10)).await {
+            Ok(rows) => api::stat_table(&rows),
+            Err(e) => format!("(no stats: {e:#})\n"),
+        };
+        let mut out = std::io::stdout().lock();
+        if tty {
+            let _ = write!(out, "\x1b[2J\x1b[H");
+            let _ = writeln!(out, "tandem up — golden signals, last 10s (Ctrl-C to stop; `tandem stat`, `tandem status` in another terminal)\n");
+        } else {
+            let _ = writeln!(out, "--- golden signals, last 10s");
+        }
+        let _ = write!(out, "{table}");
+        for n in &notes {
+            let _ = writeln!(out, "! {n}");
+        }
+        let _ = out.flush();
+    }
+}
+
+/// Closes every child's stdin (they drain and exit), then kills stragglers.
+async fn stop_all(procs: &mut [Proc]) {
+    for p in procs.iter_mut() {
+        drop(p.child.stdin.take());
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    for p in procs.iter_mut() {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if tokio::time::timeout(left, p.child.wait()).await.is_err() {
+            let _ = p.child.start_kill();
+            let _ = p.child.wait().await;
+        }
+    }
+}

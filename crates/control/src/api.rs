@@ -1,0 +1,75 @@
+//! The HTTP API for the CLI (and later the dashboard). All answers are JSON.
+//!
+//! - `GET /api/v1/proxies` — every known proxy and the config version it runs
+//! - `GET /api/v1/stats?window=SECONDS` — golden signals per service pair
+//! - `GET /api/v1/config` — the config in force and the last refused change
+//! - `GET /healthz`
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+
+use crate::mesh::Mesh;
+use crate::stats::Stats;
+
+pub struct Api {
+    pub mesh: Arc<Mesh>,
+    pub stats: Arc<Stats>,
+}
+
+impl Api {
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Full<Bytes>>, Infallible> {
+        if req.method() != http::Method::GET {
+            return Ok(json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &serde_json::json!({"error": "only GET"}),
+            ));
+        }
+        let resp = match req.uri().path() {
+            "/api/v1/proxies" => json(StatusCode::OK, &self.mesh.status()),
+            "/api/v1/stats" => {
+                let window = query_param(req.uri().query(), "window")
+                    .and_then(|w| w.trim_end_matches('s').parse::<f64>().ok())
+                    .filter(|w| *w > 0.0 && *w <= 300.0)
+                    .unwrap_or(10.0);
+                json(
+                    StatusCode::OK,
+                    &self.stats.query(Duration::from_secs_f64(window)),
+                )
+            }
+            "/api/v1/config" => json(StatusCode::OK, &self.mesh.config_status()),
+            "/healthz" => json(StatusCode::OK, &serde_json::json!({"ok": true})),
+            _ => json(
+                StatusCode::NOT_FOUND,
+                &serde_json::json!({"error": "not found"}),
+            ),
+        };
+        Ok(resp)
+    }
+}
+
+fn query_param<'a>(q: Option<&'a str>, name: &str) -> Option<&'a str> {
+    q?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == name).then_some(v)
+    })
+}
+
+fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec_pretty(v).unwrap_or_default();
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}

@@ -1,0 +1,81 @@
+//! The gRPC side: one bidirectional stream per proxy.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::Stream;
+use tandem_api::v1::discovery_server::Discovery;
+use tandem_api::v1::{proxy_message, ControlMessage, Hello, ProxyMessage};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::mesh::Mesh;
+
+pub struct DiscoveryService {
+    pub mesh: Arc<Mesh>,
+}
+
+fn check_hello(h: &mut Hello) -> Result<(), Status> {
+    if h.namespace.is_empty() {
+        h.namespace = tandem_config::model::DEFAULT_NAMESPACE.to_string();
+    }
+    if h.service.is_empty() || h.instance.is_empty() {
+        return Err(Status::invalid_argument(
+            "hello must name a service and an instance",
+        ));
+    }
+    if !h.inbound_addr.is_empty() && h.inbound_addr.parse::<SocketAddr>().is_err() {
+        return Err(Status::invalid_argument(format!(
+            "inbound address `{}` is not an ip:port",
+            h.inbound_addr
+        )));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl Discovery for DiscoveryService {
+    type StreamStream =
+        Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> + Send + 'static>>;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<ProxyMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("stream closed before hello"))?;
+        let Some(proxy_message::Kind::Hello(mut hello)) = first.kind else {
+            return Err(Status::invalid_argument(
+                "the first message must be a hello",
+            ));
+        };
+        check_hello(&mut hello)?;
+        let (tx, rx) = mpsc::channel(16);
+        let mesh = self.mesh.clone();
+        let (key, conn) = mesh.connect(hello, tx).await;
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(m)) => match m.kind {
+                        Some(proxy_message::Kind::Ack(a)) => mesh.ack(&key, conn, a.version),
+                        Some(proxy_message::Kind::Nack(n)) => {
+                            mesh.nack(&key, conn, n.version, n.reason)
+                        }
+                        Some(proxy_message::Kind::Subscribe(s)) => {
+                            mesh.subscribe(&key, conn, s.services).await
+                        }
+                        Some(proxy_message::Kind::Hello(_)) | None => {}
+                    },
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            mesh.disconnect(key, conn).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

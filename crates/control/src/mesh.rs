@@ -1,0 +1,380 @@
+//! The control plane's live state: the last good config, the registry of
+//! connected proxies, and the snapshot each was sent. Any change (config
+//! reload, a proxy joining or leaving, a new subscription) recompiles the
+//! snapshot of every proxy it could affect and pushes those that changed.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::Serialize;
+use tandem_api::v1::{control_message, ControlMessage, Hello, Snapshot as WireSnapshot};
+use tandem_config::compile::{compile, Target};
+use tandem_config::snapshot::Endpoint;
+use tandem_config::ResourceSet;
+use tokio::sync::mpsc;
+
+use crate::storage::Storage;
+
+/// Versions are handed out in blocks; only the block boundary is stored.
+const VERSION_BLOCK: u64 = 1000;
+const VERSION_KEY: &str = "snapshot-version-floor";
+
+pub type ProxyKey = (String, String, String); // namespace, service, instance
+
+pub struct Mesh {
+    inner: Mutex<Inner>,
+    storage: Arc<dyn Storage>,
+    pub grace: Duration,
+}
+
+struct Inner {
+    config: Arc<ResourceSet>,
+    config_generation: u64,
+    config_errors: Vec<String>,
+    proxies: HashMap<ProxyKey, ProxyEntry>,
+    next_version: u64,
+    version_ceiling: u64,
+    next_conn: u64,
+}
+
+struct ProxyEntry {
+    hello: Hello,
+    conn: u64,
+    tx: Option<mpsc::Sender<Result<ControlMessage, tonic::Status>>>,
+    interest: BTreeSet<String>,
+    last_body: Vec<u8>,
+    sent_version: u64,
+    acked_version: u64,
+    nack: Option<String>,
+}
+
+/// One row of `tandem status`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProxyStatus {
+    pub namespace: String,
+    pub service: String,
+    pub instance: String,
+    pub inbound: String,
+    pub admin: String,
+    pub http_proxy: String,
+    pub config_version: u64,
+    pub acked_version: u64,
+    pub config_acked: bool,
+    pub nack_reason: Option<String>,
+    pub connected: bool,
+    pub proxy_version: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ConfigStatus {
+    pub generation: u64,
+    pub services: usize,
+    pub http_routes: usize,
+    /// Problems of the last refused change, empty when the last load was good.
+    pub errors: Vec<String>,
+}
+
+impl Mesh {
+    pub async fn new(
+        config: ResourceSet,
+        storage: Arc<dyn Storage>,
+        grace: Duration,
+    ) -> std::io::Result<Arc<Self>> {
+        let floor = match storage.get(VERSION_KEY).await? {
+            Some(v) => String::from_utf8_lossy(&v)
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0),
+            None => 0,
+        };
+        let ceiling = floor + VERSION_BLOCK;
+        storage
+            .put(VERSION_KEY, ceiling.to_string().as_bytes())
+            .await?;
+        Ok(Arc::new(Mesh {
+            inner: Mutex::new(Inner {
+                config: Arc::new(config),
+                config_generation: 1,
+                config_errors: Vec::new(),
+                proxies: HashMap::new(),
+                next_version: floor + 1,
+                version_ceiling: ceiling,
+                next_conn: 1,
+            }),
+            storage,
+            grace,
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        match self.inner.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Swaps in a new, validated config and pushes what changed.
+    pub async fn set_config(self: &Arc<Self>, config: ResourceSet) {
+        {
+            let mut g = self.lock();
+            g.config = Arc::new(config);
+            g.config_generation += 1;
+            g.config_errors.clear();
+        }
+        self.push_all().await;
+    }
+
+    /// Records a refused config change; the last good config stays.
+    pub fn config_refused(&self, errors: Vec<String>) {
+        self.lock().config_errors = errors;
+    }
+
+    pub fn config_status(&self) -> ConfigStatus {
+        let g = self.lock();
+        ConfigStatus {
+            generation: g.config_generation,
+            services: g.config.services.len(),
+            http_routes: g.config.http_routes.len(),
+            errors: g.config_errors.clone(),
+        }
+    }
+
+    /// Registers a proxy's stream; returns its connection id. The first
+    /// snapshot is pushed right away.
+    pub async fn connect(
+        self: &Arc<Self>,
+        hello: Hello,
+        tx: mpsc::Sender<Result<ControlMessage, tonic::Status>>,
+    ) -> (ProxyKey, u64) {
+        let key = (
+            hello.namespace.clone(),
+            hello.service.clone(),
+            hello.instance.clone(),
+        );
+        let conn = {
+            let mut g = self.lock();
+            let conn = g.next_conn;
+            g.next_conn += 1;
+            // A proxy that has applied a version from an earlier control
+            // plane life must only ever see higher ones.
+            if hello.applied_version >= g.next_version {
+                g.next_version = hello.applied_version + 1;
+            }
+            let interest = hello.interest.iter().cloned().collect();
+            g.proxies.insert(
+                key.clone(),
+                ProxyEntry {
+                    hello,
+                    conn,
+                    tx: Some(tx),
+                    interest,
+                    last_body: Vec::new(),
+                    sent_version: 0,
+                    acked_version: 0,
+                    nack: None,
+                },
+            );
+            conn
+        };
+        tracing::info!(namespace = %key.0, service = %key.1, instance = %key.2, "proxy connected");
+        // Its arrival changes the endpoints of its own service, which other
+        // proxies may route to.
+        self.push_all().await;
+        (key, conn)
+    }
+
+    pub fn ack(&self, key: &ProxyKey, conn: u64, version: u64) {
+        let mut g = self.lock();
+        if let Some(p) = g.proxies.get_mut(key).filter(|p| p.conn == conn) {
+            p.acked_version = p.acked_version.max(version);
+            if version == p.sent_version {
+                p.nack = None;
+            }
+        }
+    }
+
+    pub fn nack(&self, key: &ProxyKey, conn: u64, version: u64, reason: String) {
+        tracing::warn!(service = %key.1, instance = %key.2, version, %reason, "proxy refused snapshot");
+        let mut g = self.lock();
+        if let Some(p) = g.proxies.get_mut(key).filter(|p| p.conn == conn) {
+            p.nack = Some(reason);
+        }
+    }
+
+    pub async fn subscribe(self: &Arc<Self>, key: &ProxyKey, conn: u64, names: Vec<String>) {
+        {
+            let mut g = self.lock();
+            let Some(p) = g.proxies.get_mut(key).filter(|p| p.conn == conn) else {
+                return;
+            };
+            p.interest.extend(names);
+        }
+        self.push_all().await;
+    }
+
+    /// The stream ended. The instance stays an endpoint for the grace
+    /// period (a quick reconnect must not flap traffic), then is removed.
+    pub async fn disconnect(self: &Arc<Self>, key: ProxyKey, conn: u64) {
+        {
+            let mut g = self.lock();
+            let Some(p) = g.proxies.get_mut(&key).filter(|p| p.conn == conn) else {
+                return;
+            };
+            p.tx = None;
+        }
+        tracing::info!(service = %key.1, instance = %key.2, grace = ?self.grace, "proxy disconnected");
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(me.grace).await;
+            let removed = {
+                let mut g = me.lock();
+                let stale = g
+                    .proxies
+                    .get(&key)
+                    .is_some_and(|p| p.conn == conn && p.tx.is_none());
+                if stale {
+                    g.proxies.remove(&key);
+                }
+                stale
+            };
+            if removed {
+                tracing::info!(service = %key.1, instance = %key.2, "proxy removed from registry");
+                me.push_all().await;
+            }
+        });
+    }
+
+    /// Recompiles every connected proxy's snapshot and sends those that
+    /// changed.
+    pub async fn push_all(self: &Arc<Self>) {
+        let mut sends = Vec::new();
+        let mut persist = None;
+        {
+            let mut g = self.lock();
+            let config = g.config.clone();
+            let endpoints = endpoint_table(&g.proxies);
+            let lookup = |ns: &str, name: &str| -> Vec<Endpoint> {
+                endpoints
+                    .get(&(ns.to_string(), name.to_string()))
+                    .cloned()
+                    .unwrap_or_default()
+            };
+            let keys: Vec<ProxyKey> = g.proxies.keys().cloned().collect();
+            for key in keys {
+                let body = {
+                    let Some(p) = g.proxies.get(&key) else {
+                        continue;
+                    };
+                    if p.tx.is_none() {
+                        continue;
+                    }
+                    let target = Target {
+                        namespace: &p.hello.namespace,
+                        service: &p.hello.service,
+                        interest: &p.interest,
+                    };
+                    compile(&config, &target, &lookup).to_json()
+                };
+                let version = {
+                    let Some(p) = g.proxies.get(&key) else {
+                        continue;
+                    };
+                    if p.last_body == body {
+                        continue;
+                    }
+                    let v = g.next_version;
+                    g.next_version += 1;
+                    if g.next_version > g.version_ceiling {
+                        g.version_ceiling += VERSION_BLOCK;
+                        persist = Some(g.version_ceiling);
+                    }
+                    v
+                };
+                if let Some(p) = g.proxies.get_mut(&key) {
+                    p.last_body = body.clone();
+                    p.sent_version = version;
+                    if let Some(tx) = p.tx.clone() {
+                        sends.push((tx, version, body));
+                    }
+                }
+            }
+        }
+        if let Some(ceiling) = persist {
+            if let Err(e) = self
+                .storage
+                .put(VERSION_KEY, ceiling.to_string().as_bytes())
+                .await
+            {
+                tracing::error!(error = %e, "cannot persist snapshot version floor");
+            }
+        }
+        for (tx, version, body) in sends {
+            let msg = ControlMessage {
+                kind: Some(control_message::Kind::Snapshot(WireSnapshot {
+                    version,
+                    body,
+                })),
+            };
+            // A full channel means a stuck proxy; it gets the newest state on
+            // its next push rather than blocking everyone.
+            let _ = tx.try_send(Ok(msg));
+        }
+    }
+
+    pub fn status(&self) -> Vec<ProxyStatus> {
+        let g = self.lock();
+        let mut out: Vec<ProxyStatus> = g
+            .proxies
+            .values()
+            .map(|p| ProxyStatus {
+                namespace: p.hello.namespace.clone(),
+                service: p.hello.service.clone(),
+                instance: p.hello.instance.clone(),
+                inbound: p.hello.inbound_addr.clone(),
+                admin: p.hello.admin_addr.clone(),
+                http_proxy: p.hello.http_proxy_addr.clone(),
+                config_version: p.sent_version,
+                acked_version: p.acked_version,
+                config_acked: p.sent_version > 0 && p.acked_version == p.sent_version,
+                nack_reason: p.nack.clone(),
+                connected: p.tx.is_some(),
+                proxy_version: p.hello.proxy_version.clone(),
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            (&a.namespace, &a.service, &a.instance).cmp(&(&b.namespace, &b.service, &b.instance))
+        });
+        out
+    }
+
+    /// Admin addresses of connected proxies, for stats collection.
+    pub fn admin_targets(&self) -> Vec<(ProxyKey, String)> {
+        let g = self.lock();
+        g.proxies
+            .iter()
+            .filter(|(_, p)| p.tx.is_some() && !p.hello.admin_addr.is_empty())
+            .map(|(k, p)| (k.clone(), p.hello.admin_addr.clone()))
+            .collect()
+    }
+}
+
+fn endpoint_table(
+    proxies: &HashMap<ProxyKey, ProxyEntry>,
+) -> HashMap<(String, String), Vec<Endpoint>> {
+    let mut table: HashMap<(String, String), Vec<Endpoint>> = HashMap::new();
+    for ((ns, svc, instance), p) in proxies {
+        if p.hello.inbound_addr.is_empty() {
+            continue;
+        }
+        table
+            .entry((ns.clone(), svc.clone()))
+            .or_default()
+            .push(Endpoint {
+                address: p.hello.inbound_addr.clone(),
+                instance: instance.clone(),
+                meshed: true,
+            });
+    }
+    table
+}

@@ -1,0 +1,70 @@
+//! Responses the mesh itself generates. Each names its reason in the
+//! `tandem-error` header (and in the `tandem_error` metric label), so a
+//! caller can always tell a mesh failure from an application's answer.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+
+pub type Body = Either<Incoming, Full<Bytes>>;
+
+pub const ERROR_HEADER: &str = "tandem-error";
+
+/// Why the mesh answered instead of the application.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MeshError {
+    /// The destination has routes but none matched the request.
+    NoRoute,
+    /// The host named no service the mesh knows.
+    UnknownService,
+    /// The chosen backend has no live endpoint.
+    NoEndpoints,
+    /// Connecting to the endpoint (or the local app) failed.
+    ConnectFailure,
+    /// The upstream connection failed after the request was sent.
+    UpstreamReset,
+    /// The request could not be forwarded as it was (bad URI, bad host).
+    BadRequest,
+    /// The proxy has no configuration yet for this traffic.
+    NotConfigured,
+}
+
+impl MeshError {
+    pub fn reason(self) -> &'static str {
+        match self {
+            MeshError::NoRoute => "no-route",
+            MeshError::UnknownService => "unknown-service",
+            MeshError::NoEndpoints => "no-endpoints",
+            MeshError::ConnectFailure => "upstream-connect-failure",
+            MeshError::UpstreamReset => "upstream-reset",
+            MeshError::BadRequest => "bad-request",
+            MeshError::NotConfigured => "not-configured",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            MeshError::NoRoute | MeshError::UnknownService => StatusCode::NOT_FOUND,
+            MeshError::NoEndpoints | MeshError::ConnectFailure | MeshError::NotConfigured => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            MeshError::UpstreamReset => StatusCode::BAD_GATEWAY,
+            MeshError::BadRequest => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The response sent to the caller; `detail` goes into the body.
+    pub fn response(self, detail: &str) -> Response<Body> {
+        let body = format!("tandem: {}: {detail}\n", self.reason());
+        let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body))));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(ERROR_HEADER, HeaderValue::from_static(self.reason()));
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        resp
+    }
+}

@@ -1,0 +1,515 @@
+//! The HTTP data path: outbound (from the local app to a destination
+//! service, chosen by route and balanced over endpoints) and inbound (from
+//! other sidecars to the local app). HTTP/1.1, HTTP/2 and gRPC are forwarded
+//! with streaming bodies and trailers; HTTP/1.1 upgrades (WebSocket) become a
+//! byte tunnel after the 101.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http::header::{HeaderName, CONNECTION, HOST, UPGRADE};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tandem_config::snapshot::Protocol;
+use tokio::time::Instant;
+
+use crate::error::{Body, MeshError};
+use crate::metrics::{Direction, Name, RequestLabels};
+use crate::route::{pick_weighted, select, RequestView};
+use crate::state::{Destination, Routing};
+use crate::Proxy;
+
+/// Header carrying the calling service between sidecars. It is set by the
+/// outbound sidecar and removed by the inbound one before the app sees it.
+pub const SRC_HEADER: &str = "tandem-src";
+
+/// Connection pools towards endpoints and the local app, one per HTTP
+/// version. The connector is the seam where TLS to peer sidecars goes.
+pub struct Clients {
+    h1: Client<HttpConnector, Incoming>,
+    h2: Client<HttpConnector, Incoming>,
+}
+
+impl Clients {
+    pub fn new() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(std::time::Duration::from_secs(3)));
+        let h1 = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(60))
+            .build(connector.clone());
+        let h2 = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .http2_only(true)
+            .build(connector);
+        Clients { h1, h2 }
+    }
+
+    fn for_protocol(&self, p: Protocol) -> &Client<HttpConnector, Incoming> {
+        if p.is_h2() {
+            &self.h2
+        } else {
+            &self.h1
+        }
+    }
+}
+
+impl Default for Clients {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Where outbound traffic of a listener goes.
+#[derive(Clone)]
+pub enum Outbound {
+    /// The HTTP proxy port: destination from the request's authority.
+    ByAuthority,
+    /// A per-upstream port: always this destination.
+    Fixed(Arc<str>),
+}
+
+pub async fn outbound(
+    proxy: Arc<Proxy>,
+    target: Outbound,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let start = Instant::now();
+    let (resp, dst) = match route_outbound(&proxy, &target, req).await {
+        Ok(r) => r,
+        Err((e, detail, dst)) => (e.response(&detail), dst),
+    };
+    record(
+        &proxy,
+        Direction::outbound,
+        proxy.service.clone(),
+        dst,
+        &resp,
+        start,
+    );
+    Ok(resp)
+}
+
+type Failed = (MeshError, String, Name);
+
+async fn route_outbound(
+    proxy: &Arc<Proxy>,
+    target: &Outbound,
+    req: Request<Incoming>,
+) -> Result<(Response<Body>, Name), Failed> {
+    let unknown: Name = Name::from("unknown");
+    let (host, port) = match target {
+        Outbound::Fixed(name) => (name.to_string(), None),
+        Outbound::ByAuthority => match authority_of(&req) {
+            Some((h, p)) => (h.to_ascii_lowercase(), p),
+            None => {
+                return Err((
+                    MeshError::BadRequest,
+                    "request names no host".into(),
+                    unknown,
+                ));
+            }
+        },
+    };
+    let routing = proxy.routing.load_full();
+    let (routing, dest) = match routing.destination(&host) {
+        Some(d) => {
+            let d = d.clone();
+            (routing, d)
+        }
+        None => match discover(proxy, routing, &host).await {
+            Some(x) => x,
+            None => {
+                return Err((
+                    MeshError::UnknownService,
+                    format!("no service `{host}` in the mesh"),
+                    unknown,
+                ))
+            }
+        },
+    };
+    drop(routing);
+    let backend = if dest.routes.is_empty() {
+        0
+    } else {
+        let view = RequestView {
+            method: req.method(),
+            path: req.uri().path(),
+            query: req.uri().query(),
+            headers: req.headers(),
+            port: port.or(Some(dest.default_port)),
+        };
+        let Some(i) = select(&dest.routes, &view) else {
+            return Err((
+                MeshError::NoRoute,
+                format!(
+                    "no route of `{}` matches {} {}",
+                    dest.name.0,
+                    req.method(),
+                    req.uri().path()
+                ),
+                dest.name.clone(),
+            ));
+        };
+        pick_backend(&dest, i)
+    };
+    let Some(backend) = dest.backends.get(backend) else {
+        return Err((
+            MeshError::NoEndpoints,
+            "no backend".into(),
+            dest.name.clone(),
+        ));
+    };
+    let Some(ep) = backend.pick() else {
+        return Err((
+            MeshError::NoEndpoints,
+            format!("service `{}` has no live endpoint", backend.name.0),
+            backend.name.clone(),
+        ));
+    };
+    let original = authority_header(&req);
+    let in_flight = ep.load.start();
+    let result = forward(
+        proxy,
+        req,
+        &ep.authority,
+        dest.protocol,
+        original,
+        Some(&proxy.src_header),
+    )
+    .await;
+    match result {
+        Ok(resp) => {
+            in_flight.complete();
+            Ok((resp, backend.name.clone()))
+        }
+        Err(e) => Err((
+            e.0,
+            format!("{} ({}): {}", backend.name.0, ep.authority, e.1),
+            backend.name.clone(),
+        )),
+    }
+}
+
+fn pick_backend(dest: &Destination, idx: usize) -> usize {
+    let Some(r) = dest.routes.get(idx) else {
+        return 0;
+    };
+    let total = dest.totals.get(idx).copied().unwrap_or(0);
+    pick_weighted(r.backends.iter().map(|b| b.weight), total)
+        .and_then(|i| r.backends.get(i))
+        .map(|b| b.backend)
+        .unwrap_or(0)
+}
+
+/// On-demand discovery: asks the control plane for a destination this proxy
+/// has not needed before and waits briefly for a snapshot that has it.
+async fn discover(
+    proxy: &Arc<Proxy>,
+    routing: Arc<Routing>,
+    host: &str,
+) -> Option<(Arc<Routing>, Arc<Destination>)> {
+    if routing.is_unknown(host) || !plausible_service_name(host) {
+        return None;
+    }
+    let mut changes = proxy.routing_changed.subscribe();
+    proxy.subscribe(host);
+    let deadline = Instant::now() + crate::DISCOVERY_WAIT;
+    loop {
+        let routing = proxy.routing.load_full();
+        if let Some(d) = routing.destination(host) {
+            let d = d.clone();
+            return Some((routing, d));
+        }
+        if routing.is_unknown(host) {
+            return None;
+        }
+        match tokio::time::timeout_at(deadline, changes.changed()).await {
+            Ok(Ok(())) => continue,
+            _ => return None,
+        }
+    }
+}
+
+fn plausible_service_name(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+}
+
+pub async fn inbound(
+    proxy: Arc<Proxy>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let start = Instant::now();
+    let src = match req.headers_mut().remove(SRC_HEADER) {
+        Some(v) => Name::from(v.to_str().unwrap_or("unknown")),
+        None => Name::from("unknown"),
+    };
+    let routing = proxy.routing.load();
+    let protocol = match &routing.inbound {
+        Some(i) => i.protocol,
+        None => {
+            drop(routing);
+            let resp = MeshError::NotConfigured
+                .response("this proxy's service is not declared in the config");
+            record(
+                &proxy,
+                Direction::inbound,
+                src,
+                proxy.service.clone(),
+                &resp,
+                start,
+            );
+            return Ok(resp);
+        }
+    };
+    drop(routing);
+    let original = authority_header(&req);
+    let resp = match forward(&proxy, req, &proxy.app_authority, protocol, original, None).await {
+        Ok(r) => r,
+        Err((e, detail)) => e.response(&format!("local app at {}: {detail}", proxy.app_authority)),
+    };
+    record(
+        &proxy,
+        Direction::inbound,
+        src,
+        proxy.service.clone(),
+        &resp,
+        start,
+    );
+    Ok(resp)
+}
+
+fn record(
+    proxy: &Proxy,
+    direction: Direction,
+    src: Name,
+    dst: Name,
+    resp: &Response<Body>,
+    start: Instant,
+) {
+    let tandem_error = resp
+        .headers()
+        .get(crate::error::ERROR_HEADER)
+        .and_then(|v| match v.as_bytes() {
+            b"no-route" => Some("no-route"),
+            b"unknown-service" => Some("unknown-service"),
+            b"no-endpoints" => Some("no-endpoints"),
+            b"upstream-connect-failure" => Some("upstream-connect-failure"),
+            b"upstream-reset" => Some("upstream-reset"),
+            b"bad-request" => Some("bad-request"),
+            b"not-configured" => Some("not-configured"),
+            _ => None,
+        })
+        .unwrap_or("");
+    let labels = RequestLabels {
+        direction,
+        src_service: src,
+        dst_service: dst,
+        status_code: resp.status().as_u16(),
+        tandem_error,
+    };
+    proxy.metrics.record(&labels, start.elapsed().as_secs_f64());
+}
+
+/// `(host, port)` the application addressed: the absolute URI's authority
+/// (HTTP proxy form, HTTP/2 `:authority`) or the Host header.
+fn authority_of<B>(req: &Request<B>) -> Option<(&str, Option<u16>)> {
+    let auth = match req.uri().authority() {
+        Some(a) => a.as_str(),
+        None => req.headers().get(HOST)?.to_str().ok()?,
+    };
+    let auth = auth.rsplit('@').next().unwrap_or(auth);
+    match auth.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse::<u16>() {
+            Ok(port) => Some((h, Some(port))),
+            Err(_) => Some((auth, None)),
+        },
+        _ => Some((auth, None)),
+    }
+}
+
+fn authority_header<B>(req: &Request<B>) -> Option<HeaderValue> {
+    if let Some(h) = req.headers().get(HOST) {
+        return Some(h.clone());
+    }
+    req.uri()
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+}
+
+const HOP_BY_HOP: [HeaderName; 6] = [
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("proxy-authorization"),
+    HeaderName::from_static("transfer-encoding"),
+    HeaderName::from_static("trailer"),
+    HeaderName::from_static("upgrade"),
+];
+
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(UPGRADE)
+        && req.headers().get_all(CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+/// Removes hop-by-hop headers (and those the Connection header names);
+/// keeps `Connection: upgrade` + `Upgrade` on an upgrade.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        if !(upgrade && n == UPGRADE) {
+            headers.remove(n);
+        }
+    }
+    for n in HOP_BY_HOP.iter() {
+        if !(upgrade && n == UPGRADE) {
+            headers.remove(n);
+        }
+    }
+    if upgrade {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(CONNECTION);
+    }
+    // `TE: trailers` is the one TE value HTTP/2 allows; gRPC needs it.
+    if let Some(te) = headers.get(http::header::TE) {
+        if te.as_bytes() != b"trailers" {
+            headers.remove(http::header::TE);
+        }
+    }
+}
+
+/// Sends a request to `authority` speaking `protocol`, and relays the
+/// response (and an upgraded connection, if any).
+async fn forward(
+    proxy: &Proxy,
+    mut req: Request<Incoming>,
+    authority: &Authority,
+    protocol: Protocol,
+    original_authority: Option<HeaderValue>,
+    src: Option<&HeaderValue>,
+) -> Result<Response<Body>, (MeshError, String)> {
+    let upgrade = is_upgrade(&req);
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let pq = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut uri = Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(authority.clone());
+    uri = uri.path_and_query(pq);
+    parts.uri = uri
+        .build()
+        .map_err(|e| (MeshError::BadRequest, e.to_string()))?;
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    if protocol.is_h2() {
+        parts.version = Version::HTTP_2;
+        parts.headers.remove(HOST);
+    } else {
+        parts.version = Version::HTTP_11;
+        if !parts.headers.contains_key(HOST) {
+            if let Some(h) = original_authority {
+                parts.headers.insert(HOST, h);
+            }
+        }
+    }
+    if let Some(src) = src {
+        parts.headers.insert(SRC_HEADER, src.clone());
+    }
+    let req = Request::from_parts(parts, body);
+    let mut resp = proxy
+        .clients
+        .for_protocol(protocol)
+        .request(req)
+        .await
+        .map_err(|e| {
+            let kind = if e.is_connect() {
+                MeshError::ConnectFailure
+            } else {
+                MeshError::UpstreamReset
+            };
+            (kind, error_chain(&e))
+        })?;
+    let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+    strip_hop_by_hop(resp.headers_mut(), upgrade && switching);
+    if let (Some(down), true) = (downstream_upgrade, switching) {
+        let up = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            if let (Ok(down), Ok(up)) = (down.await, up.await) {
+                let mut down = TokioIo::new(down);
+                let mut up = TokioIo::new(up);
+                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+            }
+        });
+    }
+    Ok(resp.map(Either::Left))
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authority_forms() {
+        let r = Request::get("http://catalog:8080/x").body(()).expect("req");
+        assert_eq!(authority_of(&r), Some(("catalog", Some(8080))));
+        let r = Request::get("/x")
+            .header(HOST, "orders")
+            .body(())
+            .expect("req");
+        assert_eq!(authority_of(&r), Some(("orders", None)));
+        let r = Request::get("/x").body(()).expect("req");
+        assert_eq!(authority_of(&r), None);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, "keep-alive, x-custom".parse().expect("v"));
+        h.insert("x-custom", "1".parse().expect("v"));
+        h.insert("keep-alive", "timeout=5".parse().expect("v"));
+        h.insert("te", "trailers".parse().expect("v"));
+        h.insert("x-app", "kept".parse().expect("v"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.get("x-custom").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get(CONNECTION).is_none());
+        assert_eq!(h.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
+        assert_eq!(h.get("x-app").map(|v| v.as_bytes()), Some(&b"kept"[..]));
+    }
+}

@@ -1,0 +1,178 @@
+//! The proxy's golden signals, exported in the Prometheus text format on the
+//! admin `/metrics` endpoint.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Latency buckets in seconds: fine below 10 ms, where a sidecar's own
+/// latency lives, and coarse up to 10 s.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
+    0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0,
+];
+
+/// A label value shared without copying (service names).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Name(pub Arc<str>);
+
+impl EncodeLabelValue for Name {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&&*self.0, encoder)
+    }
+}
+
+impl From<&str> for Name {
+    fn from(s: &str) -> Self {
+        Name(Arc::from(s))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, EncodeLabelValue)]
+pub enum Direction {
+    #[allow(non_camel_case_types)]
+    inbound,
+    #[allow(non_camel_case_types)]
+    outbound,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub direction: Direction,
+    pub src_service: Name,
+    pub dst_service: Name,
+    pub status_code: u16,
+    /// Empty for responses from the application; the `tandem-error` reason
+    /// for responses the mesh generated.
+    pub tandem_error: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub direction: Direction,
+    pub src_service: Name,
+    pub dst_service: Name,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ConfigLabels {
+    pub result: &'static str,
+}
+
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub latency: Family<RequestLabels, Histogram>,
+    pub tcp_open: Family<TcpLabels, Counter>,
+    pub tcp_close: Family<TcpLabels, Counter>,
+    pub tcp_active: Family<TcpLabels, Gauge>,
+    pub tcp_read: Family<TcpLabels, Counter>,
+    pub tcp_write: Family<TcpLabels, Counter>,
+    pub config_updates: Family<ConfigLabels, Counter>,
+    pub config_version: Gauge,
+    pub control_connected: Gauge,
+    registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = Family::<RequestLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(LATENCY_BUCKETS.iter().copied())) as fn() -> Histogram,
+        );
+        let tcp_open = Family::<TcpLabels, Counter>::default();
+        let tcp_close = Family::<TcpLabels, Counter>::default();
+        let tcp_active = Family::<TcpLabels, Gauge>::default();
+        let tcp_read = Family::<TcpLabels, Counter>::default();
+        let tcp_write = Family::<TcpLabels, Counter>::default();
+        let config_updates = Family::<ConfigLabels, Counter>::default();
+        let config_version = Gauge::default();
+        let control_connected = Gauge::default();
+        let mut r = Registry::with_prefix("tandem");
+        r.register(
+            "requests",
+            "HTTP requests handled, by direction, service pair and status",
+            requests.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "Time from receiving a request to having its response headers",
+            latency.clone(),
+        );
+        r.register(
+            "tcp_connections_opened",
+            "Opaque TCP connections opened",
+            tcp_open.clone(),
+        );
+        r.register(
+            "tcp_connections_closed",
+            "Opaque TCP connections closed",
+            tcp_close.clone(),
+        );
+        r.register(
+            "tcp_connections_active",
+            "Opaque TCP connections open now",
+            tcp_active.clone(),
+        );
+        r.register(
+            "tcp_read_bytes",
+            "Bytes received from the connecting side of opaque TCP connections",
+            tcp_read.clone(),
+        );
+        r.register(
+            "tcp_write_bytes",
+            "Bytes sent to the connecting side of opaque TCP connections",
+            tcp_write.clone(),
+        );
+        r.register(
+            "config_updates",
+            "Snapshots received, by result (applied or rejected)",
+            config_updates.clone(),
+        );
+        r.register(
+            "config_version",
+            "Version of the snapshot in force",
+            config_version.clone(),
+        );
+        r.register(
+            "control_plane_connected",
+            "1 while the stream to the control plane is up",
+            control_connected.clone(),
+        );
+        Metrics {
+            requests,
+            latency,
+            tcp_open,
+            tcp_close,
+            tcp_active,
+            tcp_read,
+            tcp_write,
+            config_updates,
+            config_version,
+            control_connected,
+            registry: r,
+        }
+    }
+
+    /// Records one finished exchange.
+    pub fn record(&self, labels: &RequestLabels, seconds: f64) {
+        self.requests.get_or_create(labels).inc();
+        self.latency.get_or_create(labels).observe(seconds);
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8192);
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,169 @@
+//! The routing table a proxy runs on, built from a snapshot and swapped in
+//! whole: a request loads one `Arc<Routing>` and sees one consistent config.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, Weak};
+
+use http::uri::Authority;
+use tandem_config::snapshot::{Inbound, Protocol, Route, Snapshot};
+
+use crate::balance::{p2c, EndpointLoad};
+use crate::metrics::Name;
+
+pub struct Routing {
+    pub version: u64,
+    pub snapshot: Arc<Snapshot>,
+    pub inbound: Option<Inbound>,
+    /// Keyed by `name` (same namespace as the proxy) and `name.namespace`.
+    destinations: HashMap<Box<str>, Arc<Destination>>,
+    unknown: HashSet<Box<str>>,
+}
+
+pub struct Destination {
+    pub name: Name,
+    pub protocol: Protocol,
+    pub default_port: u16,
+    pub routes: Vec<Route>,
+    /// Sum of each route's backend weights, parallel to `routes`.
+    pub totals: Vec<u64>,
+    pub backends: Vec<Backend>,
+}
+
+pub struct Backend {
+    pub name: Name,
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Clone)]
+pub struct Endpoint {
+    pub authority: Authority,
+    pub meshed: bool,
+    pub load: Arc<EndpointLoad>,
+}
+
+impl Backend {
+    /// Power of two choices over the endpoints' peak-EWMA cost.
+    pub fn pick(&self) -> Option<&Endpoint> {
+        let i = p2c(self.endpoints.len(), |i| self.endpoints[i].load.cost())?;
+        self.endpoints.get(i)
+    }
+}
+
+impl Routing {
+    pub fn empty() -> Self {
+        Routing {
+            version: 0,
+            snapshot: Arc::new(Snapshot::default()),
+            inbound: None,
+            destinations: HashMap::new(),
+            unknown: HashSet::new(),
+        }
+    }
+
+    /// Looks a destination up by the host the application used.
+    pub fn destination(&self, host: &str) -> Option<&Arc<Destination>> {
+        self.destinations.get(host)
+    }
+
+    pub fn is_unknown(&self, host: &str) -> bool {
+        self.unknown.contains(host)
+    }
+
+    /// Builds a table; `loads` keeps endpoint load state across snapshots.
+    pub fn build(version: u64, snapshot: Snapshot, loads: &LoadCache) -> Result<Self, String> {
+        let mut destinations = HashMap::new();
+        for d in &snapshot.destinations {
+            let mut backends = Vec::with_capacity(d.backends.len());
+            for b in &d.backends {
+                let mut endpoints = Vec::with_capacity(b.endpoints.len());
+                for e in &b.endpoints {
+                    let addr: SocketAddr = e.address.parse().map_err(|_| {
+                        format!("endpoint `{}` of {} is not an ip:port", e.address, b.name)
+                    })?;
+                    let authority = Authority::try_from(addr.to_string().as_str())
+                        .map_err(|err| format!("endpoint `{}`: {err}", e.address))?;
+                    endpoints.push(Endpoint {
+                        authority,
+                        meshed: e.meshed,
+                        load: loads.get(addr),
+                    });
+                }
+                backends.push(Backend {
+                    name: Name::from(b.name.as_str()),
+                    endpoints,
+                });
+            }
+            let mut totals = Vec::with_capacity(d.routes.len());
+            for r in &d.routes {
+                let mut total = 0u64;
+                for wb in &r.backends {
+                    if wb.backend >= backends.len() {
+                        return Err(format!(
+                            "route {} rule {} names backend {} of {}",
+                            r.route,
+                            r.rule,
+                            wb.backend,
+                            backends.len()
+                        ));
+                    }
+                    total += u64::from(wb.weight);
+                }
+                totals.push(total);
+            }
+            if backends.is_empty() {
+                return Err(format!("destination {} has no backends", d.name));
+            }
+            let dest = Arc::new(Destination {
+                name: Name::from(d.name.as_str()),
+                protocol: d.protocol,
+                default_port: d.ports.first().copied().unwrap_or(80),
+                routes: d.routes.clone(),
+                totals,
+                backends,
+            });
+            destinations.insert(
+                format!("{}.{}", d.name, d.namespace).into_boxed_str(),
+                dest.clone(),
+            );
+            if d.namespace == snapshot.namespace {
+                destinations.insert(d.name.clone().into_boxed_str(), dest);
+            }
+        }
+        let unknown = snapshot
+            .unknown
+            .iter()
+            .map(|u| u.clone().into_boxed_str())
+            .collect();
+        Ok(Routing {
+            version,
+            inbound: snapshot.inbound.clone(),
+            snapshot: Arc::new(snapshot),
+            destinations,
+            unknown,
+        })
+    }
+}
+
+/// Endpoint load state by address, shared by successive routing tables.
+#[derive(Default)]
+pub struct LoadCache {
+    map: Mutex<HashMap<SocketAddr, Weak<EndpointLoad>>>,
+}
+
+impl LoadCache {
+    fn get(&self, addr: SocketAddr) -> Arc<EndpointLoad> {
+        let mut map = match self.map.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(l) = map.get(&addr).and_then(Weak::upgrade) {
+            return l;
+        }
+        let l = Arc::new(EndpointLoad::new(addr));
+        map.insert(addr, Arc::downgrade(&l));
+        // Forget endpoints no table uses any more.
+        map.retain(|_, w| w.strong_count() > 0);
+        l
+    }
+}
