@@ -90,7 +90,10 @@ def cmd_rssmon(args: argparse.Namespace) -> None:
     samples = 0
     child = subprocess.Popen(args.command, stdout=stdout)
 
+    received: list[int] = []
+
     def on_signal(signo, _frame):
+        received.append(signo)
         child.send_signal(signo)
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -120,6 +123,9 @@ def cmd_rssmon(args: argparse.Namespace) -> None:
             "samples": samples,
         }
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    if received:  # die of the same signal so the calling shell sees the interrupt
+        signal.signal(received[0], signal.SIG_DFL)
+        os.kill(os.getpid(), received[0])
     sys.exit(child.returncode if child.returncode >= 0 else 128 - child.returncode)
 
 
@@ -435,8 +441,9 @@ def cmd_render(args: argparse.Namespace) -> None:
     w("| knob | value |")
     w("| --- | --- |")
     for k in ("RATE", "DURATION", "CONNS", "ROUNDS", "WARMUP", "WRK_THREADS",
-              "WRK_CONNS", "WRK_DURATION", "SKIP_TANDEM", "SKIP_ENVOY", "SKIP_HAPROXY"):
-        if k in settings:
+              "WRK_CONNS", "WRK_DURATION", "SKIP_TANDEM", "SKIP_ENVOY", "SKIP_HAPROXY",
+              "TANDEM_PROXY_ARGS"):
+        if settings.get(k):
             w(f"| `{k}` | `{settings[k]}` |")
     w("")
 

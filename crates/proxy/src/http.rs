@@ -124,11 +124,18 @@ async fn route_outbound(
             (routing, d)
         }
         None => match discover(proxy, routing, &host).await {
-            Some(x) => x,
-            None => {
+            Discovery::Found(r, d) => (r, d),
+            Discovery::Unknown => {
                 return Err((
                     MeshError::UnknownService,
                     format!("no service `{host}` in the mesh"),
+                    unknown,
+                ))
+            }
+            Discovery::Unavailable(why) => {
+                return Err((
+                    MeshError::DiscoveryUnavailable,
+                    format!("destination `{host}` is not yet known to this proxy and {why}"),
                     unknown,
                 ))
             }
@@ -208,31 +215,38 @@ fn pick_backend(dest: &Destination, idx: usize) -> usize {
         .unwrap_or(0)
 }
 
+enum Discovery {
+    Found(Arc<Routing>, Arc<Destination>),
+    /// The control plane says no such service exists.
+    Unknown,
+    /// No answer could be had (the reason is in the string).
+    Unavailable(&'static str),
+}
+
 /// On-demand discovery: asks the control plane for a destination this proxy
 /// has not needed before and waits briefly for a snapshot that has it.
-async fn discover(
-    proxy: &Arc<Proxy>,
-    routing: Arc<Routing>,
-    host: &str,
-) -> Option<(Arc<Routing>, Arc<Destination>)> {
+async fn discover(proxy: &Arc<Proxy>, routing: Arc<Routing>, host: &str) -> Discovery {
     if routing.is_unknown(host) || !plausible_service_name(host) {
-        return None;
+        return Discovery::Unknown;
     }
     let mut changes = proxy.routing_changed.subscribe();
     proxy.subscribe(host);
+    if proxy.metrics.control_connected.get() == 0 {
+        return Discovery::Unavailable("the control plane is unreachable");
+    }
     let deadline = Instant::now() + crate::DISCOVERY_WAIT;
     loop {
         let routing = proxy.routing.load_full();
         if let Some(d) = routing.destination(host) {
             let d = d.clone();
-            return Some((routing, d));
+            return Discovery::Found(routing, d);
         }
         if routing.is_unknown(host) {
-            return None;
+            return Discovery::Unknown;
         }
         match tokio::time::timeout_at(deadline, changes.changed()).await {
             Ok(Ok(())) => continue,
-            _ => return None,
+            _ => return Discovery::Unavailable("the control plane did not answer in time"),
         }
     }
 }
@@ -308,6 +322,7 @@ fn record(
             b"upstream-reset" => Some("upstream-reset"),
             b"bad-request" => Some("bad-request"),
             b"not-configured" => Some("not-configured"),
+            b"discovery-unavailable" => Some("discovery-unavailable"),
             _ => None,
         })
         .unwrap_or("");

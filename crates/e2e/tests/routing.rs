@@ -1,0 +1,324 @@
+//! Routing and live config: weighted splits, header matches, edits applied
+//! without restarts or failed requests, broken edits refused.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tandem_e2e::*;
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
+
+fn http_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// GET through a sidecar's HTTP proxy port; returns (status, version field).
+async fn get(
+    c: &HttpClient,
+    proxy: std::net::SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let mut req = http::Request::get(format!("http://{proxy}{path}")).header("host", host);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Empty::new()).expect("request");
+    match c.request(req).await {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            (status, v["version"].as_str().unwrap_or("").to_string())
+        }
+        Err(_) => (0, String::new()),
+    }
+}
+
+/// Sends `n` requests, 16 at a time; counts answers by version.
+async fn spread(
+    proxy: std::net::SocketAddr,
+    n: usize,
+    headers: &[(&str, &str)],
+) -> HashMap<String, usize> {
+    let c = http_client();
+    let mut counts = HashMap::new();
+    let sem = Arc::new(tokio::sync::Semaphore::new(16));
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let (c, sem) = (c.clone(), sem.clone());
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        tasks.push(tokio::spawn(async move {
+            let _p = sem.acquire().await.expect("permit");
+            let h: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(a, b)| (a.as_str(), b.as_str()))
+                .collect();
+            get(&c, proxy, "catalog", "/", &h).await
+        }));
+    }
+    for t in tasks {
+        let (status, version) = t.await.expect("task");
+        let key = if status == 200 {
+            version
+        } else {
+            format!("status {status}")
+        };
+        *counts.entry(key).or_insert(0) += 1;
+    }
+    counts
+}
+
+fn catalog_mesh() -> (Mesh, Instance, Instance, Instance) {
+    let mesh = Mesh::start(&common::config());
+    let v1 = mesh.instance("catalog-v1", "catalog-v1-a", &["--version", "v1"], &[]);
+    let v2 = mesh.instance("catalog-v2", "catalog-v2-a", &["--version", "v2"], &[]);
+    let client = mesh.instance("client", "client-1", &[], &[]);
+    // The first request makes the client's sidecar discover `catalog`.
+    let warm = rt().block_on(spread(client.http_proxy, 10, &[]));
+    assert_eq!(
+        warm.values().sum::<usize>(),
+        warm.get("v1").copied().unwrap_or(0) + warm.get("v2").copied().unwrap_or(0),
+        "{warm:?}"
+    );
+    (mesh, v1, v2, client)
+}
+
+#[test]
+fn weighted_split_and_header_match() {
+    let (_mesh, _v1, _v2, client) = catalog_mesh();
+    let rt = rt();
+    // 90/10 over 3000 requests: v2 expects 300, sd ~16.4; ±5 sd bounds.
+    let counts = rt.block_on(spread(client.http_proxy, 3000, &[]));
+    let v1 = counts.get("v1").copied().unwrap_or(0);
+    let v2 = counts.get("v2").copied().unwrap_or(0);
+    assert_eq!(v1 + v2, 3000, "{counts:?}");
+    assert!((218..=382).contains(&v2), "v2 got {v2} of 3000: {counts:?}");
+
+    // The header rule sends everything to v2.
+    let counts = rt.block_on(spread(client.http_proxy, 200, &[("x-canary", "1")]));
+    assert_eq!(counts.get("v2"), Some(&200), "{counts:?}");
+}
+
+#[test]
+fn config_edit_applies_live_without_failed_requests() {
+    let (mesh, _v1, _v2, client) = catalog_mesh();
+    let pid = client.proxy().pid();
+    let before = client.config_version();
+    let rt = rt();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let proxy = client.http_proxy;
+    // Steady traffic plus slow requests that are in flight during the edit.
+    let mut workers = Vec::new();
+    for i in 0..6 {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        workers.push(rt.spawn(async move {
+            let c = http_client();
+            let path = if i < 2 { "/slow?ms=400" } else { "/" };
+            while !stop.load(Ordering::Relaxed) {
+                let (status, _) = get(&c, proxy, "catalog", path, &[]).await;
+                if status == 200 {
+                    ok.fetch_add(1, Ordering::Relaxed)
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed)
+                };
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    let edited = Instant::now();
+    mesh.write_config("mesh.yaml", &common::config_with_split(0, 100));
+    wait_for("client to apply the edit", Duration::from_secs(10), || {
+        (client.config_version() > before).then_some(())
+    });
+    let applied_in = edited.elapsed();
+    std::thread::sleep(Duration::from_millis(700));
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        rt.block_on(w).expect("worker");
+    }
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed during the edit"
+    );
+    assert!(ok.load(Ordering::Relaxed) > 50);
+    assert!(
+        applied_in < Duration::from_secs(3),
+        "edit took {applied_in:?}"
+    );
+    // Same process, new routing: everything goes to v2 now.
+    assert_eq!(client.proxy().pid(), pid);
+    let counts = rt.block_on(spread(client.http_proxy, 100, &[]));
+    assert_eq!(counts.get("v2"), Some(&100), "{counts:?}");
+    mesh.wait_converged(3);
+}
+
+#[test]
+fn broken_config_is_refused_and_traffic_keeps_flowing() {
+    let (mesh, _v1, _v2, client) = catalog_mesh();
+    mesh.wait_converged(3);
+    let version = client.config_version();
+    mesh.write_config(
+        "broken.yaml",
+        "apiVersion: tandem.dev/v1alpha1\nkind: Service\nmetadata: {name: broken}\nspec:\n  ports: [{port: 80, protocl: http}]\n",
+    );
+    let errors = wait_for(
+        "the control plane to refuse the edit",
+        Duration::from_secs(10),
+        || {
+            let v = api_json(mesh.api, "/api/v1/config")?;
+            let e = v["errors"].as_array()?.clone();
+            (!e.is_empty()).then_some(e)
+        },
+    );
+    let first = errors[0].as_str().unwrap_or("");
+    assert!(first.contains("broken.yaml:5:"), "{errors:?}");
+    assert!(first.contains("protocl"), "{errors:?}");
+    assert!(mesh
+        .control
+        .as_ref()
+        .map(|c| c.log_text())
+        .unwrap_or_default()
+        .contains("broken.yaml:5:"));
+    // The last good config keeps serving.
+    let rt = rt();
+    let counts = rt.block_on(spread(client.http_proxy, 200, &[]));
+    assert_eq!(
+        counts.get("v1").copied().unwrap_or(0) + counts.get("v2").copied().unwrap_or(0),
+        200,
+        "{counts:?}"
+    );
+    assert_eq!(client.config_version(), version);
+    // Fixing the file clears the error.
+    mesh.write_config(
+        "broken.yaml",
+        "apiVersion: tandem.dev/v1alpha1\nkind: Service\nmetadata: {name: broken}\nspec:\n  ports: [{port: 80, protocol: http}]\n",
+    );
+    wait_for("the fix to be accepted", Duration::from_secs(10), || {
+        let v = api_json(mesh.api, "/api/v1/config")?;
+        (v["errors"].as_array()?.is_empty() && v["services"] == 10).then_some(())
+    });
+}
+
+#[test]
+fn control_plane_down_then_back() {
+    let (mut mesh, _v1, _v2, client) = catalog_mesh();
+    mesh.wait_converged(3);
+    if let Some(c) = mesh.control.as_mut() {
+        c.kill();
+    }
+    wait_for("proxy to notice", Duration::from_secs(10), || {
+        client
+            .metrics()
+            .contains("tandem_control_plane_connected 0")
+            .then_some(())
+    });
+    // A destination it never needed cannot be discovered now: a clear 503.
+    let r = curl(&[
+        "-x",
+        &format!("http://{}", client.http_proxy),
+        "-D",
+        "-",
+        "http://web/",
+    ]);
+    assert!(r.stdout.starts_with("HTTP/1.1 503"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("tandem-error: discovery-unavailable"),
+        "{}",
+        r.stdout
+    );
+    // Traffic flows on the last config.
+    let rt = rt();
+    let counts = rt.block_on(spread(client.http_proxy, 200, &[]));
+    assert_eq!(
+        counts.get("v1").copied().unwrap_or(0) + counts.get("v2").copied().unwrap_or(0),
+        200,
+        "{counts:?}"
+    );
+
+    // A new control plane (same addresses) gets every proxy back.
+    mesh.write_config("mesh.yaml", &common::config_with_split(0, 100));
+    let before = client.config_version();
+    mesh.start_control();
+    mesh.wait_converged(3);
+    wait_for("proxy reconnected", Duration::from_secs(10), || {
+        client
+            .metrics()
+            .contains("tandem_control_plane_connected 1")
+            .then_some(())
+    });
+    // ... and pushes the config it found, with a higher version.
+    wait_for("new config applied", Duration::from_secs(10), || {
+        (client.config_version() > before).then_some(())
+    });
+    let counts = rt.block_on(spread(client.http_proxy, 50, &[]));
+    assert_eq!(counts.get("v2"), Some(&50), "{counts:?}");
+}
+
+#[test]
+fn endpoints_follow_instances() {
+    let (mesh, _v1, mut v2, client) = catalog_mesh();
+    // A second v1 instance joins and gets traffic.
+    let _v1b = mesh.instance("catalog-v1", "catalog-v1-b", &["--version", "v1"], &[]);
+    let eps = wait_for("two v1 endpoints", Duration::from_secs(10), || {
+        let (_, body) = http_get(client.admin, "a", "/config")?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let d = v["snapshot"]["destinations"]
+            .as_array()?
+            .iter()
+            .find(|d| d["name"] == "catalog")?
+            .clone();
+        let b = d["backends"]
+            .as_array()?
+            .iter()
+            .find(|b| b["name"] == "catalog-v1")?
+            .clone();
+        (b["endpoints"].as_array()?.len() == 2).then_some(b)
+    });
+    assert_eq!(eps["endpoints"].as_array().map(|a| a.len()), Some(2));
+    // The v2 sidecar goes away: after the grace period it is no longer an
+    // endpoint, and v2's share gets a clear 503 instead of a hang.
+    v2.proxy_mut().kill();
+    wait_for("v2 removed", Duration::from_secs(10), || {
+        let (_, body) = http_get(client.admin, "a", "/config")?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let d = v["snapshot"]["destinations"]
+            .as_array()?
+            .iter()
+            .find(|d| d["name"] == "catalog")?
+            .clone();
+        let b = d["backends"]
+            .as_array()?
+            .iter()
+            .find(|b| b["name"] == "catalog-v2")?
+            .clone();
+        b["endpoints"].as_array()?.is_empty().then_some(())
+    });
+    let rt = rt();
+    let counts = rt.block_on(spread(client.http_proxy, 300, &[]));
+    assert_eq!(counts.get("v2"), None, "{counts:?}");
+    assert!(
+        counts.get("status 503").copied().unwrap_or(0) > 0,
+        "{counts:?}"
+    );
+    assert!(counts.get("v1").copied().unwrap_or(0) > 200, "{counts:?}");
+}
