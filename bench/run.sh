@@ -127,6 +127,18 @@ wait_http() {
 
 port_in_use() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
 
+# wait_tcp NAME PORT [TIMEOUT_S]: wait until something listens on HOST:PORT.
+wait_tcp() {
+  local name="$1" port="$2" timeout="${3:-30}" i
+  for ((i = 0; i < timeout * 5; i++)); do
+    port_in_use "$port" && return 0
+    check_alive
+    sleep 0.2
+  done
+  show_log "$name"
+  die "$name not listening on $HOST:$port after ${timeout}s"
+}
+
 # smoke NAME URL: one request through the path must answer 200 "ok".
 smoke() {
   local body
@@ -269,6 +281,8 @@ EOF
   start tandem-control env RUST_LOG=warn "$TANDEM_BIN" control \
     --config "$WORK/config" --data "$WORK/cpdata" \
     --listen "$HOST:$TANDEM_CP" --api "$HOST:$TANDEM_API"
+  # Start the sidecars once the control plane listens (they would retry anyway).
+  wait_tcp tandem-control "$TANDEM_CP"
   start tandem-server env RUST_LOG=warn "$TANDEM_BIN" proxy \
     --control "http://$HOST:$TANDEM_CP" --service backend --instance backend-1 \
     --inbound "$HOST:$TSRV_INBOUND" --app "$HOST:$NGINX_PORT" --admin "$HOST:$TSRV_ADMIN" "${TPA[@]}"

@@ -112,9 +112,23 @@ struct Proc {
     exited: bool,
 }
 
-fn free_port() -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?)
+/// Hands out distinct free loopback ports: each stays bound (so the
+/// kernel cannot hand it out twice) until `release` is called, just before
+/// the children start.
+#[derive(Default)]
+struct Ports(Vec<TcpListener>);
+
+impl Ports {
+    fn take(&mut self) -> anyhow::Result<SocketAddr> {
+        let l = TcpListener::bind("127.0.0.1:0")?;
+        let addr = l.local_addr()?;
+        self.0.push(l);
+        Ok(addr)
+    }
+
+    fn release(&mut self) {
+        self.0.clear();
+    }
 }
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -240,8 +254,13 @@ async fn start_all(
     )?;
     let control = format!("http://{}", args.listen);
     let mut admins = Vec::new();
-    for svc in SERVICES {
-        let (inbound, app, admin, proxy) = (free_port()?, free_port()?, free_port()?, free_port()?);
+    let mut ports = Ports::default();
+    let mut plan = Vec::new();
+    for _ in SERVICES {
+        plan.push((ports.take()?, ports.take()?, ports.take()?, ports.take()?));
+    }
+    ports.release();
+    for (svc, (inbound, app, admin, proxy)) in SERVICES.iter().zip(plan) {
         let instance = format!("{}-1", svc.service);
         let p = vec![
             s(&"proxy"),

@@ -59,19 +59,16 @@ impl Discovery for DiscoveryService {
         let mesh = self.mesh.clone();
         let (key, conn) = mesh.connect(hello, tx).await;
         tokio::spawn(async move {
-            loop {
-                match inbound.message().await {
-                    Ok(Some(m)) => match m.kind {
-                        Some(proxy_message::Kind::Ack(a)) => mesh.ack(&key, conn, a.version),
-                        Some(proxy_message::Kind::Nack(n)) => {
-                            mesh.nack(&key, conn, n.version, n.reason)
-                        }
-                        Some(proxy_message::Kind::Subscribe(s)) => {
-                            mesh.subscribe(&key, conn, s.services).await
-                        }
-                        Some(proxy_message::Kind::Hello(_)) | None => {}
-                    },
-                    Ok(None) | Err(_) => break,
+            while let Ok(Some(m)) = inbound.message().await {
+                match m.kind {
+                    Some(proxy_message::Kind::Ack(a)) => mesh.ack(&key, conn, a.version),
+                    Some(proxy_message::Kind::Nack(n)) => {
+                        mesh.nack(&key, conn, n.version, n.reason)
+                    }
+                    Some(proxy_message::Kind::Subscribe(s)) => {
+                        mesh.subscribe(&key, conn, s.services).await
+                    }
+                    Some(proxy_message::Kind::Hello(_)) | None => {}
                 }
             }
             mesh.disconnect(key, conn).await;
