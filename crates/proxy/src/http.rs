@@ -4,6 +4,7 @@
 //! with streaming bodies and trailers; HTTP/1.1 upgrades (WebSocket) become a
 //! byte tunnel after the 101.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -103,11 +104,15 @@ async fn route_outbound(
     target: &Outbound,
     req: Request<Incoming>,
 ) -> Result<(Response<Body>, Name), Failed> {
-    let unknown: Name = Name::from("unknown");
-    let (host, port) = match target {
-        Outbound::Fixed(name) => (name.to_string(), None),
+    let unknown = proxy.unknown.clone();
+    // Borrowed unless the host needs lower-casing: no allocation per request.
+    let (host, port): (Cow<'_, str>, Option<u16>) = match target {
+        Outbound::Fixed(name) => (Cow::Borrowed(&**name), None),
         Outbound::ByAuthority => match authority_of(&req) {
-            Some((h, p)) => (h.to_ascii_lowercase(), p),
+            Some((h, p)) if h.bytes().any(|b| b.is_ascii_uppercase()) => {
+                (Cow::Owned(h.to_ascii_lowercase()), p)
+            }
+            Some((h, p)) => (Cow::Borrowed(h), p),
             None => {
                 return Err((
                     MeshError::BadRequest,
@@ -230,7 +235,11 @@ async fn discover(proxy: &Arc<Proxy>, routing: Arc<Routing>, host: &str) -> Disc
         return Discovery::Unknown;
     }
     let mut changes = proxy.routing_changed.subscribe();
-    proxy.subscribe(host);
+    if !proxy.subscribe(host) {
+        return Discovery::Unavailable(
+            "this proxy already tracks the maximum number of destinations",
+        );
+    }
     if proxy.metrics.control_connected.get() == 0 {
         return Discovery::Unavailable("the control plane is unreachable");
     }
@@ -266,7 +275,7 @@ pub async fn inbound(
     let start = Instant::now();
     let src = match req.headers_mut().remove(SRC_HEADER) {
         Some(v) => Name::from(v.to_str().unwrap_or("unknown")),
-        None => Name::from("unknown"),
+        None => proxy.unknown.clone(),
     };
     let routing = proxy.routing.load();
     let protocol = match &routing.inbound {

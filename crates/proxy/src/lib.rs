@@ -44,6 +44,9 @@ use crate::state::{LoadCache, Routing};
 /// for the control plane to send it.
 pub const DISCOVERY_WAIT: Duration = Duration::from_secs(3);
 
+/// Most destinations one proxy asks the control plane for.
+pub const MAX_DESTINATIONS: usize = 1024;
+
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
     /// Control-plane gRPC URL, e.g. `http://127.0.0.1:7700`.
@@ -66,6 +69,8 @@ pub struct ProxyConfig {
 pub struct Proxy {
     pub cfg: ProxyConfig,
     pub service: Name,
+    /// The label for a peer the proxy cannot name.
+    unknown: Name,
     pub advertise: String,
     src_header: HeaderValue,
     app_authority: Authority,
@@ -91,15 +96,23 @@ impl Proxy {
     }
 
     /// Adds a destination to the interest set, telling the control plane if
-    /// it is new.
-    fn subscribe(&self, name: &str) {
-        let added = match self.interest.lock() {
-            Ok(mut i) => i.insert(name.to_string()),
-            Err(p) => p.into_inner().insert(name.to_string()),
+    /// it is new. Returns false when the set is full: hosts come from
+    /// requests, and a caller inventing names must not grow it without bound.
+    fn subscribe(&self, name: &str) -> bool {
+        let mut interest = match self.interest.lock() {
+            Ok(i) => i,
+            Err(p) => p.into_inner(),
         };
-        if added {
-            let _ = self.subscriptions.send(name.to_string());
+        if interest.contains(name) {
+            return true;
         }
+        if interest.len() >= MAX_DESTINATIONS {
+            return false;
+        }
+        interest.insert(name.to_string());
+        drop(interest);
+        let _ = self.subscriptions.send(name.to_string());
+        true
     }
 }
 
@@ -129,6 +142,7 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
     let interest: BTreeSet<String> = cfg.upstreams.iter().map(|(n, _)| n.clone()).collect();
     let proxy = Arc::new(Proxy {
         service: Name::from(cfg.service.as_str()),
+        unknown: Name::from("unknown"),
         advertise: cfg
             .advertise
             .clone()
@@ -291,7 +305,8 @@ async fn serve_inbound(
                 let me = proxy.service.clone();
                 tokio::spawn(async move {
                     let _d = d;
-                    tcp::relay(p, sock, app, Direction::inbound, Name::from("unknown"), me).await;
+                    let unknown = p.unknown.clone();
+                    tcp::relay(p, sock, app, Direction::inbound, unknown, me).await;
                 });
             }
             Some(_) => {

@@ -167,3 +167,66 @@ impl LoadCache {
         l
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_config::snapshot::{
+        Backend as SBackend, Destination as SDest, Endpoint as SEndpoint,
+    };
+
+    fn snapshot(address: &str) -> Snapshot {
+        Snapshot {
+            namespace: "default".into(),
+            service: "web".into(),
+            inbound: None,
+            destinations: vec![SDest {
+                name: "api".into(),
+                namespace: "default".into(),
+                protocol: Protocol::Http,
+                ports: vec![80],
+                routes: vec![],
+                backends: vec![SBackend {
+                    name: "api".into(),
+                    namespace: "default".into(),
+                    endpoints: vec![SEndpoint {
+                        address: address.into(),
+                        instance: "a".into(),
+                        meshed: true,
+                    }],
+                }],
+            }],
+            unknown: vec!["ghost".into()],
+        }
+    }
+
+    #[test]
+    fn builds_lookup_by_short_and_qualified_name() {
+        let loads = LoadCache::default();
+        let r = Routing::build(7, snapshot("127.0.0.1:9"), &loads).expect("build");
+        assert_eq!(r.version, 7);
+        assert!(r.destination("api").is_some());
+        assert!(r.destination("api.default").is_some());
+        assert!(r.destination("web").is_none());
+        assert!(r.is_unknown("ghost"));
+    }
+
+    #[test]
+    fn refuses_a_snapshot_it_cannot_use() {
+        let loads = LoadCache::default();
+        let err = Routing::build(1, snapshot("not-an-address"), &loads)
+            .err()
+            .expect("refused");
+        assert!(err.contains("not-an-address"), "{err}");
+    }
+
+    #[test]
+    fn endpoint_load_survives_a_new_snapshot() {
+        let loads = LoadCache::default();
+        let a = Routing::build(1, snapshot("127.0.0.1:9"), &loads).expect("build");
+        let b = Routing::build(2, snapshot("127.0.0.1:9"), &loads).expect("build");
+        let ea = &a.destination("api").expect("api").backends[0].endpoints[0];
+        let eb = &b.destination("api").expect("api").backends[0].endpoints[0];
+        assert!(Arc::ptr_eq(&ea.load, &eb.load));
+    }
+}
