@@ -2,7 +2,7 @@
 //! plane, sidecars, demo apps) on loopback with free ports, waits for
 //! readiness, and cleans every process up on drop. Tests read like stories:
 //!
-//! ```ignore
+//! ```text
 //! let mesh = Mesh::start(CONFIG);
 //! let web = mesh.service("web").app(&[]).proxy(&[]).start();
 //! assert_eq!(curl(&["-s", &format!("http://{}/", web.http_proxy)]).status, 0);
