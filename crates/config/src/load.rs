@@ -96,10 +96,6 @@ fn split_documents(text: &str) -> Vec<(u64, String)> {
             start = i as u64 + 1;
             continue;
         }
-        if current.is_empty() {
-            // Blank lines in front keep every span a position in the file.
-            current = "\n".repeat(i);
-        }
         current.push_str(line);
         current.push('\n');
     }
@@ -122,7 +118,11 @@ impl Ctx<'_> {
     fn pos(&self, loc: Location) -> Pos {
         Pos {
             file: self.file.clone(),
-            line: loc.line(),
+            line: if loc.line() == 0 {
+                0
+            } else {
+                loc.line() + self.offset
+            },
             column: loc.column(),
         }
     }
@@ -132,7 +132,7 @@ impl Ctx<'_> {
         serde_saphyr::from_str_with_options(text, options).map_err(|e| {
             let (line, column) = e
                 .location()
-                .map(|l| (l.line(), l.column()))
+                .map(|l| (l.line() + self.offset, l.column()))
                 .unwrap_or((self.offset + 1, 1));
             Diagnostic::new(
                 self.file.as_ref(),
@@ -213,17 +213,21 @@ fn parse_document(ctx: &Ctx<'_>, doc: &str, set: &mut ResourceSet) -> Result<(),
 }
 
 fn loaded<S>(ctx: &Ctx<'_>, d: Document<S>) -> Loaded<S> {
-    let namespace = d
-        .metadata
-        .namespace
-        .map(|n| n.value)
-        .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
+    let (namespace, namespace_pos) = match d.metadata.namespace {
+        Some(n) => (n.value, ctx.pos(n.referenced)),
+        None => (
+            DEFAULT_NAMESPACE.to_string(),
+            ctx.pos(d.metadata.name.referenced),
+        ),
+    };
     Loaded {
         name: d.metadata.name.value,
         namespace,
         pos: ctx.pos(d.kind.referenced),
         name_pos: ctx.pos(d.metadata.name.referenced),
+        namespace_pos,
         file: ctx.file.clone(),
+        line_offset: ctx.offset,
         spec: d.spec,
     }
 }

@@ -211,7 +211,11 @@ pub struct Loaded<S> {
     pub namespace: String,
     pub pos: Pos,
     pub name_pos: Pos,
+    pub namespace_pos: Pos,
     pub file: Arc<Path>,
+    /// Lines before this resource's document: spans inside it count from
+    /// the document's start.
+    pub line_offset: u64,
     pub spec: S,
 }
 
@@ -223,7 +227,7 @@ impl<S> Loaded<S> {
         }
         Pos {
             file: self.file.clone(),
-            line: s.referenced.line(),
+            line: s.referenced.line() + self.line_offset,
             column: s.referenced.column(),
         }
     }

@@ -16,7 +16,7 @@ pub(crate) fn validate(set: &ResourceSet, diags: &mut Vec<Diagnostic>) {
     let mut seen: HashMap<(&str, String), &crate::model::Pos> = HashMap::new();
     for s in &set.services {
         check_name(&s.name, &s.name_pos, diags);
-        check_name(&s.namespace, &s.pos, diags);
+        check_name(&s.namespace, &s.namespace_pos, diags);
         if let Some(first) = seen.insert(("Service", s.key()), &s.pos) {
             diags.push(Diagnostic::at(
                 &s.name_pos,
@@ -32,6 +32,7 @@ pub(crate) fn validate(set: &ResourceSet, diags: &mut Vec<Diagnostic>) {
     }
     for r in &set.http_routes {
         check_name(&r.name, &r.name_pos, diags);
+        check_name(&r.namespace, &r.namespace_pos, diags);
         if let Some(first) = seen.insert(("HTTPRoute", r.key()), &r.pos) {
             diags.push(Diagnostic::at(
                 &r.name_pos,
@@ -71,6 +72,21 @@ fn validate_service(s: &Loaded<ServiceSpec>, diags: &mut Vec<Diagnostic>) {
         ));
     }
     let mut ports = HashSet::new();
+    if let Some(first) = s.spec.ports.first() {
+        // A sidecar serves one protocol inbound; a service that mixes them
+        // would have some of its traffic spoken wrongly.
+        for p in &s.spec.ports[1..] {
+            if p.protocol.value != first.protocol.value {
+                diags.push(Diagnostic::at(
+                    &s.at(&p.protocol),
+                    format!(
+                        "all ports of a Service must use one protocol (the first port is {}, this one {}); declare a second Service instead",
+                        first.protocol.value, p.protocol.value
+                    ),
+                ));
+            }
+        }
+    }
     for p in &s.spec.ports {
         if p.port.value == 0 {
             diags.push(Diagnostic::at(&s.at(&p.port), "port must be 1-65535"));
@@ -220,16 +236,35 @@ fn validate_route(
                     ));
                 }
             }
-            for h in m.headers.iter().chain(m.query_params.iter()) {
+            for h in &m.headers {
                 let n = &h.name.value;
-                if n.is_empty()
-                    || !n
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"-_.!#$%&'*+^`|~".contains(&b))
+                let token = |b: u8| b.is_ascii_alphanumeric() || b"-_.!#$%&'*+^`|~".contains(&b);
+                if n.is_empty() || !n.bytes().all(token) {
+                    diags.push(Diagnostic::at(
+                        &r.at(&h.name),
+                        format!("`{n}` is not a valid header name"),
+                    ));
+                }
+                if !h
+                    .value
+                    .bytes()
+                    .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
                 {
                     diags.push(Diagnostic::at(
                         &r.at(&h.name),
-                        format!("`{n}` is not a valid name"),
+                        format!("the value for header `{n}` is not a valid header value"),
+                    ));
+                }
+            }
+            for q in &m.query_params {
+                let n = &q.name.value;
+                if n.is_empty()
+                    || n.bytes()
+                        .any(|b| b"&=#?".contains(&b) || b.is_ascii_whitespace())
+                {
+                    diags.push(Diagnostic::at(
+                        &r.at(&q.name),
+                        format!("`{n}` is not a valid query parameter name"),
                     ));
                 }
             }

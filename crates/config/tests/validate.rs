@@ -128,3 +128,27 @@ fn bad_names_paths_methods_and_addresses() {
     assert!(all.contains("must start with '/'"), "{all}");
     assert!(all.contains("unknown method `FETCH`"), "{all}");
 }
+
+#[test]
+fn mixed_protocols_query_names_and_namespace_positions() {
+    let yaml = "apiVersion: tandem.dev/v1alpha1\nkind: Service\nmetadata: {name: a, namespace: Bad_NS}\nspec:\n  ports: [{port: 80, protocol: http}, {port: 81, protocol: grpc}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec:\n  parentRefs: [{name: b}]\n  rules:\n    - matches: [{queryParams: [{name: 'a[b]', value: x}, {name: 'a=b', value: y}]}]\n      backendRefs: [{name: b}]\n---\napiVersion: tandem.dev/v1alpha1\nkind: Service\nmetadata: {name: b}\nspec:\n  ports: [{port: 80, protocol: http}]\n";
+    let e = errors(yaml);
+    let all = e.join("\n");
+    assert!(
+        e.iter()
+            .any(|l| l.starts_with("t.yaml:3:") && l.contains("`Bad_NS` is not a valid name")),
+        "{all}"
+    );
+    assert!(
+        e.iter()
+            .any(|l| l.starts_with("t.yaml:5:") && l.contains("one protocol")),
+        "{all}"
+    );
+    assert!(
+        e.iter().any(|l| l.starts_with("t.yaml:13:")
+            && l.contains("`a=b` is not a valid query parameter name")),
+        "{all}"
+    );
+    assert!(!all.contains("a[b]"), "{all}");
+    assert_eq!(e.len(), 3, "{all}");
+}

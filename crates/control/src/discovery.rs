@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use futures_util::Stream;
 use tandem_api::v1::discovery_server::Discovery;
-use tandem_api::v1::{proxy_message, ControlMessage, Hello, ProxyMessage};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tandem_api::v1::{control_message, proxy_message, ControlMessage, Hello, ProxyMessage};
+use tokio::sync::watch;
+use tokio_stream::wrappers::WatchStream;
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::mesh::Mesh;
@@ -55,7 +56,7 @@ impl Discovery for DiscoveryService {
             ));
         };
         check_hello(&mut hello)?;
-        let (tx, rx) = mpsc::channel(16);
+        let (tx, rx) = watch::channel(None);
         let mesh = self.mesh.clone();
         let (key, conn) = mesh.connect(hello, tx).await;
         tokio::spawn(async move {
@@ -68,11 +69,19 @@ impl Discovery for DiscoveryService {
                     Some(proxy_message::Kind::Subscribe(s)) => {
                         mesh.subscribe(&key, conn, s.services).await
                     }
+                    Some(proxy_message::Kind::Leave(_)) => mesh.leave(&key, conn).await,
                     Some(proxy_message::Kind::Hello(_)) | None => {}
                 }
             }
             mesh.disconnect(key, conn).await;
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let snapshots = WatchStream::new(rx).filter_map(|s| {
+            s.map(|snapshot| {
+                Ok(ControlMessage {
+                    kind: Some(control_message::Kind::Snapshot(snapshot)),
+                })
+            })
+        });
+        Ok(Response::new(Box::pin(snapshots)))
     }
 }

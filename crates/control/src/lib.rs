@@ -109,6 +109,9 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            // Pings notice a proxy that vanished without closing its stream.
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .add_service(DiscoveryServer::new(discovery::DiscoveryService { mesh }))
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stop_rx.await;

@@ -8,11 +8,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::Serialize;
-use tandem_api::v1::{control_message, ControlMessage, Hello, Snapshot as WireSnapshot};
+use tandem_api::v1::{Hello, Snapshot as WireSnapshot};
 use tandem_config::compile::{compile, Target};
 use tandem_config::snapshot::Endpoint;
 use tandem_config::ResourceSet;
-use tokio::sync::mpsc;
+use tokio::sync::watch;
 
 use crate::storage::Storage;
 
@@ -38,10 +38,16 @@ struct Inner {
     next_conn: u64,
 }
 
+/// The newest snapshot for one proxy. A slow proxy skips intermediate
+/// versions instead of queueing them, and versions arrive in order.
+pub type SnapshotTx = watch::Sender<Option<WireSnapshot>>;
+
 struct ProxyEntry {
     hello: Hello,
     conn: u64,
-    tx: Option<mpsc::Sender<Result<ControlMessage, tonic::Status>>>,
+    tx: Option<SnapshotTx>,
+    /// Said it is shutting down: no longer an endpoint.
+    leaving: bool,
     interest: BTreeSet<String>,
     last_body: Vec<u8>,
     sent_version: u64,
@@ -142,11 +148,7 @@ impl Mesh {
 
     /// Registers a proxy's stream; returns its connection id. The first
     /// snapshot is pushed right away.
-    pub async fn connect(
-        self: &Arc<Self>,
-        hello: Hello,
-        tx: mpsc::Sender<Result<ControlMessage, tonic::Status>>,
-    ) -> (ProxyKey, u64) {
+    pub async fn connect(self: &Arc<Self>, hello: Hello, tx: SnapshotTx) -> (ProxyKey, u64) {
         let key = (
             hello.namespace.clone(),
             hello.service.clone(),
@@ -160,6 +162,7 @@ impl Mesh {
             // plane life must only ever see higher ones.
             if hello.applied_version >= g.next_version {
                 g.next_version = hello.applied_version + 1;
+                // push_all reserves (and stores) the new floor above it.
             }
             let interest = hello.interest.iter().cloned().collect();
             g.proxies.insert(
@@ -168,6 +171,7 @@ impl Mesh {
                     hello,
                     conn,
                     tx: Some(tx),
+                    leaving: false,
                     interest,
                     last_body: Vec::new(),
                     sent_version: 0,
@@ -200,6 +204,19 @@ impl Mesh {
         if let Some(p) = g.proxies.get_mut(key).filter(|p| p.conn == conn) {
             p.nack = Some(reason);
         }
+    }
+
+    /// The proxy is shutting down: remove it as an endpoint at once.
+    pub async fn leave(self: &Arc<Self>, key: &ProxyKey, conn: u64) {
+        {
+            let mut g = self.lock();
+            let Some(p) = g.proxies.get_mut(key).filter(|p| p.conn == conn) else {
+                return;
+            };
+            p.leaving = true;
+        }
+        tracing::info!(service = %key.1, instance = %key.2, "proxy leaving");
+        self.push_all().await;
     }
 
     pub async fn subscribe(self: &Arc<Self>, key: &ProxyKey, conn: u64, names: Vec<String>) {
@@ -246,61 +263,22 @@ impl Mesh {
     }
 
     /// Recompiles every connected proxy's snapshot and sends those that
-    /// changed.
+    /// changed. Sending happens under the lock, so versions reach each proxy
+    /// in order.
     pub async fn push_all(self: &Arc<Self>) {
-        let mut sends = Vec::new();
-        let mut persist = None;
-        {
+        // Reserve the versions this round may use before handing any out, so
+        // the stored floor is always above every version issued.
+        let reserve = {
             let mut g = self.lock();
-            let config = g.config.clone();
-            let endpoints = endpoint_table(&g.proxies);
-            let lookup = |ns: &str, name: &str| -> Vec<Endpoint> {
-                endpoints
-                    .get(&(ns.to_string(), name.to_string()))
-                    .cloned()
-                    .unwrap_or_default()
-            };
-            let keys: Vec<ProxyKey> = g.proxies.keys().cloned().collect();
-            for key in keys {
-                let body = {
-                    let Some(p) = g.proxies.get(&key) else {
-                        continue;
-                    };
-                    if p.tx.is_none() {
-                        continue;
-                    }
-                    let target = Target {
-                        namespace: &p.hello.namespace,
-                        service: &p.hello.service,
-                        interest: &p.interest,
-                    };
-                    compile(&config, &target, &lookup).to_json()
-                };
-                let version = {
-                    let Some(p) = g.proxies.get(&key) else {
-                        continue;
-                    };
-                    if p.last_body == body {
-                        continue;
-                    }
-                    let v = g.next_version;
-                    g.next_version += 1;
-                    if g.next_version > g.version_ceiling {
-                        g.version_ceiling += VERSION_BLOCK;
-                        persist = Some(g.version_ceiling);
-                    }
-                    v
-                };
-                if let Some(p) = g.proxies.get_mut(&key) {
-                    p.last_body = body.clone();
-                    p.sent_version = version;
-                    if let Some(tx) = p.tx.clone() {
-                        sends.push((tx, version, body));
-                    }
-                }
+            let needed = g.next_version + g.proxies.len() as u64;
+            if needed > g.version_ceiling {
+                g.version_ceiling = needed + VERSION_BLOCK;
+                Some(g.version_ceiling)
+            } else {
+                None
             }
-        }
-        if let Some(ceiling) = persist {
+        };
+        if let Some(ceiling) = reserve {
             if let Err(e) = self
                 .storage
                 .put(VERSION_KEY, ceiling.to_string().as_bytes())
@@ -309,16 +287,46 @@ impl Mesh {
                 tracing::error!(error = %e, "cannot persist snapshot version floor");
             }
         }
-        for (tx, version, body) in sends {
-            let msg = ControlMessage {
-                kind: Some(control_message::Kind::Snapshot(WireSnapshot {
-                    version,
-                    body,
-                })),
+        let mut g = self.lock();
+        let config = g.config.clone();
+        let endpoints = endpoint_table(&g.proxies);
+        let lookup = |ns: &str, name: &str| -> Vec<Endpoint> {
+            endpoints
+                .get(&(ns.to_string(), name.to_string()))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let keys: Vec<ProxyKey> = g.proxies.keys().cloned().collect();
+        for key in keys {
+            let body = {
+                let Some(p) = g.proxies.get(&key) else {
+                    continue;
+                };
+                if p.tx.is_none() {
+                    continue;
+                }
+                let target = Target {
+                    namespace: &p.hello.namespace,
+                    service: &p.hello.service,
+                    interest: &p.interest,
+                };
+                compile(&config, &target, &lookup).to_json()
             };
-            // A full channel means a stuck proxy; it gets the newest state on
-            // its next push rather than blocking everyone.
-            let _ = tx.try_send(Ok(msg));
+            if g.proxies.get(&key).is_none_or(|p| p.last_body == body) {
+                continue;
+            }
+            let version = g.next_version;
+            g.next_version += 1;
+            if let Some(p) = g.proxies.get_mut(&key) {
+                p.sent_version = version;
+                if let Some(tx) = &p.tx {
+                    tx.send_replace(Some(WireSnapshot {
+                        version,
+                        body: body.clone(),
+                    }));
+                }
+                p.last_body = body;
+            }
         }
     }
 
@@ -364,7 +372,7 @@ fn endpoint_table(
 ) -> HashMap<(String, String), Vec<Endpoint>> {
     let mut table: HashMap<(String, String), Vec<Endpoint>> = HashMap::new();
     for ((ns, svc, instance), p) in proxies {
-        if p.hello.inbound_addr.is_empty() {
+        if p.hello.inbound_addr.is_empty() || p.leaving {
             continue;
         }
         table

@@ -83,8 +83,14 @@ impl Stats {
             Err(p) => p.into_inner(),
         };
         let mut sums: HashMap<Pair, (PairCounters, f64)> = HashMap::new();
+        let now = Instant::now();
         for samples in h.values() {
             let Some(last) = samples.back() else { continue };
+            // A proxy whose scrapes stopped answering has nothing to say
+            // about this window.
+            if now.saturating_duration_since(last.at) > window {
+                continue;
+            }
             let base = samples
                 .iter()
                 .find(|s| last.at.saturating_duration_since(s.at) <= window)

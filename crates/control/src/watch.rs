@@ -19,12 +19,16 @@ const RESCAN: Duration = Duration::from_secs(5);
 pub async fn run(dir: PathBuf, mesh: Arc<Mesh>) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
-            let _ = tx.send(());
+        // Reading the files (ours included) produces access events; only
+        // changes matter.
+        if let Ok(e) = res {
+            if !matches!(e.kind, notify::EventKind::Access(_)) {
+                let _ = tx.send(());
+            }
         }
     })?;
     watcher.watch(&dir, RecursiveMode::Recursive)?;
-    let mut last = fingerprint(&dir);
+    let mut last = fingerprint_async(&dir).await;
     loop {
         let event = tokio::time::timeout(RESCAN, rx.recv()).await;
         if let Ok(None) = event {
@@ -33,7 +37,7 @@ pub async fn run(dir: PathBuf, mesh: Arc<Mesh>) -> anyhow::Result<()> {
         // Let an editor or `git checkout` finish writing.
         tokio::time::sleep(DEBOUNCE).await;
         while rx.try_recv().is_ok() {}
-        let now = fingerprint(&dir);
+        let now = fingerprint_async(&dir).await;
         if now == last {
             continue;
         }
@@ -69,8 +73,16 @@ pub async fn reload(dir: &std::path::Path, mesh: &Arc<Mesh>) {
     }
 }
 
-/// Names, sizes and modification times of the config files and their
-/// content hash: cheap to compute, changes whenever a file does.
+async fn fingerprint_async(dir: &std::path::Path) -> u64 {
+    let d = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || fingerprint(&d))
+        .await
+        .unwrap_or(0)
+}
+
+/// A hash of the names and contents of the files the loader reads (hidden
+/// files and directories, such as `.git`, are skipped as the loader skips
+/// them; symbolic links to directories are not followed).
 fn fingerprint(dir: &std::path::Path) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -79,11 +91,14 @@ fn fingerprint(dir: &std::path::Path) -> u64 {
     while let Some(d) = stack.pop() {
         if let Ok(rd) = std::fs::read_dir(&d) {
             for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with('.') {
+                    continue;
+                }
                 let p = e.path();
-                if p.is_dir() {
-                    stack.push(p);
-                } else {
-                    files.push(p);
+                match e.file_type() {
+                    Ok(t) if t.is_dir() => stack.push(p),
+                    Ok(_) => files.push(p),
+                    Err(_) => {}
                 }
             }
         }

@@ -298,3 +298,66 @@ fn tandem_up_runs_the_demo_and_cleans_up() {
         kids.iter().all(|p| !alive(*p)).then_some(())
     });
 }
+
+#[test]
+fn stopping_an_instance_loses_no_requests() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let mesh = Mesh::start(&common::config());
+    let mut web1 = mesh.instance("web", "web-1", &[], &[]);
+    let _web2 = mesh.instance("web", "web-2", &[], &[]);
+    let client = mesh.instance_with_upstreams("client", "client-1", &[], &[], &["web"]);
+    let up = client.upstream("web");
+    wait_for("both endpoints", Duration::from_secs(10), || {
+        let (_, body) = http_get(client.admin, "a", "/config")?;
+        (body.matches("\"instance\": \"web-").count() == 2).then_some(())
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            std::thread::spawn(move || {
+                // One keep-alive connection per worker, like a real client.
+                let mut s = std::net::TcpStream::connect(up).expect("connect");
+                s.set_read_timeout(Some(Duration::from_secs(5)))
+                    .expect("timeout");
+                let mut buf = vec![0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    use std::io::{Read, Write};
+                    let sent = s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n");
+                    let n = sent.and_then(|_| s.read(&mut buf)).unwrap_or(0);
+                    if buf[..n].starts_with(b"HTTP/1.1 200") {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("failed: {}", String::from_utf8_lossy(&buf[..n]));
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    web1.proxy().signal("TERM");
+    assert!(web1
+        .proxy_mut()
+        .wait_exit(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().expect("worker");
+    }
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed while web-1 stopped"
+    );
+    assert!(
+        ok.load(Ordering::Relaxed) > 100,
+        "{}",
+        ok.load(Ordering::Relaxed)
+    );
+}

@@ -1,12 +1,14 @@
 //! Endpoint selection: power of two choices over a peak-EWMA latency
 //! estimate (as in Finagle and Linkerd). Each endpoint's cost is its decayed
 //! peak latency times its outstanding requests plus one; of two endpoints
-//! picked at random, the cheaper one wins. A slow or overloaded endpoint is
-//! avoided quickly (peaks count at once) and forgiven slowly (decay).
+//! picked at random, the cheaper one wins. A slow or failing endpoint is
+//! avoided at once (peaks count immediately) and forgiven gradually: the
+//! estimate decays with time even when the endpoint gets no traffic, so it
+//! is tried again and can prove itself.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -15,37 +17,64 @@ use tokio::time::Instant;
 const DEFAULT_RTT: Duration = Duration::from_millis(1);
 /// Time constant of the decay towards newer, lower latencies.
 const DECAY: Duration = Duration::from_secs(10);
+/// Latency charged for a failed request (connect refused, reset): failing
+/// fast must not make an endpoint look attractive.
+pub const FAILURE_PENALTY: Duration = Duration::from_millis(250);
 
-/// A peak-sensitive exponentially weighted moving average of latency.
+/// A peak-sensitive exponentially weighted moving average of latency, in
+/// nanoseconds, lock-free: readers never wait for writers. The two fields
+/// may be updated by racing writers; either outcome is a valid estimate.
 #[derive(Debug)]
 pub struct PeakEwma {
-    rtt_ns: f64,
-    stamp: Instant,
+    rtt_bits: AtomicU64,
+    stamp_ns: AtomicU64,
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn nanos_since_epoch(now: Instant) -> u64 {
+    now.saturating_duration_since(epoch()).as_nanos() as u64
 }
 
 impl PeakEwma {
     pub fn new(now: Instant) -> Self {
         Self {
-            rtt_ns: DEFAULT_RTT.as_nanos() as f64,
-            stamp: now,
+            rtt_bits: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
+            stamp_ns: AtomicU64::new(nanos_since_epoch(now)),
         }
     }
 
-    /// The current estimate, in nanoseconds.
-    pub fn estimate(&self) -> f64 {
-        self.rtt_ns
+    fn decayed(&self, now: Instant) -> f64 {
+        let rtt = f64::from_bits(self.rtt_bits.load(Ordering::Relaxed));
+        let stamp = self.stamp_ns.load(Ordering::Relaxed);
+        let elapsed = nanos_since_epoch(now).saturating_sub(stamp) as f64 / 1e9;
+        rtt * (-elapsed / DECAY.as_secs_f64()).exp()
     }
 
-    pub fn observe(&mut self, rtt: Duration, now: Instant) {
+    /// The estimate at `now`, in nanoseconds.
+    pub fn estimate(&self, now: Instant) -> f64 {
+        self.decayed(now)
+    }
+
+    pub fn observe(&self, rtt: Duration, now: Instant) {
         let rtt = rtt.as_nanos() as f64;
-        if rtt > self.rtt_ns {
-            self.rtt_ns = rtt;
+        let current = self.decayed(now);
+        let next = if rtt > current {
+            rtt
         } else {
-            let elapsed = now.saturating_duration_since(self.stamp).as_secs_f64();
+            // The decayed value already weighs the old estimate by recency;
+            // blend the new observation in with the remaining weight.
+            let stamp = self.stamp_ns.load(Ordering::Relaxed);
+            let elapsed = nanos_since_epoch(now).saturating_sub(stamp) as f64 / 1e9;
             let w = (-elapsed / DECAY.as_secs_f64()).exp();
-            self.rtt_ns = self.rtt_ns * w + rtt * (1.0 - w);
-        }
-        self.stamp = now;
+            current + rtt * (1.0 - w)
+        };
+        self.rtt_bits.store(next.to_bits(), Ordering::Relaxed);
+        self.stamp_ns
+            .store(nanos_since_epoch(now), Ordering::Relaxed);
     }
 }
 
@@ -54,7 +83,7 @@ impl PeakEwma {
 #[derive(Debug)]
 pub struct EndpointLoad {
     pub addr: SocketAddr,
-    ewma: Mutex<PeakEwma>,
+    ewma: PeakEwma,
     pending: AtomicUsize,
 }
 
@@ -62,27 +91,25 @@ impl EndpointLoad {
     pub fn new(addr: SocketAddr) -> Self {
         Self {
             addr,
-            ewma: Mutex::new(PeakEwma::new(Instant::now())),
+            ewma: PeakEwma::new(Instant::now()),
             pending: AtomicUsize::new(0),
         }
     }
 
-    pub fn cost(&self) -> f64 {
+    pub fn cost(&self, now: Instant) -> f64 {
         let pending = self.pending.load(Ordering::Relaxed) as f64;
-        let rtt = match self.ewma.lock() {
-            Ok(e) => e.estimate(),
-            Err(p) => p.into_inner().estimate(),
-        };
-        rtt * (pending + 1.0)
+        self.ewma.estimate(now) * (pending + 1.0)
     }
 
-    /// Marks a request as dispatched; the guard records its latency.
-    pub fn start(self: &std::sync::Arc<Self>) -> InFlight {
+    /// Marks a request as dispatched. Finish it with [`InFlight::complete`]
+    /// (latency observed) or [`InFlight::failed`] (penalty observed);
+    /// dropping it only ends the pending count (a cancelled request, or a
+    /// long-lived TCP connection whose duration says nothing of latency).
+    pub fn start(self: &Arc<Self>) -> InFlight {
         self.pending.fetch_add(1, Ordering::Relaxed);
         InFlight {
             load: self.clone(),
             started: Instant::now(),
-            done: false,
         }
     }
 
@@ -91,37 +118,32 @@ impl EndpointLoad {
     }
 }
 
-/// An outstanding request. Dropping it without [`InFlight::complete`] (an
-/// error or a cancelled request) counts the elapsed time as a latency peak.
+/// An outstanding request on one endpoint.
 pub struct InFlight {
-    load: std::sync::Arc<EndpointLoad>,
+    load: Arc<EndpointLoad>,
     started: Instant,
-    done: bool,
 }
 
 impl InFlight {
-    pub fn complete(mut self) -> Duration {
-        self.finish()
-    }
-
-    fn finish(&mut self) -> Duration {
+    pub fn complete(self) -> Duration {
         let now = Instant::now();
         let rtt = now.saturating_duration_since(self.started);
-        if !self.done {
-            self.done = true;
-            self.load.pending.fetch_sub(1, Ordering::Relaxed);
-            match self.load.ewma.lock() {
-                Ok(mut e) => e.observe(rtt, now),
-                Err(p) => p.into_inner().observe(rtt, now),
-            }
-        }
+        self.load.ewma.observe(rtt, now);
         rtt
+    }
+
+    pub fn failed(self) {
+        let now = Instant::now();
+        let rtt = now
+            .saturating_duration_since(self.started)
+            .max(FAILURE_PENALTY);
+        self.load.ewma.observe(rtt, now);
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.finish();
+        self.load.pending.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -145,19 +167,23 @@ pub fn p2c(n: usize, cost: impl Fn(usize) -> f64) -> Option<usize> {
 mod tests {
     use super::*;
 
+    const MS: f64 = 1e6;
+
     #[test]
-    fn peaks_count_at_once_and_decay_slowly() {
+    fn peaks_count_at_once_and_decay_with_time() {
         let t0 = Instant::now();
-        let mut e = PeakEwma::new(t0);
+        let e = PeakEwma::new(t0);
         e.observe(Duration::from_millis(100), t0);
-        assert_eq!(e.estimate(), 100e6);
-        // A fast answer one second later only moves the estimate a little.
-        e.observe(Duration::from_millis(1), t0 + Duration::from_secs(1));
-        let est = e.estimate();
-        assert!(est > 85e6 && est < 95e6, "{est}");
-        // Much later, fast answers win.
-        e.observe(Duration::from_millis(1), t0 + Duration::from_secs(60));
-        assert!(e.estimate() < 2e6);
+        assert_eq!(e.estimate(t0), 100.0 * MS);
+        // A fast answer one second later moves the estimate only a little.
+        let t1 = t0 + Duration::from_secs(1);
+        e.observe(Duration::from_millis(1), t1);
+        let est = e.estimate(t1);
+        assert!(est > 85.0 * MS && est < 95.0 * MS, "{est}");
+        // With no traffic at all, the peak is forgotten over time, so a
+        // shunned endpoint is tried again.
+        let later = t1 + Duration::from_secs(60);
+        assert!(e.estimate(later) < 1.0 * MS, "{}", e.estimate(later));
     }
 
     #[test]
@@ -179,15 +205,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn pending_requests_raise_cost() {
-        let load = std::sync::Arc::new(EndpointLoad::new("127.0.0.1:1".parse().expect("addr")));
-        let idle = load.cost();
+    async fn pending_requests_raise_cost_and_failures_are_penalised() {
+        let load = Arc::new(EndpointLoad::new("127.0.0.1:1".parse().expect("addr")));
+        let now = Instant::now();
+        let idle = load.cost(now);
         let g1 = load.start();
         let g2 = load.start();
         assert_eq!(load.pending(), 2);
-        assert!(load.cost() >= idle * 3.0 - 1.0);
+        assert!(load.cost(now) >= idle * 3.0 * 0.99);
         drop(g1);
-        g2.complete();
+        g2.failed();
         assert_eq!(load.pending(), 0);
+        // A fast failure costs like a slow answer.
+        assert!(
+            load.cost(Instant::now()) > 200.0 * MS,
+            "{}",
+            load.cost(Instant::now())
+        );
     }
 }

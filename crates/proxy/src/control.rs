@@ -6,21 +6,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_api::v1::discovery_client::DiscoveryClient;
-use tandem_api::v1::{control_message, proxy_message, Ack, Hello, Nack, ProxyMessage, Subscribe};
+use tandem_api::v1::{
+    control_message, proxy_message, Ack, Hello, Leave, Nack, ProxyMessage, Subscribe,
+};
 use tandem_config::snapshot::Snapshot;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::metrics::ConfigLabels;
 use crate::state::Routing;
-use crate::Proxy;
+use crate::{Proxy, ToControl};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 pub async fn run(
     proxy: Arc<Proxy>,
-    mut subscriptions: mpsc::UnboundedReceiver<String>,
+    mut subscriptions: mpsc::UnboundedReceiver<ToControl>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = BACKOFF_MIN;
@@ -50,7 +52,7 @@ pub async fn run(
 
 async fn session(
     proxy: &Arc<Proxy>,
-    subscriptions: &mut mpsc::UnboundedReceiver<String>,
+    subscriptions: &mut mpsc::UnboundedReceiver<ToControl>,
     backoff: &mut Duration,
 ) -> anyhow::Result<()> {
     let endpoint = tonic::transport::Endpoint::from_shared(proxy.cfg.control.clone())?
@@ -95,8 +97,12 @@ async fn session(
                 };
                 tx.send(msg(reply)).await?;
             }
-            Some(name) = subscriptions.recv() => {
-                tx.send(msg(proxy_message::Kind::Subscribe(Subscribe { services: vec![name] }))).await?;
+            Some(m) = subscriptions.recv() => {
+                let kind = match m {
+                    ToControl::Subscribe(name) => proxy_message::Kind::Subscribe(Subscribe { services: vec![name] }),
+                    ToControl::Leave => proxy_message::Kind::Leave(Leave {}),
+                };
+                tx.send(msg(kind)).await?;
             }
         }
     }
@@ -108,6 +114,12 @@ fn msg(kind: proxy_message::Kind) -> ProxyMessage {
 
 /// Parses and swaps in a snapshot; on any problem the current table stays.
 fn apply(proxy: &Proxy, version: u64, body: &[u8]) -> Result<(), String> {
+    let current = proxy.routing.load().version;
+    if version < current {
+        return Err(format!(
+            "version {version} is older than the applied version {current}"
+        ));
+    }
     let result = Snapshot::from_json(body)
         .map_err(|e| format!("snapshot does not parse: {e}"))
         .and_then(|s| {

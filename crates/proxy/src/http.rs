@@ -122,13 +122,19 @@ async fn route_outbound(
             }
         },
     };
+    // `catalog.default.svc.cluster.local` and `catalog.default` are the same
+    // destination: only the first two labels name it.
+    let host: &str = match host.match_indices('.').nth(1) {
+        Some((i, _)) => &host[..i],
+        None => &host,
+    };
     let routing = proxy.routing.load_full();
-    let (routing, dest) = match routing.destination(&host) {
+    let (routing, dest) = match routing.destination(host) {
         Some(d) => {
             let d = d.clone();
             (routing, d)
         }
-        None => match discover(proxy, routing, &host).await {
+        None => match discover(proxy, routing, host).await {
             Discovery::Found(r, d) => (r, d),
             Discovery::Unknown => {
                 return Err((
@@ -185,14 +191,12 @@ async fn route_outbound(
             backend.name.clone(),
         ));
     };
-    let original = authority_header(&req);
     let in_flight = ep.load.start();
     let result = forward(
         proxy,
         req,
         &ep.authority,
         dest.protocol,
-        original,
         Some(&proxy.src_header),
     )
     .await;
@@ -201,11 +205,14 @@ async fn route_outbound(
             in_flight.complete();
             Ok((resp, backend.name.clone()))
         }
-        Err(e) => Err((
-            e.0,
-            format!("{} ({}): {}", backend.name.0, ep.authority, e.1),
-            backend.name.clone(),
-        )),
+        Err(e) => {
+            in_flight.failed();
+            Err((
+                e.0,
+                format!("{} ({}): {}", backend.name.0, ep.authority, e.1),
+                backend.name.clone(),
+            ))
+        }
     }
 }
 
@@ -274,7 +281,7 @@ pub async fn inbound(
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let src = match req.headers_mut().remove(SRC_HEADER) {
-        Some(v) => Name::from(v.to_str().unwrap_or("unknown")),
+        Some(v) => proxy.peer_name(v.as_bytes()),
         None => proxy.unknown.clone(),
     };
     let routing = proxy.routing.load();
@@ -296,8 +303,7 @@ pub async fn inbound(
         }
     };
     drop(routing);
-    let original = authority_header(&req);
-    let resp = match forward(&proxy, req, &proxy.app_authority, protocol, original, None).await {
+    let resp = match forward(&proxy, req, &proxy.app_authority, protocol, None).await {
         Ok(r) => r,
         Err((e, detail)) => e.response(&format!("local app at {}: {detail}", proxy.app_authority)),
     };
@@ -362,21 +368,13 @@ fn authority_of<B>(req: &Request<B>) -> Option<(&str, Option<u16>)> {
     }
 }
 
-fn authority_header<B>(req: &Request<B>) -> Option<HeaderValue> {
-    if let Some(h) = req.headers().get(HOST) {
-        return Some(h.clone());
-    }
-    req.uri()
-        .authority()
-        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-}
-
-const HOP_BY_HOP: [HeaderName; 6] = [
+// `Trailer` is end-to-end (RFC 9110 §6.6.2) and hyper's HTTP/1.1 encoder only
+// sends trailers it names, so it stays.
+const HOP_BY_HOP: [HeaderName; 5] = [
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     HeaderName::from_static("proxy-authorization"),
     HeaderName::from_static("transfer-encoding"),
-    HeaderName::from_static("trailer"),
     HeaderName::from_static("upgrade"),
 ];
 
@@ -394,12 +392,16 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
 /// Removes hop-by-hop headers (and those the Connection header names);
 /// keeps `Connection: upgrade` + `Upgrade` on an upgrade.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Header names listed in `Connection` (rare beyond keep-alive/close, so
+    // the list is usually empty and allocates nothing).
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|s| s.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     for n in named {
         if !(upgrade && n == UPGRADE) {
@@ -431,10 +433,18 @@ async fn forward(
     mut req: Request<Incoming>,
     authority: &Authority,
     protocol: Protocol,
-    original_authority: Option<HeaderValue>,
     src: Option<&HeaderValue>,
 ) -> Result<Response<Body>, (MeshError, String)> {
     let upgrade = is_upgrade(&req);
+    // An HTTP/1.1 hop needs a Host; a request that came in over HTTP/2 has
+    // only the `:authority`.
+    let fallback_host = if !protocol.is_h2() && !req.headers().contains_key(HOST) {
+        req.uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    } else {
+        None
+    };
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let pq = parts
@@ -455,10 +465,8 @@ async fn forward(
         parts.headers.remove(HOST);
     } else {
         parts.version = Version::HTTP_11;
-        if !parts.headers.contains_key(HOST) {
-            if let Some(h) = original_authority {
-                parts.headers.insert(HOST, h);
-            }
+        if let Some(h) = fallback_host {
+            parts.headers.insert(HOST, h);
         }
     }
     if let Some(src) = src {

@@ -19,10 +19,10 @@ pub mod route;
 pub mod state;
 pub mod tcp;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use ::http::uri::Authority;
@@ -31,7 +31,7 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -43,6 +43,10 @@ use crate::state::{LoadCache, Routing};
 /// How long a request for a destination the proxy has not seen yet waits
 /// for the control plane to send it.
 pub const DISCOVERY_WAIT: Duration = Duration::from_secs(3);
+
+/// How long a stopping proxy keeps accepting after telling the control plane
+/// it leaves, for the new endpoint lists to reach its callers.
+const LEAVE_DELAY: Duration = Duration::from_millis(500);
 
 /// Most destinations one proxy asks the control plane for.
 pub const MAX_DESTINATIONS: usize = 1024;
@@ -80,8 +84,20 @@ pub struct Proxy {
     clients: Clients,
     loads: LoadCache,
     interest: Mutex<BTreeSet<String>>,
-    subscriptions: mpsc::UnboundedSender<String>,
+    to_control: mpsc::UnboundedSender<ToControl>,
+    /// Calling services seen inbound, interned (and bounded: the name comes
+    /// from a request header).
+    peers: RwLock<HashMap<Box<[u8]>, Name>>,
 }
+
+/// What the data path asks of the control-plane stream.
+pub enum ToControl {
+    Subscribe(String),
+    Leave,
+}
+
+/// Most distinct calling-service labels; further names count as `unknown`.
+const MAX_PEERS: usize = 256;
 
 impl Proxy {
     pub fn is_ready(&self) -> bool {
@@ -111,8 +127,33 @@ impl Proxy {
         }
         interest.insert(name.to_string());
         drop(interest);
-        let _ = self.subscriptions.send(name.to_string());
+        let _ = self.to_control.send(ToControl::Subscribe(name.to_string()));
         true
+    }
+
+    /// The metric label for a calling service named in a request header.
+    fn peer_name(&self, raw: &[u8]) -> Name {
+        let valid = !raw.is_empty()
+            && raw.len() <= 63
+            && raw
+                .iter()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-');
+        if !valid {
+            return self.unknown.clone();
+        }
+        if let Some(n) = self.peers.read().ok().and_then(|p| p.get(raw).cloned()) {
+            return n;
+        }
+        let mut peers = match self.peers.write() {
+            Ok(p) => p,
+            Err(p) => p.into_inner(),
+        };
+        if peers.len() >= MAX_PEERS {
+            return self.unknown.clone();
+        }
+        let name = Name::from(String::from_utf8_lossy(raw).as_ref());
+        peers.insert(raw.into(), name.clone());
+        name
     }
 }
 
@@ -156,7 +197,8 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
         clients: Clients::new(),
         loads: LoadCache::default(),
         interest: Mutex::new(interest),
-        subscriptions: sub_tx,
+        to_control: sub_tx,
+        peers: RwLock::new(HashMap::new()),
         cfg,
     });
 
@@ -212,6 +254,12 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
     drop(drain);
 
     shutdown.await;
+    // Tell the control plane first, so callers' sidecars stop choosing this
+    // instance before it stops accepting connections.
+    if proxy.metrics.control_connected.get() == 1 {
+        let _ = proxy.to_control.send(ToControl::Leave);
+        tokio::time::sleep(LEAVE_DELAY.min(proxy.cfg.drain_grace)).await;
+    }
     tracing::info!(grace = ?proxy.cfg.drain_grace, "shutting down: draining connections");
     let _ = stop_tx.send(true);
     if tokio::time::timeout(proxy.cfg.drain_grace, drain_rx.recv())
@@ -271,7 +319,16 @@ async fn serve_http_conn<F, Fut, B>(
     let _drain = drain;
     let _ = sock.set_nodelay(true);
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http2().max_concurrent_streams(100);
+    // The timer enables hyper's header read timeout (30 s): a client that
+    // trickles its request headers is cut off instead of holding a
+    // connection forever. HTTP/2 peers are pinged so dead ones are noticed.
+    builder.http1().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(100)
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(sock), service_fn(handler));
     tokio::pin!(conn);
     tokio::select! {
@@ -349,7 +406,8 @@ async fn serve_upstream(
         let Some(dest) = routing.destination(&name).cloned() else {
             // Answer HTTP callers with a clear error; a TCP caller sees a close.
             let p = proxy.clone();
-            let svc = move |req| http::outbound(p.clone(), Outbound::Fixed(Arc::from("")), req);
+            let n = name.clone();
+            let svc = move |req| http::outbound(p.clone(), Outbound::Fixed(n.clone()), req);
             tokio::spawn(serve_http_conn(
                 sock,
                 stop.clone(),

@@ -45,7 +45,8 @@ pub struct Endpoint {
 impl Backend {
     /// Power of two choices over the endpoints' peak-EWMA cost.
     pub fn pick(&self) -> Option<&Endpoint> {
-        let i = p2c(self.endpoints.len(), |i| self.endpoints[i].load.cost())?;
+        let now = tokio::time::Instant::now();
+        let i = p2c(self.endpoints.len(), |i| self.endpoints[i].load.cost(now))?;
         self.endpoints.get(i)
     }
 }
