@@ -194,7 +194,12 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     println!("  Ctrl-C stops everything.");
     println!();
 
-    let outcome = watch(&args, &mut procs).await;
+    let header = format!(
+        "config: {}  (edit it; the mesh follows)\nlogs:   {}\n",
+        config_dir.display(),
+        logs.display()
+    );
+    let outcome = watch(&args, &header, &mut procs).await;
     stop_all(&mut procs).await;
     println!("tandem up: stopped all {} processes", procs.len());
     outcome
@@ -363,7 +368,7 @@ async fn ready(admin: SocketAddr) -> bool {
 
 /// Shows the live view until Ctrl-C / SIGTERM. A child that dies is
 /// reported; the rest keep running.
-async fn watch(args: &UpArgs, procs: &mut [Proc]) -> anyhow::Result<()> {
+async fn watch(args: &UpArgs, header: &str, procs: &mut [Proc]) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -407,7 +412,8 @@ async fn watch(args: &UpArgs, procs: &mut [Proc]) -> anyhow::Result<()> {
         let mut out = std::io::stdout().lock();
         if tty {
             let _ = write!(out, "\x1b[2J\x1b[H");
-            let _ = writeln!(out, "tandem up — golden signals, last 10s (Ctrl-C to stop; `tandem stat`, `tandem status` in another terminal)\n");
+            let _ = writeln!(out, "tandem up — golden signals, last 10s (Ctrl-C to stop; `tandem stat`, `tandem status` in another terminal)");
+            let _ = writeln!(out, "{header}");
         } else {
             let _ = writeln!(out, "--- golden signals, last 10s");
         }

@@ -49,9 +49,18 @@ async fn get(
     }
 }
 
-/// Sends `n` requests, 16 at a time; counts answers by version.
+/// Sends `n` requests for `catalog`, 16 at a time; counts answers by version.
 async fn spread(
     proxy: std::net::SocketAddr,
+    n: usize,
+    headers: &[(&str, &str)],
+) -> HashMap<String, usize> {
+    spread_to(proxy, "catalog", n, headers).await
+}
+
+async fn spread_to(
+    proxy: std::net::SocketAddr,
+    host: &'static str,
     n: usize,
     headers: &[(&str, &str)],
 ) -> HashMap<String, usize> {
@@ -71,7 +80,7 @@ async fn spread(
                 .iter()
                 .map(|(a, b)| (a.as_str(), b.as_str()))
                 .collect();
-            get(&c, proxy, "catalog", "/", &h).await
+            get(&c, proxy, host, "/", &h).await
         }));
     }
     for t in tasks {
@@ -321,4 +330,32 @@ fn endpoints_follow_instances() {
         "{counts:?}"
     );
     assert!(counts.get("v1").copied().unwrap_or(0) > 200, "{counts:?}");
+}
+
+#[test]
+fn slow_endpoint_gets_little_traffic() {
+    let mesh = Mesh::start(&common::config());
+    let _fast = mesh.instance("catalog-v1", "fast", &["--version", "fast"], &[]);
+    let _slow = mesh.instance(
+        "catalog-v1",
+        "slow",
+        &["--version", "slow", "--latency", "40ms"],
+        &[],
+    );
+    let client = mesh.instance("client", "client-1", &[], &[]);
+    let rt = rt();
+    wait_for("both endpoints", Duration::from_secs(10), || {
+        rt.block_on(spread_to(client.http_proxy, "catalog-v1", 1, &[]));
+        let (_, body) = http_get(client.admin, "a", "/config")?;
+        (body.matches("\"instance\": \"").count() == 2).then_some(())
+    });
+    // Peak-EWMA with power of two choices: the endpoint that is 40x slower
+    // gets a small share, where round-robin would give it half.
+    let counts = rt.block_on(spread_to(client.http_proxy, "catalog-v1", 600, &[]));
+    let slow = counts.get("slow").copied().unwrap_or(0);
+    let fast = counts.get("fast").copied().unwrap_or(0);
+    eprintln!("peak-EWMA spread: {counts:?}");
+    assert_eq!(slow + fast, 600, "{counts:?}");
+    assert!(slow < 120, "slow endpoint got {slow} of 600: {counts:?}");
+    assert!(slow > 0, "the slow endpoint is still tried: {counts:?}");
 }
