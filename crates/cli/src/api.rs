@@ -8,7 +8,6 @@ use anyhow::Context;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use serde::Deserialize;
 
 pub async fn get_json(api: SocketAddr, path: &str) -> anyhow::Result<serde_json::Value> {
     let client: Client<_, Empty<hyper::body::Bytes>> =
@@ -36,17 +35,7 @@ fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyho
         .block_on(f)
 }
 
-#[derive(Deserialize)]
-pub struct StatRow {
-    pub source: String,
-    pub destination: String,
-    pub rps: f64,
-    pub success_rate: f64,
-    pub p50_ms: f64,
-    pub p95_ms: f64,
-    pub p99_ms: f64,
-    pub requests: u64,
-}
+pub use tandem_control::stats::PairStat as StatRow;
 
 pub fn stat_table(rows: &[StatRow]) -> String {
     let mut out = format!(

@@ -87,19 +87,19 @@ fn destination(
 ) -> Destination {
     let mut backends = vec![backend(svc, endpoints)];
     let mut routes = Vec::new();
+    // Whether a parentRef of route `r` names this service.
+    let names_svc = |r: &Loaded<HttpRouteSpec>, p: &crate::model::ParentRef| {
+        let ns = p
+            .namespace
+            .as_ref()
+            .map(|n| n.value.as_str())
+            .unwrap_or(&r.namespace);
+        p.name.value == svc.name && ns == svc.namespace
+    };
     let mut attached: Vec<&Loaded<HttpRouteSpec>> = set
         .http_routes
         .iter()
-        .filter(|r| {
-            r.spec.parent_refs.iter().any(|p| {
-                let ns = p
-                    .namespace
-                    .as_ref()
-                    .map(|n| n.value.as_str())
-                    .unwrap_or(&r.namespace);
-                p.name.value == svc.name && ns == svc.namespace
-            })
-        })
+        .filter(|r| r.spec.parent_refs.iter().any(|p| names_svc(r, p)))
         .collect();
     attached.sort_by_key(|r| r.key());
     for r in attached {
@@ -107,14 +107,7 @@ fn destination(
             .spec
             .parent_refs
             .iter()
-            .filter(|p| {
-                let ns = p
-                    .namespace
-                    .as_ref()
-                    .map(|n| n.value.as_str())
-                    .unwrap_or(&r.namespace);
-                p.name.value == svc.name && ns == svc.namespace
-            })
+            .filter(|p| names_svc(r, p))
             .map(|p| p.port.as_ref().map(|p| p.value))
             .collect();
         for (rule_idx, rule) in r.spec.rules.iter().enumerate() {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::mesh::{Mesh, ProxyKey};
@@ -39,8 +39,8 @@ pub struct Stats {
     history: Mutex<HashMap<ProxyKey, VecDeque<Sample>>>,
 }
 
-/// One row of `tandem stat`.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+/// One row of `tandem stat` (the API's JSON, read back by the CLI).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct PairStat {
     pub source: String,
     pub destination: String,

@@ -33,6 +33,17 @@ pub enum MeshError {
     DiscoveryUnavailable,
 }
 
+const ALL: [MeshError; 8] = [
+    MeshError::NoRoute,
+    MeshError::UnknownService,
+    MeshError::NoEndpoints,
+    MeshError::ConnectFailure,
+    MeshError::UpstreamReset,
+    MeshError::BadRequest,
+    MeshError::NotConfigured,
+    MeshError::DiscoveryUnavailable,
+];
+
 impl MeshError {
     pub fn reason(self) -> &'static str {
         match self {
@@ -45,6 +56,13 @@ impl MeshError {
             MeshError::NotConfigured => "not-configured",
             MeshError::DiscoveryUnavailable => "discovery-unavailable",
         }
+    }
+
+    /// The reason named in a `tandem-error` header, if it is one of ours.
+    pub fn from_reason(reason: &[u8]) -> Option<Self> {
+        ALL.iter()
+            .copied()
+            .find(|e| e.reason().as_bytes() == reason)
     }
 
     pub fn status(self) -> StatusCode {
@@ -71,5 +89,21 @@ impl MeshError {
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_round_trip() {
+        for e in ALL {
+            assert_eq!(MeshError::from_reason(e.reason().as_bytes()), Some(e));
+            let r = e.response("detail");
+            assert_eq!(r.status(), e.status());
+            assert_eq!(r.headers()[ERROR_HEADER], e.reason());
+        }
+        assert_eq!(MeshError::from_reason(b"made-up"), None);
     }
 }

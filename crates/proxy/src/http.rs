@@ -329,17 +329,8 @@ fn record(
     let tandem_error = resp
         .headers()
         .get(crate::error::ERROR_HEADER)
-        .and_then(|v| match v.as_bytes() {
-            b"no-route" => Some("no-route"),
-            b"unknown-service" => Some("unknown-service"),
-            b"no-endpoints" => Some("no-endpoints"),
-            b"upstream-connect-failure" => Some("upstream-connect-failure"),
-            b"upstream-reset" => Some("upstream-reset"),
-            b"bad-request" => Some("bad-request"),
-            b"not-configured" => Some("not-configured"),
-            b"discovery-unavailable" => Some("discovery-unavailable"),
-            _ => None,
-        })
+        .and_then(|v| MeshError::from_reason(v.as_bytes()))
+        .map(MeshError::reason)
         .unwrap_or("");
     let labels = RequestLabels {
         direction,

@@ -284,18 +284,7 @@ async fn serve_http<F, Fut, B>(
     B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    loop {
-        let sock = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
-        };
+    while let Some(sock) = accept(&listener, &mut stop).await {
         tokio::spawn(serve_http_conn(
             sock,
             stop.clone(),
@@ -340,20 +329,31 @@ async fn serve_http_conn<F, Fut, B>(
     }
 }
 
+/// The next connection, or `None` once `stop` fires. Accept errors (such
+/// as running out of file descriptors) are logged and retried after a pause
+/// instead of spinning.
+async fn accept(listener: &TcpListener, stop: &mut watch::Receiver<bool>) -> Option<TcpStream> {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => return Some(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stop.changed() => return None,
+        }
+    }
+}
+
 async fn serve_inbound(
     proxy: Arc<Proxy>,
     listener: TcpListener,
     mut stop: watch::Receiver<bool>,
     drain: Drain,
 ) {
-    loop {
-        let sock = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue; }
-            },
-            _ = stop.changed() => return,
-        };
+    while let Some(sock) = accept(&listener, &mut stop).await {
         let protocol = proxy.routing.load().inbound.as_ref().map(|i| i.protocol);
         match protocol {
             Some(tandem_config::snapshot::Protocol::Tcp) => {
@@ -394,14 +394,7 @@ async fn serve_upstream(
     mut stop: watch::Receiver<bool>,
     drain: Drain,
 ) {
-    loop {
-        let sock = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue; }
-            },
-            _ = stop.changed() => return,
-        };
+    while let Some(sock) = accept(&listener, &mut stop).await {
         let routing = proxy.routing.load_full();
         let Some(dest) = routing.destination(&name).cloned() else {
             // Answer HTTP callers with a clear error; a TCP caller sees a close.
