@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use crate::error::{Body, MeshError};
 use crate::metrics::{Direction, Name, RequestLabels};
 use crate::route::{pick_weighted, select, RequestView};
-use crate::state::{Destination, Routing};
+use crate::state::Destination;
 use crate::Proxy;
 
 /// Header carrying the calling service between sidecars. It is set by the
@@ -128,14 +128,11 @@ async fn route_outbound(
         Some((i, _)) => &host[..i],
         None => &host,
     };
-    let routing = proxy.routing.load_full();
-    let (routing, dest) = match routing.destination(host) {
-        Some(d) => {
-            let d = d.clone();
-            (routing, d)
-        }
-        None => match discover(proxy, routing, host).await {
-            Discovery::Found(r, d) => (r, d),
+    let known = proxy.routing.load().destination(host).cloned();
+    let dest = match known {
+        Some(d) => d,
+        None => match discover(proxy, host).await {
+            Discovery::Found(d) => d,
             Discovery::Unknown => {
                 return Err((
                     MeshError::UnknownService,
@@ -152,7 +149,6 @@ async fn route_outbound(
             }
         },
     };
-    drop(routing);
     let backend = if dest.routes.is_empty() {
         0
     } else {
@@ -228,7 +224,7 @@ fn pick_backend(dest: &Destination, idx: usize) -> usize {
 }
 
 enum Discovery {
-    Found(Arc<Routing>, Arc<Destination>),
+    Found(Arc<Destination>),
     /// The control plane says no such service exists.
     Unknown,
     /// No answer could be had (the reason is in the string).
@@ -237,8 +233,8 @@ enum Discovery {
 
 /// On-demand discovery: asks the control plane for a destination this proxy
 /// has not needed before and waits briefly for a snapshot that has it.
-async fn discover(proxy: &Arc<Proxy>, routing: Arc<Routing>, host: &str) -> Discovery {
-    if routing.is_unknown(host) || !plausible_service_name(host) {
+async fn discover(proxy: &Arc<Proxy>, host: &str) -> Discovery {
+    if proxy.routing.load().is_unknown(host) || !plausible_service_name(host) {
         return Discovery::Unknown;
     }
     let mut changes = proxy.routing_changed.subscribe();
@@ -252,13 +248,14 @@ async fn discover(proxy: &Arc<Proxy>, routing: Arc<Routing>, host: &str) -> Disc
     }
     let deadline = Instant::now() + crate::DISCOVERY_WAIT;
     loop {
-        let routing = proxy.routing.load_full();
-        if let Some(d) = routing.destination(host) {
-            let d = d.clone();
-            return Discovery::Found(routing, d);
-        }
-        if routing.is_unknown(host) {
-            return Discovery::Unknown;
+        {
+            let routing = proxy.routing.load();
+            if let Some(d) = routing.destination(host) {
+                return Discovery::Found(d.clone());
+            }
+            if routing.is_unknown(host) {
+                return Discovery::Unknown;
+            }
         }
         match tokio::time::timeout_at(deadline, changes.changed()).await {
             Ok(Ok(())) => continue,

@@ -395,44 +395,44 @@ async fn serve_upstream(
     drain: Drain,
 ) {
     while let Some(sock) = accept(&listener, &mut stop).await {
-        let routing = proxy.routing.load_full();
-        let Some(dest) = routing.destination(&name).cloned() else {
-            // Answer HTTP callers with a clear error; a TCP caller sees a close.
-            let p = proxy.clone();
-            let n = name.clone();
-            let svc = move |req| http::outbound(p.clone(), Outbound::Fixed(n.clone()), req);
-            tokio::spawn(serve_http_conn(
-                sock,
-                stop.clone(),
-                Some(drain.clone()),
-                svc,
-            ));
-            continue;
-        };
-        if dest.protocol == tandem_config::snapshot::Protocol::Tcp {
-            let Some(ep) = dest.backends.first().and_then(|b| b.pick()).cloned() else {
-                tracing::warn!(destination = %name, "no live endpoint; closing tcp connection");
-                continue;
-            };
-            let (p, d) = (proxy.clone(), drain.clone());
-            let me = proxy.service.clone();
-            let dst = dest.name.clone();
-            tokio::spawn(async move {
-                let _d = d;
-                let guard = ep.load.start();
-                tcp::relay(p, sock, ep.load.addr, Direction::outbound, me, dst).await;
-                drop(guard);
-            });
-        } else {
-            let p = proxy.clone();
-            let n = name.clone();
-            let svc = move |req| http::outbound(p.clone(), Outbound::Fixed(n.clone()), req);
-            tokio::spawn(serve_http_conn(
-                sock,
-                stop.clone(),
-                Some(drain.clone()),
-                svc,
-            ));
+        let dest = proxy.routing.load().destination(&name).cloned();
+        match dest {
+            Some(dest) if dest.protocol == tandem_config::snapshot::Protocol::Tcp => {
+                let Some(ep) = dest.backends.first().and_then(|b| b.pick()).cloned() else {
+                    tracing::warn!(destination = %name, "no live endpoint; closing tcp connection");
+                    continue;
+                };
+                let (p, d) = (proxy.clone(), drain.clone());
+                let me = proxy.service.clone();
+                tokio::spawn(async move {
+                    let _d = d;
+                    // Counts as outstanding for balancing; its duration is
+                    // not a latency, so nothing is observed.
+                    let _pending = ep.load.start();
+                    tcp::relay(
+                        p,
+                        sock,
+                        ep.load.addr,
+                        Direction::outbound,
+                        me,
+                        dest.name.clone(),
+                    )
+                    .await;
+                });
+            }
+            // HTTP, or a destination not known yet: the HTTP path routes,
+            // discovers, or answers with a clear error.
+            _ => {
+                let p = proxy.clone();
+                let n = name.clone();
+                let svc = move |req| http::outbound(p.clone(), Outbound::Fixed(n.clone()), req);
+                tokio::spawn(serve_http_conn(
+                    sock,
+                    stop.clone(),
+                    Some(drain.clone()),
+                    svc,
+                ));
+            }
         }
     }
 }
