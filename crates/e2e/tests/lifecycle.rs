@@ -361,3 +361,58 @@ fn stopping_an_instance_loses_no_requests() {
         ok.load(Ordering::Relaxed)
     );
 }
+
+#[test]
+fn up_with_a_user_config_directory() {
+    let dir = TempDir::new("upcfg");
+    let cfg = dir.0.join("mine");
+    // The demo config can be written out to start from; it validates.
+    let out = Command::new(bin())
+        .args(["up", "--write-config", &cfg.display().to_string()])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(bin())
+        .args(["validate", &cfg.display().to_string()])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // A broken directory is refused before anything starts.
+    let demo = cfg.join("demo.yaml");
+    let text = std::fs::read_to_string(&demo)
+        .expect("read")
+        .replace("backendRefs", "backendRef");
+    std::fs::write(&demo, text).expect("write");
+    let out = Command::new(bin())
+        .args([
+            "up",
+            &cfg.display().to_string(),
+            "--state-dir",
+            &dir.0.join("state").display().to_string(),
+            "--api",
+            &free_port().to_string(),
+            "--listen",
+            &free_port().to_string(),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:", demo.display())) && err.contains("unknown field `backendRef`"),
+        "{err}"
+    );
+    assert!(
+        !dir.0.join("state/logs/control.log").exists(),
+        "nothing was started"
+    );
+}
