@@ -361,3 +361,38 @@ fn opaque_tcp_echo() {
     });
     assert!(m.contains(r#"tandem_tcp_read_bytes_total{direction="outbound",src_service="client",dst_service="tcpecho"} 1000000"#), "{m}");
 }
+
+#[test]
+fn malformed_traffic_gets_an_answer_not_a_crash() {
+    let mesh = Mesh::start(&common::config());
+    let web = mesh.instance("web", "web-1", &[], &[]);
+    let client = mesh.instance_with_upstreams("client", "client-1", &[], &[], &["web"]);
+    let exchange = |addr: std::net::SocketAddr, bytes: &[u8]| -> String {
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let _ = s.write_all(bytes);
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: web\r\nx-big: {}\r\n\r\n",
+        "a".repeat(600_000)
+    );
+    for addr in [client.http_proxy, client.upstream("web"), web.inbound] {
+        // Not HTTP at all: a 400, or the connection is closed; never a hang.
+        let r = exchange(addr, b"\x16\x03\x01 not http at all\r\n\r\n");
+        assert!(r.is_empty() || r.starts_with("HTTP/1.1 400"), "{addr}: {r}");
+        // Headers far too large: refused.
+        let r = exchange(addr, huge.as_bytes());
+        assert!(r.starts_with("HTTP/1.1 431"), "{addr}: {r}");
+        // A request line with an invalid method.
+        let r = exchange(addr, b"G\x01T / HTTP/1.1\r\nHost: web\r\n\r\n");
+        assert!(r.is_empty() || r.starts_with("HTTP/1.1 400"), "{addr}: {r}");
+    }
+    // Both sidecars are still up and serving.
+    let out = curl(&[&format!("http://{}/", client.upstream("web"))]);
+    assert_eq!(json(&out.stdout)["service"], "web", "{}", out.stderr);
+    assert!(client.proxy.as_ref().is_some_and(|p| p.rss_kib() > 0));
+}
