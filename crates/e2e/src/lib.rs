@@ -449,6 +449,27 @@ impl Instance {
             .unwrap_or_default()
     }
 
+    /// Instance names of the endpoints this sidecar's snapshot lists for
+    /// `backend` of `destination`; `None` while it has no such destination.
+    pub fn endpoints(&self, destination: &str, backend: &str) -> Option<Vec<String>> {
+        let (_, body) = http_get(self.admin, "admin", "/config")?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let d = v["snapshot"]["destinations"]
+            .as_array()?
+            .iter()
+            .find(|d| d["name"] == destination)?;
+        let b = d["backends"]
+            .as_array()?
+            .iter()
+            .find(|b| b["name"] == backend)?;
+        let eps = b["endpoints"].as_array()?;
+        Some(
+            eps.iter()
+                .map(|e| e["instance"].as_str().unwrap_or("").to_string())
+                .collect(),
+        )
+    }
+
     pub fn config_version(&self) -> u64 {
         http_get(self.admin, "admin", "/config")
             .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())

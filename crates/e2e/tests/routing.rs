@@ -288,39 +288,17 @@ fn endpoints_follow_instances() {
     let (mesh, _v1, mut v2, client) = catalog_mesh();
     // A second v1 instance joins and gets traffic.
     let _v1b = mesh.instance("catalog-v1", "catalog-v1-b", &["--version", "v1"], &[]);
-    let eps = wait_for("two v1 endpoints", Duration::from_secs(10), || {
-        let (_, body) = http_get(client.admin, "a", "/config")?;
-        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-        let d = v["snapshot"]["destinations"]
-            .as_array()?
-            .iter()
-            .find(|d| d["name"] == "catalog")?
-            .clone();
-        let b = d["backends"]
-            .as_array()?
-            .iter()
-            .find(|b| b["name"] == "catalog-v1")?
-            .clone();
-        (b["endpoints"].as_array()?.len() == 2).then_some(b)
+    wait_for("two v1 endpoints", Duration::from_secs(10), || {
+        (client.endpoints("catalog", "catalog-v1")?.len() == 2).then_some(())
     });
-    assert_eq!(eps["endpoints"].as_array().map(|a| a.len()), Some(2));
     // The v2 sidecar goes away: after the grace period it is no longer an
     // endpoint, and v2's share gets a clear 503 instead of a hang.
     v2.proxy_mut().kill();
     wait_for("v2 removed", Duration::from_secs(10), || {
-        let (_, body) = http_get(client.admin, "a", "/config")?;
-        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-        let d = v["snapshot"]["destinations"]
-            .as_array()?
-            .iter()
-            .find(|d| d["name"] == "catalog")?
-            .clone();
-        let b = d["backends"]
-            .as_array()?
-            .iter()
-            .find(|b| b["name"] == "catalog-v2")?
-            .clone();
-        b["endpoints"].as_array()?.is_empty().then_some(())
+        client
+            .endpoints("catalog", "catalog-v2")?
+            .is_empty()
+            .then_some(())
     });
     let rt = rt();
     let counts = rt.block_on(spread(client.http_proxy, 300, &[]));
@@ -346,8 +324,7 @@ fn slow_endpoint_gets_little_traffic() {
     let rt = rt();
     wait_for("both endpoints", Duration::from_secs(10), || {
         rt.block_on(spread_to(client.http_proxy, "catalog-v1", 1, &[]));
-        let (_, body) = http_get(client.admin, "a", "/config")?;
-        (body.matches("\"instance\": \"").count() == 2).then_some(())
+        (client.endpoints("catalog-v1", "catalog-v1")?.len() == 2).then_some(())
     });
     // Peak-EWMA with power of two choices: the endpoint that is 40x slower
     // gets a small share, where round-robin would give it half.

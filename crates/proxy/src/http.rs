@@ -281,28 +281,17 @@ pub async fn inbound(
         Some(v) => proxy.peer_name(v.as_bytes()),
         None => proxy.unknown.clone(),
     };
-    let routing = proxy.routing.load();
-    let protocol = match &routing.inbound {
-        Some(i) => i.protocol,
+    let protocol = proxy.routing.load().inbound.as_ref().map(|i| i.protocol);
+    let resp = match protocol {
         None => {
-            drop(routing);
-            let resp = MeshError::NotConfigured
-                .response("this proxy's service is not declared in the config");
-            record(
-                &proxy,
-                Direction::inbound,
-                src,
-                proxy.service.clone(),
-                &resp,
-                start,
-            );
-            return Ok(resp);
+            MeshError::NotConfigured.response("this proxy's service is not declared in the config")
         }
-    };
-    drop(routing);
-    let resp = match forward(&proxy, req, &proxy.app_authority, protocol, None).await {
-        Ok(r) => r,
-        Err((e, detail)) => e.response(&format!("local app at {}: {detail}", proxy.app_authority)),
+        Some(protocol) => match forward(&proxy, req, &proxy.app_authority, protocol, None).await {
+            Ok(r) => r,
+            Err((e, detail)) => {
+                e.response(&format!("local app at {}: {detail}", proxy.app_authority))
+            }
+        },
     };
     record(
         &proxy,
