@@ -54,6 +54,10 @@ enum Command {
         /// How often proxies' metrics are collected for `tandem stat`.
         #[arg(long, default_value = "1s", value_parser = parse_duration)]
         scrape_interval: Duration,
+        /// After a restart, how long proxies that already run a config keep
+        /// it while they reconnect, before snapshots are recomputed for them.
+        #[arg(long, default_value = "6s", value_parser = parse_duration)]
+        warmup: Duration,
         #[command(flatten)]
         common: Common,
     },
@@ -260,6 +264,7 @@ fn main() -> ExitCode {
             api,
             grace,
             scrape_interval,
+            warmup,
             common,
         } => {
             init_logging();
@@ -270,6 +275,7 @@ fn main() -> ExitCode {
                 api,
                 grace,
                 scrape_interval,
+                warmup,
             };
             block_on(
                 common.threads.max(2),

@@ -39,6 +39,10 @@ pub struct ControlConfig {
     pub grace: Duration,
     /// How often proxies' metrics are collected.
     pub scrape_interval: Duration,
+    /// After a start, how long proxies that already run a config keep it
+    /// while the registry fills again (longer than the proxies' longest
+    /// reconnect backoff).
+    pub warmup: Duration,
 }
 
 /// Runs the control plane until `shutdown` resolves.
@@ -85,6 +89,14 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
         stats.clone(),
         cfg.scrape_interval,
     ));
+    tokio::spawn({
+        let mesh = mesh.clone();
+        let warmup = cfg.warmup;
+        async move {
+            tokio::time::sleep(warmup).await;
+            mesh.end_warmup().await;
+        }
+    });
     let api = Arc::new(api::Api {
         mesh: mesh.clone(),
         stats,

@@ -26,6 +26,11 @@ pub struct Mesh {
     inner: Mutex<Inner>,
     storage: Arc<dyn Storage>,
     pub grace: Duration,
+    /// Set from start until the warm-up period is over: proxies that
+    /// already run a config (they reconnect after a control-plane restart)
+    /// keep it until the registry has had time to fill again, instead of
+    /// getting snapshots that lack the endpoints of proxies not back yet.
+    warming: std::sync::atomic::AtomicBool,
 }
 
 struct Inner {
@@ -110,6 +115,7 @@ impl Mesh {
             }),
             storage,
             grace,
+            warming: std::sync::atomic::AtomicBool::new(true),
         }))
     }
 
@@ -118,6 +124,14 @@ impl Mesh {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         }
+    }
+
+    /// Ends the warm-up period: every proxy gets its current snapshot.
+    pub async fn end_warmup(self: &Arc<Self>) {
+        self.warming
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!("warm-up over; pushing to every proxy");
+        self.push_all().await;
     }
 
     /// Swaps in a new, validated config and pushes what changed.
@@ -287,6 +301,7 @@ impl Mesh {
                 tracing::error!(error = %e, "cannot persist snapshot version floor");
             }
         }
+        let warming = self.warming.load(std::sync::atomic::Ordering::Relaxed);
         let mut g = self.lock();
         let config = g.config.clone();
         let endpoints = endpoint_table(&g.proxies);
@@ -302,7 +317,7 @@ impl Mesh {
                 let Some(p) = g.proxies.get(&key) else {
                     continue;
                 };
-                if p.tx.is_none() {
+                if p.tx.is_none() || (warming && p.hello.applied_version > 0) {
                     continue;
                 }
                 let target = Target {

@@ -268,6 +268,14 @@ fn control_plane_down_then_back() {
     mesh.write_config("mesh.yaml", &common::config_with_split(0, 100));
     let before = client.config_version();
     mesh.start_control();
+    // While the proxies reconnect one by one, none gets a snapshot that
+    // lacks the endpoints of those not back yet: traffic keeps flowing.
+    let until = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < until {
+        let counts = rt.block_on(spread(client.http_proxy, 40, &[]));
+        let ok = counts.get("v1").copied().unwrap_or(0) + counts.get("v2").copied().unwrap_or(0);
+        assert_eq!(ok, 40, "during reconnection: {counts:?}");
+    }
     mesh.wait_converged(3);
     wait_for("proxy reconnected", Duration::from_secs(10), || {
         client
