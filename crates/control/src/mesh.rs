@@ -31,6 +31,9 @@ pub struct Mesh {
     /// keep it until the registry has had time to fill again, instead of
     /// getting snapshots that lack the endpoints of proxies not back yet.
     warming: std::sync::atomic::AtomicBool,
+    /// One push at a time, through the storing of the version floor, so no
+    /// version is handed out above the floor on disk.
+    push_lock: tokio::sync::Mutex<()>,
 }
 
 struct Inner {
@@ -53,6 +56,9 @@ struct ProxyEntry {
     tx: Option<SnapshotTx>,
     /// Said it is shutting down: no longer an endpoint.
     leaving: bool,
+    /// Reconnected during warm-up with a config of its own: it keeps that
+    /// config until the warm-up ends or it asks for something new.
+    held: bool,
     interest: BTreeSet<String>,
     last_body: Vec<u8>,
     sent_version: u64,
@@ -116,6 +122,7 @@ impl Mesh {
             storage,
             grace,
             warming: std::sync::atomic::AtomicBool::new(true),
+            push_lock: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -130,6 +137,9 @@ impl Mesh {
     pub async fn end_warmup(self: &Arc<Self>) {
         self.warming
             .store(false, std::sync::atomic::Ordering::Relaxed);
+        for p in self.lock().proxies.values_mut() {
+            p.held = false;
+        }
         tracing::info!("warm-up over; pushing to every proxy");
         self.push_all().await;
     }
@@ -179,6 +189,8 @@ impl Mesh {
                 // push_all reserves (and stores) the new floor above it.
             }
             let interest = hello.interest.iter().cloned().collect();
+            let held = hello.applied_version > 0
+                && self.warming.load(std::sync::atomic::Ordering::Relaxed);
             g.proxies.insert(
                 key.clone(),
                 ProxyEntry {
@@ -186,6 +198,7 @@ impl Mesh {
                     conn,
                     tx: Some(tx),
                     leaving: false,
+                    held,
                     interest,
                     last_body: Vec::new(),
                     sent_version: 0,
@@ -240,6 +253,8 @@ impl Mesh {
                 return;
             };
             p.interest.extend(names);
+            // It needs an answer now, even if not every peer is back yet.
+            p.held = false;
         }
         self.push_all().await;
     }
@@ -280,6 +295,7 @@ impl Mesh {
     /// changed. Sending happens under the lock, so versions reach each proxy
     /// in order.
     pub async fn push_all(self: &Arc<Self>) {
+        let _serial = self.push_lock.lock().await;
         // Reserve the versions this round may use before handing any out, so
         // the stored floor is always above every version issued.
         let reserve = {
@@ -301,7 +317,6 @@ impl Mesh {
                 tracing::error!(error = %e, "cannot persist snapshot version floor");
             }
         }
-        let warming = self.warming.load(std::sync::atomic::Ordering::Relaxed);
         let mut g = self.lock();
         let config = g.config.clone();
         let endpoints = endpoint_table(&g.proxies);
@@ -317,7 +332,7 @@ impl Mesh {
                 let Some(p) = g.proxies.get(&key) else {
                     continue;
                 };
-                if p.tx.is_none() || (warming && p.hello.applied_version > 0) {
+                if p.tx.is_none() || p.held {
                     continue;
                 }
                 let target = Target {

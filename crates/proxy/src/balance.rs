@@ -7,74 +7,61 @@
 //! is tried again and can prove itself.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Estimate used for an endpoint that has answered nothing yet.
+/// Estimate used for an endpoint that has answered nothing yet, and the
+/// value every estimate returns to as its information ages.
 const DEFAULT_RTT: Duration = Duration::from_millis(1);
-/// Time constant of the decay towards newer, lower latencies.
+/// Time constant of the decay.
 const DECAY: Duration = Duration::from_secs(10);
 /// Latency charged for a failed request (connect refused, reset): failing
 /// fast must not make an endpoint look attractive.
 pub const FAILURE_PENALTY: Duration = Duration::from_millis(250);
 
 /// A peak-sensitive exponentially weighted moving average of latency, in
-/// nanoseconds, lock-free: readers never wait for writers. The two fields
-/// may be updated by racing writers; either outcome is a valid estimate.
+/// nanoseconds. Peaks count at once; lower values blend in with a weight
+/// that grows with the time since the last observation; and with no
+/// observations the estimate returns towards [`DEFAULT_RTT`], so a shunned
+/// endpoint is tried again without an idle one ever looking free.
 #[derive(Debug)]
 pub struct PeakEwma {
-    rtt_bits: AtomicU64,
-    stamp_ns: AtomicU64,
-}
-
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-fn nanos_since_epoch(now: Instant) -> u64 {
-    now.saturating_duration_since(epoch()).as_nanos() as u64
+    rtt_ns: f64,
+    stamp: Instant,
 }
 
 impl PeakEwma {
     pub fn new(now: Instant) -> Self {
         Self {
-            rtt_bits: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
-            stamp_ns: AtomicU64::new(nanos_since_epoch(now)),
+            rtt_ns: DEFAULT_RTT.as_nanos() as f64,
+            stamp: now,
         }
     }
 
-    fn decayed(&self, now: Instant) -> f64 {
-        let rtt = f64::from_bits(self.rtt_bits.load(Ordering::Relaxed));
-        let stamp = self.stamp_ns.load(Ordering::Relaxed);
-        let elapsed = nanos_since_epoch(now).saturating_sub(stamp) as f64 / 1e9;
-        rtt * (-elapsed / DECAY.as_secs_f64()).exp()
+    fn weight(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.stamp).as_secs_f64();
+        (-elapsed / DECAY.as_secs_f64()).exp()
     }
 
     /// The estimate at `now`, in nanoseconds.
     pub fn estimate(&self, now: Instant) -> f64 {
-        self.decayed(now)
+        let floor = DEFAULT_RTT.as_nanos() as f64;
+        floor + (self.rtt_ns - floor) * self.weight(now)
     }
 
-    pub fn observe(&self, rtt: Duration, now: Instant) {
+    pub fn observe(&mut self, rtt: Duration, now: Instant) {
         let rtt = rtt.as_nanos() as f64;
-        let current = self.decayed(now);
-        let next = if rtt > current {
+        let current = self.estimate(now);
+        self.rtt_ns = if rtt > current {
             rtt
         } else {
-            // The decayed value already weighs the old estimate by recency;
-            // blend the new observation in with the remaining weight.
-            let stamp = self.stamp_ns.load(Ordering::Relaxed);
-            let elapsed = nanos_since_epoch(now).saturating_sub(stamp) as f64 / 1e9;
-            let w = (-elapsed / DECAY.as_secs_f64()).exp();
-            current + rtt * (1.0 - w)
+            let w = self.weight(now);
+            self.rtt_ns * w + rtt * (1.0 - w)
         };
-        self.rtt_bits.store(next.to_bits(), Ordering::Relaxed);
-        self.stamp_ns
-            .store(nanos_since_epoch(now), Ordering::Relaxed);
+        self.stamp = now;
     }
 }
 
@@ -83,7 +70,7 @@ impl PeakEwma {
 #[derive(Debug)]
 pub struct EndpointLoad {
     pub addr: SocketAddr,
-    ewma: PeakEwma,
+    ewma: Mutex<PeakEwma>,
     pending: AtomicUsize,
 }
 
@@ -91,26 +78,42 @@ impl EndpointLoad {
     pub fn new(addr: SocketAddr) -> Self {
         Self {
             addr,
-            ewma: PeakEwma::new(Instant::now()),
+            ewma: Mutex::new(PeakEwma::new(Instant::now())),
             pending: AtomicUsize::new(0),
+        }
+    }
+
+    fn ewma(&self) -> std::sync::MutexGuard<'_, PeakEwma> {
+        match self.ewma.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
         }
     }
 
     pub fn cost(&self, now: Instant) -> f64 {
         let pending = self.pending.load(Ordering::Relaxed) as f64;
-        self.ewma.estimate(now) * (pending + 1.0)
+        self.ewma().estimate(now) * (pending + 1.0)
     }
 
     /// Marks a request as dispatched. Finish it with [`InFlight::complete`]
-    /// (latency observed) or [`InFlight::failed`] (penalty observed);
-    /// dropping it only ends the pending count (a cancelled request, or a
-    /// long-lived TCP connection whose duration says nothing of latency).
+    /// (latency observed) or [`InFlight::failed`] (penalty observed); a
+    /// request dropped unfinished (the caller gave up) counts its elapsed
+    /// time as a latency peak, so an endpoint that hangs is avoided.
     pub fn start(self: &Arc<Self>) -> InFlight {
         self.pending.fetch_add(1, Ordering::Relaxed);
         InFlight {
             load: self.clone(),
             started: Instant::now(),
+            done: false,
         }
+    }
+
+    /// Marks a long-lived connection (opaque TCP): it counts as outstanding
+    /// while open, and its duration, which says nothing of latency, is not
+    /// observed.
+    pub fn open(self: &Arc<Self>) -> Connection {
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        Connection { load: self.clone() }
     }
 
     pub fn pending(&self) -> usize {
@@ -122,26 +125,42 @@ impl EndpointLoad {
 pub struct InFlight {
     load: Arc<EndpointLoad>,
     started: Instant,
+    done: bool,
 }
 
 impl InFlight {
-    pub fn complete(self) -> Duration {
-        let now = Instant::now();
-        let rtt = now.saturating_duration_since(self.started);
-        self.load.ewma.observe(rtt, now);
-        rtt
+    pub fn complete(mut self) -> Duration {
+        self.finish(Duration::ZERO)
     }
 
-    pub fn failed(self) {
+    pub fn failed(mut self) {
+        self.finish(FAILURE_PENALTY);
+    }
+
+    fn finish(&mut self, at_least: Duration) -> Duration {
         let now = Instant::now();
-        let rtt = now
-            .saturating_duration_since(self.started)
-            .max(FAILURE_PENALTY);
-        self.load.ewma.observe(rtt, now);
+        let rtt = now.saturating_duration_since(self.started).max(at_least);
+        if !self.done {
+            self.done = true;
+            self.load.ewma().observe(rtt, now);
+            self.load.pending.fetch_sub(1, Ordering::Relaxed);
+        }
+        rtt
     }
 }
 
 impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.finish(Duration::ZERO);
+    }
+}
+
+/// An open opaque-TCP connection on one endpoint.
+pub struct Connection {
+    load: Arc<EndpointLoad>,
+}
+
+impl Drop for Connection {
     fn drop(&mut self) {
         self.load.pending.fetch_sub(1, Ordering::Relaxed);
     }
@@ -172,7 +191,7 @@ mod tests {
     #[test]
     fn peaks_count_at_once_and_decay_with_time() {
         let t0 = Instant::now();
-        let e = PeakEwma::new(t0);
+        let mut e = PeakEwma::new(t0);
         e.observe(Duration::from_millis(100), t0);
         assert_eq!(e.estimate(t0), 100.0 * MS);
         // A fast answer one second later moves the estimate only a little.
@@ -181,9 +200,41 @@ mod tests {
         let est = e.estimate(t1);
         assert!(est > 85.0 * MS && est < 95.0 * MS, "{est}");
         // With no traffic at all, the peak is forgotten over time, so a
-        // shunned endpoint is tried again.
+        // shunned endpoint is tried again; it returns to the default, never
+        // below it, so an idle endpoint never looks free.
         let later = t1 + Duration::from_secs(60);
-        assert!(e.estimate(later) < 1.0 * MS, "{}", e.estimate(later));
+        assert!(e.estimate(later) < 1.3 * MS, "{}", e.estimate(later));
+        let much_later = t1 + Duration::from_secs(7200);
+        assert!(
+            (e.estimate(much_later) - 1.0 * MS).abs() < 1.0,
+            "{}",
+            e.estimate(much_later)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_given_up_on_counts_as_slow_and_tcp_counts_only_as_pending() {
+        let load = Arc::new(EndpointLoad::new("127.0.0.1:1".parse().expect("addr")));
+        let g = load.start();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        drop(g);
+        assert!(
+            load.cost(Instant::now()) > 25.0 * MS,
+            "{}",
+            load.cost(Instant::now())
+        );
+
+        let tcp = Arc::new(EndpointLoad::new("127.0.0.1:2".parse().expect("addr")));
+        let c = tcp.open();
+        assert_eq!(tcp.pending(), 1);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        drop(c);
+        assert_eq!(tcp.pending(), 0);
+        assert!(
+            tcp.cost(Instant::now()) <= 1.0 * MS + 1.0,
+            "{}",
+            tcp.cost(Instant::now())
+        );
     }
 
     #[test]

@@ -122,12 +122,7 @@ async fn route_outbound(
             }
         },
     };
-    // `catalog.default.svc.cluster.local` and `catalog.default` are the same
-    // destination: only the first two labels name it.
-    let host: &str = match host.match_indices('.').nth(1) {
-        Some((i, _)) => &host[..i],
-        None => &host,
-    };
+    let host = destination_key(&host);
     let known = proxy.routing.load().destination(host).cloned();
     let dest = match known {
         Some(d) => d,
@@ -198,7 +193,27 @@ async fn route_outbound(
     .await;
     match result {
         Ok(resp) => {
-            in_flight.complete();
+            // A peer sidecar that could not reach its own app answers fast
+            // with a mesh error: that is a failure of this endpoint, not a
+            // quick success.
+            let peer_failed = ep.meshed
+                && resp
+                    .headers()
+                    .get(crate::error::ERROR_HEADER)
+                    .and_then(|v| MeshError::from_reason(v.as_bytes()))
+                    .is_some_and(|e| {
+                        matches!(
+                            e,
+                            MeshError::ConnectFailure
+                                | MeshError::UpstreamReset
+                                | MeshError::NotConfigured
+                        )
+                    });
+            if peer_failed {
+                in_flight.failed();
+            } else {
+                in_flight.complete();
+            }
             Ok((resp, backend.name.clone()))
         }
         Err(e) => {
@@ -261,6 +276,16 @@ async fn discover(proxy: &Arc<Proxy>, host: &str) -> Discovery {
             Ok(Ok(())) => continue,
             _ => return Discovery::Unavailable("the control plane did not answer in time"),
         }
+    }
+}
+
+/// `catalog.default.svc.cluster.local`, `catalog.default` and (in the
+/// proxy's namespace) `catalog` name the same destination: only the first
+/// two labels count.
+pub fn destination_key(host: &str) -> &str {
+    match host.match_indices('.').nth(1) {
+        Some((i, _)) => &host[..i],
+        None => host,
     }
 }
 

@@ -163,6 +163,11 @@ struct Drain(#[allow(dead_code)] mpsc::Sender<()>);
 
 /// Runs the sidecar until `shutdown` resolves, then drains.
 pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let mut cfg = cfg;
+    // Upstream names are destinations like any host: one spelling each.
+    for (name, _) in cfg.upstreams.iter_mut() {
+        *name = http::destination_key(&name.to_ascii_lowercase()).to_string();
+    }
     let bind = |addr: SocketAddr, what: &'static str| async move {
         TcpListener::bind(addr)
             .await
@@ -395,7 +400,11 @@ async fn serve_upstream(
     drain: Drain,
 ) {
     while let Some(sock) = accept(&listener, &mut stop).await {
-        let dest = proxy.routing.load().destination(&name).cloned();
+        let dest = proxy
+            .routing
+            .load()
+            .destination(http::destination_key(&name))
+            .cloned();
         match dest {
             Some(dest) if dest.protocol == tandem_config::snapshot::Protocol::Tcp => {
                 let Some(ep) = dest.backends.first().and_then(|b| b.pick()).cloned() else {
@@ -408,7 +417,7 @@ async fn serve_upstream(
                     let _d = d;
                     // Counts as outstanding for balancing; its duration is
                     // not a latency, so nothing is observed.
-                    let _pending = ep.load.start();
+                    let _pending = ep.load.open();
                     tcp::relay(
                         p,
                         sock,
