@@ -95,6 +95,11 @@ async fn spread_to(
     counts
 }
 
+/// Requests answered by either catalog version.
+fn served(counts: &HashMap<String, usize>) -> usize {
+    counts.get("v1").copied().unwrap_or(0) + counts.get("v2").copied().unwrap_or(0)
+}
+
 fn catalog_mesh() -> (Mesh, Instance, Instance, Instance) {
     let mesh = Mesh::start(&common::config());
     let v1 = mesh.instance("catalog-v1", "catalog-v1-a", &["--version", "v1"], &[]);
@@ -102,11 +107,7 @@ fn catalog_mesh() -> (Mesh, Instance, Instance, Instance) {
     let client = mesh.instance("client", "client-1", &[], &[]);
     // The first request makes the client's sidecar discover `catalog`.
     let warm = rt().block_on(spread(client.http_proxy, 10, &[]));
-    assert_eq!(
-        warm.values().sum::<usize>(),
-        warm.get("v1").copied().unwrap_or(0) + warm.get("v2").copied().unwrap_or(0),
-        "{warm:?}"
-    );
+    assert_eq!(warm.values().sum::<usize>(), served(&warm), "{warm:?}");
     (mesh, v1, v2, client)
 }
 
@@ -211,11 +212,7 @@ fn broken_config_is_refused_and_traffic_keeps_flowing() {
     // The last good config keeps serving.
     let rt = rt();
     let counts = rt.block_on(spread(client.http_proxy, 200, &[]));
-    assert_eq!(
-        counts.get("v1").copied().unwrap_or(0) + counts.get("v2").copied().unwrap_or(0),
-        200,
-        "{counts:?}"
-    );
+    assert_eq!(served(&counts), 200, "{counts:?}");
     assert_eq!(client.config_version(), version);
     // Fixing the file clears the error.
     mesh.write_config(
@@ -258,11 +255,7 @@ fn control_plane_down_then_back() {
     // Traffic flows on the last config.
     let rt = rt();
     let counts = rt.block_on(spread(client.http_proxy, 200, &[]));
-    assert_eq!(
-        counts.get("v1").copied().unwrap_or(0) + counts.get("v2").copied().unwrap_or(0),
-        200,
-        "{counts:?}"
-    );
+    assert_eq!(served(&counts), 200, "{counts:?}");
 
     // A new control plane (same addresses) gets every proxy back.
     mesh.write_config("mesh.yaml", &common::config_with_split(0, 100));
@@ -273,7 +266,7 @@ fn control_plane_down_then_back() {
     let until = std::time::Instant::now() + Duration::from_secs(4);
     while std::time::Instant::now() < until {
         let counts = rt.block_on(spread(client.http_proxy, 40, &[]));
-        let ok = counts.get("v1").copied().unwrap_or(0) + counts.get("v2").copied().unwrap_or(0);
+        let ok = served(&counts);
         assert_eq!(ok, 40, "during reconnection: {counts:?}");
     }
     mesh.wait_converged(3);
