@@ -252,8 +252,15 @@ impl Mesh {
             let Some(p) = g.proxies.get_mut(key).filter(|p| p.conn == conn) else {
                 return;
             };
+            // A proxy re-sends subscriptions it queued while disconnected;
+            // names its hello already listed change nothing.
+            let before = p.interest.len();
             p.interest.extend(names);
-            // It needs an answer now, even if not every peer is back yet.
+            if p.interest.len() == before {
+                return;
+            }
+            // A new destination needs an answer now, even if not every peer
+            // is back yet.
             p.held = false;
         }
         self.push_all().await;

@@ -318,7 +318,7 @@ fn slow_endpoint_gets_little_traffic() {
     let _slow = mesh.instance(
         "catalog-v1",
         "slow",
-        &["--version", "slow", "--latency", "40ms"],
+        &["--version", "slow", "--latency", "100ms"],
         &[],
     );
     let client = mesh.instance("client", "client-1", &[], &[]);
@@ -327,7 +327,7 @@ fn slow_endpoint_gets_little_traffic() {
         rt.block_on(spread_to(client.http_proxy, "catalog-v1", 1, &[]));
         (client.endpoints("catalog-v1", "catalog-v1")?.len() == 2).then_some(())
     });
-    // Peak-EWMA with power of two choices: the endpoint that is 40x slower
+    // Peak-EWMA with power of two choices: the endpoint that is 100x slower
     // gets a small share, where round-robin would give it half.
     let counts = rt.block_on(spread_to(client.http_proxy, "catalog-v1", 600, &[]));
     let slow = counts.get("slow").copied().unwrap_or(0);
