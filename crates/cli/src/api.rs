@@ -10,25 +10,37 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 pub async fn get_json(api: SocketAddr, path: &str) -> anyhow::Result<serde_json::Value> {
+    call_json(api, hyper::Method::GET, path).await
+}
+
+pub async fn call_json(
+    api: SocketAddr,
+    method: hyper::Method,
+    path: &str,
+) -> anyhow::Result<serde_json::Value> {
     let client: Client<_, Empty<hyper::body::Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
-    let uri: hyper::Uri = format!("http://{api}{path}").parse()?;
-    let resp = tokio::time::timeout(Duration::from_secs(5), client.get(uri))
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(format!("http://{api}{path}"))
+        .body(Empty::new())?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
         .await
         .context("the control plane did not answer in 5s")?
         .with_context(|| format!("cannot reach the control plane API at {api} (is `tandem control` or `tandem up` running? set --api)"))?;
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();
     if !status.is_success() {
-        anyhow::bail!(
-            "control plane answered {status}: {}",
-            String::from_utf8_lossy(&body)
-        );
+        let msg = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        anyhow::bail!("control plane answered {status}: {msg}");
     }
     Ok(serde_json::from_slice(&body)?)
 }
 
-fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+pub fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
@@ -94,9 +106,22 @@ pub fn status(api: SocketAddr, json: bool) -> anyhow::Result<()> {
             return Ok(());
         }
         println!(
-            "{:<12} {:<14} {:<14} {:<21} {:<21} {:>8} {:<6} {:<9}",
-            "NAMESPACE", "SERVICE", "INSTANCE", "INBOUND", "ADMIN", "VERSION", "ACKED", "CONNECTED"
+            "{:<12} {:<14} {:<14} {:<21} {:>8} {:<6} {:<9} {:<44} {:<16} {:<16}",
+            "NAMESPACE",
+            "SERVICE",
+            "INSTANCE",
+            "INBOUND",
+            "VERSION",
+            "ACKED",
+            "CONNECTED",
+            "IDENTITY",
+            "CERT EXPIRES IN",
+            "SIGNED BY"
         );
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         for p in v.as_array().into_iter().flatten() {
             let s = |k: &str| p.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
             let acked = p
@@ -107,18 +132,25 @@ pub fn status(api: SocketAddr, json: bool) -> anyhow::Result<()> {
                 .get("connected")
                 .and_then(|x| x.as_bool())
                 .unwrap_or(false);
+            let expires = match p.get("cert_not_after").and_then(|x| x.as_u64()) {
+                Some(t) if t > now => human(t - now),
+                Some(_) => "EXPIRED".to_string(),
+                None => "-".to_string(),
+            };
             println!(
-                "{:<12} {:<14} {:<14} {:<21} {:<21} {:>8} {:<6} {:<9}",
+                "{:<12} {:<14} {:<14} {:<21} {:>8} {:<6} {:<9} {:<44} {:<16} {:<16}",
                 s("namespace"),
                 s("service"),
                 s("instance"),
                 s("inbound"),
-                s("admin"),
                 p.get("config_version")
                     .and_then(|x| x.as_u64())
                     .unwrap_or(0),
                 if acked { "yes" } else { "NO" },
                 if connected { "yes" } else { "no" },
+                s("spiffe_id"),
+                expires,
+                s("cert_signer"),
             );
             if let Some(reason) = p.get("nack_reason").and_then(|x| x.as_str()) {
                 println!("    refused its config: {reason}");
@@ -126,4 +158,14 @@ pub fn status(api: SocketAddr, json: bool) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// `3h12m`, `45s`: a duration for people.
+pub fn human(secs: u64) -> String {
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m{}s", secs / 60, secs % 60),
+        3600..86400 => format!("{}h{}m", secs / 3600, (secs % 3600) / 60),
+        _ => format!("{}d{}h", secs / 86400, (secs % 86400) / 3600),
+    }
 }

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod api;
+mod identity;
 mod up;
 
 use std::net::SocketAddr;
@@ -58,9 +59,27 @@ enum Command {
         /// it while they reconnect, before snapshots are recomputed for them.
         #[arg(long, default_value = "6s", value_parser = parse_duration)]
         warmup: Duration,
+        /// SPIFFE trust domain of the mesh (fixed when the CA is created).
+        #[arg(long)]
+        trust_domain: Option<String>,
+        /// Lifetime of the certificates issued to proxies.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        cert_lifetime: Duration,
+        /// Use this root CA certificate (PEM) instead of generating one.
+        #[arg(long, requires = "ca_key")]
+        ca_cert: Option<PathBuf>,
+        /// The private key (PEM) of --ca-cert.
+        #[arg(long, requires = "ca_cert")]
+        ca_key: Option<PathBuf>,
         #[command(flatten)]
         common: Common,
     },
+    /// Join tokens: what lets a proxy obtain certificates for one service.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The certificate authority: show it, rotate its root.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Run a sidecar proxy for one service instance.
     Proxy(Box<ProxyArgs>),
     /// Check a config directory; print every problem as `file:line:col: message`.
@@ -85,6 +104,60 @@ enum Command {
     },
     /// The sample service used by the demo and the tests.
     DemoApp(Box<DemoArgs>),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Mint a join token for one service (offline, with the control plane's
+    /// data directory). Prints the token on stdout.
+    Create {
+        #[arg(long)]
+        service: String,
+        #[arg(long, default_value = tandem_config::model::DEFAULT_NAMESPACE)]
+        namespace: String,
+        /// How long the token may be used to register and obtain certificates.
+        #[arg(long, default_value = "365d", value_parser = parse_duration)]
+        ttl: Duration,
+        /// The control plane's data directory.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Revoke a token by id: proxies using it can no longer register or renew.
+    Revoke {
+        id: String,
+        #[arg(long)]
+        data: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Trust domain, roots in the bundle, the signing root, rotation phase.
+    Show {
+        #[arg(long, default_value = tandem_control::DEFAULT_API, env = "TANDEM_API")]
+        api: SocketAddr,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Introduce a new root: it joins the trust bundle, then signs once
+    /// every proxy knows it; proxies renew under it.
+    Rotate {
+        #[arg(long, default_value = tandem_control::DEFAULT_API, env = "TANDEM_API")]
+        api: SocketAddr,
+        /// Return once the rotation started instead of following it.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Remove every root but the signing one from the trust bundle.
+    Retire {
+        #[arg(long, default_value = tandem_control::DEFAULT_API, env = "TANDEM_API")]
+        api: SocketAddr,
+        /// Retire even if some proxy still uses a certificate the old root signed.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(clap::Args, Clone)]
@@ -132,6 +205,16 @@ struct ProxyArgs {
     /// Time in-flight requests get to finish on SIGTERM/SIGINT.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     drain_grace: Duration,
+    /// Join token for this service (see `tandem token create`).
+    #[arg(long, env = "TANDEM_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the join token.
+    #[arg(long, conflicts_with = "token")]
+    token_file: Option<PathBuf>,
+    /// Trust bundle (PEM) to pin; without it the bundle is learned from the
+    /// control plane and authenticated by the token.
+    #[arg(long)]
+    ca_bundle: Option<PathBuf>,
     #[command(flatten)]
     common: Common,
 }
@@ -192,12 +275,49 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        _ => return Err(format!("`{s}`: unknown unit `{unit}` (ms, s, m, h)")),
+        "d" => n * 86400.0,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (ms, s, m, h, d)")),
     };
     if !(0.0..=1e9).contains(&secs) {
         return Err(format!("`{s}` is out of range"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// The join token and, if given, the pinned trust bundle of `tandem proxy`.
+type Credentials = (
+    String,
+    Option<Vec<rustls_pki_types::CertificateDer<'static>>>,
+);
+
+fn proxy_credentials(a: &ProxyArgs) -> anyhow::Result<Credentials> {
+    use anyhow::Context;
+    use rustls_pki_types::pem::PemObject;
+    let token = match (&a.token, &a.token_file) {
+        (Some(t), _) => t.trim().to_string(),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read the token file {}", f.display()))?
+            .trim()
+            .to_string(),
+        (None, None) => anyhow::bail!(
+            "a join token is needed: --token, --token-file or TANDEM_TOKEN (mint one with `tandem token create --service {}`)",
+            a.service
+        ),
+    };
+    let bundle = match &a.ca_bundle {
+        Some(f) => {
+            let pem = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
+            let roots: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("{}: not PEM certificates", f.display()))?;
+            if roots.is_empty() {
+                anyhow::bail!("{}: no certificate in it", f.display());
+            }
+            Some(roots)
+        }
+        None => None,
+    };
+    Ok((token, bundle))
 }
 
 fn init_logging() {
@@ -265,6 +385,10 @@ fn main() -> ExitCode {
             grace,
             scrape_interval,
             warmup,
+            trust_domain,
+            cert_lifetime,
+            ca_cert,
+            ca_key,
             common,
         } => {
             init_logging();
@@ -276,6 +400,9 @@ fn main() -> ExitCode {
                 grace,
                 scrape_interval,
                 warmup,
+                trust_domain,
+                cert_lifetime,
+                ca_import: ca_cert.zip(ca_key),
             };
             block_on(
                 common.threads.max(2),
@@ -284,7 +411,16 @@ fn main() -> ExitCode {
         }
         Command::Proxy(a) => {
             init_logging();
+            let (token, ca_bundle) = match proxy_credentials(&a) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("tandem: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
             let cfg = tandem_proxy::ProxyConfig {
+                token,
+                ca_bundle,
                 control: a.control,
                 namespace: a.namespace,
                 service: a.service,
@@ -347,6 +483,19 @@ fn main() -> ExitCode {
             output,
         } => api::stat(api, window, output == Output::Json),
         Command::Status { api, output } => api::status(api, output == Output::Json),
+        Command::Token(TokenCommand::Create {
+            service,
+            namespace,
+            ttl,
+            data,
+            output,
+        }) => identity::token_create(&data, &namespace, &service, ttl, output == Output::Json),
+        Command::Token(TokenCommand::Revoke { id, data }) => identity::token_revoke(&data, &id),
+        Command::Ca(CaCommand::Show { api, output }) => {
+            identity::ca_show(api, output == Output::Json)
+        }
+        Command::Ca(CaCommand::Rotate { api, no_wait }) => identity::ca_rotate(api, !no_wait),
+        Command::Ca(CaCommand::Retire { api, force }) => identity::ca_retire(api, force),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -363,6 +512,7 @@ mod tests {
 
     #[test]
     fn durations() {
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));

@@ -240,6 +240,13 @@ async fn start_all(
     procs: &mut Vec<Proc>,
 ) -> anyhow::Result<()> {
     let s = |x: &dyn ToString| x.to_string();
+    // The CA is created here (the control plane opens the same one) so that
+    // each demo sidecar gets a join token for its service.
+    let data = state.join("data");
+    let ca = tandem_identity::ca::Authority::open(&data, None, None)
+        .with_context(|| format!("certificate authority in {}", data.display()))?;
+    let tokens = state.join("tokens");
+    std::fs::create_dir_all(&tokens)?;
     spawn(
         exe,
         "control",
@@ -267,8 +274,17 @@ async fn start_all(
     ports.release();
     for (svc, (inbound, app, admin, proxy)) in SERVICES.iter().zip(plan) {
         let instance = format!("{}-1", svc.service);
+        let (_, token) = ca.mint_token(
+            tandem_config::model::DEFAULT_NAMESPACE,
+            svc.service,
+            Duration::from_secs(30 * 86400),
+        );
+        let token_file = tokens.join(format!("{}.token", svc.service));
+        write_secret(&token_file, &token)?;
         let p = vec![
             s(&"proxy"),
+            s(&"--token-file"),
+            token_file.display().to_string(),
             s(&"--control"),
             control.clone(),
             s(&"--service"),
@@ -438,4 +454,18 @@ async fn stop_all(procs: &mut [Proc]) {
             let _ = p.child.wait().await;
         }
     }
+}
+
+fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
 }

@@ -34,13 +34,16 @@ pub fn compile(
     target: &Target<'_>,
     endpoints: &dyn Fn(&str, &str) -> Vec<Endpoint>,
 ) -> Snapshot {
-    let inbound = set
-        .service(target.namespace, target.service)
-        .and_then(|s| s.spec.ports.first())
-        .map(|p| Inbound {
-            protocol: p.protocol.value,
-            port: p.port.value,
-        });
+    let service = set.service(target.namespace, target.service);
+    let mtls = service
+        .and_then(|s| s.spec.mtls.as_ref())
+        .map(|m| m.value)
+        .unwrap_or_default();
+    let inbound = service.and_then(|s| s.spec.ports.first()).map(|p| Inbound {
+        protocol: p.protocol.value,
+        port: p.port.value,
+        mtls,
+    });
     let mut destinations = Vec::new();
     let mut unknown = Vec::new();
     let mut done = BTreeSet::new();
@@ -61,6 +64,7 @@ pub fn compile(
         inbound,
         destinations,
         unknown,
+        trust: None,
     }
 }
 

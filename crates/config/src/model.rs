@@ -91,6 +91,20 @@ pub struct ServiceSpec {
     /// Static endpoints for a service that runs outside the mesh.
     #[serde(default)]
     pub endpoints: Vec<StaticEndpoint>,
+    /// Whether the service's sidecars accept plaintext besides mTLS.
+    #[serde(default)]
+    pub mtls: Option<Spanned<MtlsMode>>,
+}
+
+/// How a sidecar treats inbound connections that are not mTLS.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MtlsMode {
+    /// Only mTLS with a certificate from the mesh (the default).
+    #[default]
+    Strict,
+    /// mTLS, and plaintext too (counted), while callers migrate.
+    Permissive,
 }
 
 #[derive(Debug, Deserialize)]

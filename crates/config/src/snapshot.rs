@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::model::{PathMatchType, Protocol};
+pub use crate::model::{MtlsMode, PathMatchType, Protocol};
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
@@ -19,12 +19,26 @@ pub struct Snapshot {
     /// Destination names the proxy asked for that do not exist.
     #[serde(default)]
     pub unknown: Vec<String>,
+    /// The mesh's trust bundle, set by the control plane.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust: Option<Trust>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Trust {
+    /// Root certificates (PEM) a peer's certificate may chain to.
+    pub roots: Vec<String>,
+    /// Id of the root that signs new certificates: a proxy whose
+    /// certificate was signed by another one renews it.
+    pub signer: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Inbound {
     pub protocol: Protocol,
     pub port: u16,
+    #[serde(default)]
+    pub mtls: MtlsMode,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -3,6 +3,9 @@
 //! - `GET /api/v1/proxies` — every known proxy and the config version it runs
 //! - `GET /api/v1/stats?window=SECONDS` — golden signals per service pair
 //! - `GET /api/v1/config` — the config in force and the last refused change
+//! - `GET /api/v1/ca` — trust domain, roots, signing root, rotation phase
+//! - `POST /api/v1/ca/rotate` — start a root rotation
+//! - `POST /api/v1/ca/retire[?force=true]` — remove roots that no longer sign
 //! - `GET /healthz`
 
 use std::convert::Infallible;
@@ -14,12 +17,14 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
+use crate::identity::Ca;
 use crate::mesh::Mesh;
 use crate::stats::Stats;
 
 pub struct Api {
     pub mesh: Arc<Mesh>,
     pub stats: Arc<Stats>,
+    pub ca: Arc<Ca>,
 }
 
 impl Api {
@@ -27,10 +32,30 @@ impl Api {
         self: Arc<Self>,
         req: Request<Incoming>,
     ) -> Result<Response<Full<Bytes>>, Infallible> {
+        if req.method() == http::Method::POST {
+            let resp = match req.uri().path() {
+                "/api/v1/ca/rotate" => match self.ca.rotate().await {
+                    Ok(r) => json(StatusCode::OK, &r),
+                    Err(e) => json(StatusCode::CONFLICT, &serde_json::json!({ "error": e })),
+                },
+                "/api/v1/ca/retire" => {
+                    let force = query_param(req.uri().query(), "force") == Some("true");
+                    match self.ca.retire(force).await {
+                        Ok(r) => json(StatusCode::OK, &serde_json::json!({ "retired": r })),
+                        Err(e) => json(StatusCode::CONFLICT, &serde_json::json!({ "error": e })),
+                    }
+                }
+                _ => json(
+                    StatusCode::NOT_FOUND,
+                    &serde_json::json!({"error": "not found"}),
+                ),
+            };
+            return Ok(resp);
+        }
         if req.method() != http::Method::GET {
             return Ok(json(
                 StatusCode::METHOD_NOT_ALLOWED,
-                &serde_json::json!({"error": "only GET"}),
+                &serde_json::json!({"error": "only GET and POST"}),
             ));
         }
         let resp = match req.uri().path() {
@@ -46,6 +71,7 @@ impl Api {
                 )
             }
             "/api/v1/config" => json(StatusCode::OK, &self.mesh.config_status()),
+            "/api/v1/ca" => json(StatusCode::OK, &self.ca.info()),
             "/healthz" => json(StatusCode::OK, &serde_json::json!({"ok": true})),
             _ => json(
                 StatusCode::NOT_FOUND,

@@ -12,10 +12,12 @@ use tokio_stream::wrappers::WatchStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::identity::Ca;
 use crate::mesh::Mesh;
 
 pub struct DiscoveryService {
     pub mesh: Arc<Mesh>,
+    pub ca: Arc<Ca>,
 }
 
 fn check_hello(h: &mut Hello) -> Result<(), Status> {
@@ -56,6 +58,10 @@ impl Discovery for DiscoveryService {
             ));
         };
         check_hello(&mut hello)?;
+        // Only a holder of the service's join token may register as it.
+        self.ca
+            .check_token(&hello.token, &hello.namespace, &hello.service)?;
+        hello.token.clear();
         let (tx, rx) = watch::channel(None);
         let mesh = self.mesh.clone();
         let (key, conn) = mesh.connect(hello, tx).await;

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod discovery;
+pub mod identity;
 pub mod mesh;
 pub mod stats;
 pub mod storage;
@@ -22,6 +23,7 @@ use anyhow::Context;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tandem_api::v1::discovery_server::DiscoveryServer;
+use tandem_api::v1::identity_server::IdentityServer;
 use tokio::net::TcpListener;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7700";
@@ -43,7 +45,16 @@ pub struct ControlConfig {
     /// while the registry fills again (longer than the proxies' longest
     /// reconnect backoff).
     pub warmup: Duration,
+    /// SPIFFE trust domain (fixed when the CA is created).
+    pub trust_domain: Option<String>,
+    /// Lifetime of issued certificates.
+    pub cert_lifetime: Duration,
+    /// A root CA (PEM certificate and key) to use instead of generating one.
+    pub ca_import: Option<(PathBuf, PathBuf)>,
 }
+
+/// Default lifetime of issued certificates.
+pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// Runs the control plane until `shutdown` resolves.
 pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -66,6 +77,18 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
             .with_context(|| format!("cannot use data directory {}", cfg.data_dir.display()))?,
     );
     let mesh = mesh::Mesh::new(config, storage, cfg.grace).await?;
+    let authority = tandem_identity::ca::Authority::open(
+        &cfg.data_dir,
+        cfg.trust_domain.as_deref(),
+        cfg.ca_import
+            .as_ref()
+            .map(|(c, k)| (c.as_path(), k.as_path())),
+    )
+    .context("certificate authority")?;
+    tracing::info!(trust_domain = %authority.trust_domain(), signer = %authority.signer_id(), roots = authority.root_ids().len(), "certificate authority ready");
+    let ca = identity::Ca::new(authority, cfg.cert_lifetime, mesh.clone())?;
+    ca.publish().await;
+    tokio::spawn(ca.clone().renew_own());
     let stats = Arc::new(stats::Stats::default());
 
     let grpc = TcpListener::bind(cfg.listen)
@@ -100,6 +123,7 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
     let api = Arc::new(api::Api {
         mesh: mesh.clone(),
         stats,
+        ca: ca.clone(),
     });
     tokio::spawn(async move {
         loop {
@@ -116,7 +140,7 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
         }
     });
 
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+    let incoming = tls_incoming(grpc, ca.tls.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()
@@ -124,7 +148,11 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
             // Pings notice a proxy that vanished without closing its stream.
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-            .add_service(DiscoveryServer::new(discovery::DiscoveryService { mesh }))
+            .add_service(DiscoveryServer::new(discovery::DiscoveryService {
+                mesh: mesh.clone(),
+                ca: ca.clone(),
+            }))
+            .add_service(IdentityServer::new(identity::IdentityService { ca, mesh }))
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stop_rx.await;
             }),
@@ -143,4 +171,92 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
     tokio::time::sleep(Duration::from_millis(200)).await;
     tracing::info!("control plane stopped");
     Ok(())
+}
+
+/// TLS connections on the gRPC port, handshaken off the accept loop (a slow
+/// or hostile client cannot hold up others).
+fn tls_incoming(
+    listener: TcpListener,
+    tls: Arc<tandem_identity::tls::TlsIdentity>,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsConn>> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(
+        tls.server_config_no_client_auth(&[tandem_identity::tls::ALPN_H2]),
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let sock = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = sock.set_nodelay(true);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(sock)).await {
+                    Ok(Ok(s)) => {
+                        let _ = tx.send(Ok(TlsConn(s))).await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "TLS handshake on the gRPC port failed")
+                    }
+                    Err(_) => tracing::debug!("TLS handshake on the gRPC port timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// A TLS connection to the gRPC port.
+pub struct TlsConn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+
+impl tonic::transport::server::Connected for TlsConn {
+    type ConnectInfo = ();
+    fn connect_info(&self) -> Self::ConnectInfo {}
+}
+
+impl tokio::io::AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
 }

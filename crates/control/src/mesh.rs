@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::Serialize;
-use tandem_api::v1::{Hello, Snapshot as WireSnapshot};
+use tandem_api::v1::{Certificate, Hello, Snapshot as WireSnapshot};
 use tandem_config::compile::{compile, Target};
-use tandem_config::snapshot::Endpoint;
+use tandem_config::snapshot::{Endpoint, Trust};
 use tandem_config::ResourceSet;
 use tokio::sync::watch;
 
@@ -44,6 +44,9 @@ struct Inner {
     next_version: u64,
     version_ceiling: u64,
     next_conn: u64,
+    /// The trust bundle every snapshot carries, and a counter of its changes.
+    trust: Option<Trust>,
+    trust_generation: u64,
 }
 
 /// The newest snapshot for one proxy. A slow proxy skips intermediate
@@ -64,6 +67,10 @@ struct ProxyEntry {
     sent_version: u64,
     acked_version: u64,
     nack: Option<String>,
+    /// Trust generation in the last snapshot sent, and in the last one acked.
+    trust_sent: u64,
+    trust_acked: u64,
+    certificate: Option<Certificate>,
 }
 
 /// One row of `tandem status`.
@@ -81,6 +88,12 @@ pub struct ProxyStatus {
     pub nack_reason: Option<String>,
     pub connected: bool,
     pub proxy_version: String,
+    /// The proxy's SPIFFE ID and certificate, as last reported or issued.
+    pub spiffe_id: Option<String>,
+    /// Unix seconds.
+    pub cert_not_after: Option<u64>,
+    pub cert_signer: Option<String>,
+    pub cert_serial: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -118,6 +131,8 @@ impl Mesh {
                 next_version: floor + 1,
                 version_ceiling: ceiling,
                 next_conn: 1,
+                trust: None,
+                trust_generation: 0,
             }),
             storage,
             grace,
@@ -191,6 +206,10 @@ impl Mesh {
             let interest = hello.interest.iter().cloned().collect();
             let held = hello.applied_version > 0
                 && self.warming.load(std::sync::atomic::Ordering::Relaxed);
+            let certificate = hello
+                .certificate
+                .clone()
+                .filter(|c| !c.spiffe_id.is_empty());
             g.proxies.insert(
                 key.clone(),
                 ProxyEntry {
@@ -204,6 +223,9 @@ impl Mesh {
                     sent_version: 0,
                     acked_version: 0,
                     nack: None,
+                    trust_sent: 0,
+                    trust_acked: 0,
+                    certificate,
                 },
             );
             conn
@@ -221,6 +243,7 @@ impl Mesh {
             p.acked_version = p.acked_version.max(version);
             if version == p.sent_version {
                 p.nack = None;
+                p.trust_acked = p.trust_sent;
             }
         }
     }
@@ -334,6 +357,7 @@ impl Mesh {
                 .unwrap_or_default()
         };
         let keys: Vec<ProxyKey> = g.proxies.keys().cloned().collect();
+        let (trust, trust_generation) = (g.trust.clone(), g.trust_generation);
         for key in keys {
             let body = {
                 let Some(p) = g.proxies.get(&key) else {
@@ -347,7 +371,9 @@ impl Mesh {
                     service: &p.hello.service,
                     interest: &p.interest,
                 };
-                compile(&config, &target, &lookup).to_json()
+                let mut snapshot = compile(&config, &target, &lookup);
+                snapshot.trust = trust.clone();
+                snapshot.to_json()
             };
             if g.proxies.get(&key).is_none_or(|p| p.last_body == body) {
                 continue;
@@ -356,6 +382,7 @@ impl Mesh {
             g.next_version += 1;
             if let Some(p) = g.proxies.get_mut(&key) {
                 p.sent_version = version;
+                p.trust_sent = trust_generation;
                 if let Some(tx) = &p.tx {
                     tx.send_replace(Some(WireSnapshot {
                         version,
@@ -385,12 +412,71 @@ impl Mesh {
                 nack_reason: p.nack.clone(),
                 connected: p.tx.is_some(),
                 proxy_version: p.hello.proxy_version.clone(),
+                spiffe_id: p.certificate.as_ref().map(|c| c.spiffe_id.clone()),
+                cert_not_after: p.certificate.as_ref().map(|c| c.not_after),
+                cert_signer: p.certificate.as_ref().map(|c| c.signer.clone()),
+                cert_serial: p.certificate.as_ref().map(|c| c.serial.clone()),
             })
             .collect();
         out.sort_by(|a, b| {
             (&a.namespace, &a.service, &a.instance).cmp(&(&b.namespace, &b.service, &b.instance))
         });
         out
+    }
+
+    /// Sets the trust bundle carried by every snapshot and pushes it;
+    /// returns its generation.
+    pub async fn set_trust(self: &Arc<Self>, trust: Trust) -> u64 {
+        let generation = {
+            let mut g = self.lock();
+            if g.trust.as_ref() == Some(&trust) {
+                return g.trust_generation;
+            }
+            g.trust = Some(trust);
+            g.trust_generation += 1;
+            g.trust_generation
+        };
+        self.push_all().await;
+        generation
+    }
+
+    /// Connected proxies that have not yet acknowledged a snapshot with
+    /// trust generation `generation` (or a later one).
+    pub fn trust_pending(&self, generation: u64) -> Vec<String> {
+        let g = self.lock();
+        g.proxies
+            .iter()
+            .filter(|(_, p)| p.tx.is_some() && !p.leaving && p.trust_acked < generation)
+            .map(|((ns, svc, inst), _)| format!("{ns}/{svc}/{inst}"))
+            .collect()
+    }
+
+    /// Records a certificate issued to (or reported by) a proxy.
+    pub fn set_certificate(&self, namespace: &str, service: &str, instance: &str, c: Certificate) {
+        let mut g = self.lock();
+        let key = (
+            namespace.to_string(),
+            service.to_string(),
+            instance.to_string(),
+        );
+        if let Some(p) = g.proxies.get_mut(&key) {
+            p.certificate = Some(c);
+        }
+    }
+
+    /// Connected proxies whose certificate was signed by one of `roots`.
+    pub fn certificates_signed_by(&self, roots: &[String]) -> Vec<String> {
+        let g = self.lock();
+        g.proxies
+            .iter()
+            .filter(|(_, p)| p.tx.is_some())
+            .filter(|(_, p)| {
+                p.certificate
+                    .as_ref()
+                    .is_some_and(|c| roots.contains(&c.signer))
+            })
+            .map(|((ns, svc, inst), _)| format!("{ns}/{svc}/{inst}"))
+            .collect()
     }
 
     /// Admin addresses of connected proxies, for stats collection.

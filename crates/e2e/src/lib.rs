@@ -244,6 +244,8 @@ pub struct Mesh {
     pub grpc: SocketAddr,
     pub api: SocketAddr,
     pub control: Option<Proc>,
+    /// Extra arguments of `tandem control`.
+    pub control_args: Vec<String>,
 }
 
 /// One service instance: a demo app and its sidecar.
@@ -262,6 +264,11 @@ pub struct Instance {
 
 impl Mesh {
     pub fn start(config: &str) -> Mesh {
+        Self::start_with(config, &[])
+    }
+
+    /// A mesh whose control plane gets `control_args` too.
+    pub fn start_with(config: &str, control_args: &[&str]) -> Mesh {
         let dir = TempDir::new("mesh");
         let config_dir = dir.0.join("config");
         std::fs::create_dir_all(&config_dir).unwrap();
@@ -271,6 +278,7 @@ impl Mesh {
             grpc: free_port(),
             api: free_port(),
             control: None,
+            control_args: control_args.iter().map(|s| s.to_string()).collect(),
             dir,
         };
         mesh.start_control();
@@ -291,6 +299,8 @@ impl Mesh {
             "--scrape-interval".into(),
             "500ms".into(),
         ];
+        let mut args = args;
+        args.extend(self.control_args.iter().cloned());
         let n = std::fs::read_dir(&self.dir.0)
             .map(|d| d.count())
             .unwrap_or(0);
@@ -299,6 +309,32 @@ impl Mesh {
         wait_for("control plane API", Duration::from_secs(20), || {
             api_json(api, "/healthz")
         });
+    }
+
+    /// The control plane's data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.0.join("data")
+    }
+
+    /// Mints a join token for `service` with `tandem token create`.
+    pub fn token(&self, service: &str) -> String {
+        self.token_with(&["--service", service])
+    }
+
+    /// `tandem token create` with these arguments (plus `--data`).
+    pub fn token_with(&self, args: &[&str]) -> String {
+        let out = Command::new(bin())
+            .args(["token", "create", "--data"])
+            .arg(self.data_dir())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tandem token create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 
     pub fn write_config(&self, file: &str, text: &str) {
@@ -386,6 +422,14 @@ impl Mesh {
             "--http-proxy".into(),
             inst.http_proxy.to_string(),
         ];
+        // A test may bring its own credentials.
+        if !extra
+            .iter()
+            .any(|a| *a == "--token" || *a == "--token-file")
+        {
+            args.push("--token".into());
+            args.push(self.token(&inst.service));
+        }
         for (name, addr) in &inst.upstreams {
             args.push("--upstream".into());
             args.push(format!("{name}={addr}"));
@@ -498,6 +542,62 @@ pub fn split_yaml(parent: &str, backends: &[(&str, u32)]) -> String {
     }
     s.push_str("---\n");
     s
+}
+
+/// Steady HTTP load in background threads: each sends `GET path` with
+/// `Host: host` to `addr` over fresh connections, one after the other.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<(u64, Vec<String>)>>,
+}
+
+impl Load {
+    pub fn start(
+        addr: SocketAddr,
+        host: &str,
+        path: &str,
+        threads: usize,
+        pause: Duration,
+    ) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..threads)
+            .map(|_| {
+                let (stop, host, path) = (stop.clone(), host.to_string(), path.to_string());
+                std::thread::spawn(move || {
+                    let (mut ok, mut failed) = (0u64, Vec::new());
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        match http_get(addr, &host, &path) {
+                            Some((200, _)) => ok += 1,
+                            other => failed.push(format!("{other:?}")),
+                        }
+                        std::thread::sleep(pause);
+                    }
+                    (ok, failed)
+                })
+            })
+            .collect();
+        Load { stop, threads }
+    }
+
+    /// Stops; returns (answered 200, descriptions of the failures).
+    pub fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (mut ok, mut failed) = (0, Vec::new());
+        for t in self.threads {
+            let (o, f) = t.join().unwrap();
+            ok += o;
+            failed.extend(f);
+        }
+        (ok, failed)
+    }
+}
+
+/// The value of a counter or gauge line (`name{labels} value`) in metrics text.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
 
 /// A small multi-threaded runtime for async clients inside a test.

@@ -82,10 +82,18 @@ fn http1_through_proxy_port_and_upstream_port() {
         .expect("curl");
     assert_eq!(String::from_utf8_lossy(&out.stdout), body);
 
-    // The app does not see the mesh's internal header.
-    let out = curl(&[&format!("http://{up}/headers")]);
+    // The app learns who calls from the caller's verified certificate; a
+    // value the calling app made up is replaced.
+    let out = curl(&[
+        "-H",
+        "tandem-client-id: spiffe://tandem.local/ns/default/svc/admin",
+        &format!("http://{up}/headers"),
+    ]);
     let h = json(&out.stdout);
-    assert!(h.get("tandem-src").is_none(), "{h}");
+    assert_eq!(
+        h["tandem-client-id"], "spiffe://tandem.local/ns/default/svc/client",
+        "{h}"
+    );
 
     // Golden-signal metrics on both sides name the pair.
     let m = client.metrics();
@@ -380,7 +388,7 @@ fn malformed_traffic_gets_an_answer_not_a_crash() {
         "GET / HTTP/1.1\r\nHost: web\r\nx-big: {}\r\n\r\n",
         "a".repeat(600_000)
     );
-    for addr in [client.http_proxy, client.upstream("web"), web.inbound] {
+    for addr in [client.http_proxy, client.upstream("web")] {
         // Not HTTP at all: a 400, or the connection is closed; never a hang.
         let r = exchange(addr, b"\x16\x03\x01 not http at all\r\n\r\n");
         assert!(r.is_empty() || r.starts_with("HTTP/1.1 400"), "{addr}: {r}");
@@ -391,6 +399,25 @@ fn malformed_traffic_gets_an_answer_not_a_crash() {
         let r = exchange(addr, b"G\x01T / HTTP/1.1\r\nHost: web\r\n\r\n");
         assert!(r.is_empty() || r.starts_with("HTTP/1.1 400"), "{addr}: {r}");
     }
+    // The inbound side speaks only mTLS: plaintext and a broken handshake
+    // are closed, and counted.
+    for bytes in [
+        // A TLS record header followed by a handshake that is not one.
+        &b"\x16\x03\x01\x00\x05hello"[..],
+        huge.as_bytes(),
+        b"G\x01T / HTTP/1.1\r\nHost: web\r\n\r\n",
+    ] {
+        assert_eq!(exchange(web.inbound, bytes), "");
+    }
+    let m = web.metrics();
+    assert!(
+        m.contains(r#"tandem_tls_handshakes_total{direction="inbound",result="plaintext"} 2"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"tandem_tls_handshakes_total{direction="inbound",result="protocol"} 1"#),
+        "{m}"
+    );
     // Both sidecars are still up and serving.
     let out = curl(&[&format!("http://{}/", client.upstream("web"))]);
     assert_eq!(json(&out.stdout)["service"], "web", "{}", out.stderr);

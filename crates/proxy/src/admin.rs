@@ -1,4 +1,4 @@
-//! The admin endpoint: `/metrics`, `/ready`, `/live`, `/config`.
+//! The admin endpoint: `/metrics`, `/ready`, `/live`, `/config`, `/certs`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -22,7 +22,13 @@ pub async fn handle(
         ),
         "/live" => (StatusCode::OK, "text/plain", Bytes::from_static(b"live\n")),
         "/ready" => {
-            if proxy.is_ready() {
+            if proxy.identity.tls.is_expired() {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    Bytes::from_static(b"not ready: the certificate expired\n"),
+                )
+            } else if proxy.is_ready() {
                 (StatusCode::OK, "text/plain", Bytes::from_static(b"ready\n"))
             } else {
                 (
@@ -46,6 +52,11 @@ pub async fn handle(
                 Bytes::from(serde_json::to_vec_pretty(&doc).unwrap_or_default()),
             )
         }
+        "/certs" => (
+            StatusCode::OK,
+            "application/json",
+            Bytes::from(serde_json::to_vec_pretty(&certs(&proxy)).unwrap_or_default()),
+        ),
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
@@ -58,4 +69,34 @@ pub async fn handle(
         resp.headers_mut().insert(http::header::CONTENT_TYPE, v);
     }
     Ok(resp)
+}
+
+/// The certificate chain and trust bundle (never the private key).
+fn certs(proxy: &Proxy) -> serde_json::Value {
+    use tandem_identity::ca::pem;
+    let tls = &proxy.identity.tls;
+    let leaf = tls.leaf();
+    let describe = |der: &[u8]| {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        match X509Certificate::from_der(der) {
+            Ok((_, c)) => serde_json::json!({
+                "subject": c.subject().to_string(),
+                "issuer": c.issuer().to_string(),
+                "serial": c.raw_serial_as_string(),
+                "not_before": c.validity().not_before.timestamp(),
+                "not_after": c.validity().not_after.timestamp(),
+                "pem": pem("CERTIFICATE", der),
+            }),
+            Err(_) => serde_json::json!({ "error": "does not parse" }),
+        }
+    };
+    serde_json::json!({
+        "spiffe_id": leaf.as_ref().map(|l| l.id.uri()),
+        "trust_domain": tls.trust_domain(),
+        "serving": !tls.is_expired() && leaf.is_some(),
+        "not_after": leaf.as_ref().map(|l| l.not_after_unix()),
+        "signer": leaf.as_ref().map(|l| l.signer.clone()),
+        "chain": leaf.as_ref().map(|l| l.chain().iter().map(|c| describe(c)).collect::<Vec<_>>()),
+        "bundle": tls.bundle().iter().map(|c| describe(c)).collect::<Vec<_>>(),
+    })
 }

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use tandem_api::v1::discovery_client::DiscoveryClient;
 use tandem_api::v1::{
-    control_message, proxy_message, Ack, Hello, Leave, Nack, ProxyMessage, Subscribe,
+    control_message, proxy_message, Ack, Certificate, Hello, Leave, Nack, ProxyMessage, Subscribe,
 };
-use tandem_config::snapshot::Snapshot;
+use tandem_config::snapshot::{Snapshot, Trust};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -55,12 +55,7 @@ async fn session(
     subscriptions: &mut mpsc::UnboundedReceiver<ToControl>,
     backoff: &mut Duration,
 ) -> anyhow::Result<()> {
-    let endpoint = tonic::transport::Endpoint::from_shared(proxy.cfg.control.clone())?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5));
-    let channel = endpoint.connect().await?;
+    let channel = proxy.identity.control_channel().await?;
     let mut client = DiscoveryClient::new(channel);
     let (tx, rx) = mpsc::channel::<ProxyMessage>(64);
     let hello = Hello {
@@ -77,6 +72,13 @@ async fn session(
         interest: proxy.interest(),
         proxy_version: env!("CARGO_PKG_VERSION").to_string(),
         applied_version: proxy.routing.load().version,
+        token: proxy.identity.token().to_string(),
+        certificate: proxy.identity.tls.leaf().map(|l| Certificate {
+            spiffe_id: l.id.uri(),
+            not_after: l.not_after_unix(),
+            signer: l.signer.clone(),
+            serial: crate::identity::serial_of(&l.key.cert[0]),
+        }),
     };
     tx.send(msg(proxy_message::Kind::Hello(hello))).await?;
     let mut stream = client.stream(ReceiverStream::new(rx)).await?.into_inner();
@@ -131,8 +133,15 @@ fn apply(proxy: &Proxy, version: u64, body: &[u8]) -> Result<(), String> {
             }
             Routing::build(version, s, &proxy.loads)
         });
+    let result = result.and_then(|r| {
+        if let Some(trust) = &r.snapshot.trust {
+            apply_trust(proxy, trust)?;
+        }
+        Ok(r)
+    });
     match result {
         Ok(routing) => {
+            proxy.peer_names.store(routing.peer_names.clone());
             proxy.routing.store(Arc::new(routing));
             proxy.metrics.config_version.set(version as i64);
             proxy
@@ -153,4 +162,31 @@ fn apply(proxy: &Proxy, version: u64, body: &[u8]) -> Result<(), String> {
             Err(e)
         }
     }
+}
+
+/// Takes the trust bundle of a snapshot; a new signing root means renewing
+/// under it.
+fn apply_trust(proxy: &Proxy, trust: &Trust) -> Result<(), String> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = Vec::with_capacity(trust.roots.len());
+    for pem in &trust.roots {
+        roots.push(
+            rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+                .map_err(|e| format!("trust bundle: {e}"))?,
+        );
+    }
+    if roots.is_empty() {
+        return Err("trust bundle is empty".into());
+    }
+    let tls = &proxy.identity.tls;
+    if tls
+        .set_bundle(roots)
+        .map_err(|e| format!("trust bundle: {e}"))?
+    {
+        tracing::info!(roots = trust.roots.len(), signer = %trust.signer, "trust bundle updated");
+    }
+    if tls.leaf().is_some_and(|l| l.signer != trust.signer) {
+        proxy.identity.renew_now.notify_one();
+    }
+    Ok(())
 }

@@ -31,9 +31,15 @@ pub enum MeshError {
     /// A destination the proxy has not seen before could not be looked up
     /// (control plane unreachable or slow).
     DiscoveryUnavailable,
+    /// The mTLS handshake with the peer sidecar failed (wrong identity,
+    /// untrusted certificate, or the peer refused this proxy's).
+    UpstreamTls,
+    /// This proxy's certificate expired and could not be renewed: it
+    /// refuses mesh traffic rather than send it without mTLS.
+    IdentityExpired,
 }
 
-const ALL: [MeshError; 8] = [
+const ALL: [MeshError; 10] = [
     MeshError::NoRoute,
     MeshError::UnknownService,
     MeshError::NoEndpoints,
@@ -42,6 +48,8 @@ const ALL: [MeshError; 8] = [
     MeshError::BadRequest,
     MeshError::NotConfigured,
     MeshError::DiscoveryUnavailable,
+    MeshError::UpstreamTls,
+    MeshError::IdentityExpired,
 ];
 
 impl MeshError {
@@ -55,6 +63,8 @@ impl MeshError {
             MeshError::BadRequest => "bad-request",
             MeshError::NotConfigured => "not-configured",
             MeshError::DiscoveryUnavailable => "discovery-unavailable",
+            MeshError::UpstreamTls => "upstream-tls-failure",
+            MeshError::IdentityExpired => "identity-expired",
         }
     }
 
@@ -71,7 +81,9 @@ impl MeshError {
             MeshError::NoEndpoints
             | MeshError::ConnectFailure
             | MeshError::NotConfigured
-            | MeshError::DiscoveryUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            | MeshError::DiscoveryUnavailable
+            | MeshError::UpstreamTls
+            | MeshError::IdentityExpired => StatusCode::SERVICE_UNAVAILABLE,
             MeshError::UpstreamReset => StatusCode::BAD_GATEWAY,
             MeshError::BadRequest => StatusCode::BAD_REQUEST,
         }

@@ -13,7 +13,6 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tandem_config::snapshot::Protocol;
@@ -23,36 +22,34 @@ use crate::error::{Body, MeshError};
 use crate::metrics::{Direction, Name, RequestLabels};
 use crate::route::{pick_weighted, select, RequestView};
 use crate::state::Destination;
+use crate::transport::Connector;
 use crate::Proxy;
 
-/// Header carrying the calling service between sidecars. It is set by the
-/// outbound sidecar and removed by the inbound one before the app sees it.
-pub const SRC_HEADER: &str = "tandem-src";
+/// The header the inbound sidecar sets to the caller's verified SPIFFE ID
+/// (and removes from anything that arrives, so it cannot be spoofed).
+pub const CLIENT_ID_HEADER: &str = "tandem-client-id";
 
 /// Connection pools towards endpoints and the local app, one per HTTP
-/// version. The connector is the seam where TLS to peer sidecars goes.
+/// version; the connector speaks mTLS to meshed endpoints.
 pub struct Clients {
-    h1: Client<HttpConnector, Incoming>,
-    h2: Client<HttpConnector, Incoming>,
+    h1: Client<Connector, Incoming>,
+    h2: Client<Connector, Incoming>,
 }
 
 impl Clients {
-    pub fn new() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(std::time::Duration::from_secs(3)));
+    pub fn new(h1: Connector, h2: Connector) -> Self {
         let h1 = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(std::time::Duration::from_secs(60))
-            .build(connector.clone());
+            .build(h1);
         let h2 = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .http2_only(true)
-            .build(connector);
+            .build(h2);
         Clients { h1, h2 }
     }
 
-    fn for_protocol(&self, p: Protocol) -> &Client<HttpConnector, Incoming> {
+    fn for_protocol(&self, p: Protocol) -> &Client<Connector, Incoming> {
         if p.is_h2() {
             &self.h2
         } else {
@@ -61,10 +58,12 @@ impl Clients {
     }
 }
 
-impl Default for Clients {
-    fn default() -> Self {
-        Self::new()
-    }
+/// The verified caller of an inbound connection.
+pub struct Peer {
+    /// Metric label: the calling service.
+    pub service: Name,
+    /// Its SPIFFE ID, as the `tandem-client-id` value.
+    pub client_id: HeaderValue,
 }
 
 /// Where outbound traffic of a listener goes.
@@ -182,15 +181,22 @@ async fn route_outbound(
             backend.name.clone(),
         ));
     };
+    let scheme = if ep.meshed {
+        // Never plaintext to a sidecar: with an expired certificate the
+        // request is refused here.
+        if proxy.identity.tls.is_expired() {
+            return Err((
+                MeshError::IdentityExpired,
+                "this proxy's certificate expired and could not be renewed".into(),
+                backend.name.clone(),
+            ));
+        }
+        Scheme::HTTPS
+    } else {
+        Scheme::HTTP
+    };
     let in_flight = ep.load.start();
-    let result = forward(
-        proxy,
-        req,
-        &ep.authority,
-        dest.protocol,
-        Some(&proxy.src_header),
-    )
-    .await;
+    let result = forward(proxy, req, &ep.authority, scheme, dest.protocol).await;
     match result {
         Ok(resp) => {
             // A peer sidecar that could not reach its own app answers fast
@@ -207,6 +213,7 @@ async fn route_outbound(
                             MeshError::ConnectFailure
                                 | MeshError::UpstreamReset
                                 | MeshError::NotConfigured
+                                | MeshError::IdentityExpired
                         )
                     });
             if peer_failed {
@@ -299,11 +306,17 @@ fn plausible_service_name(host: &str) -> bool {
 
 pub async fn inbound(
     proxy: Arc<Proxy>,
+    peer: Option<Arc<Peer>>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
-    let src = match req.headers_mut().remove(SRC_HEADER) {
-        Some(v) => proxy.peer_name(v.as_bytes()),
+    let headers = req.headers_mut();
+    headers.remove(CLIENT_ID_HEADER);
+    let src = match &peer {
+        Some(p) => {
+            headers.insert(CLIENT_ID_HEADER, p.client_id.clone());
+            p.service.clone()
+        }
         None => proxy.unknown.clone(),
     };
     let protocol = proxy.routing.load().inbound.as_ref().map(|i| i.protocol);
@@ -311,12 +324,16 @@ pub async fn inbound(
         None => {
             MeshError::NotConfigured.response("this proxy's service is not declared in the config")
         }
-        Some(protocol) => match forward(&proxy, req, &proxy.app_authority, protocol, None).await {
-            Ok(r) => r,
-            Err((e, detail)) => {
-                e.response(&format!("local app at {}: {detail}", proxy.app_authority))
+        Some(_) if proxy.identity.tls.is_expired() => MeshError::IdentityExpired
+            .response("this proxy's certificate expired and could not be renewed"),
+        Some(protocol) => {
+            match forward(&proxy, req, &proxy.app_authority, Scheme::HTTP, protocol).await {
+                Ok(r) => r,
+                Err((e, detail)) => {
+                    e.response(&format!("local app at {}: {detail}", proxy.app_authority))
+                }
             }
-        },
+        }
     };
     record(
         &proxy,
@@ -434,8 +451,8 @@ async fn forward(
     proxy: &Proxy,
     mut req: Request<Incoming>,
     authority: &Authority,
+    scheme: Scheme,
     protocol: Protocol,
-    src: Option<&HeaderValue>,
 ) -> Result<Response<Body>, (MeshError, String)> {
     let upgrade = is_upgrade(&req);
     // An HTTP/1.1 hop needs a Host; a request that came in over HTTP/2 has
@@ -454,9 +471,7 @@ async fn forward(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let mut uri = Uri::builder()
-        .scheme(Scheme::HTTP)
-        .authority(authority.clone());
+    let mut uri = Uri::builder().scheme(scheme).authority(authority.clone());
     uri = uri.path_and_query(pq);
     parts.uri = uri
         .build()
@@ -471,9 +486,6 @@ async fn forward(
             parts.headers.insert(HOST, h);
         }
     }
-    if let Some(src) = src {
-        parts.headers.insert(SRC_HEADER, src.clone());
-    }
     let req = Request::from_parts(parts, body);
     let mut resp = proxy
         .clients
@@ -482,7 +494,11 @@ async fn forward(
         .await
         .map_err(|e| {
             let kind = if e.is_connect() {
-                MeshError::ConnectFailure
+                if is_tls_error(&e) {
+                    MeshError::UpstreamTls
+                } else {
+                    MeshError::ConnectFailure
+                }
             } else {
                 MeshError::UpstreamReset
             };
@@ -501,6 +517,23 @@ async fn forward(
         });
     }
     Ok(resp.map(Either::Left))
+}
+
+/// Whether a connect error came from the TLS handshake.
+fn is_tls_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        if c.is::<rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if io.get_ref().is_some_and(|i| i.is::<rustls::Error>()) {
+                return true;
+            }
+        }
+        cur = c.source();
+    }
+    false
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

@@ -4,9 +4,11 @@
 //! destination's endpoints, routed and load-balanced per the snapshot the
 //! control plane pushes.
 //!
-//! Modules: [`control`] (the stream to the control plane), [`state`] (the
-//! routing table, swapped whole), [`route`] and [`balance`] (pure selection
-//! logic), [`http`] and [`tcp`] (the data path), [`admin`], [`metrics`].
+//! Modules: [`control`] (the stream to the control plane), [`identity`]
+//! (certificates: bootstrap and renewal), [`state`] (the routing table,
+//! swapped whole), [`route`] and [`balance`] (pure selection logic),
+//! [`http`], [`tcp`] and [`transport`] (the data path, mTLS between
+//! sidecars), [`admin`], [`metrics`].
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -14,10 +16,12 @@ pub mod balance;
 pub mod control;
 pub mod error;
 pub mod http;
+pub mod identity;
 pub mod metrics;
 pub mod route;
 pub mod state;
 pub mod tcp;
+pub mod transport;
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -26,7 +30,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use ::http::uri::Authority;
-use ::http::HeaderValue;
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use hyper::body::Incoming;
@@ -67,6 +70,10 @@ pub struct ProxyConfig {
     pub upstreams: Vec<(String, SocketAddr)>,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub drain_grace: Duration,
+    /// The join token for this service.
+    pub token: String,
+    /// A trust bundle to pin instead of learning it with the token.
+    pub ca_bundle: Option<Vec<rustls_pki_types::CertificateDer<'static>>>,
 }
 
 /// The state every listener shares.
@@ -76,8 +83,15 @@ pub struct Proxy {
     /// The label for a peer the proxy cannot name.
     unknown: Name,
     pub advertise: String,
-    src_header: HeaderValue,
     app_authority: Authority,
+    pub identity: Arc<identity::Identity>,
+    /// mTLS towards sidecars for opaque TCP.
+    tcp_tls: transport::MeshTls,
+    /// Inbound mTLS, for HTTP (ALPN h2, http/1.1) and for opaque TCP.
+    server_http: Arc<rustls::ServerConfig>,
+    server_tcp: Arc<rustls::ServerConfig>,
+    /// Endpoint → identity, for the HTTP clients' connector.
+    peer_names: Arc<ArcSwap<state::PeerNames>>,
     pub routing: ArcSwap<Routing>,
     pub routing_changed: watch::Sender<u64>,
     pub metrics: Metrics,
@@ -85,8 +99,7 @@ pub struct Proxy {
     loads: LoadCache,
     interest: Mutex<BTreeSet<String>>,
     to_control: mpsc::UnboundedSender<ToControl>,
-    /// Calling services seen inbound, interned (and bounded: the name comes
-    /// from a request header).
+    /// Calling services seen inbound, interned (and bounded).
     peers: RwLock<HashMap<Box<[u8]>, Name>>,
 }
 
@@ -131,7 +144,7 @@ impl Proxy {
         true
     }
 
-    /// The metric label for a calling service named in a request header.
+    /// The metric label for a calling service (from its certificate).
     fn peer_name(&self, raw: &[u8]) -> Name {
         let valid = !raw.is_empty()
             && raw.len() <= 63
@@ -184,6 +197,37 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
         upstreams.push((name.clone(), bind(*addr, "upstream").await?));
     }
 
+    tokio::pin!(shutdown);
+    let metrics = Metrics::new();
+    // No traffic without an identity: get the trust bundle and a first
+    // certificate before anything else.
+    let bootstrap = identity::Identity::bootstrap(
+        &cfg.control,
+        &cfg.namespace,
+        &cfg.service,
+        &cfg.instance,
+        &cfg.token,
+        cfg.ca_bundle.clone(),
+        &metrics,
+    );
+    let identity = tokio::select! {
+        r = bootstrap => r?,
+        _ = &mut shutdown => return Ok(()),
+    };
+    let tls = identity.tls.clone();
+    let handshakes = metrics.handshakes.clone();
+    let mesh_tls = |alpn: &[&[u8]]| transport::MeshTls {
+        config: tls.client_config(alpn),
+        handshakes: handshakes.clone(),
+    };
+    let peer_names = Arc::new(ArcSwap::from_pointee(state::PeerNames::new()));
+    let connector = |alpn: &[&[u8]]| transport::Connector {
+        tls: mesh_tls(alpn),
+        names: peer_names.clone(),
+    };
+    use tandem_identity::tls::{ALPN_H2, ALPN_HTTP11};
+    let clients = Clients::new(connector(&[ALPN_HTTP11]), connector(&[ALPN_H2]));
+
     let (sub_tx, sub_rx) = mpsc::unbounded_channel();
     let interest: BTreeSet<String> = cfg.upstreams.iter().map(|(n, _)| n.clone()).collect();
     let proxy = Arc::new(Proxy {
@@ -193,13 +237,16 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
             .advertise
             .clone()
             .unwrap_or_else(|| cfg.inbound.to_string()),
-        src_header: HeaderValue::from_str(&cfg.service)
-            .context("service name is not a valid header value")?,
         app_authority: Authority::try_from(cfg.app.to_string().as_str())?,
+        tcp_tls: mesh_tls(&[]),
+        server_http: tls.server_config(&[ALPN_H2, ALPN_HTTP11]),
+        server_tcp: tls.server_config(&[]),
+        peer_names,
+        identity,
         routing: ArcSwap::from_pointee(Routing::empty()),
         routing_changed: watch::channel(0).0,
-        metrics: Metrics::new(),
-        clients: Clients::new(),
+        metrics,
+        clients,
         loads: LoadCache::default(),
         interest: Mutex::new(interest),
         to_control: sub_tx,
@@ -217,8 +264,8 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
         tokio::spawn(serve_http(admin, stop_rx.clone(), None, svc));
     }
     tokio::spawn(control::run(proxy.clone(), sub_rx, stop_rx.clone()));
+    tokio::spawn(identity::keep_fresh(proxy.clone(), stop_rx.clone()));
 
-    tokio::pin!(shutdown);
     // Data listeners open once the first snapshot says how to serve; until
     // then connections wait in the accept backlog.
     let mut changed = proxy.routing_changed.subscribe();
@@ -299,19 +346,19 @@ async fn serve_http<F, Fut, B>(
     }
 }
 
-async fn serve_http_conn<F, Fut, B>(
-    sock: TcpStream,
+async fn serve_http_conn<I, F, Fut, B>(
+    sock: I,
     mut stop: watch::Receiver<bool>,
     drain: Option<Drain>,
     handler: F,
 ) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     F: Fn(::http::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<::http::Response<B>, std::convert::Infallible>> + Send + 'static,
     B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let _drain = drain;
-    let _ = sock.set_nodelay(true);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // The timer enables hyper's header read timeout (30 s): a client that
     // trickles its request headers is cut off instead of holding a
@@ -341,7 +388,10 @@ async fn accept(listener: &TcpListener, stop: &mut watch::Receiver<bool>) -> Opt
     loop {
         tokio::select! {
             r = listener.accept() => match r {
-                Ok((s, _)) => return Some(s),
+                Ok((s, _)) => {
+                    let _ = s.set_nodelay(true);
+                    return Some(s);
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -359,36 +409,124 @@ async fn serve_inbound(
     drain: Drain,
 ) {
     while let Some(sock) = accept(&listener, &mut stop).await {
-        let protocol = proxy.routing.load().inbound.as_ref().map(|i| i.protocol);
-        match protocol {
-            Some(tandem_config::snapshot::Protocol::Tcp) => {
-                let (p, d) = (proxy.clone(), drain.clone());
-                let app = proxy.cfg.app;
-                let me = proxy.service.clone();
-                tokio::spawn(async move {
-                    let _d = d;
-                    let unknown = p.unknown.clone();
-                    tcp::relay(p, sock, app, Direction::inbound, unknown, me).await;
-                });
-            }
-            Some(_) => {
-                let p = proxy.clone();
-                let svc = move |req| http::inbound(p.clone(), req);
-                tokio::spawn(serve_http_conn(
-                    sock,
-                    stop.clone(),
-                    Some(drain.clone()),
-                    svc,
-                ));
-            }
-            None => {
-                tracing::warn!(
-                    "inbound connection refused: service `{}` is not declared in the config",
-                    proxy.cfg.service
-                );
-                drop(sock);
-            }
+        tokio::spawn(inbound_conn(
+            proxy.clone(),
+            sock,
+            stop.clone(),
+            drain.clone(),
+        ));
+    }
+}
+
+/// One inbound connection: mTLS (or, for a permissive service, plaintext),
+/// then HTTP or opaque TCP to the app.
+async fn inbound_conn(
+    proxy: Arc<Proxy>,
+    sock: TcpStream,
+    stop: watch::Receiver<bool>,
+    drain: Drain,
+) {
+    let Some(inbound) = proxy.routing.load().inbound.clone() else {
+        tracing::warn!(
+            "inbound connection refused: service `{}` is not declared in the config",
+            proxy.cfg.service
+        );
+        return;
+    };
+    let count = |result: &'static str| {
+        proxy
+            .metrics
+            .handshakes
+            .get_or_create(&metrics::HandshakeLabels {
+                direction: Direction::inbound,
+                result,
+            })
+            .inc();
+    };
+    // A TLS connection starts with a handshake record (0x16); peeking tells
+    // it from plaintext without consuming anything.
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(transport::HANDSHAKE_TIMEOUT, sock.peek(&mut first)).await {
+        Ok(Ok(1)) => {}
+        Ok(_) => return,
+        Err(_) => {
+            count("timeout");
+            return;
         }
+    }
+    let (conn, peer) = if first[0] != 0x16 {
+        if inbound.mtls != tandem_config::snapshot::MtlsMode::Permissive {
+            count("plaintext");
+            tracing::debug!("plaintext connection refused: the service requires mTLS");
+            return;
+        }
+        if proxy.identity.tls.is_expired() {
+            return;
+        }
+        proxy.metrics.plaintext.inc();
+        (transport::Inbound::Plain(sock), None)
+    } else {
+        let cfg = if inbound.protocol.is_http() {
+            proxy.server_http.clone()
+        } else {
+            proxy.server_tcp.clone()
+        };
+        let accepted = tokio::time::timeout(
+            transport::HANDSHAKE_TIMEOUT,
+            tokio_rustls::TlsAcceptor::from(cfg).accept(sock),
+        )
+        .await;
+        let tls = match accepted {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let reason = tandem_identity::tls::failure_reason(&e);
+                count(reason);
+                tracing::debug!(%reason, error = %e, "inbound mTLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                count("timeout");
+                return;
+            }
+        };
+        let id = tandem_identity::tls::peer_id(
+            tls.get_ref().1.peer_certificates(),
+            proxy.identity.tls.trust_domain(),
+        );
+        let Some(id) = id else {
+            count("not-an-svid");
+            return;
+        };
+        count("ok");
+        let peer = ::http::HeaderValue::from_str(&id.uri())
+            .ok()
+            .map(|client_id| {
+                Arc::new(http::Peer {
+                    service: proxy.peer_name(id.service.as_bytes()),
+                    client_id,
+                })
+            });
+        (transport::Inbound::Tls(Box::new(tls)), peer)
+    };
+    if inbound.protocol.is_http() {
+        let p = proxy.clone();
+        let svc = move |req| http::inbound(p.clone(), peer.clone(), req);
+        serve_http_conn(conn, stop, Some(drain), svc).await;
+    } else {
+        let _d = drain;
+        let src = peer
+            .map(|p| p.service.clone())
+            .unwrap_or_else(|| proxy.unknown.clone());
+        let (app, me) = (proxy.cfg.app, proxy.service.clone());
+        tcp::relay(
+            proxy,
+            conn,
+            tcp::Target::Plain(app),
+            Direction::inbound,
+            src,
+            me,
+        )
+        .await;
     }
 }
 
@@ -418,15 +556,11 @@ async fn serve_upstream(
                     // Counts as outstanding for balancing; its duration is
                     // not a latency, so nothing is observed.
                     let _pending = ep.load.open();
-                    tcp::relay(
-                        p,
-                        sock,
-                        ep.load.addr,
-                        Direction::outbound,
-                        me,
-                        dest.name.clone(),
-                    )
-                    .await;
+                    let target = match ep.server_name.clone() {
+                        Some(name) => tcp::Target::Mesh(ep.addr(), name),
+                        None => tcp::Target::Plain(ep.addr()),
+                    };
+                    tcp::relay(p, sock, target, Direction::outbound, me, dest.name.clone()).await;
                 });
             }
             // HTTP, or a destination not known yet: the HTTP path routes,

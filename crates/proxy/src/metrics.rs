@@ -64,6 +64,13 @@ pub struct ConfigLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub direction: Direction,
+    /// `ok`, or why it failed (`no-client-cert`, `unknown-ca`, `expired`, ...).
+    pub result: &'static str,
+}
+
 pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub latency: Family<RequestLabels, Histogram>,
@@ -75,6 +82,10 @@ pub struct Metrics {
     pub config_updates: Family<ConfigLabels, Counter>,
     pub config_version: Gauge,
     pub control_connected: Gauge,
+    pub handshakes: Family<HandshakeLabels, Counter>,
+    pub plaintext: Counter,
+    pub cert_expiry: Gauge,
+    pub renewals: Family<ConfigLabels, Counter>,
     registry: Registry,
 }
 
@@ -98,7 +109,31 @@ impl Metrics {
         let config_updates = Family::<ConfigLabels, Counter>::default();
         let config_version = Gauge::default();
         let control_connected = Gauge::default();
+        let handshakes = Family::<HandshakeLabels, Counter>::default();
+        let plaintext = Counter::default();
+        let cert_expiry = Gauge::default();
+        let renewals = Family::<ConfigLabels, Counter>::default();
         let mut r = Registry::with_prefix("tandem");
+        r.register(
+            "tls_handshakes",
+            "mTLS handshakes between sidecars, by direction and result (ok or the reason of the failure)",
+            handshakes.clone(),
+        );
+        r.register(
+            "inbound_plaintext_connections",
+            "Plaintext connections accepted by a permissive inbound side (migration is done when this stops growing)",
+            plaintext.clone(),
+        );
+        r.register(
+            "identity_cert_expiry_seconds",
+            "When this proxy's certificate expires, Unix seconds",
+            cert_expiry.clone(),
+        );
+        r.register(
+            "identity_renewals",
+            "Certificate requests to the control plane, by result (issued or failed)",
+            renewals.clone(),
+        );
         r.register(
             "requests",
             "HTTP requests handled, by direction, service pair and status",
@@ -160,6 +195,10 @@ impl Metrics {
             config_updates,
             config_version,
             control_connected,
+            handshakes,
+            plaintext,
+            cert_expiry,
+            renewals,
             registry: r,
         }
     }

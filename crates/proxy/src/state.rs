@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
 
 use http::uri::Authority;
+use rustls_pki_types::ServerName;
 use tandem_config::snapshot::{Inbound, Protocol, Route, Snapshot};
 
 use crate::balance::{p2c, EndpointLoad};
@@ -18,6 +19,7 @@ pub struct Routing {
     /// Keyed by `name` (same namespace as the proxy) and `name.namespace`.
     destinations: HashMap<Box<str>, Arc<Destination>>,
     unknown: HashSet<Box<str>>,
+    pub peer_names: Arc<PeerNames>,
 }
 
 pub struct Destination {
@@ -38,9 +40,22 @@ pub struct Backend {
 #[derive(Clone)]
 pub struct Endpoint {
     pub authority: Authority,
+    /// Set for an endpoint with a sidecar: the name the mTLS connection is
+    /// made with, naming the identity the peer must prove.
+    pub server_name: Option<ServerName<'static>>,
     pub meshed: bool,
     pub load: Arc<EndpointLoad>,
 }
+
+impl Endpoint {
+    pub fn addr(&self) -> SocketAddr {
+        self.load.addr
+    }
+}
+
+/// Endpoint address → the identity its sidecar must have, for the
+/// connector (which sees only the address).
+pub type PeerNames = HashMap<Box<str>, ServerName<'static>>;
 
 impl Backend {
     /// Power of two choices over the endpoints' peak-EWMA cost.
@@ -59,6 +74,7 @@ impl Routing {
             inbound: None,
             destinations: HashMap::new(),
             unknown: HashSet::new(),
+            peer_names: Arc::new(PeerNames::new()),
         }
     }
 
@@ -74,6 +90,7 @@ impl Routing {
     /// Builds a table; `loads` keeps endpoint load state across snapshots.
     pub fn build(version: u64, snapshot: Snapshot, loads: &LoadCache) -> Result<Self, String> {
         let mut destinations = HashMap::new();
+        let mut peer_names = PeerNames::new();
         for d in &snapshot.destinations {
             let mut backends = Vec::with_capacity(d.backends.len());
             for b in &d.backends {
@@ -84,8 +101,15 @@ impl Routing {
                     })?;
                     let authority = Authority::try_from(addr.to_string().as_str())
                         .map_err(|err| format!("endpoint `{}`: {err}", e.address))?;
+                    let server_name = e
+                        .meshed
+                        .then(|| tandem_identity::tls::server_name(&b.namespace, &b.name));
+                    if let Some(n) = &server_name {
+                        peer_names.insert(authority.as_str().into(), n.clone());
+                    }
                     endpoints.push(Endpoint {
                         authority,
+                        server_name,
                         meshed: e.meshed,
                         load: loads.get(addr),
                     });
@@ -142,6 +166,7 @@ impl Routing {
             snapshot: Arc::new(snapshot),
             destinations,
             unknown,
+            peer_names: Arc::new(peer_names),
         })
     }
 }
@@ -198,6 +223,7 @@ mod tests {
                 }],
             }],
             unknown: vec!["ghost".into()],
+            trust: None,
         }
     }
 
@@ -210,6 +236,13 @@ mod tests {
         assert!(r.destination("api.default").is_some());
         assert!(r.destination("web").is_none());
         assert!(r.is_unknown("ghost"));
+        // The meshed endpoint's sidecar must prove the identity of `api`.
+        assert_eq!(
+            r.peer_names
+                .get("127.0.0.1:9")
+                .map(|n| n.to_str().into_owned()),
+            Some("api.default".to_string())
+        );
     }
 
     #[test]

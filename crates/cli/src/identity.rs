@@ -1,0 +1,139 @@
+//! `tandem token ...` (offline, with the control plane's data directory)
+//! and `tandem ca ...` (through the control plane's API).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use tandem_identity::ca::Authority;
+use tandem_identity::spiffe::{valid_label, SYSTEM_NAMESPACE};
+
+use crate::api::{block_on, call_json, get_json, human};
+
+pub fn token_create(
+    data: &Path,
+    namespace: &str,
+    service: &str,
+    ttl: Duration,
+    json: bool,
+) -> anyhow::Result<()> {
+    for (what, v) in [("namespace", namespace), ("service", service)] {
+        if !valid_label(v) {
+            anyhow::bail!("`{v}` is not a valid {what} name (lower-case letters, digits and `-`)");
+        }
+    }
+    if namespace == SYSTEM_NAMESPACE {
+        anyhow::bail!("namespace `{SYSTEM_NAMESPACE}` is reserved for the mesh itself");
+    }
+    if ttl.is_zero() {
+        anyhow::bail!("--ttl must be more than zero");
+    }
+    let ca = Authority::open(data, None, None)
+        .with_context(|| format!("certificate authority in {}", data.display()))?;
+    let (claims, token) = ca.mint_token(namespace, service, ttl);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "token": token,
+                "id": claims.id,
+                "spiffe_id": format!("spiffe://{}/ns/{}/svc/{}", claims.td, claims.ns, claims.svc),
+                "expires": claims.exp,
+            }))?
+        );
+    } else {
+        println!("{token}");
+        eprintln!(
+            "token {} for spiffe://{}/ns/{}/svc/{}, valid for {}",
+            claims.id,
+            claims.td,
+            claims.ns,
+            claims.svc,
+            human(ttl.as_secs())
+        );
+    }
+    Ok(())
+}
+
+pub fn token_revoke(data: &Path, id: &str) -> anyhow::Result<()> {
+    let ca = Authority::open(data, None, None)
+        .with_context(|| format!("certificate authority in {}", data.display()))?;
+    ca.revoke(id)?;
+    eprintln!("token {id} revoked: it can no longer register a proxy or obtain a certificate");
+    Ok(())
+}
+
+pub fn ca_show(api: SocketAddr, json: bool) -> anyhow::Result<()> {
+    block_on(async {
+        let v = get_json(api, "/api/v1/ca").await?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            return Ok(());
+        }
+        let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
+        println!("trust domain:  {}", s("trust_domain"));
+        println!("signing root:  {}", s("signer"));
+        let roots: Vec<String> = v["roots"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.as_str().map(String::from))
+            .collect();
+        println!("trust bundle:  {}", roots.join(", "));
+        println!(
+            "rotation:      {}",
+            v["rotation"]["phase"].as_str().unwrap_or("idle")
+        );
+        Ok(())
+    })
+}
+
+/// Starts a rotation and follows it until the new root signs.
+pub fn ca_rotate(api: SocketAddr, wait: bool) -> anyhow::Result<()> {
+    block_on(async {
+        let r = call_json(api, hyper::Method::POST, "/api/v1/ca/rotate").await?;
+        let root = r["new_root"].as_str().unwrap_or("").to_string();
+        println!("new root {root} added to the trust bundle; proxies are learning it");
+        if !wait {
+            return Ok(());
+        }
+        let end = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let v = get_json(api, "/api/v1/ca").await?;
+            if v["signer"].as_str() == Some(root.as_str()) {
+                println!("root {root} now signs; proxies renew under it. Retire the old root with `tandem ca retire` once `tandem status` shows every proxy signed by {root}.");
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > end {
+                anyhow::bail!(
+                    "the new root did not start signing within 2 minutes; see `tandem ca show`"
+                );
+            }
+        }
+    })
+}
+
+pub fn ca_retire(api: SocketAddr, force: bool) -> anyhow::Result<()> {
+    block_on(async {
+        let path = if force {
+            "/api/v1/ca/retire?force=true"
+        } else {
+            "/api/v1/ca/retire"
+        };
+        let v = call_json(api, hyper::Method::POST, path).await?;
+        let retired: Vec<String> = v["retired"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.as_str().map(String::from))
+            .collect();
+        if retired.is_empty() {
+            println!("nothing to retire: the bundle holds only the signing root");
+        } else {
+            println!("retired: {}", retired.join(", "));
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,374 @@
+//! The control plane's certificate authority at work: the `Identity` gRPC
+//! service (trust bundle with proof, CSR signing against join tokens), the
+//! control plane's own serving certificate, the trust bundle pushed in every
+//! snapshot, and root rotation:
+//!
+//! 1. `rotate` adds a new root to the bundle; the old root still signs.
+//! 2. Once every connected proxy has acknowledged a snapshot carrying the
+//!    new bundle (or after [`PROMOTE_WAIT`]), the new root starts signing
+//!    and the snapshots say so; each proxy renews under it.
+//! 3. `retire` removes the old root once no proxy still uses a certificate
+//!    it signed.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+use tandem_api::v1::identity_server::Identity;
+use tandem_api::v1::{BundleRequest, BundleResponse, Certificate, CertifyRequest, CertifyResponse};
+use tandem_config::snapshot::Trust;
+use tandem_identity::ca::{csr_requested_uris, pem, unix_now, Authority};
+use tandem_identity::tls::TlsIdentity;
+use tandem_identity::token::{self, Claims};
+use tandem_identity::SpiffeId;
+use tonic::{Request, Response, Status};
+
+use crate::mesh::Mesh;
+
+/// Longest wait for every proxy to learn a new root before it signs.
+pub const PROMOTE_WAIT: Duration = Duration::from_secs(30);
+
+pub struct Ca {
+    authority: Mutex<Authority>,
+    /// Lifetime of the certificates issued.
+    pub lifetime: Duration,
+    /// The control plane's own identity, for its gRPC port.
+    pub tls: Arc<TlsIdentity>,
+    mesh: Arc<Mesh>,
+    rotation: Mutex<Rotation>,
+    renew_now: tokio::sync::Notify,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Rotation {
+    /// `idle`, `distributing` (new root in the bundle, old one signs) or
+    /// `promoted` (new root signs; the old one can be retired).
+    pub phase: String,
+    pub new_root: Option<String>,
+    /// Proxies that have not acknowledged the new bundle yet.
+    pub pending: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CaInfo {
+    pub trust_domain: String,
+    pub roots: Vec<String>,
+    pub signer: String,
+    pub cert_lifetime_seconds: u64,
+    pub rotation: Rotation,
+    pub bundle_pem: String,
+}
+
+impl Ca {
+    pub fn new(
+        authority: Authority,
+        lifetime: Duration,
+        mesh: Arc<Mesh>,
+    ) -> anyhow::Result<Arc<Ca>> {
+        let tls = TlsIdentity::new(authority.trust_domain(), authority.bundle())?;
+        let ca = Arc::new(Ca {
+            authority: Mutex::new(authority),
+            lifetime,
+            tls,
+            mesh,
+            rotation: Mutex::new(Rotation {
+                phase: "idle".into(),
+                ..Rotation::default()
+            }),
+            renew_now: tokio::sync::Notify::new(),
+        });
+        ca.issue_own()?;
+        Ok(ca)
+    }
+
+    fn authority(&self) -> MutexGuard<'_, Authority> {
+        match self.authority.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn rotation(&self) -> MutexGuard<'_, Rotation> {
+        match self.rotation.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    pub fn trust_domain(&self) -> String {
+        self.authority().trust_domain().to_string()
+    }
+
+    pub fn trust(&self) -> Trust {
+        let a = self.authority();
+        Trust {
+            roots: a.bundle().iter().map(|d| pem("CERTIFICATE", d)).collect(),
+            signer: a.signer_id().to_string(),
+        }
+    }
+
+    /// Pushes the current bundle to every proxy; returns its generation.
+    pub async fn publish(&self) -> u64 {
+        let trust = self.trust();
+        self.mesh.set_trust(trust).await
+    }
+
+    /// (Re-)issues the control plane's own serving certificate.
+    fn issue_own(&self) -> anyhow::Result<()> {
+        let (issued, key) = {
+            let a = self.authority();
+            self.tls.set_bundle(a.bundle())?;
+            a.issue_local(&SpiffeId::control(a.trust_domain()), self.lifetime)?
+        };
+        self.tls.set_cert(issued.chain, key, issued.signer)?;
+        Ok(())
+    }
+
+    /// Keeps the control plane's own certificate fresh: renewed at 70 % of
+    /// its life, or at once after a rotation step.
+    pub async fn renew_own(self: Arc<Self>) {
+        loop {
+            let wait = self
+                .tls
+                .leaf()
+                .and_then(|l| {
+                    let total = self.lifetime.mul_f64(0.7);
+                    let left = l.not_after.duration_since(SystemTime::now()).ok()?;
+                    Some(total.min(left.mul_f64(0.7)))
+                })
+                .unwrap_or(Duration::from_secs(1));
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.renew_now.notified() => {}
+            }
+            if let Err(e) = self.issue_own() {
+                tracing::error!(error = %e, "cannot renew the control plane's certificate");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+
+    pub fn info(&self) -> CaInfo {
+        let a = self.authority();
+        CaInfo {
+            trust_domain: a.trust_domain().to_string(),
+            roots: a.root_ids(),
+            signer: a.signer_id().to_string(),
+            cert_lifetime_seconds: self.lifetime.as_secs(),
+            rotation: self.rotation().clone(),
+            bundle_pem: a.bundle_pem(),
+        }
+    }
+
+    /// Checks a join token and that it names `namespace/service`.
+    pub fn check_token(
+        &self,
+        token: &str,
+        namespace: &str,
+        service: &str,
+    ) -> Result<Claims, Status> {
+        let claims = self
+            .authority()
+            .verify_token(token)
+            .map_err(|e| Status::unauthenticated(format!("join token refused: {e}")))?;
+        if claims.ns != namespace || claims.svc != service {
+            return Err(Status::permission_denied(format!(
+                "join token refused: it is for {}/{}, not {namespace}/{service}",
+                claims.ns, claims.svc
+            )));
+        }
+        Ok(claims)
+    }
+
+    /// Step 1 of a root rotation; steps 2 follows by itself.
+    pub async fn rotate(self: &Arc<Self>) -> Result<Rotation, String> {
+        let new_root = {
+            let mut r = self.rotation();
+            if r.phase == "distributing" {
+                return Err("a rotation is already in progress".into());
+            }
+            let id = self.authority().add_root().map_err(|e| e.to_string())?;
+            *r = Rotation {
+                phase: "distributing".into(),
+                new_root: Some(id.clone()),
+                pending: Vec::new(),
+            };
+            id
+        };
+        tracing::info!(root = %new_root, "root rotation: new root added to the trust bundle");
+        let _ = self.tls.set_bundle(self.authority().bundle());
+        let generation = self.publish().await;
+        let me = self.clone();
+        tokio::spawn(async move { me.promote_when_distributed(new_root, generation).await });
+        Ok(self.rotation().clone())
+    }
+
+    async fn promote_when_distributed(self: Arc<Self>, root: String, generation: u64) {
+        let start = Instant::now();
+        loop {
+            let pending = self.mesh.trust_pending(generation);
+            self.rotation().pending = pending.clone();
+            if pending.is_empty() {
+                break;
+            }
+            if start.elapsed() > PROMOTE_WAIT {
+                tracing::warn!(?pending, "root rotation: proxies did not acknowledge the new bundle in time; promoting anyway");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if let Err(e) = self.authority().promote(&root) {
+            tracing::error!(error = %e, "root rotation: cannot promote the new root");
+            self.rotation().phase = "failed".into();
+            return;
+        }
+        if let Err(e) = self.issue_own() {
+            tracing::error!(error = %e, "cannot re-issue the control plane's certificate");
+        }
+        self.renew_now.notify_one();
+        {
+            let mut r = self.rotation();
+            r.phase = "promoted".into();
+            r.pending.clear();
+        }
+        tracing::info!(root = %root, "root rotation: new root signs; proxies renew under it");
+        self.publish().await;
+    }
+
+    /// Step 3: removes every root but the signing one.
+    pub async fn retire(&self, force: bool) -> Result<Vec<String>, String> {
+        let (signer, others) = {
+            let a = self.authority();
+            let signer = a.signer_id().to_string();
+            let others: Vec<String> = a.root_ids().into_iter().filter(|r| *r != signer).collect();
+            (signer, others)
+        };
+        if self.rotation().phase == "distributing" {
+            return Err("a rotation is in progress; retire once the new root signs".into());
+        }
+        if others.is_empty() {
+            return Ok(Vec::new());
+        }
+        let users = self.mesh.certificates_signed_by(&others);
+        if !users.is_empty() && !force {
+            return Err(format!(
+                "proxies still use certificates signed by a root to retire: {}; wait for them to renew (or force)",
+                users.join(", ")
+            ));
+        }
+        let retired = self
+            .authority()
+            .retire_others()
+            .map_err(|e| e.to_string())?;
+        tracing::info!(?retired, signer = %signer, "roots retired");
+        let _ = self.tls.set_bundle(self.authority().bundle());
+        *self.rotation() = Rotation {
+            phase: "idle".into(),
+            ..Rotation::default()
+        };
+        self.publish().await;
+        Ok(retired)
+    }
+}
+
+pub struct IdentityService {
+    pub ca: Arc<Ca>,
+    pub mesh: Arc<Mesh>,
+}
+
+#[tonic::async_trait]
+impl Identity for IdentityService {
+    async fn bundle(
+        &self,
+        request: Request<BundleRequest>,
+    ) -> Result<Response<BundleResponse>, Status> {
+        let claims_part = request.into_inner().claims;
+        let (roots, mac, td) = {
+            let a = self.ca.authority();
+            // Only the claims travel here: the channel is not yet verified
+            // by the caller, so it must not see the token itself.
+            let claims = token::decode_claims(&claims_part)
+                .map_err(|_| Status::invalid_argument("the token's claims do not parse"))?;
+            if claims.exp <= unix_now() {
+                return Err(Status::unauthenticated(
+                    "join token refused: the token expired",
+                ));
+            }
+            if a.revoked().contains(&claims.id) {
+                return Err(Status::unauthenticated(
+                    "join token refused: the token was revoked",
+                ));
+            }
+            (
+                a.bundle(),
+                a.token_key().mac_for(&claims_part),
+                a.trust_domain().to_string(),
+            )
+        };
+        let proof = token::bundle_proof(&mac, &roots);
+        Ok(Response::new(BundleResponse {
+            roots: roots.into_iter().map(|r| r.to_vec()).collect(),
+            proof,
+            trust_domain: td,
+        }))
+    }
+
+    async fn certify(
+        &self,
+        request: Request<CertifyRequest>,
+    ) -> Result<Response<CertifyResponse>, Status> {
+        let req = request.into_inner();
+        let claims = {
+            let a = self.ca.authority();
+            a.verify_token(&req.token)
+                .map_err(|e| Status::unauthenticated(format!("join token refused: {e}")))?
+        };
+        let id = SpiffeId::new(&claims.td, &claims.ns, &claims.svc);
+        let asked =
+            csr_requested_uris(&req.csr).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let Some(other) = asked.iter().find(|u| **u != id.uri()) {
+            return Err(Status::permission_denied(format!(
+                "join token refused: it is for {id}, the CSR asks for {other}"
+            )));
+        }
+        let (issued, roots) = {
+            let a = self.ca.authority();
+            let issued = a
+                .issue_csr(&req.csr, &id, self.ca.lifetime)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            (issued, a.bundle())
+        };
+        let leaf = &issued.chain[0];
+        let serial = serial_of(leaf);
+        if !req.instance.is_empty() {
+            self.mesh.set_certificate(
+                &claims.ns,
+                &claims.svc,
+                &req.instance,
+                Certificate {
+                    spiffe_id: id.uri(),
+                    not_after: issued
+                        .not_after
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0),
+                    signer: issued.signer.clone(),
+                    serial,
+                },
+            );
+        }
+        tracing::info!(identity = %id, instance = %req.instance, signer = %issued.signer, "certificate issued");
+        Ok(Response::new(CertifyResponse {
+            chain: issued.chain.into_iter().map(|c| c.to_vec()).collect(),
+            roots: roots.into_iter().map(|r| r.to_vec()).collect(),
+            signer: issued.signer,
+        }))
+    }
+}
+
+pub fn serial_of(der: &[u8]) -> String {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    X509Certificate::from_der(der)
+        .map(|(_, c)| c.raw_serial_as_string())
+        .unwrap_or_default()
+}

@@ -1,0 +1,584 @@
+//! The certificate authority: its roots (the trust bundle), the one root
+//! that signs, issuance of SVIDs from CSRs, root rotation, and the join-token
+//! key. Everything lives in `<data>/ca/`; private keys are written mode 0600.
+//!
+//! ```text
+//! <data>/ca/state.json      trust domain, bundle order, signing root
+//! <data>/ca/<id>.crt|.key   one root (PEM)
+//! <data>/ca/token.key       the HMAC key of join tokens
+//! <data>/ca/revoked-tokens  one revoked token id per line
+//! ```
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, PrivateKeyDer};
+use serde::{Deserialize, Serialize};
+
+use crate::spiffe::{valid_trust_domain, SpiffeId};
+use crate::token::{Claims, TokenError, TokenKey};
+
+pub const DEFAULT_TRUST_DOMAIN: &str = "tandem.local";
+const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Leaves start a minute in the past, for clocks that are slightly behind.
+const BACKDATE: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("certificate error: {0}")]
+    Cert(#[from] rcgen::Error),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
+    move |source| CaError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct State {
+    trust_domain: String,
+    /// Root ids in bundle order.
+    roots: Vec<String>,
+    /// The root that signs new certificates.
+    signer: String,
+}
+
+struct Root {
+    id: String,
+    der: CertificateDer<'static>,
+    key: KeyPair,
+}
+
+/// A certificate issued for an identity.
+pub struct Issued {
+    /// Leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    pub not_after: SystemTime,
+    /// Id of the root that signed it.
+    pub signer: String,
+}
+
+pub struct Authority {
+    dir: PathBuf,
+    state: State,
+    roots: Vec<Root>,
+    token_key: TokenKey,
+}
+
+/// Short, stable id of a root: the first 16 hex digits of its SHA-256.
+pub fn root_id(der: &[u8]) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
+    d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn write_private(path: &Path, data: &[u8]) -> Result<(), CaError> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    f.write_all(data).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+fn write_public(path: &Path, data: &[u8]) -> Result<(), CaError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+fn new_root(trust_domain: &str) -> Result<(CertificateDer<'static>, KeyPair), CaError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Tandem");
+    dn.push(
+        DnType::CommonName,
+        format!("Tandem root CA {trust_domain} {}", unix_now()),
+    );
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = SystemTime::now();
+    params.not_before = (now - BACKDATE).into();
+    params.not_after = (now + ROOT_LIFETIME).into();
+    params.serial_number = Some(random_serial());
+    let cert = params.self_signed(&key)?;
+    Ok((cert.der().clone(), key))
+}
+
+fn random_serial() -> SerialNumber {
+    let mut b = [0u8; 16];
+    for x in b.iter_mut() {
+        *x = fastrand::u8(..);
+    }
+    b[0] &= 0x7f;
+    b[0] |= 0x01;
+    SerialNumber::from_slice(&b)
+}
+
+impl Authority {
+    /// Opens the CA in `<data>/ca`, creating a root on first use (or
+    /// importing `import`, a PEM certificate and key, as the root).
+    /// `trust_domain` must match the stored one when given.
+    pub fn open(
+        data: &Path,
+        trust_domain: Option<&str>,
+        import: Option<(&Path, &Path)>,
+    ) -> Result<Authority, CaError> {
+        let dir = data.join("ca");
+        let state_path = dir.join("state.json");
+        if let Some(td) = trust_domain {
+            if !valid_trust_domain(td) {
+                return Err(CaError::Invalid(format!(
+                    "`{td}` is not a valid trust domain (lower-case letters, digits, `.`, `-`, `_`)"
+                )));
+            }
+        }
+        if !state_path.exists() {
+            std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+            let td = trust_domain.unwrap_or(DEFAULT_TRUST_DOMAIN);
+            let (der, key) = match import {
+                Some((cert, key)) => import_root(cert, key)?,
+                None => new_root(td)?,
+            };
+            let id = root_id(&der);
+            save_root(&dir, &id, &der, &key)?;
+            let token_path = dir.join("token.key");
+            if !token_path.exists() {
+                let secret: Vec<u8> = (0..32).map(|_| fastrand::u8(..)).collect();
+                write_private(&token_path, hex(&secret).as_bytes())?;
+            }
+            let state = State {
+                trust_domain: td.to_string(),
+                roots: vec![id.clone()],
+                signer: id,
+            };
+            // Two processes creating the CA at once: the first state wins and
+            // both load it.
+            let tmp = dir.join(format!("state.{}.tmp", std::process::id()));
+            std::fs::write(&tmp, serde_json::to_vec_pretty(&state).unwrap_or_default())
+                .map_err(io(&tmp))?;
+            if std::fs::hard_link(&tmp, &state_path).is_err() && !state_path.exists() {
+                return Err(CaError::Invalid(format!(
+                    "cannot create {}",
+                    state_path.display()
+                )));
+            }
+            let _ = std::fs::remove_file(&tmp);
+        }
+        let ca = Self::load(&dir)?;
+        if let Some(td) = trust_domain {
+            if td != ca.state.trust_domain {
+                return Err(CaError::Invalid(format!(
+                    "the CA in {} is for trust domain `{}`, not `{td}`; every identity would change (use another data directory)",
+                    dir.display(),
+                    ca.state.trust_domain
+                )));
+            }
+        }
+        if let Some((cert, _)) = import {
+            let pem = std::fs::read(cert).map_err(io(cert))?;
+            let der = CertificateDer::from_pem_slice(&pem)
+                .map_err(|e| CaError::Invalid(format!("{}: {e}", cert.display())))?;
+            if !ca.roots.iter().any(|r| r.der == der) {
+                return Err(CaError::Invalid(format!(
+                    "{} already holds a CA that does not include {}; use a new data directory to change CAs, or `tandem ca rotate`",
+                    dir.display(),
+                    cert.display()
+                )));
+            }
+        }
+        Ok(ca)
+    }
+
+    fn load(dir: &Path) -> Result<Authority, CaError> {
+        let state_path = dir.join("state.json");
+        let text = std::fs::read(&state_path).map_err(io(&state_path))?;
+        let state: State = serde_json::from_slice(&text)
+            .map_err(|e| CaError::Invalid(format!("{}: {e}", state_path.display())))?;
+        let mut roots = Vec::new();
+        for id in &state.roots {
+            let cp = dir.join(format!("{id}.crt"));
+            let kp = dir.join(format!("{id}.key"));
+            let cert = std::fs::read(&cp).map_err(io(&cp))?;
+            let der = CertificateDer::from_pem_slice(&cert)
+                .map_err(|e| CaError::Invalid(format!("{}: {e}", cp.display())))?;
+            let key = std::fs::read_to_string(&kp).map_err(io(&kp))?;
+            let key = KeyPair::from_pem(&key)
+                .map_err(|e| CaError::Invalid(format!("{}: {e}", kp.display())))?;
+            roots.push(Root {
+                id: id.clone(),
+                der,
+                key,
+            });
+        }
+        if !roots.iter().any(|r| r.id == state.signer) {
+            return Err(CaError::Invalid(format!(
+                "{}: the signing root {} is not in the bundle",
+                state_path.display(),
+                state.signer
+            )));
+        }
+        let tp = dir.join("token.key");
+        let secret = std::fs::read_to_string(&tp).map_err(io(&tp))?;
+        Ok(Authority {
+            dir: dir.to_path_buf(),
+            state,
+            roots,
+            token_key: TokenKey::from_bytes(secret.trim().as_bytes()),
+        })
+    }
+
+    /// Re-reads the state from disk (after another process rotated).
+    pub fn reload(&mut self) -> Result<(), CaError> {
+        *self = Self::load(&self.dir)?;
+        Ok(())
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.state.trust_domain
+    }
+
+    pub fn bundle(&self) -> Vec<CertificateDer<'static>> {
+        self.roots.iter().map(|r| r.der.clone()).collect()
+    }
+
+    pub fn bundle_pem(&self) -> String {
+        self.roots
+            .iter()
+            .map(|r| pem("CERTIFICATE", &r.der))
+            .collect()
+    }
+
+    pub fn root_ids(&self) -> Vec<String> {
+        self.roots.iter().map(|r| r.id.clone()).collect()
+    }
+
+    pub fn signer_id(&self) -> &str {
+        &self.state.signer
+    }
+
+    fn signer(&self) -> &Root {
+        self.roots
+            .iter()
+            .find(|r| r.id == self.state.signer)
+            .unwrap_or(&self.roots[0])
+    }
+
+    /// Signs a certificate for `id` over the public key of `csr`. The CSR's
+    /// signature is checked; what it asks for is not: the identity comes
+    /// from the caller's proof (a join token), never from the request.
+    pub fn issue_csr(
+        &self,
+        csr: &[u8],
+        id: &SpiffeId,
+        lifetime: Duration,
+    ) -> Result<Issued, CaError> {
+        let csr = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(
+            csr.to_vec(),
+        ))
+        .map_err(|e| CaError::Invalid(format!("the CSR is not valid: {e}")))?;
+        self.issue_for_key(&csr.public_key, id, lifetime)
+    }
+
+    /// Issues a certificate and key for `id` here (the control plane's own).
+    pub fn issue_local(
+        &self,
+        id: &SpiffeId,
+        lifetime: Duration,
+    ) -> Result<(Issued, PrivateKeyDer<'static>), CaError> {
+        let key = KeyPair::generate()?;
+        let issued = self.issue_for_key(&key, id, lifetime)?;
+        let der = PrivateKeyDer::try_from(key.serialize_der())
+            .map_err(|e| CaError::Invalid(e.to_string()))?;
+        Ok((issued, der))
+    }
+
+    fn issue_for_key(
+        &self,
+        public_key: &impl rcgen::PublicKeyData,
+        id: &SpiffeId,
+        lifetime: Duration,
+    ) -> Result<Issued, CaError> {
+        let signer = self.signer();
+        let issuer = Issuer::from_ca_cert_der(&signer.der, &signer.key)?;
+        let params = leaf_params(id, lifetime)?;
+        let not_after = SystemTime::now() + lifetime;
+        let cert = params.signed_by(public_key, &issuer)?;
+        Ok(Issued {
+            chain: vec![cert.der().clone()],
+            not_after,
+            signer: signer.id.clone(),
+        })
+    }
+
+    /// Adds a new root to the bundle; it does not sign until [`promote`].
+    ///
+    /// [`promote`]: Authority::promote
+    pub fn add_root(&mut self) -> Result<String, CaError> {
+        let (der, key) = new_root(&self.state.trust_domain)?;
+        let id = root_id(&der);
+        save_root(&self.dir, &id, &der, &key)?;
+        let mut state = self.state.clone();
+        state.roots.push(id.clone());
+        self.save_state(state)?;
+        Ok(id)
+    }
+
+    /// Makes `id` the signing root.
+    pub fn promote(&mut self, id: &str) -> Result<(), CaError> {
+        if !self.state.roots.iter().any(|r| r == id) {
+            return Err(CaError::Invalid(format!("no root {id} in the bundle")));
+        }
+        let mut state = self.state.clone();
+        state.signer = id.to_string();
+        self.save_state(state)
+    }
+
+    /// Removes every root but the signing one; returns the removed ids.
+    pub fn retire_others(&mut self) -> Result<Vec<String>, CaError> {
+        let mut state = self.state.clone();
+        let retired: Vec<String> = state
+            .roots
+            .iter()
+            .filter(|r| **r != state.signer)
+            .cloned()
+            .collect();
+        state.roots.retain(|r| *r == state.signer);
+        self.save_state(state)?;
+        for id in &retired {
+            let _ = std::fs::remove_file(self.dir.join(format!("{id}.key")));
+            let _ = std::fs::rename(
+                self.dir.join(format!("{id}.crt")),
+                self.dir.join(format!("{id}.crt.retired")),
+            );
+        }
+        Ok(retired)
+    }
+
+    fn save_state(&mut self, state: State) -> Result<(), CaError> {
+        let path = self.dir.join("state.json");
+        write_public(
+            &path,
+            &serde_json::to_vec_pretty(&state).unwrap_or_default(),
+        )?;
+        *self = Self::load(&self.dir)?;
+        Ok(())
+    }
+
+    /// Mints a join token for one service identity, valid for `ttl`.
+    pub fn mint_token(&self, namespace: &str, service: &str, ttl: Duration) -> (Claims, String) {
+        let id: String = (0..8)
+            .map(|_| format!("{:02x}", fastrand::u8(..)))
+            .collect();
+        let claims = Claims {
+            id,
+            td: self.state.trust_domain.clone(),
+            ns: namespace.to_string(),
+            svc: service.to_string(),
+            exp: unix_now() + ttl.as_secs(),
+        };
+        let t = self.token_key.mint(&claims);
+        (claims, t)
+    }
+
+    /// Checks a token: signature, expiry, revocation.
+    pub fn verify_token(&self, token: &str) -> Result<Claims, TokenError> {
+        let claims = self.token_key.verify(token, unix_now())?;
+        if self.revoked().contains(&claims.id) {
+            return Err(TokenError::Revoked);
+        }
+        Ok(claims)
+    }
+
+    pub fn token_key(&self) -> &TokenKey {
+        &self.token_key
+    }
+
+    pub fn revoked(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.join("revoked-tokens"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect()
+    }
+
+    /// Revokes a token by id: it can no longer register a proxy or obtain a
+    /// certificate.
+    pub fn revoke(&self, id: &str) -> Result<(), CaError> {
+        let path = self.dir.join("revoked-tokens");
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        writeln!(f, "{id}").map_err(io(&path))
+    }
+}
+
+fn leaf_params(id: &SpiffeId, lifetime: Duration) -> Result<CertificateParams, CaError> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Tandem");
+    dn.push(DnType::CommonName, id.service.clone());
+    params.distinguished_name = dn;
+    params.subject_alt_names =
+        vec![SanType::URI(id.uri().try_into().map_err(|_| {
+            CaError::Invalid(format!("`{id}` is not a valid URI"))
+        })?)];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let now = SystemTime::now();
+    params.not_before = (now - BACKDATE).into();
+    params.not_after = (now + lifetime).into();
+    params.serial_number = Some(random_serial());
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
+}
+
+/// A key pair and CSR made by the side that will hold the key; only the CSR
+/// leaves it.
+pub fn new_csr(id: &SpiffeId) -> Result<(Vec<u8>, PrivateKeyDer<'static>), CaError> {
+    let key = KeyPair::generate()?;
+    let params = leaf_params(id, Duration::from_secs(3600))?;
+    let mut req = CertificateParams::default();
+    req.distinguished_name = params.distinguished_name;
+    req.subject_alt_names = params.subject_alt_names;
+    let csr = req.serialize_request(&key)?;
+    let der = PrivateKeyDer::try_from(key.serialize_der())
+        .map_err(|e| CaError::Invalid(e.to_string()))?;
+    Ok((csr.der().to_vec(), der))
+}
+
+fn import_root(cert: &Path, key: &Path) -> Result<(CertificateDer<'static>, KeyPair), CaError> {
+    let pem = std::fs::read(cert).map_err(io(cert))?;
+    let der = CertificateDer::from_pem_slice(&pem)
+        .map_err(|e| CaError::Invalid(format!("{}: {e}", cert.display())))?;
+    let k = std::fs::read_to_string(key).map_err(io(key))?;
+    let kp =
+        KeyPair::from_pem(&k).map_err(|e| CaError::Invalid(format!("{}: {e}", key.display())))?;
+    // Issuing with it must work: check now rather than at the first CSR.
+    Issuer::from_ca_cert_der(&der, &kp).map_err(|e| {
+        CaError::Invalid(format!(
+            "{}: not a usable CA certificate: {e}",
+            cert.display()
+        ))
+    })?;
+    Ok((der, kp))
+}
+
+fn save_root(dir: &Path, id: &str, der: &CertificateDer<'_>, key: &KeyPair) -> Result<(), CaError> {
+    write_private(
+        &dir.join(format!("{id}.key")),
+        key.serialize_pem().as_bytes(),
+    )?;
+    write_public(
+        &dir.join(format!("{id}.crt")),
+        pem("CERTIFICATE", der).as_bytes(),
+    )
+}
+
+pub fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(chunk));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The URI SANs a CSR asks for (used to refuse a request for another
+/// identity with a clear error; the certificate never carries them anyway).
+pub fn csr_requested_uris(csr: &[u8]) -> Result<Vec<String>, CaError> {
+    use x509_parser::certification_request::X509CertificationRequest;
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
+    use x509_parser::prelude::FromDer;
+    let (_, req) = X509CertificationRequest::from_der(csr)
+        .map_err(|_| CaError::Invalid("the CSR does not parse".into()))?;
+    let mut out = Vec::new();
+    if let Some(exts) = req.requested_extensions() {
+        for e in exts {
+            if let ParsedExtension::SubjectAlternativeName(san) = e {
+                for n in &san.general_names {
+                    if let GeneralName::URI(u) = n {
+                        out.push(u.to_string());
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spiffe::check_svid;
+
+    #[test]
+    fn issued_certificates_are_svids() {
+        let dir = std::env::temp_dir().join(format!("tandem-ca-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let ca = Authority::open(&dir, None, None).expect("create");
+        let id = SpiffeId::new(DEFAULT_TRUST_DOMAIN, "default", "orders");
+        let (csr, _key) = new_csr(&id).expect("csr");
+        let issued = ca
+            .issue_csr(&csr, &id, Duration::from_secs(60))
+            .expect("issue");
+        assert_eq!(check_svid(&issued.chain[0], DEFAULT_TRUST_DOMAIN), Ok(id));
+        // Keys are private to the owner.
+        let meta = std::fs::metadata(dir.join("ca").join(format!("{}.key", ca.signer_id())))
+            .expect("key file");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        // A second open loads the same CA; another trust domain is refused.
+        let again = Authority::open(&dir, Some(DEFAULT_TRUST_DOMAIN), None).expect("reopen");
+        assert_eq!(again.signer_id(), ca.signer_id());
+        assert!(Authority::open(&dir, Some("other.org"), None).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

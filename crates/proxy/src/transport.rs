@@ -1,0 +1,272 @@
+//! Connections between sidecars: every hop to a meshed endpoint is mTLS
+//! (TLS 1.3, both sides proving a SPIFFE identity); connections to the local
+//! app and to static endpoints outside the mesh are plain TCP.
+//!
+//! The HTTP clients see endpoints as URIs: `https://ip:port` for a meshed
+//! endpoint and `http://ip:port` otherwise, so the connection pools never
+//! mix the two. The identity the peer must prove comes from the routing
+//! table ([`PeerNames`]), never from the request.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::uri::Scheme;
+use http::Uri;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tandem_identity::tls::failure_reason;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::metrics::{Direction, HandshakeLabels};
+use crate::state::PeerNames;
+
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest a TLS handshake may take before the connection is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub type Handshakes = Family<HandshakeLabels, Counter>;
+
+/// Opens mTLS connections to sidecars, counting handshakes.
+#[derive(Clone)]
+pub struct MeshTls {
+    pub config: Arc<ClientConfig>,
+    pub handshakes: Handshakes,
+}
+
+impl MeshTls {
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        name: ServerName<'static>,
+    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let tcp = connect_tcp(addr).await?;
+        let result = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            tokio_rustls::TlsConnector::from(self.config.clone()).connect(name, tcp),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "TLS handshake timed out",
+            ))
+        });
+        let label = match &result {
+            Ok(_) => "ok",
+            Err(e) => failure_reason(e),
+        };
+        self.handshakes
+            .get_or_create(&HandshakeLabels {
+                direction: Direction::outbound,
+                result: label,
+            })
+            .inc();
+        result
+    }
+}
+
+pub async fn connect_tcp(addr: SocketAddr) -> io::Result<TcpStream> {
+    let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+/// The connector of the HTTP clients.
+#[derive(Clone)]
+pub struct Connector {
+    pub tls: MeshTls,
+    pub names: Arc<ArcSwap<PeerNames>>,
+}
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower::Service<Uri> for Connector {
+    type Response = Conn;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Conn, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let auth = uri.authority().ok_or("URI without authority")?;
+            let addr: SocketAddr = auth
+                .as_str()
+                .parse()
+                .map_err(|_| format!("endpoint `{auth}` is not an ip:port"))?;
+            if uri.scheme() == Some(&Scheme::HTTPS) {
+                let name = this
+                    .names
+                    .load()
+                    .get(auth.as_str())
+                    .cloned()
+                    .ok_or_else(|| format!("no identity known for endpoint {auth}"))?;
+                let s = this.tls.connect(addr, name).await?;
+                Ok(Conn::Tls(Box::new(TokioIo::new(s))))
+            } else {
+                Ok(Conn::Plain(TokioIo::new(connect_tcp(addr).await?)))
+            }
+        })
+    }
+}
+
+/// A client connection: plain TCP or mTLS.
+pub enum Conn {
+    Plain(TokioIo<TcpStream>),
+    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
+}
+
+impl Connection for Conn {
+    fn connected(&self) -> Connected {
+        match self {
+            Conn::Plain(_) => Connected::new(),
+            Conn::Tls(s) => {
+                let h2 = s.inner().get_ref().1.alpn_protocol() == Some(b"h2");
+                let c = Connected::new();
+                if h2 {
+                    c.negotiated_h2()
+                } else {
+                    c
+                }
+            }
+        }
+    }
+}
+
+impl hyper::rt::Read for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl hyper::rt::Write for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(s) => s.is_write_vectored(),
+            Conn::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// An accepted inbound connection: mTLS, or plaintext in permissive mode.
+pub enum Inbound {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Inbound {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Inbound::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Inbound::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Inbound {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Inbound::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Inbound::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Inbound::Plain(s) => Pin::new(s).poll_flush(cx),
+            Inbound::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Inbound::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Inbound::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Inbound::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Inbound::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Inbound::Plain(s) => s.is_write_vectored(),
+            Inbound::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
