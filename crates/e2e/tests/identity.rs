@@ -511,10 +511,22 @@ fn issued_certificates_follow_the_spiffe_rules() {
         std::fs::metadata(key).unwrap().permissions().mode() & 0o777,
         0o600
     );
+    // A proxy given the bundle pins it instead of learning it.
+    let (root, _) = mesh_ca(&mesh);
+    let pinned = mesh.instance(
+        "client",
+        "client-1",
+        &[],
+        &["--ca-bundle", root.to_str().unwrap()],
+    );
+    let (status, body) = http_get(pinned.http_proxy, "web", "/headers").unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&spiffe("default", "client")), "{body}");
     // `tandem status` shows identity and expiry.
     let ps = mesh.proxies();
-    assert_eq!(ps[0]["spiffe_id"], spiffe("default", "web"), "{ps:?}");
-    assert!(ps[0]["cert_not_after"].as_u64().unwrap() > 0);
+    let web_row = ps.iter().find(|p| p["service"] == "web").unwrap();
+    assert_eq!(web_row["spiffe_id"], spiffe("default", "web"), "{ps:?}");
+    assert!(web_row["cert_not_after"].as_u64().unwrap() > 0);
 }
 
 /// Asks the control plane to sign a CSR for `csr_for` with `token`.
@@ -616,6 +628,25 @@ fn join_tokens_grant_one_identity_and_can_be_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("the join token is for default/payments"),
+        "{err}"
+    );
+    // A token from another mesh's CA: this control plane cannot prove it
+    // minted it, so the proxy does not trust it (and never sends the token).
+    let elsewhere = TempDir::new("other-mesh");
+    let out = Command::new(bin())
+        .args(["token", "create", "--service", "web", "--data"])
+        .arg(&elsewhere.0)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let foreign = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let n = args.len();
+    args[n - 3] = foreign;
+    let out = Command::new(bin()).args(&args).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("could not prove it minted this join token"),
         "{err}"
     );
 }
@@ -766,9 +797,30 @@ fn without_the_control_plane_proxies_serve_until_expiry_then_fail_closed() {
             .then_some(out.stdout)
     });
     assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
-    let (status, _) = http_get(client.admin, "a", "/ready").unwrap();
-    assert_eq!(status, 503);
-    assert!(client.proxy().log_text().contains("certificate expired"));
+    // Whichever certificate expired first answered; within one lifetime
+    // both sidecars stop serving, and say why.
+    for inst in [&web, &client] {
+        wait_for(
+            "sidecar not ready after expiry",
+            Duration::from_secs(25),
+            || http_get(inst.admin, "a", "/ready").filter(|(s, _)| *s == 503),
+        );
+        assert!(inst.proxy().log_text().contains("certificate expired"));
+    }
+    let out = curl(&[
+        "-s",
+        "-D",
+        "-",
+        "-x",
+        &format!("http://{}", client.http_proxy),
+        "http://web/",
+    ]);
+    assert!(out.stdout.starts_with("HTTP/1.1 503"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("tandem-error: identity-expired"),
+        "{}",
+        out.stdout
+    );
     // Back: certificates are issued again and traffic flows.
     mesh.start_control();
     wait_for("recovery", Duration::from_secs(40), || {

@@ -581,4 +581,31 @@ mod tests {
         assert!(Authority::open(&dir, Some("other.org"), None).is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    #[test]
+    fn an_imported_root_signs() {
+        let dir = std::env::temp_dir().join(format!("tandem-ca-import-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (der, key) = new_root("example.org").expect("root");
+        let (cp, kp) = (dir.join("given.crt"), dir.join("given.key"));
+        std::fs::write(&cp, pem("CERTIFICATE", &der)).expect("write");
+        std::fs::write(&kp, key.serialize_pem()).expect("write");
+        let data = dir.join("data");
+        let ca = Authority::open(&data, Some("example.org"), Some((&cp, &kp))).expect("import");
+        assert_eq!(ca.bundle(), vec![der.clone()]);
+        let id = SpiffeId::new("example.org", "default", "web");
+        let (csr, _) = new_csr(&id).expect("csr");
+        let issued = ca
+            .issue_csr(&csr, &id, Duration::from_secs(60))
+            .expect("issue");
+        assert_eq!(issued.signer, root_id(&der));
+        // Reopening with the same pair is fine; with another CA it is refused.
+        assert!(Authority::open(&data, None, Some((&cp, &kp))).is_ok());
+        let (other, okey) = new_root("example.org").expect("root");
+        std::fs::write(&cp, pem("CERTIFICATE", &other)).expect("write");
+        std::fs::write(&kp, okey.serialize_pem()).expect("write");
+        assert!(Authority::open(&data, None, Some((&cp, &kp))).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
