@@ -294,8 +294,8 @@ def read_kv(path: Path) -> dict[str, str]:
 
 LABELS = {
     "direct": "direct (client → nginx)",
-    "tandem": "tandem pair (client → tandem → tandem → nginx)",
-    "envoy": "envoy pair (client → envoy → envoy → nginx)",
+    "tandem": "tandem pair, mTLS (client → tandem ⇒ tandem → nginx)",
+    "envoy": "envoy pair, mTLS (client → envoy ⇒ envoy → nginx)",
     "haproxy": "haproxy hop (client → haproxy → nginx)",
 }
 
@@ -521,6 +521,46 @@ def cmd_render(args: argparse.Namespace) -> None:
         ]
         w(md_table(["metric", "tandem", "envoy", "tandem/envoy"], rows))
         w("")
+
+    hs_path = res / "handshakes.tsv"
+    hs = {}
+    if hs_path.exists():
+        for line in hs_path.read_text().splitlines():
+            parts = line.split("\t")
+            if len(parts) == 4:
+                name, conns, secs, ticks = parts
+                hs[name] = (int(conns), int(secs), int(ticks) / CLK_TCK)
+    if hs:
+        w("## TLS handshakes")
+        w("")
+        w("Full TLS 1.3 handshakes with a client certificate (ECDSA P-256, no resumption) "
+          "against each server-side sidecar, one `openssl s_time -new` client connecting "
+          "over and over. The client shares the two cores, so these rates are a floor for "
+          "what the sidecar sustains. CPU: the sidecar's CPU time per handshake.")
+        w("")
+        rows = []
+        for name, (conns, secs, cpu) in hs.items():
+            rate_hs = conns / secs if secs else None
+            rows.append([name, str(conns), str(secs),
+                         "–" if rate_hs is None else f"{rate_hs:.0f}",
+                         "–" if not conns else f"{cpu / conns * 1e6:.0f} µs"])
+        w(md_table(["server-side sidecar", "handshakes", "seconds", "handshakes/s",
+                    "sidecar CPU per handshake"], rows))
+        w("")
+        if "tandem" in hs and "envoy" in hs and hs["envoy"][0]:
+            t_rate = hs["tandem"][0] / max(hs["tandem"][1], 1)
+            e_rate = hs["envoy"][0] / max(hs["envoy"][1], 1)
+            w(f"Handshake rate tandem/envoy: {fmt_ratio(t_rate, e_rate)}.")
+            w("")
+        metrics = res / "tandem-handshake-metrics.txt"
+        if metrics.exists() and metrics.read_text().strip():
+            w("Tandem's own count after the run (`tandem_tls_handshakes_total` on the "
+              "server-side sidecar; the pair's pooled connections are a handful of these):")
+            w("")
+            w("```")
+            w(metrics.read_text().rstrip())
+            w("```")
+            w("")
 
     w("## Per proxy process")
     w("")

