@@ -106,7 +106,7 @@ pub fn status(api: SocketAddr, json: bool) -> anyhow::Result<()> {
             return Ok(());
         }
         println!(
-            "{:<12} {:<14} {:<14} {:<21} {:>8} {:<6} {:<9} {:<44} {:<16} {:<16}",
+            "{:<12} {:<14} {:<14} {:<21} {:>8} {:<6} {:<9} {:<50} {:<16} {:<16}",
             "NAMESPACE",
             "SERVICE",
             "INSTANCE",
@@ -138,7 +138,7 @@ pub fn status(api: SocketAddr, json: bool) -> anyhow::Result<()> {
                 None => "-".to_string(),
             };
             println!(
-                "{:<12} {:<14} {:<14} {:<21} {:>8} {:<6} {:<9} {:<44} {:<16} {:<16}",
+                "{:<12} {:<14} {:<14} {:<21} {:>8} {:<6} {:<9} {:<50} {:<16} {:<16}",
                 s("namespace"),
                 s("service"),
                 s("instance"),

@@ -149,13 +149,16 @@ impl Ca {
     }
 
     pub fn info(&self) -> CaInfo {
+        // Lock order: rotation before authority (as in `rotate`), never both
+        // the other way round.
+        let rotation = self.rotation().clone();
         let a = self.authority();
         CaInfo {
             trust_domain: a.trust_domain().to_string(),
             roots: a.root_ids(),
             signer: a.signer_id().to_string(),
             cert_lifetime_seconds: self.lifetime.as_secs(),
-            rotation: self.rotation().clone(),
+            rotation,
             bundle_pem: a.bundle_pem(),
         }
     }
@@ -217,7 +220,8 @@ impl Ca {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        if let Err(e) = self.authority().promote(&root) {
+        let promoted = self.authority().promote(&root);
+        if let Err(e) = promoted {
             tracing::error!(error = %e, "root rotation: cannot promote the new root");
             self.rotation().phase = "failed".into();
             return;
