@@ -555,7 +555,10 @@ def cmd_render(args: argparse.Namespace) -> None:
         metrics = res / "tandem-handshake-metrics.txt"
         if metrics.exists() and metrics.read_text().strip():
             w("Tandem's own count after the run (`tandem_tls_handshakes_total` on the "
-              "server-side sidecar; the pair's pooled connections are a handful of these):")
+              "server-side sidecar; the pair's pooled connections are a handful of these). "
+              "`s_time` closes each connection as soon as its own side of the handshake is "
+              "done and sends nothing; `io` counts the handshakes that ended with an I/O "
+              "error on the sidecar's side:")
             w("")
             w("```")
             w(metrics.read_text().rstrip())
