@@ -464,7 +464,7 @@ async fn inbound_conn(
             return;
         }
         proxy.metrics.plaintext.inc();
-        (transport::Inbound::Plain(sock), None)
+        (transport::Inbound::Left(sock), None)
     } else {
         let cfg = if inbound.protocol.is_http() {
             proxy.server_http.clone()
@@ -506,7 +506,7 @@ async fn inbound_conn(
                     client_id,
                 })
             });
-        (transport::Inbound::Tls(Box::new(tls)), peer)
+        (transport::Inbound::Right(Box::new(tls)), peer)
     };
     if inbound.protocol.is_http() {
         let p = proxy.clone();

@@ -25,8 +25,8 @@ use prometheus_client::metrics::family::Family;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tandem_identity::tls::failure_reason;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_util::either::Either;
 
 use crate::metrics::{Direction, HandshakeLabels};
 use crate::state::PeerNames;
@@ -117,156 +117,77 @@ impl tower::Service<Uri> for Connector {
                     .get(auth.as_str())
                     .cloned()
                     .ok_or_else(|| format!("no identity known for endpoint {auth}"))?;
-                let s = this.tls.connect(addr, name).await?;
-                Ok(Conn::Tls(Box::new(TokioIo::new(s))))
+                Ok(Conn::tls(this.tls.connect(addr, name).await?))
             } else {
-                Ok(Conn::Plain(TokioIo::new(connect_tcp(addr).await?)))
+                Ok(Conn::plain(connect_tcp(addr).await?))
             }
         })
     }
 }
 
 /// A client connection: plain TCP or mTLS.
-pub enum Conn {
-    Plain(TokioIo<TcpStream>),
-    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
+pub struct Conn(TokioIo<Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>>);
+
+impl Conn {
+    fn plain(s: TcpStream) -> Self {
+        Conn(TokioIo::new(Either::Left(s)))
+    }
+
+    fn tls(s: tokio_rustls::client::TlsStream<TcpStream>) -> Self {
+        Conn(TokioIo::new(Either::Right(Box::new(s))))
+    }
 }
 
 impl Connection for Conn {
     fn connected(&self) -> Connected {
-        match self {
-            Conn::Plain(_) => Connected::new(),
-            Conn::Tls(s) => {
-                let h2 = s.inner().get_ref().1.alpn_protocol() == Some(b"h2");
-                let c = Connected::new();
-                if h2 {
-                    c.negotiated_h2()
-                } else {
-                    c
-                }
+        match self.0.inner() {
+            Either::Right(s) if s.get_ref().1.alpn_protocol() == Some(b"h2") => {
+                Connected::new().negotiated_h2()
             }
+            _ => Connected::new(),
         }
     }
 }
 
 impl hyper::rt::Read for Conn {
     fn poll_read(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
+        Pin::new(&mut self.0).poll_read(cx, buf)
     }
 }
 
 impl hyper::rt::Write for Conn {
     fn poll_write(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
+        Pin::new(&mut self.0).poll_write(cx, buf)
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            Conn::Plain(s) => s.is_write_vectored(),
-            Conn::Tls(s) => s.is_write_vectored(),
-        }
+        self.0.is_write_vectored()
     }
 }
 
 /// An accepted inbound connection: mTLS, or plaintext in permissive mode.
-pub enum Inbound {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for Inbound {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Inbound::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Inbound::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Inbound {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Inbound::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Inbound::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Inbound::Plain(s) => Pin::new(s).poll_flush(cx),
-            Inbound::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Inbound::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Inbound::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Inbound::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Inbound::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Inbound::Plain(s) => s.is_write_vectored(),
-            Inbound::Tls(s) => s.is_write_vectored(),
-        }
-    }
-}
+pub type Inbound = Either<TcpStream, Box<tokio_rustls::server::TlsStream<TcpStream>>>;
