@@ -31,7 +31,7 @@ pub fn token_create(
     }
     let ca = Authority::open(data, None, None)
         .with_context(|| format!("certificate authority in {}", data.display()))?;
-    let (claims, token) = ca.mint_token(namespace, service, ttl);
+    let (claims, token) = ca.mint_token(namespace, service, ttl)?;
     if json {
         println!(
             "{}",

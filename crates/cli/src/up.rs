@@ -278,7 +278,7 @@ async fn start_all(
             tandem_config::model::DEFAULT_NAMESPACE,
             svc.service,
             Duration::from_secs(30 * 86400),
-        );
+        )?;
         let token_file = tokens.join(format!("{}.token", svc.service));
         write_secret(&token_file, &token)?;
         let p = vec![

@@ -36,7 +36,6 @@ pub struct Ca {
     pub tls: Arc<TlsIdentity>,
     mesh: Arc<Mesh>,
     rotation: Mutex<Rotation>,
-    renew_now: tokio::sync::Notify,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -75,7 +74,6 @@ impl Ca {
                 phase: "idle".into(),
                 ..Rotation::default()
             }),
-            renew_now: tokio::sync::Notify::new(),
         });
         ca.issue_own()?;
         Ok(ca)
@@ -125,7 +123,7 @@ impl Ca {
     }
 
     /// Keeps the control plane's own certificate fresh: renewed at 70 % of
-    /// its life, or at once after a rotation step.
+    /// its life (and by `retire`, when its root changes).
     pub async fn renew_own(self: Arc<Self>) {
         loop {
             let wait = self
@@ -137,10 +135,7 @@ impl Ca {
                     Some(total.min(left.mul_f64(0.7)))
                 })
                 .unwrap_or(Duration::from_secs(1));
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = self.renew_now.notified() => {}
-            }
+            tokio::time::sleep(wait).await;
             if let Err(e) = self.issue_own() {
                 tracing::error!(error = %e, "cannot renew the control plane's certificate");
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -226,10 +221,9 @@ impl Ca {
             self.rotation().phase = "failed".into();
             return;
         }
-        if let Err(e) = self.issue_own() {
-            tracing::error!(error = %e, "cannot re-issue the control plane's certificate");
-        }
-        self.renew_now.notify_one();
+        // The control plane's own certificate stays under the oldest root
+        // until that one is retired, so proxies that missed the new bundle
+        // can still reach it and catch up.
         {
             let mut r = self.rotation();
             r.phase = "promoted".into();
@@ -241,35 +235,44 @@ impl Ca {
 
     /// Step 3: removes every root but the signing one.
     pub async fn retire(&self, force: bool) -> Result<Vec<String>, String> {
-        let (signer, others) = {
-            let a = self.authority();
-            let signer = a.signer_id().to_string();
-            let others: Vec<String> = a.root_ids().into_iter().filter(|r| *r != signer).collect();
-            (signer, others)
+        let retired = {
+            // The rotation lock is held throughout, so a rotation cannot
+            // start (and add a root) between the checks and the removal.
+            let mut rotation = self.rotation();
+            if rotation.phase == "distributing" {
+                return Err("a rotation is in progress; retire once the new root signs".into());
+            }
+            let others: Vec<String> = {
+                let a = self.authority();
+                let signer = a.signer_id().to_string();
+                a.root_ids().into_iter().filter(|r| *r != signer).collect()
+            };
+            if others.is_empty() {
+                return Ok(Vec::new());
+            }
+            let users = self.mesh.certificates_signed_by(&others);
+            if !users.is_empty() && !force {
+                return Err(format!(
+                    "proxies still use certificates signed by a root to retire: {}; wait for them to renew (or force)",
+                    users.join(", ")
+                ));
+            }
+            let retired = self
+                .authority()
+                .retire_others()
+                .map_err(|e| e.to_string())?;
+            *rotation = Rotation {
+                phase: "idle".into(),
+                ..Rotation::default()
+            };
+            retired
         };
-        if self.rotation().phase == "distributing" {
-            return Err("a rotation is in progress; retire once the new root signs".into());
+        tracing::info!(?retired, "roots retired");
+        // The oldest root is now the signing one: the control plane's own
+        // certificate moves under it.
+        if let Err(e) = self.issue_own() {
+            tracing::error!(error = %e, "cannot re-issue the control plane's certificate");
         }
-        if others.is_empty() {
-            return Ok(Vec::new());
-        }
-        let users = self.mesh.certificates_signed_by(&others);
-        if !users.is_empty() && !force {
-            return Err(format!(
-                "proxies still use certificates signed by a root to retire: {}; wait for them to renew (or force)",
-                users.join(", ")
-            ));
-        }
-        let retired = self
-            .authority()
-            .retire_others()
-            .map_err(|e| e.to_string())?;
-        tracing::info!(?retired, signer = %signer, "roots retired");
-        let _ = self.tls.set_bundle(self.authority().bundle());
-        *self.rotation() = Rotation {
-            phase: "idle".into(),
-            ..Rotation::default()
-        };
         self.publish().await;
         Ok(retired)
     }
@@ -339,7 +342,11 @@ impl Identity for IdentityService {
             let a = self.ca.authority();
             let issued = a
                 .issue_csr(&req.csr, &id, self.ca.lifetime)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                .map_err(|e| match e {
+                    // A CSR that does not parse or verify: the caller's fault.
+                    tandem_identity::ca::CaError::Invalid(m) => Status::invalid_argument(m),
+                    other => Status::internal(format!("cannot sign: {other}")),
+                })?;
             (issued, a.bundle())
         };
         let leaf = &issued.chain[0];

@@ -140,7 +140,8 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
         }
     });
 
-    let incoming = tls_incoming(grpc, ca.tls.clone());
+    let (accept_stop, accept_stopped) = tokio::sync::watch::channel(false);
+    let incoming = tls_incoming(grpc, ca.tls.clone(), accept_stopped);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
         tonic::transport::Server::builder()
@@ -166,6 +167,7 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
         _ = &mut shutdown => {}
     }
     let _ = stop_tx.send(());
+    let _ = accept_stop.send(true);
     // Proxy streams never end by themselves; they are cut after a moment and
     // the proxies reconnect to the next control plane.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -173,19 +175,31 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
     Ok(())
 }
 
+/// Most TLS handshakes in progress on the gRPC port at once.
+const MAX_HANDSHAKES: usize = 256;
+
 /// TLS connections on the gRPC port, handshaken off the accept loop (a slow
-/// or hostile client cannot hold up others).
+/// or hostile client cannot hold up others), until `stop`.
 fn tls_incoming(
     listener: TcpListener,
     tls: Arc<tandem_identity::tls::TlsIdentity>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsConn>> {
     let acceptor = tokio_rustls::TlsAcceptor::from(
         tls.server_config_no_client_auth(&[tandem_identity::tls::ALPN_H2]),
     );
     let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
-            let sock = match listener.accept().await {
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                _ = stop.changed() => return,
+            };
+            let sock = match accepted {
                 Ok((s, _)) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -196,6 +210,7 @@ fn tls_incoming(
             let _ = sock.set_nodelay(true);
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
+                let _permit = permit;
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(sock)).await {
                     Ok(Ok(s)) => {
                         let _ = tx.send(Ok(TlsConn(s))).await;

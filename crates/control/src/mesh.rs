@@ -493,10 +493,25 @@ impl Mesh {
 fn endpoint_table(
     proxies: &HashMap<ProxyKey, ProxyEntry>,
 ) -> HashMap<(String, String), Vec<Endpoint>> {
+    // An address registered by proxies of two services: a connected proxy
+    // wins over one in its disconnect grace period (its port was reused).
+    let mut live_owner: HashMap<&str, (&str, &str)> = HashMap::new();
+    for ((ns, svc, _), p) in proxies {
+        if p.tx.is_some() && !p.leaving && !p.hello.inbound_addr.is_empty() {
+            live_owner.insert(p.hello.inbound_addr.as_str(), (ns.as_str(), svc.as_str()));
+        }
+    }
     let mut table: HashMap<(String, String), Vec<Endpoint>> = HashMap::new();
     for ((ns, svc, instance), p) in proxies {
         if p.hello.inbound_addr.is_empty() || p.leaving {
             continue;
+        }
+        if p.tx.is_none() {
+            if let Some(owner) = live_owner.get(p.hello.inbound_addr.as_str()) {
+                if *owner != (ns.as_str(), svc.as_str()) {
+                    continue;
+                }
+            }
         }
         table
             .entry((ns.clone(), svc.clone()))

@@ -868,3 +868,59 @@ fn permissive_services_accept_plaintext_and_count_it() {
     assert_ne!(out.code, 0);
     assert_eq!(handshakes(&web, "inbound", "plaintext"), 1.0);
 }
+
+#[test]
+fn permissive_tcp_serves_a_server_speaks_first_protocol() {
+    use std::io::{BufRead, BufReader, Write};
+    let mut config = common::config();
+    config.push_str(
+        "apiVersion: tandem.dev/v1alpha1\nkind: Service\nmetadata: {name: smtp}\nspec:\n  ports: [{name: main, port: 25, protocol: tcp}]\n  mtls: permissive\n---\n",
+    );
+    let mesh = Mesh::start(&config);
+    // An app that speaks first, as SMTP or MySQL servers do.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let app = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            let _ = s.write_all(b"220 tandem-test ready\r\n");
+        }
+    });
+    let mut smtp = Instance {
+        service: "smtp".into(),
+        instance: "smtp-1".into(),
+        app_addr: app,
+        inbound: free_port(),
+        admin: free_port(),
+        http_proxy: free_port(),
+        upstreams: Vec::new(),
+        tcp_echo: Some(app),
+        app: None,
+        proxy: None,
+    };
+    mesh.start_proxy(&mut smtp, &[]);
+    let greeting = |addr: std::net::SocketAddr| {
+        let start = std::time::Instant::now();
+        let s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut line = String::new();
+        let _ = BufReader::new(s).read_line(&mut line);
+        (start.elapsed(), line)
+    };
+    // A plaintext client that waits for the server gets the greeting after
+    // the short silence, not after a detection timeout.
+    let (took, line) = greeting(smtp.inbound);
+    assert!(line.starts_with("220 tandem-test"), "{line:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert_eq!(
+        metric(
+            &smtp.metrics(),
+            "tandem_inbound_plaintext_connections_total"
+        ),
+        Some(1.0)
+    );
+    // A meshed caller goes through mTLS and gets it too.
+    let client = mesh.instance_with_upstreams("client", "client-1", &[], &[], &["smtp"]);
+    let (_, line) = greeting(client.upstream("smtp"));
+    assert!(line.starts_with("220 tandem-test"), "{line:?}");
+    assert_eq!(handshakes(&smtp, "inbound", "ok"), 1.0);
+}

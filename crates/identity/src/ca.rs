@@ -22,7 +22,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 
-use crate::spiffe::{valid_trust_domain, SpiffeId};
+use crate::spiffe::{valid_label, valid_trust_domain, SpiffeId, SYSTEM_NAMESPACE};
 use crate::token::{Claims, TokenError, TokenKey};
 
 pub const DEFAULT_TRUST_DOMAIN: &str = "tandem.local";
@@ -133,19 +133,25 @@ fn new_root(trust_domain: &str) -> Result<(CertificateDer<'static>, KeyPair), Ca
     let now = SystemTime::now();
     params.not_before = (now - BACKDATE).into();
     params.not_after = (now + ROOT_LIFETIME).into();
-    params.serial_number = Some(random_serial());
+    params.serial_number = Some(random_serial()?);
     let cert = params.self_signed(&key)?;
     Ok((cert.der().clone(), key))
 }
 
-fn random_serial() -> SerialNumber {
-    let mut b = [0u8; 16];
-    for x in b.iter_mut() {
-        *x = fastrand::u8(..);
-    }
+/// Bytes from the operating system's CSPRNG (through aws-lc). Keys, token
+/// ids and serials must never come from a seeded, guessable generator.
+fn random_bytes<const N: usize>() -> Result<[u8; N], CaError> {
+    let mut b = [0u8; N];
+    aws_lc_rs::rand::fill(&mut b)
+        .map_err(|_| CaError::Invalid("the system random generator failed".into()))?;
+    Ok(b)
+}
+
+fn random_serial() -> Result<SerialNumber, CaError> {
+    let mut b: [u8; 16] = random_bytes()?;
     b[0] &= 0x7f;
     b[0] |= 0x01;
-    SerialNumber::from_slice(&b)
+    Ok(SerialNumber::from_slice(&b))
 }
 
 impl Authority {
@@ -177,7 +183,7 @@ impl Authority {
             save_root(&dir, &id, &der, &key)?;
             let token_path = dir.join("token.key");
             if !token_path.exists() {
-                let secret: Vec<u8> = (0..32).map(|_| fastrand::u8(..)).collect();
+                let secret: [u8; 32] = random_bytes()?;
                 write_private(&token_path, hex(&secret).as_bytes())?;
             }
             let state = State {
@@ -313,14 +319,18 @@ impl Authority {
         self.issue_for_key(&csr.public_key, id, lifetime)
     }
 
-    /// Issues a certificate and key for `id` here (the control plane's own).
+    /// Issues a certificate and key for `id` here: the control plane's own.
+    /// It is signed by the *oldest* root of the bundle, not the signing one:
+    /// every proxy that holds any bundle since that root joined trusts it,
+    /// including one that missed a rotation and must reach the control
+    /// plane to catch up.
     pub fn issue_local(
         &self,
         id: &SpiffeId,
         lifetime: Duration,
     ) -> Result<(Issued, PrivateKeyDer<'static>), CaError> {
         let key = KeyPair::generate()?;
-        let issued = self.issue_for_key(&key, id, lifetime)?;
+        let issued = self.issue_with(&self.roots[0], &key, id, lifetime)?;
         let der = PrivateKeyDer::try_from(key.serialize_der())
             .map_err(|e| CaError::Invalid(e.to_string()))?;
         Ok((issued, der))
@@ -332,7 +342,16 @@ impl Authority {
         id: &SpiffeId,
         lifetime: Duration,
     ) -> Result<Issued, CaError> {
-        let signer = self.signer();
+        self.issue_with(self.signer(), public_key, id, lifetime)
+    }
+
+    fn issue_with(
+        &self,
+        signer: &Root,
+        public_key: &impl rcgen::PublicKeyData,
+        id: &SpiffeId,
+        lifetime: Duration,
+    ) -> Result<Issued, CaError> {
         let issuer = Issuer::from_ca_cert_der(&signer.der, &signer.key)?;
         let params = leaf_params(id, lifetime)?;
         let not_after = SystemTime::now() + lifetime;
@@ -398,11 +417,25 @@ impl Authority {
         Ok(())
     }
 
-    /// Mints a join token for one service identity, valid for `ttl`.
-    pub fn mint_token(&self, namespace: &str, service: &str, ttl: Duration) -> (Claims, String) {
-        let id: String = (0..8)
-            .map(|_| format!("{:02x}", fastrand::u8(..)))
-            .collect();
+    /// Mints a join token for one service identity, valid for `ttl`. The
+    /// mesh's own namespace is refused.
+    pub fn mint_token(
+        &self,
+        namespace: &str,
+        service: &str,
+        ttl: Duration,
+    ) -> Result<(Claims, String), CaError> {
+        if namespace == SYSTEM_NAMESPACE {
+            return Err(CaError::Invalid(format!(
+                "namespace `{SYSTEM_NAMESPACE}` is reserved for the mesh itself"
+            )));
+        }
+        if !valid_label(namespace) || !valid_label(service) {
+            return Err(CaError::Invalid(format!(
+                "`{service}` in `{namespace}`: service and namespace names are lower-case letters, digits and `-`"
+            )));
+        }
+        let id = hex(&random_bytes::<8>()?);
         let claims = Claims {
             id,
             td: self.state.trust_domain.clone(),
@@ -411,14 +444,22 @@ impl Authority {
             exp: unix_now() + ttl.as_secs(),
         };
         let t = self.token_key.mint(&claims);
-        (claims, t)
+        Ok((claims, t))
     }
 
-    /// Checks a token: signature, expiry, revocation.
+    /// Checks a token: signature, expiry, revocation, and that it names an
+    /// identity a token may grant (never the mesh's own namespace).
     pub fn verify_token(&self, token: &str) -> Result<Claims, TokenError> {
         let claims = self.token_key.verify(token, unix_now())?;
         if self.revoked().contains(&claims.id) {
             return Err(TokenError::Revoked);
+        }
+        if claims.ns == SYSTEM_NAMESPACE
+            || claims.td != self.state.trust_domain
+            || !valid_label(&claims.ns)
+            || !valid_label(&claims.svc)
+        {
+            return Err(TokenError::Malformed);
         }
         Ok(claims)
     }
@@ -468,7 +509,7 @@ fn leaf_params(id: &SpiffeId, lifetime: Duration) -> Result<CertificateParams, C
     let now = SystemTime::now();
     params.not_before = (now - BACKDATE).into();
     params.not_after = (now + lifetime).into();
-    params.serial_number = Some(random_serial());
+    params.serial_number = Some(random_serial()?);
     params.use_authority_key_identifier_extension = true;
     Ok(params)
 }
@@ -579,6 +620,53 @@ mod tests {
         let again = Authority::open(&dir, Some(DEFAULT_TRUST_DOMAIN), None).expect("reopen");
         assert_eq!(again.signer_id(), ca.signer_id());
         assert!(Authority::open(&dir, Some("other.org"), None).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn reserved_namespace_and_oldest_root_for_the_control_plane() {
+        let dir = std::env::temp_dir().join(format!("tandem-ca-rot-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut ca = Authority::open(&dir, None, None).expect("create");
+        // No token for the mesh's own namespace, minted or forged with the key.
+        assert!(ca
+            .mint_token(SYSTEM_NAMESPACE, "control", Duration::from_secs(60))
+            .is_err());
+        let forged = ca.token_key().mint(&Claims {
+            id: "x".into(),
+            td: DEFAULT_TRUST_DOMAIN.into(),
+            ns: SYSTEM_NAMESPACE.into(),
+            svc: "control".into(),
+            exp: unix_now() + 60,
+        });
+        assert_eq!(ca.verify_token(&forged), Err(TokenError::Malformed));
+        let (_, ok) = ca
+            .mint_token("default", "web", Duration::from_secs(60))
+            .expect("mint");
+        assert_eq!(ca.verify_token(&ok).expect("valid").svc, "web");
+        // After a rotation the new root signs proxies' certificates, while
+        // the control plane's own stays under the oldest root until retire.
+        let old = ca.signer_id().to_string();
+        let new = ca.add_root().expect("add");
+        ca.promote(&new).expect("promote");
+        let id = SpiffeId::new(DEFAULT_TRUST_DOMAIN, "default", "web");
+        let (csr, _) = new_csr(&id).expect("csr");
+        assert_eq!(
+            ca.issue_csr(&csr, &id, Duration::from_secs(60))
+                .expect("issue")
+                .signer,
+            new
+        );
+        let control = SpiffeId::control(DEFAULT_TRUST_DOMAIN);
+        let (own, _) = ca
+            .issue_local(&control, Duration::from_secs(60))
+            .expect("own");
+        assert_eq!(own.signer, old);
+        assert_eq!(ca.retire_others().expect("retire"), vec![old]);
+        let (own, _) = ca
+            .issue_local(&control, Duration::from_secs(60))
+            .expect("own");
+        assert_eq!(own.signer, new);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -21,7 +21,7 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
-use crate::spiffe::{check_svid, SpiffeId, SvidError};
+use crate::spiffe::{check_svid, valid_label, SpiffeId, SvidError};
 
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
@@ -280,11 +280,16 @@ fn svid_error(e: SvidError) -> Error {
     Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
 }
 
-/// The server name a connection to `namespace/service` is made with: the
-/// verifier turns it back into the SPIFFE ID the peer must present. It is
-/// also sent as SNI.
+/// Suffix of the server names that carry an expected identity (it also
+/// keeps names valid when a namespace is all digits).
+const NAME_SUFFIX: &str = ".tandem";
+
+/// The server name a connection to `namespace/service` is made with
+/// (`service.namespace.tandem`): the verifier turns it back into the SPIFFE
+/// ID the peer must present. It is also sent as SNI. A name that cannot be
+/// encoded yields one that no peer can satisfy.
 pub fn server_name(namespace: &str, service: &str) -> ServerName<'static> {
-    ServerName::try_from(format!("{service}.{namespace}"))
+    ServerName::try_from(format!("{service}.{namespace}{NAME_SUFFIX}"))
         .unwrap_or_else(|_| ServerName::try_from("invalid.invalid").expect("valid name"))
 }
 
@@ -292,8 +297,8 @@ fn expected_id(trust_domain: &str, name: &ServerName<'_>) -> Option<SpiffeId> {
     let ServerName::DnsName(d) = name else {
         return None;
     };
-    let (svc, ns) = d.as_ref().split_once('.')?;
-    Some(SpiffeId::new(trust_domain, ns, svc))
+    let (svc, ns) = d.as_ref().strip_suffix(NAME_SUFFIX)?.split_once('.')?;
+    (valid_label(svc) && valid_label(ns)).then(|| SpiffeId::new(trust_domain, ns, svc))
 }
 
 pub fn not_after(der: &[u8]) -> Option<SystemTime> {
@@ -565,5 +570,24 @@ impl ServerCertVerifier for AnyServer {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         schemes(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_names_carry_the_expected_identity() {
+        let n = server_name("2024", "orders");
+        assert_eq!(
+            expected_id("tandem.local", &n),
+            Some(SpiffeId::new("tandem.local", "2024", "orders"))
+        );
+        // Names that do not encode an identity expect none: verification fails.
+        for raw in ["invalid.invalid", "orders.default", "a.b.c.tandem"] {
+            let n = ServerName::try_from(raw).expect("name");
+            assert_eq!(expected_id("tandem.local", &n), None, "{raw}");
+        }
     }
 }

@@ -131,14 +131,13 @@ fn apply(proxy: &Proxy, version: u64, body: &[u8]) -> Result<(), String> {
                     s.namespace, s.service, proxy.cfg.namespace, proxy.cfg.service
                 ));
             }
+            // The bundle first, on its own: a routing problem in the same
+            // snapshot must not keep a new root from this proxy.
+            if let Some(trust) = &s.trust {
+                apply_trust(proxy, trust)?;
+            }
             Routing::build(version, s, &proxy.loads)
         });
-    let result = result.and_then(|r| {
-        if let Some(trust) = &r.snapshot.trust {
-            apply_trust(proxy, trust)?;
-        }
-        Ok(r)
-    });
     match result {
         Ok(routing) => {
             proxy.peer_names.store(routing.peer_names.clone());

@@ -493,14 +493,25 @@ async fn forward(
         .request(req)
         .await
         .map_err(|e| {
-            let kind = if e.is_connect() {
-                if is_tls_error(&e) {
+            let kind = match tls_error(&e) {
+                Some(reason) => {
+                    // In TLS 1.3 the server checks the client's certificate
+                    // after the client's side of the handshake is done: a
+                    // refusal shows up here, on the first read.
+                    if !e.is_connect() {
+                        proxy
+                            .metrics
+                            .handshakes
+                            .get_or_create(&crate::metrics::HandshakeLabels {
+                                direction: crate::metrics::Direction::outbound,
+                                result: reason,
+                            })
+                            .inc();
+                    }
                     MeshError::UpstreamTls
-                } else {
-                    MeshError::ConnectFailure
                 }
-            } else {
-                MeshError::UpstreamReset
+                None if e.is_connect() => MeshError::ConnectFailure,
+                None => MeshError::UpstreamReset,
             };
             (kind, error_chain(&e))
         })?;
@@ -519,21 +530,23 @@ async fn forward(
     Ok(resp.map(Either::Left))
 }
 
-/// Whether a connect error came from the TLS handshake.
-fn is_tls_error(e: &(dyn std::error::Error + 'static)) -> bool {
+/// The TLS failure behind an error, as a metric reason, if there is one.
+fn tls_error(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(c) = cur {
-        if c.is::<rustls::Error>() {
-            return true;
+        if let Some(t) = c.downcast_ref::<rustls::Error>() {
+            return Some(tandem_identity::tls::rustls_reason(t));
         }
-        if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            if io.get_ref().is_some_and(|i| i.is::<rustls::Error>()) {
-                return true;
-            }
+        if let Some(t) = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|i| i.downcast_ref::<rustls::Error>())
+        {
+            return Some(tandem_identity::tls::rustls_reason(t));
         }
         cur = c.source();
     }
-    false
+    None
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -550,6 +563,16 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_failures_are_told_from_resets() {
+        let refused = std::io::Error::other(rustls::Error::AlertReceived(
+            rustls::AlertDescription::BadCertificate,
+        ));
+        assert_eq!(tls_error(&refused), Some("refused-by-peer"));
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert_eq!(tls_error(&reset), None);
+    }
 
     #[test]
     fn authority_forms() {

@@ -54,7 +54,7 @@ const LEAVE_DELAY: Duration = Duration::from_millis(500);
 /// Most destinations one proxy asks the control plane for.
 pub const MAX_DESTINATIONS: usize = 1024;
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ProxyConfig {
     /// Control-plane gRPC URL, e.g. `http://127.0.0.1:7700`.
     pub control: String,
@@ -74,6 +74,20 @@ pub struct ProxyConfig {
     pub token: String,
     /// A trust bundle to pin instead of learning it with the token.
     pub ca_bundle: Option<Vec<rustls_pki_types::CertificateDer<'static>>>,
+}
+
+impl std::fmt::Debug for ProxyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyConfig")
+            .field("control", &self.control)
+            .field("namespace", &self.namespace)
+            .field("service", &self.service)
+            .field("instance", &self.instance)
+            .field("inbound", &self.inbound)
+            .field("app", &self.app)
+            .field("token", &"(secret)")
+            .finish_non_exhaustive()
+    }
 }
 
 /// The state every listener shares.
@@ -444,18 +458,28 @@ async fn inbound_conn(
             .inc();
     };
     // A TLS connection starts with a handshake record (0x16); peeking tells
-    // it from plaintext without consuming anything.
+    // it from plaintext without consuming anything. A TLS client sends its
+    // hello at once; a plaintext client of a server-speaks-first protocol
+    // sends nothing, so for a permissive TCP service silence soon means
+    // plaintext.
+    let permissive = inbound.mtls == tandem_config::snapshot::MtlsMode::Permissive;
+    let wait = if permissive && !inbound.protocol.is_http() {
+        transport::PLAINTEXT_SILENCE
+    } else {
+        transport::HANDSHAKE_TIMEOUT
+    };
     let mut first = [0u8; 1];
-    match tokio::time::timeout(transport::HANDSHAKE_TIMEOUT, sock.peek(&mut first)).await {
+    match tokio::time::timeout(wait, sock.peek(&mut first)).await {
         Ok(Ok(1)) => {}
         Ok(_) => return,
+        Err(_) if permissive && !inbound.protocol.is_http() => first[0] = 0,
         Err(_) => {
             count("timeout");
             return;
         }
     }
     let (conn, peer) = if first[0] != 0x16 {
-        if inbound.mtls != tandem_config::snapshot::MtlsMode::Permissive {
+        if !permissive {
             count("plaintext");
             tracing::debug!("plaintext connection refused: the service requires mTLS");
             return;

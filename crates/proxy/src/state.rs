@@ -91,6 +91,7 @@ impl Routing {
     pub fn build(version: u64, snapshot: Snapshot, loads: &LoadCache) -> Result<Self, String> {
         let mut destinations = HashMap::new();
         let mut peer_names = PeerNames::new();
+        let mut conflicts = HashSet::new();
         for d in &snapshot.destinations {
             let mut backends = Vec::with_capacity(d.backends.len());
             for b in &d.backends {
@@ -105,7 +106,15 @@ impl Routing {
                         .meshed
                         .then(|| tandem_identity::tls::server_name(&b.namespace, &b.name));
                     if let Some(n) = &server_name {
-                        peer_names.insert(authority.as_str().into(), n.clone());
+                        let key: Box<str> = authority.as_str().into();
+                        match peer_names.get(&key) {
+                            Some(other) if other != n => {
+                                conflicts.insert(key);
+                            }
+                            _ => {
+                                peer_names.insert(key, n.clone());
+                            }
+                        }
                     }
                     endpoints.push(Endpoint {
                         authority,
@@ -154,6 +163,13 @@ impl Routing {
             if d.namespace == snapshot.namespace {
                 destinations.insert(d.name.clone().into_boxed_str(), dest);
             }
+        }
+        // One address claimed by two identities: no connection to it is
+        // made at all, rather than accepting one service's certificate for
+        // the other's traffic.
+        for addr in conflicts {
+            tracing::warn!(%addr, "endpoint address registered for two services; not connecting to it");
+            peer_names.remove(&addr);
         }
         let unknown = snapshot
             .unknown
@@ -228,6 +244,17 @@ mod tests {
     }
 
     #[test]
+    fn an_address_claimed_by_two_services_gets_no_identity() {
+        let mut s = snapshot("127.0.0.1:9");
+        let mut other = s.destinations[0].clone();
+        other.name = "billing".into();
+        other.backends[0].name = "billing".into();
+        s.destinations.push(other);
+        let r = Routing::build(1, s, &LoadCache::default()).expect("build");
+        assert!(r.peer_names.get("127.0.0.1:9").is_none());
+    }
+
+    #[test]
     fn builds_lookup_by_short_and_qualified_name() {
         let loads = LoadCache::default();
         let r = Routing::build(7, snapshot("127.0.0.1:9"), &loads).expect("build");
@@ -241,7 +268,7 @@ mod tests {
             r.peer_names
                 .get("127.0.0.1:9")
                 .map(|n| n.to_str().into_owned()),
-            Some("api.default".to_string())
+            Some("api.default.tandem".to_string())
         );
     }
 

@@ -34,6 +34,9 @@ use crate::state::PeerNames;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest a TLS handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// For a permissive TCP service: how long a silent new connection is given
+/// to start a TLS handshake before it is served as plaintext.
+pub const PLAINTEXT_SILENCE: Duration = Duration::from_millis(200);
 
 pub type Handshakes = Family<HandshakeLabels, Counter>;
 
