@@ -194,6 +194,19 @@ fn destination(
         ports: svc.spec.ports.iter().map(|p| p.port.value).collect(),
         routes,
         backends,
+        policy: set
+            .traffic_policies
+            .iter()
+            .find(|p| {
+                let t = &p.spec.target_ref;
+                let ns = t
+                    .namespace
+                    .as_ref()
+                    .map(|n| n.value.as_str())
+                    .unwrap_or(&p.namespace);
+                t.name.value == svc.name && ns == svc.namespace
+            })
+            .map(|p| crate::policy::compile_policy(set, p, &mut Vec::new())),
     }
 }
 

@@ -10,6 +10,7 @@ pub mod compile;
 pub mod diag;
 pub mod load;
 pub mod model;
+pub mod policy;
 pub mod snapshot;
 pub mod validate;
 

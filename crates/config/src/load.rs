@@ -11,8 +11,8 @@ use serde_saphyr::Location;
 
 use crate::diag::Diagnostic;
 use crate::model::{
-    Document, Head, HttpRouteSpec, Loaded, Pos, ResourceSet, ServiceSpec, DEFAULT_NAMESPACE,
-    GATEWAY_API, TANDEM_API,
+    Document, Head, HttpRouteSpec, Loaded, Pos, ResourceSet, ServiceSpec, TrafficPolicySpec,
+    DEFAULT_NAMESPACE, GATEWAY_API, TANDEM_API,
 };
 use crate::validate;
 
@@ -202,10 +202,15 @@ fn parse_document(ctx: &Ctx<'_>, doc: &str, set: &mut ResourceSet) -> Result<(),
             let d: Document<HttpRouteSpec> = ctx.parse(doc)?;
             set.http_routes.push(loaded(ctx, d));
         }
+        "TrafficPolicy" => {
+            expect_api(TANDEM_API)?;
+            let d: Document<TrafficPolicySpec> = ctx.parse(doc)?;
+            set.traffic_policies.push(loaded(ctx, d));
+        }
         other => {
             return Err(Diagnostic::at(
                 &ctx.pos(kind.referenced),
-                format!("unknown kind `{other}`; supported kinds: Service ({TANDEM_API}), HTTPRoute ({GATEWAY_API})"),
+                format!("unknown kind `{other}`; supported kinds: Service and TrafficPolicy ({TANDEM_API}), HTTPRoute ({GATEWAY_API})"),
             ))
         }
     }

@@ -216,6 +216,71 @@ pub struct BackendRef {
     pub weight: Option<Spanned<u32>>,
 }
 
+// ---- TrafficPolicy ---------------------------------------------------------------
+
+/// Resilience policy for calls to one Service: the whole-request timeout
+/// and retries. (Circuit breaking, load-balancer choice and rate limits are
+/// not supported yet and are refused as unknown fields.)
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TrafficPolicySpec {
+    pub target_ref: TargetRef,
+    /// Whole request, retries included (`5s`, `250ms`).
+    #[serde(default)]
+    pub timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    pub retry: Option<RetrySpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TargetRef {
+    #[serde(default)]
+    pub group: Option<Spanned<String>>,
+    pub kind: Spanned<String>,
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub namespace: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RetrySpec {
+    /// Retries after the first try (so `attempts: 3` sends at most 4).
+    pub attempts: Spanned<u32>,
+    /// Conditions: `5xx`, `gateway-error`, `connect-failure`, `reset`,
+    /// `retriable-4xx` (409), a status code such as `503`, or a gRPC status
+    /// such as `unavailable`. Default: `[5xx, connect-failure, reset]`.
+    #[serde(default)]
+    pub on: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub per_try_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    pub backoff: Option<BackoffSpec>,
+    #[serde(default)]
+    pub budget: Option<BudgetSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BackoffSpec {
+    #[serde(default)]
+    pub base: Option<Spanned<String>>,
+    #[serde(default)]
+    pub max: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BudgetSpec {
+    /// Retries allowed as a percentage of recent requests.
+    #[serde(default)]
+    pub percent: Option<Spanned<u32>>,
+    /// Retries allowed per second regardless of the percentage.
+    #[serde(default)]
+    pub min_per_second: Option<Spanned<u32>>,
+}
+
 // ---- The loaded set ----------------------------------------------------------
 
 /// A resource with its identity and where it was defined.
@@ -257,6 +322,7 @@ impl<S> Loaded<S> {
 pub struct ResourceSet {
     pub services: Vec<Loaded<ServiceSpec>>,
     pub http_routes: Vec<Loaded<HttpRouteSpec>>,
+    pub traffic_policies: Vec<Loaded<TrafficPolicySpec>>,
 }
 
 impl ResourceSet {

@@ -54,6 +54,46 @@ pub struct Destination {
     /// Every service traffic to this destination can land on. Backend 0 is
     /// always the destination itself.
     pub backends: Vec<Backend>,
+    /// The TrafficPolicy targeting this destination, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<Policy>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Policy {
+    /// `namespace/name` of the TrafficPolicy, for display.
+    pub source: String,
+    /// The whole request, retries included.
+    pub timeout_ms: Option<u64>,
+    pub retry: Option<RetryPolicy>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    /// Retries after the first try.
+    pub attempts: u32,
+    pub on: Vec<RetryOn>,
+    pub per_try_timeout_ms: Option<u64>,
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+    pub budget_percent: u32,
+    pub budget_min_per_second: u32,
+}
+
+/// What makes an attempt worth retrying.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetryOn {
+    /// Any 5xx answer (and a per-try timeout).
+    Server5xx,
+    /// 502, 503, 504 (and a per-try timeout).
+    GatewayError,
+    ConnectFailure,
+    /// The connection failed after the request was sent.
+    Reset,
+    Status(u16),
+    /// A gRPC status code in a trailers-only answer.
+    Grpc(u32),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -46,6 +46,42 @@ pub(crate) fn validate(set: &ResourceSet, diags: &mut Vec<Diagnostic>) {
         }
         validate_route(set, r, diags);
     }
+    let mut targeted: HashMap<String, &crate::model::Pos> = HashMap::new();
+    for p in &set.traffic_policies {
+        check_name(&p.name, &p.name_pos, diags);
+        check_name(&p.namespace, &p.namespace_pos, diags);
+        if let Some(first) = seen.insert(("TrafficPolicy", p.key()), &p.pos) {
+            diags.push(Diagnostic::at(
+                &p.name_pos,
+                format!(
+                    "duplicate TrafficPolicy `{}` (first defined at {}:{})",
+                    p.key(),
+                    first.file.display(),
+                    first.line
+                ),
+            ));
+        }
+        let t = &p.spec.target_ref;
+        let target = format!(
+            "{}/{}",
+            t.namespace
+                .as_ref()
+                .map(|n| n.value.as_str())
+                .unwrap_or(&p.namespace),
+            t.name.value
+        );
+        if let Some(first) = targeted.insert(target.clone(), &p.pos) {
+            diags.push(Diagnostic::at(
+                &p.at(&t.name),
+                format!(
+                    "Service `{target}` already has a TrafficPolicy (at {}:{}); merge them into one",
+                    first.file.display(),
+                    first.line
+                ),
+            ));
+        }
+        crate::policy::compile_policy(set, p, diags);
+    }
 }
 
 fn check_name(name: &str, pos: &crate::model::Pos, diags: &mut Vec<Diagnostic>) {

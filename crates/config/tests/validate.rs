@@ -152,3 +152,95 @@ fn mixed_protocols_query_names_and_namespace_positions() {
     assert!(!all.contains("a[b]"), "{all}");
     assert_eq!(e.len(), 3, "{all}");
 }
+
+#[test]
+fn traffic_policy_mission_example_loads_and_compiles() {
+    // The mission's example, in TrafficPolicy form.
+    let yaml = r#"
+apiVersion: tandem.dev/v1alpha1
+kind: Service
+metadata: {name: user-service}
+spec:
+  ports: [{port: 8080, protocol: http}]
+---
+apiVersion: tandem.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: user-service}
+spec:
+  targetRef: {kind: Service, name: user-service}
+  timeout: 5s
+  retry:
+    attempts: 3
+    on: [5xx, connect-failure]
+    perTryTimeout: 1s
+"#;
+    let set = load_str("t.yaml", yaml).expect("valid");
+    let p = tandem_config::policy::compile_policy(&set, &set.traffic_policies[0], &mut Vec::new());
+    assert_eq!(p.timeout_ms, Some(5000));
+    let r = p.retry.expect("retry");
+    assert_eq!((r.attempts, r.per_try_timeout_ms), (3, Some(1000)));
+    assert_eq!((r.budget_percent, r.budget_min_per_second), (20, 10));
+    assert_eq!((r.backoff_base_ms, r.backoff_max_ms), (25, 250));
+}
+
+#[test]
+fn traffic_policy_problems_are_reported_with_positions() {
+    let yaml = r#"
+apiVersion: tandem.dev/v1alpha1
+kind: Service
+metadata: {name: api}
+spec:
+  ports: [{port: 8080, protocol: http}]
+---
+apiVersion: tandem.dev/v1alpha1
+kind: Service
+metadata: {name: db}
+spec:
+  ports: [{port: 5432, protocol: tcp}]
+---
+apiVersion: tandem.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: api}
+spec:
+  targetRef: {kind: Service, name: api}
+  timeout: 5
+  retry:
+    attempts: 30
+    on: [5xx, sometimes]
+    perTryTimeout: 10s
+---
+apiVersion: tandem.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: ghost}
+spec:
+  targetRef: {kind: Service, name: ghost}
+---
+apiVersion: tandem.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: db}
+spec:
+  targetRef: {kind: Service, name: db}
+  timeout: 1s
+---
+apiVersion: tandem.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: api-again}
+spec:
+  targetRef: {kind: Service, name: api}
+  circuitBreaker: {consecutiveErrors: 5}
+"#;
+    let e = errors(yaml);
+    let has = |needle: &str| e.iter().any(|x| x.contains(needle));
+    assert!(has("t.yaml:19:12: `5` needs a unit"), "{e:#?}");
+    assert!(has("t.yaml:21:15: attempts must be at most 10"), "{e:#?}");
+    assert!(
+        has("t.yaml:22:15: unknown retry condition `sometimes`"),
+        "{e:#?}"
+    );
+    assert!(
+        has("t.yaml:29:36: targetRef names Service `default/ghost`, which does not exist"),
+        "{e:#?}"
+    );
+    assert!(has("t.yaml:35:36: Service `default/db` is tcp"), "{e:#?}");
+    assert!(has("t.yaml:43:3: unknown field `circuitBreaker`"), "{e:#?}");
+}

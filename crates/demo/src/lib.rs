@@ -8,6 +8,9 @@
 //! - `/echo` — streams the request body back (any size, never buffered);
 //! - `/slow?ms=N` — answers after N milliseconds;
 //! - `/headers` — the request headers as JSON;
+//! - `/flaky?key=K&fails=N&code=C` — fails the first N requests of key K
+//!   with status C, then answers with the attempt number and a hash of the
+//!   body (for retry tests);
 //! - `/ws` — WebSocket echo;
 //! - gRPC `tandem.v1.Echo` (unary and server-streaming).
 //!
@@ -61,6 +64,8 @@ struct App {
     cfg: DemoConfig,
     client: Client<Connector, Empty<Bytes>>,
     grpc: tonic::service::Routes,
+    /// Requests seen per `/flaky` key.
+    flaky: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
 
 pub async fn run(
@@ -87,7 +92,12 @@ pub async fn run(
     let grpc = tonic::service::Routes::new(EchoServer::new(EchoService {
         instance: cfg.instance.clone(),
     }));
-    let app = Arc::new(App { cfg, client, grpc });
+    let app = Arc::new(App {
+        cfg,
+        client,
+        grpc,
+        flaky: Default::default(),
+    });
     if app.cfg.rps > 0.0 {
         tokio::spawn(load(app.clone()));
     }
@@ -191,6 +201,7 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
             json(StatusCode::OK, &serde_json::Value::Object(h))
         }
         "/ws" => websocket(req),
+        "/flaky" => flaky(&app, req).await,
         _ => {
             if app.cfg.failure_rate > 0.0 && fastrand::f64() < app.cfg.failure_rate {
                 let mut v = me.clone();
@@ -358,4 +369,57 @@ impl Echo for EchoService {
         }));
         Ok(tonic::Response::new(Box::pin(s)))
     }
+}
+
+/// `/flaky?key=K&fails=N&code=C`: the first N requests with key K are
+/// answered with status C (default 503, with `Retry-After` if `retry_after`
+/// is given); later ones with 200 and JSON naming the attempt, the body's
+/// length and its FNV-1a hash, so a test can check that a replayed body
+/// arrived intact.
+async fn flaky(app: &App, req: Request<Incoming>) -> Response<Body> {
+    let q = req.uri().query().unwrap_or("").to_string();
+    let param = |name: &str| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+            .map(str::to_string)
+    };
+    let key = param("key").unwrap_or_default();
+    let fails: u32 = param("fails").and_then(|v| v.parse().ok()).unwrap_or(1);
+    let code = param("code")
+        .and_then(|v| v.parse::<u16>().ok())
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => Bytes::new(),
+    };
+    let attempt = {
+        let mut m = match app.flaky.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        let n = m.entry(key.clone()).or_insert(0);
+        *n += 1;
+        *n
+    };
+    let hash = body.iter().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+    });
+    let v = serde_json::json!({
+        "key": key,
+        "attempt": attempt,
+        "body_len": body.len(),
+        "body_fnv1a": format!("{hash:016x}"),
+        "instance": app.cfg.instance,
+    });
+    if attempt <= fails {
+        let mut r = json(code, &v);
+        if let Some(s) = param("retry_after") {
+            if let Ok(h) = http::HeaderValue::from_str(&s) {
+                r.headers_mut().insert(http::header::RETRY_AFTER, h);
+            }
+        }
+        return r;
+    }
+    json(StatusCode::OK, &v)
 }

@@ -37,9 +37,15 @@ pub enum MeshError {
     /// This proxy's certificate expired and could not be renewed: it
     /// refuses mesh traffic rather than send it without mTLS.
     IdentityExpired,
+    /// No answer within the request timeout or the per-try timeout.
+    Timeout,
+    /// Every attempt the retry policy allows failed.
+    RetryLimitExhausted,
+    /// A retry was due but the destination's retry budget was spent.
+    RetryBudgetExhausted,
 }
 
-const ALL: [MeshError; 10] = [
+const ALL: [MeshError; 13] = [
     MeshError::NoRoute,
     MeshError::UnknownService,
     MeshError::NoEndpoints,
@@ -50,6 +56,9 @@ const ALL: [MeshError; 10] = [
     MeshError::DiscoveryUnavailable,
     MeshError::UpstreamTls,
     MeshError::IdentityExpired,
+    MeshError::Timeout,
+    MeshError::RetryLimitExhausted,
+    MeshError::RetryBudgetExhausted,
 ];
 
 impl MeshError {
@@ -65,6 +74,9 @@ impl MeshError {
             MeshError::DiscoveryUnavailable => "discovery-unavailable",
             MeshError::UpstreamTls => "upstream-tls-failure",
             MeshError::IdentityExpired => "identity-expired",
+            MeshError::Timeout => "upstream-timeout",
+            MeshError::RetryLimitExhausted => "retry-limit-exhausted",
+            MeshError::RetryBudgetExhausted => "retry-budget-exhausted",
         }
     }
 
@@ -83,7 +95,10 @@ impl MeshError {
             | MeshError::NotConfigured
             | MeshError::DiscoveryUnavailable
             | MeshError::UpstreamTls
-            | MeshError::IdentityExpired => StatusCode::SERVICE_UNAVAILABLE,
+            | MeshError::IdentityExpired
+            | MeshError::RetryLimitExhausted
+            | MeshError::RetryBudgetExhausted => StatusCode::SERVICE_UNAVAILABLE,
+            MeshError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             MeshError::UpstreamReset => StatusCode::BAD_GATEWAY,
             MeshError::BadRequest => StatusCode::BAD_REQUEST,
         }

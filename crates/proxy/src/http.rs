@@ -11,7 +11,8 @@ use std::sync::Arc;
 use http::header::{HeaderName, CONNECTION, HOST, UPGRADE};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version};
-use http_body_util::Either;
+use http_body_util::{BodyExt, Either};
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -20,8 +21,9 @@ use tokio::time::Instant;
 
 use crate::error::{Body, MeshError};
 use crate::metrics::{Direction, Name, RequestLabels};
+use crate::retry::RuntimePolicy;
 use crate::route::{pick_weighted, select, RequestView};
-use crate::state::Destination;
+use crate::state::{Backend, Destination, Endpoint};
 use crate::transport::Connector;
 use crate::Proxy;
 
@@ -32,8 +34,8 @@ pub const CLIENT_ID_HEADER: &str = "tandem-client-id";
 /// Connection pools towards endpoints and the local app, one per HTTP
 /// version; the connector speaks mTLS to meshed endpoints.
 pub struct Clients {
-    h1: Client<Connector, Incoming>,
-    h2: Client<Connector, Incoming>,
+    h1: Client<Connector, Body>,
+    h2: Client<Connector, Body>,
 }
 
 impl Clients {
@@ -49,7 +51,7 @@ impl Clients {
         Clients { h1, h2 }
     }
 
-    fn for_protocol(&self, p: Protocol) -> &Client<Connector, Incoming> {
+    fn for_protocol(&self, p: Protocol) -> &Client<Connector, Body> {
         if p.is_h2() {
             &self.h2
         } else {
@@ -174,13 +176,200 @@ async fn route_outbound(
             dest.name.clone(),
         ));
     };
-    let Some(ep) = backend.pick() else {
-        return Err((
-            MeshError::NoEndpoints,
-            format!("service `{}` has no live endpoint", backend.name.0),
-            backend.name.clone(),
-        ));
+    let name = backend.name.clone();
+    let req = req.map(Either::Left);
+    let Some(policy) = &dest.policy else {
+        // No policy: one try, nothing buffered.
+        let Some(ep) = backend.pick() else {
+            return Err(no_endpoint(backend));
+        };
+        return try_endpoint(proxy, &dest, backend, ep, req)
+            .await
+            .map(|r| (r, name.clone()))
+            .map_err(|(e, d)| (e, d, name));
     };
+    let work = with_retries(proxy, &dest, backend, policy, req);
+    match policy.timeout {
+        None => work.await,
+        // Dropping the attempt in flight cancels it upstream too.
+        Some(t) => match tokio::time::timeout(t, work).await {
+            Ok(r) => r,
+            Err(_) => Err((
+                MeshError::Timeout,
+                format!(
+                    "no answer from `{}` within the request timeout of {t:?} (TrafficPolicy {})",
+                    dest.name.0, policy.source
+                ),
+                name,
+            )),
+        },
+    }
+}
+
+fn no_endpoint(backend: &Backend) -> Failed {
+    (
+        MeshError::NoEndpoints,
+        format!("service `{}` has no live endpoint", backend.name.0),
+        backend.name.clone(),
+    )
+}
+
+/// The attempts of one request under a retry policy: a body that fits the
+/// replay buffer is kept and sent again; a larger or streaming one (or an
+/// upgrade) gets a single try. A retry goes to another endpoint when there
+/// is one, after a jittered backoff, and only while the destination's
+/// budget allows.
+async fn with_retries(
+    proxy: &Arc<Proxy>,
+    dest: &Arc<Destination>,
+    backend: &Backend,
+    policy: &RuntimePolicy,
+    req: Request<Body>,
+) -> Result<(Response<Body>, Name), Failed> {
+    let name = backend.name.clone();
+    let Some(retry) = &policy.retry else {
+        let Some(ep) = backend.pick() else {
+            return Err(no_endpoint(backend));
+        };
+        return try_endpoint(proxy, dest, backend, ep, req)
+            .await
+            .map(|r| (r, name.clone()))
+            .map_err(|(e, d)| (e, d, name));
+    };
+    retry.budget.deposit();
+    let replayable = !is_upgrade(&req)
+        && req
+            .body()
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= crate::retry::REPLAY_LIMIT);
+    let (parts, replay, mut once) = if replayable {
+        let (parts, body) = req.into_parts();
+        let bytes = http_body_util::Limited::new(body, crate::retry::REPLAY_LIMIT as usize)
+            .collect()
+            .await
+            .map_err(|e| {
+                (
+                    MeshError::BadRequest,
+                    format!("the request body could not be read: {e}"),
+                    name.clone(),
+                )
+            })?
+            .to_bytes();
+        (Some(parts), Some(bytes), None)
+    } else {
+        (None, None, Some(req))
+    };
+    let attempts = if replay.is_some() {
+        retry.attempts + 1
+    } else {
+        1
+    };
+    let mut tried: crate::retry::Tried = Vec::new();
+    let mut last: Option<Result<Response<Body>, (MeshError, String)>> = None;
+    let mut denied = false;
+    for n in 0..attempts {
+        if n > 0 {
+            if !retry.budget.withdraw() {
+                denied = true;
+                break;
+            }
+            proxy
+                .metrics
+                .retries
+                .get_or_create(&crate::metrics::RetryLabels {
+                    src_service: proxy.service.clone(),
+                    dst_service: dest.name.clone(),
+                })
+                .inc();
+            let after = match &last {
+                Some(Ok(r)) => crate::retry::retry_after(r.headers()),
+                _ => None,
+            };
+            tokio::time::sleep(retry.backoff(n, after)).await;
+        }
+        let Some(ep) = backend.pick_avoiding(&tried) else {
+            return Err(no_endpoint(backend));
+        };
+        tried.push(ep.addr());
+        let req = match (&parts, &replay) {
+            (Some(parts), Some(bytes)) => rebuild(parts, bytes.clone()),
+            _ => match once.take() {
+                Some(r) => r,
+                None => break,
+            },
+        };
+        let attempt = try_endpoint(proxy, dest, backend, ep, req);
+        let result = match retry.per_try_timeout {
+            None => attempt.await,
+            Some(t) => tokio::time::timeout(t, attempt).await.unwrap_or_else(|_| {
+                Err((
+                    MeshError::Timeout,
+                    format!(
+                        "{} ({}): no answer within the per-try timeout of {t:?}",
+                        backend.name.0, ep.authority
+                    ),
+                ))
+            }),
+        };
+        let again = match &result {
+            Ok(r) => retry.retriable_answer(r.status(), r.headers()),
+            Err((e, _)) => retry.retriable_failure(*e),
+        };
+        // A single try (nothing to replay) answers as it is.
+        if !again || attempts == 1 {
+            return result
+                .map(|r| (r, name.clone()))
+                .map_err(|(e, d)| (e, d, name));
+        }
+        last = Some(result);
+    }
+    // Out of attempts (or of budget): the last answer, marked.
+    let flag = if denied {
+        MeshError::RetryBudgetExhausted
+    } else {
+        MeshError::RetryLimitExhausted
+    };
+    let tries = tried.len();
+    match last {
+        Some(Ok(mut r)) => {
+            r.headers_mut().insert(
+                crate::error::ERROR_HEADER,
+                HeaderValue::from_static(flag.reason()),
+            );
+            Ok((r, name))
+        }
+        Some(Err((MeshError::Timeout, d))) => Err((
+            MeshError::Timeout,
+            format!("{d} (after {tries} tries)"),
+            name,
+        )),
+        Some(Err((e, d))) => Err((
+            flag,
+            format!("{}: {d} (after {tries} tries)", e.reason()),
+            name,
+        )),
+        None => Err(no_endpoint(backend)),
+    }
+}
+
+fn rebuild(parts: &http::request::Parts, body: bytes::Bytes) -> Request<Body> {
+    let mut r = Request::new(Either::Right(http_body_util::Full::new(body)));
+    *r.method_mut() = parts.method.clone();
+    *r.uri_mut() = parts.uri.clone();
+    *r.version_mut() = parts.version;
+    *r.headers_mut() = parts.headers.clone();
+    r
+}
+
+/// One try against one endpoint; the balancer learns how it went.
+async fn try_endpoint(
+    proxy: &Proxy,
+    dest: &Destination,
+    backend: &Backend,
+    ep: &Endpoint,
+    req: Request<Body>,
+) -> Result<Response<Body>, (MeshError, String)> {
     let scheme = if ep.meshed {
         // Never plaintext to a sidecar: with an expired certificate the
         // request is refused here.
@@ -188,7 +377,6 @@ async fn route_outbound(
             return Err((
                 MeshError::IdentityExpired,
                 "this proxy's certificate expired and could not be renewed".into(),
-                backend.name.clone(),
             ));
         }
         Scheme::HTTPS
@@ -196,8 +384,7 @@ async fn route_outbound(
         Scheme::HTTP
     };
     let in_flight = ep.load.start();
-    let result = forward(proxy, req, &ep.authority, scheme, dest.protocol).await;
-    match result {
+    match forward(proxy, req, &ep.authority, scheme, dest.protocol).await {
         Ok(resp) => {
             // A peer sidecar that could not reach its own app answers fast
             // with a mesh error: that is a failure of this endpoint, not a
@@ -221,14 +408,13 @@ async fn route_outbound(
             } else {
                 in_flight.complete();
             }
-            Ok((resp, backend.name.clone()))
+            Ok(resp)
         }
         Err(e) => {
             in_flight.failed();
             Err((
                 e.0,
                 format!("{} ({}): {}", backend.name.0, ep.authority, e.1),
-                backend.name.clone(),
             ))
         }
     }
@@ -327,7 +513,15 @@ pub async fn inbound(
         Some(_) if proxy.identity.tls.is_expired() => MeshError::IdentityExpired
             .response("this proxy's certificate expired and could not be renewed"),
         Some(protocol) => {
-            match forward(&proxy, req, &proxy.app_authority, Scheme::HTTP, protocol).await {
+            match forward(
+                &proxy,
+                req.map(Either::Left),
+                &proxy.app_authority,
+                Scheme::HTTP,
+                protocol,
+            )
+            .await
+            {
                 Ok(r) => r,
                 Err((e, detail)) => {
                     e.response(&format!("local app at {}: {detail}", proxy.app_authority))
@@ -449,7 +643,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 /// response (and an upgraded connection, if any).
 async fn forward(
     proxy: &Proxy,
-    mut req: Request<Incoming>,
+    mut req: Request<Body>,
     authority: &Authority,
     scheme: Scheme,
     protocol: Protocol,

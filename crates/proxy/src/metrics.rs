@@ -65,6 +65,13 @@ pub struct ConfigLabels {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub src_service: Name,
+    /// The destination the caller addressed (its TrafficPolicy retries).
+    pub dst_service: Name,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct HandshakeLabels {
     pub direction: Direction,
     /// `ok`, or why it failed (`no-client-cert`, `unknown-ca`, `expired`, ...).
@@ -86,6 +93,7 @@ pub struct Metrics {
     pub plaintext: Counter,
     pub cert_expiry: Gauge,
     pub renewals: Family<ConfigLabels, Counter>,
+    pub retries: Family<RetryLabels, Counter>,
     registry: Registry,
 }
 
@@ -113,7 +121,13 @@ impl Metrics {
         let plaintext = Counter::default();
         let cert_expiry = Gauge::default();
         let renewals = Family::<ConfigLabels, Counter>::default();
+        let retries = Family::<RetryLabels, Counter>::default();
         let mut r = Registry::with_prefix("tandem");
+        r.register(
+            "retries",
+            "Retries sent under a TrafficPolicy, by calling service and destination",
+            retries.clone(),
+        );
         r.register(
             "tls_handshakes",
             "mTLS handshakes between sidecars, by direction and result (ok or the reason of the failure)",
@@ -199,6 +213,7 @@ impl Metrics {
             plaintext,
             cert_expiry,
             renewals,
+            retries,
             registry: r,
         }
     }

@@ -11,6 +11,7 @@ use tandem_config::snapshot::{Inbound, Protocol, Route, Snapshot};
 
 use crate::balance::{p2c, EndpointLoad};
 use crate::metrics::Name;
+use crate::retry::{BudgetCache, RuntimePolicy};
 
 pub struct Routing {
     pub version: u64,
@@ -30,6 +31,8 @@ pub struct Destination {
     /// Sum of each route's backend weights, parallel to `routes`.
     pub totals: Vec<u64>,
     pub backends: Vec<Backend>,
+    /// Timeout and retries, when a TrafficPolicy targets the destination.
+    pub policy: Option<RuntimePolicy>,
 }
 
 pub struct Backend {
@@ -63,6 +66,21 @@ impl Backend {
         let now = tokio::time::Instant::now();
         let i = p2c(self.endpoints.len(), |i| self.endpoints[i].load.cost(now))?;
         self.endpoints.get(i)
+    }
+
+    /// A pick that avoids the endpoints already tried when others exist.
+    pub fn pick_avoiding(&self, tried: &[SocketAddr]) -> Option<&Endpoint> {
+        if tried.is_empty() || tried.len() >= self.endpoints.len() {
+            return self.pick();
+        }
+        let now = tokio::time::Instant::now();
+        let fresh: Vec<&Endpoint> = self
+            .endpoints
+            .iter()
+            .filter(|e| !tried.contains(&e.addr()))
+            .collect();
+        let i = p2c(fresh.len(), |i| fresh[i].load.cost(now))?;
+        fresh.get(i).copied()
     }
 }
 
@@ -155,6 +173,9 @@ impl Routing {
                 routes: d.routes.clone(),
                 totals,
                 backends,
+                policy: d.policy.as_ref().map(|p| {
+                    RuntimePolicy::build(&format!("{}.{}", d.name, d.namespace), p, &loads.budgets)
+                }),
             });
             destinations.insert(
                 format!("{}.{}", d.name, d.namespace).into_boxed_str(),
@@ -191,6 +212,8 @@ impl Routing {
 #[derive(Default)]
 pub struct LoadCache {
     map: Mutex<HashMap<SocketAddr, Weak<EndpointLoad>>>,
+    /// Retry budgets by destination, also kept across tables.
+    pub budgets: BudgetCache,
 }
 
 impl LoadCache {
@@ -237,6 +260,7 @@ mod tests {
                         meshed: true,
                     }],
                 }],
+                policy: None,
             }],
             unknown: vec!["ghost".into()],
             trust: None,

@@ -1,0 +1,235 @@
+//! TrafficPolicy: checked once (diagnostics with positions) and compiled
+//! into the snapshot's [`Policy`] for the destination it targets.
+
+use crate::diag::Diagnostic;
+use crate::model::{Loaded, Protocol, ResourceSet, TrafficPolicySpec};
+use crate::snapshot::{Policy, RetryOn, RetryPolicy};
+use serde_saphyr::Spanned;
+
+pub const DEFAULT_BACKOFF_BASE_MS: u64 = 25;
+pub const DEFAULT_BACKOFF_MAX_MS: u64 = 250;
+pub const DEFAULT_BUDGET_PERCENT: u32 = 20;
+pub const DEFAULT_BUDGET_MIN_PER_SECOND: u32 = 10;
+/// Most retries one policy may ask for.
+pub const MAX_ATTEMPTS: u32 = 10;
+const MAX_DURATION_MS: u64 = 3_600_000;
+
+/// `250ms`, `5s`, `1m`, `1h` → milliseconds. A unit is required.
+pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| c.is_ascii_alphabetic())
+        .ok_or_else(|| format!("`{s}` needs a unit (ms, s, m, h), e.g. `250ms` or `5s`"))?;
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (e.g. 250ms, 5s, 1m)"))?;
+    let ms = match unit {
+        "ms" => n,
+        "s" => n * 1e3,
+        "m" => n * 60e3,
+        "h" => n * 3600e3,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (ms, s, m, h)")),
+    };
+    if !(ms >= 1.0 && ms <= MAX_DURATION_MS as f64) {
+        return Err(format!("`{s}` must be between 1ms and 1h"));
+    }
+    Ok(ms.round() as u64)
+}
+
+fn duration(
+    p: &Loaded<TrafficPolicySpec>,
+    v: &Option<Spanned<String>>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<u64> {
+    let v = v.as_ref()?;
+    match parse_duration_ms(&v.value) {
+        Ok(ms) => Some(ms),
+        Err(e) => {
+            diags.push(Diagnostic::at(&p.at(v), e));
+            None
+        }
+    }
+}
+
+fn gprc_code(name: &str) -> Option<u32> {
+    Some(match name {
+        "cancelled" => 1,
+        "deadline-exceeded" => 4,
+        "resource-exhausted" => 8,
+        "internal" => 13,
+        "unavailable" => 14,
+        _ => return None,
+    })
+}
+
+fn retry_on(s: &str) -> Option<RetryOn> {
+    Some(match s {
+        "5xx" => RetryOn::Server5xx,
+        "gateway-error" => RetryOn::GatewayError,
+        "connect-failure" => RetryOn::ConnectFailure,
+        "reset" => RetryOn::Reset,
+        "retriable-4xx" => RetryOn::Status(409),
+        other => match other.parse::<u16>() {
+            Ok(code) if (400..=599).contains(&code) => RetryOn::Status(code),
+            Ok(_) => return None,
+            Err(_) => RetryOn::Grpc(gprc_code(other)?),
+        },
+    })
+}
+
+/// Checks one TrafficPolicy and compiles it. Problems go to `diags`; the
+/// result is only meaningful when none were added.
+pub fn compile_policy(
+    set: &ResourceSet,
+    p: &Loaded<TrafficPolicySpec>,
+    diags: &mut Vec<Diagnostic>,
+) -> Policy {
+    let t = &p.spec.target_ref;
+    if t.kind.value != "Service" {
+        diags.push(Diagnostic::at(
+            &p.at(&t.kind),
+            format!(
+                "targetRef kind `{}` is not supported; a TrafficPolicy targets a Service",
+                t.kind.value
+            ),
+        ));
+    }
+    if let Some(g) = &t.group {
+        if !g.value.is_empty() && g.value != "tandem.dev" {
+            diags.push(Diagnostic::at(
+                &p.at(g),
+                format!(
+                    "targetRef group `{}` is not supported; use `tandem.dev` or leave it out",
+                    g.value
+                ),
+            ));
+        }
+    }
+    let ns = t
+        .namespace
+        .as_ref()
+        .map(|n| n.value.as_str())
+        .unwrap_or(&p.namespace);
+    match set.service(ns, &t.name.value) {
+        None => diags.push(Diagnostic::at(
+            &p.at(&t.name),
+            format!(
+                "targetRef names Service `{ns}/{}`, which does not exist",
+                t.name.value
+            ),
+        )),
+        Some(svc) => {
+            if svc.spec.ports.first().map(|p| p.protocol.value) == Some(Protocol::Tcp) {
+                diags.push(Diagnostic::at(
+                    &p.at(&t.name),
+                    format!(
+                        "Service `{ns}/{}` is tcp: timeouts and retries apply to HTTP and gRPC services",
+                        t.name.value
+                    ),
+                ));
+            }
+        }
+    }
+    let timeout_ms = duration(p, &p.spec.timeout, diags);
+    let retry = p.spec.retry.as_ref().map(|r| {
+        if r.attempts.value > MAX_ATTEMPTS {
+            diags.push(Diagnostic::at(
+                &p.at(&r.attempts),
+                format!("attempts must be at most {MAX_ATTEMPTS}"),
+            ));
+        }
+        let mut on = Vec::new();
+        match &r.on {
+            None => on.extend([RetryOn::Server5xx, RetryOn::ConnectFailure, RetryOn::Reset]),
+            Some(list) => {
+                for c in list {
+                    match retry_on(&c.value) {
+                        Some(x) => on.push(x),
+                        None => diags.push(Diagnostic::at(
+                            &p.at(c),
+                            format!(
+                                "unknown retry condition `{}`; use 5xx, gateway-error, connect-failure, reset, retriable-4xx, a status code (400-599) or a gRPC status (cancelled, deadline-exceeded, resource-exhausted, internal, unavailable)",
+                                c.value
+                            ),
+                        )),
+                    }
+                }
+            }
+        }
+        let per_try_timeout_ms = duration(p, &r.per_try_timeout, diags);
+        if let (Some(per_try), Some(total), Some(pt)) =
+            (per_try_timeout_ms, timeout_ms, r.per_try_timeout.as_ref())
+        {
+            if per_try > total {
+                diags.push(Diagnostic::at(
+                    &p.at(pt),
+                    "perTryTimeout is longer than timeout (the whole request, retries included)",
+                ));
+            }
+        }
+        let (mut base, mut max) = (DEFAULT_BACKOFF_BASE_MS, DEFAULT_BACKOFF_MAX_MS);
+        if let Some(b) = &r.backoff {
+            base = duration(p, &b.base, diags).unwrap_or(base);
+            max = duration(p, &b.max, diags).unwrap_or(max.max(base));
+            if base > max {
+                if let Some(m) = &b.max {
+                    diags.push(Diagnostic::at(&p.at(m), "backoff max is below base"));
+                }
+            }
+        }
+        let (mut percent, mut min_per_second) =
+            (DEFAULT_BUDGET_PERCENT, DEFAULT_BUDGET_MIN_PER_SECOND);
+        if let Some(b) = &r.budget {
+            if let Some(pc) = &b.percent {
+                if pc.value > 100 {
+                    diags.push(Diagnostic::at(&p.at(pc), "budget percent must be 0-100"));
+                }
+                percent = pc.value;
+            }
+            if let Some(m) = &b.min_per_second {
+                min_per_second = m.value;
+            }
+        }
+        RetryPolicy {
+            attempts: r.attempts.value,
+            on,
+            per_try_timeout_ms,
+            backoff_base_ms: base,
+            backoff_max_ms: max,
+            budget_percent: percent,
+            budget_min_per_second: min_per_second,
+        }
+    });
+    Policy {
+        source: p.key(),
+        timeout_ms,
+        retry,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_need_units_and_sane_ranges() {
+        assert_eq!(parse_duration_ms("250ms"), Ok(250));
+        assert_eq!(parse_duration_ms("5s"), Ok(5000));
+        assert_eq!(parse_duration_ms("1.5s"), Ok(1500));
+        assert_eq!(parse_duration_ms("2m"), Ok(120_000));
+        assert!(parse_duration_ms("5").is_err());
+        assert!(parse_duration_ms("0s").is_err());
+        assert!(parse_duration_ms("2d").is_err());
+        assert!(parse_duration_ms("fast").is_err());
+    }
+
+    #[test]
+    fn retry_conditions() {
+        assert_eq!(retry_on("5xx"), Some(RetryOn::Server5xx));
+        assert_eq!(retry_on("503"), Some(RetryOn::Status(503)));
+        assert_eq!(retry_on("unavailable"), Some(RetryOn::Grpc(14)));
+        assert_eq!(retry_on("200"), None);
+        assert_eq!(retry_on("sometimes"), None);
+    }
+}

@@ -1,0 +1,246 @@
+//! TrafficPolicy end to end: retries, budgets, replay rules and timeouts,
+//! with real sidecars in front of demo apps that fail on purpose.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use tandem_e2e::{curl, http_get, metric, wait_for, Instance, Mesh, TempDir};
+
+fn policy(service: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: tandem.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {service}}}\nspec:\n  targetRef: {{kind: Service, name: {service}}}\n{spec}---\n"
+    )
+}
+
+/// Requests the web sidecar passed to its app, by status.
+fn inbound_requests(web: &Instance) -> f64 {
+    web.metrics()
+        .lines()
+        .filter(|l| {
+            l.starts_with("tandem_requests_total{")
+                && l.contains(r#"direction="inbound""#)
+                && l.contains(r#"src_service="client""#)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn retries(client: &Instance) -> f64 {
+    metric(
+        &client.metrics(),
+        r#"tandem_retries_total{src_service="client",dst_service="web"}"#,
+    )
+    .unwrap_or(0.0)
+}
+
+/// `curl -x client http://web<path>` with extra args; (status line + headers, body).
+fn via_client(client: &Instance, path: &str, extra: &[&str]) -> (String, String) {
+    let proxy = format!("http://{}", client.http_proxy);
+    let url = format!("http://web{path}");
+    let mut args = vec!["-s", "-D", "-", "-x", proxy.as_str()];
+    args.extend_from_slice(extra);
+    args.push(url.as_str());
+    let out = curl(&args);
+    match out.stdout.split_once("\r\n\r\n") {
+        Some((h, b)) => (h.to_string(), b.to_string()),
+        None => (out.stdout, String::new()),
+    }
+}
+
+#[test]
+fn retries_turn_a_flaky_upstream_into_success() {
+    let mut config = common::config();
+    config.push_str(&policy("web", "  retry: {attempts: 4, on: [5xx]}\n"));
+    let mesh = Mesh::start(&config);
+    let _web1 = mesh.instance("web", "web-1", &["--failure-rate", "0.2"], &[]);
+    let _web2 = mesh.instance("web", "web-2", &["--failure-rate", "0.2"], &[]);
+    let client = mesh.instance("client", "client-1", &[], &[]);
+    let total = 1000;
+    let ok = (0..total)
+        .filter(|_| matches!(http_get(client.http_proxy, "web", "/"), Some((200, _))))
+        .count();
+    assert!(
+        ok as f64 >= 0.995 * total as f64,
+        "{ok} of {total} succeeded"
+    );
+    // About a quarter of the requests needed a retry.
+    let r = retries(&client);
+    assert!((100.0..=500.0).contains(&r), "{r} retries");
+}
+
+#[test]
+fn the_retry_budget_stops_a_storm() {
+    let mut config = common::config();
+    config.push_str(&policy(
+        "web",
+        "  retry: {attempts: 3, on: [5xx], budget: {percent: 20, minPerSecond: 0}}\n",
+    ));
+    let mesh = Mesh::start(&config);
+    let web = mesh.instance("web", "web-1", &["--failure-rate", "1.0"], &[]);
+    let client = mesh.instance("client", "client-1", &[], &[]);
+    let total = 200;
+    let mut flags = std::collections::HashMap::new();
+    for _ in 0..total {
+        let (head, _) = via_client(&client, "/", &[]);
+        assert!(head.starts_with("HTTP/1.1 500"), "{head}");
+        let flag = head
+            .lines()
+            .find_map(|l| l.strip_prefix("tandem-error: "))
+            .unwrap_or("none")
+            .to_string();
+        *flags.entry(flag).or_insert(0) += 1;
+    }
+    // Retries stay within 20 % of the requests: no storm.
+    let seen = wait_for("inbound metrics", Duration::from_secs(5), || {
+        let n = inbound_requests(&web);
+        (n >= total as f64).then_some(n)
+    });
+    assert!(
+        seen <= 1.2 * total as f64 + 1.0,
+        "upstream saw {seen} requests for {total}"
+    );
+    // Every answer says why it was not retried further.
+    assert!(
+        flags.get("retry-budget-exhausted").copied().unwrap_or(0) > total / 2,
+        "{flags:?}"
+    );
+    assert_eq!(flags.get("none"), None, "{flags:?}");
+}
+
+#[test]
+fn small_bodies_are_replayed_large_ones_never() {
+    let mut config = common::config();
+    config.push_str(&policy("web", "  retry: {attempts: 2, on: [\"503\"]}\n"));
+    let mesh = Mesh::start(&config);
+    let _web = mesh.instance("web", "web-1", &[], &[]);
+    let client = mesh.instance("client", "client-1", &[], &[]);
+    let scratch = TempDir::new("bodies");
+    let fnv = |b: &[u8]| {
+        format!(
+            "{:016x}",
+            b.iter()
+                .fold(0xcbf29ce484222325u64, |h, x| (h ^ u64::from(*x))
+                    .wrapping_mul(0x100000001b3))
+        )
+    };
+    // A small POST that fails once is retried, and the app gets the same body.
+    let small: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
+    let small_file = scratch.0.join("small");
+    std::fs::write(&small_file, &small).unwrap();
+    let data = format!("@{}", small_file.display());
+    let (head, body) = via_client(
+        &client,
+        "/flaky?key=small&fails=1",
+        &["-H", "Expect:", "--data-binary", &data],
+    );
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["attempt"], 2, "{v}");
+    assert_eq!(v["body_len"], small.len(), "{v}");
+    assert_eq!(v["body_fnv1a"], fnv(&small), "{v}");
+    assert_eq!(retries(&client), 1.0);
+    // A 1 MiB POST is never buffered for replay: its failure comes back.
+    let big: Vec<u8> = (0..(1 << 20) as u32).map(|i| (i % 253) as u8).collect();
+    let big_file = scratch.0.join("big");
+    std::fs::write(&big_file, &big).unwrap();
+    let data = format!("@{}", big_file.display());
+    let (head, body) = via_client(
+        &client,
+        "/flaky?key=big&fails=1",
+        &["-H", "Expect:", "--data-binary", &data],
+    );
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}\n{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (v["attempt"].as_u64(), v["body_len"].as_u64()),
+        (Some(1), Some(1 << 20))
+    );
+    assert_eq!(retries(&client), 1.0);
+}
+
+#[test]
+fn timeouts_fire_on_time_with_a_504() {
+    let mut config = common::config();
+    config.push_str(&policy(
+        "web",
+        "  timeout: 1s\n  retry: {attempts: 5, on: [5xx], perTryTimeout: 300ms}\n",
+    ));
+    config.push_str(&policy(
+        "lonely",
+        "  retry: {attempts: 1, on: [gateway-error], perTryTimeout: 300ms, backoff: {base: 10ms, max: 10ms}}\n",
+    ));
+    let mesh = Mesh::start(&config);
+    let web = mesh.instance("web", "web-1", &[], &[]);
+    let _lonely = mesh.instance("lonely", "lonely-1", &[], &[]);
+    let client = mesh.instance("client", "client-1", &[], &[]);
+    // A fast answer is untouched.
+    let (head, _) = via_client(&client, "/slow?ms=10", &[]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let answered = || {
+        metric(
+            &web.metrics(),
+            r#"tandem_requests_total{direction="inbound",src_service="client",dst_service="web",status_code="200",tandem_error=""}"#,
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(answered(), 1.0);
+    // The whole request: cut at 1 s although each try has 300 ms and could
+    // be retried five times.
+    let start = Instant::now();
+    let (head, body) = via_client(&client, "/slow?ms=2000", &[]);
+    let took = start.elapsed();
+    assert!(head.starts_with("HTTP/1.1 504"), "{head}\n{body}");
+    assert!(head.contains("tandem-error: upstream-timeout"), "{head}");
+    assert!(
+        took >= Duration::from_millis(950) && took < Duration::from_millis(1600),
+        "{took:?}"
+    );
+    // The tries given up on were cancelled at the next sidecar too: none of
+    // them is answered there once the app would have finished.
+    std::thread::sleep(Duration::from_millis(2500).saturating_sub(start.elapsed()));
+    assert_eq!(answered(), 1.0, "{}", web.metrics());
+    // Per try only: two tries of 300 ms, then the timeout answers.
+    let start = Instant::now();
+    let proxy = format!("http://{}", client.http_proxy);
+    let out = curl(&["-s", "-D", "-", "-x", &proxy, "http://lonely/slow?ms=5000"]);
+    let took = start.elapsed();
+    assert!(out.stdout.starts_with("HTTP/1.1 504"), "{}", out.stdout);
+    assert!(out.stdout.contains("after 2 tries"), "{}", out.stdout);
+    assert!(
+        took >= Duration::from_millis(600) && took < Duration::from_millis(1200),
+        "{took:?}"
+    );
+}
+
+#[test]
+fn a_policy_edit_applies_without_restart() {
+    let mesh = Mesh::start(&common::config());
+    let _web = mesh.instance("web", "web-1", &[], &[]);
+    let client = mesh.instance("client", "client-1", &[], &[]);
+    let pid = client.proxy().pid();
+    // No policy: the failure reaches the caller.
+    let (head, _) = via_client(&client, "/flaky?key=before&fails=1", &[]);
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    let before = client.config_version();
+    mesh.write_config(
+        "policy.yaml",
+        &policy("web", "  retry: {attempts: 2, on: [\"503\"]}\n"),
+    );
+    wait_for("the policy to arrive", Duration::from_secs(10), || {
+        (client.config_version() > before).then_some(())
+    });
+    let (head, body) = via_client(&client, "/flaky?key=after&fails=1", &[]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{body}");
+    assert_eq!(client.proxy().pid(), pid);
+    // And it goes away again.
+    std::fs::remove_file(mesh.config_dir.join("policy.yaml")).unwrap();
+    let with = client.config_version();
+    wait_for("the policy to go", Duration::from_secs(10), || {
+        (client.config_version() > with).then_some(())
+    });
+    let (head, _) = via_client(&client, "/flaky?key=gone&fails=1", &[]);
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+}
