@@ -51,15 +51,28 @@ pub use tandem_control::stats::PairStat as StatRow;
 
 pub fn stat_table(rows: &[StatRow]) -> String {
     let mut out = format!(
-        "{:<14} {:<14} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
-        "SOURCE", "DESTINATION", "RPS", "SUCCESS", "P50(ms)", "P95(ms)", "P99(ms)", "REQUESTS"
+        "{:<14} {:<14} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+        "SOURCE",
+        "DESTINATION",
+        "RPS",
+        "SUCCESS",
+        "P50(ms)",
+        "P95(ms)",
+        "P99(ms)",
+        "REQUESTS",
+        "RETRIES",
+        "RAW"
     );
     if rows.is_empty() {
         out.push_str("(no traffic in this window)\n");
     }
     for r in rows {
+        let raw = match r.raw_success_rate {
+            Some(x) => format!("{:.2}%", x * 100.0),
+            None => "-".to_string(),
+        };
         out.push_str(&format!(
-            "{:<14} {:<14} {:>9.1} {:>8.2}% {:>9.2} {:>9.2} {:>9.2} {:>9}\n",
+            "{:<14} {:<14} {:>9.1} {:>8.2}% {:>9.2} {:>9.2} {:>9.2} {:>9} {:>9} {:>9}\n",
             r.source,
             r.destination,
             r.rps,
@@ -67,7 +80,9 @@ pub fn stat_table(rows: &[StatRow]) -> String {
             r.p50_ms,
             r.p95_ms,
             r.p99_ms,
-            r.requests
+            r.requests,
+            r.retries,
+            raw
         ));
     }
     out

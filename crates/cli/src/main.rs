@@ -462,10 +462,11 @@ fn main() -> ExitCode {
         Command::Validate { dir } => match tandem_config::load_dir(&dir) {
             Ok(set) => {
                 println!(
-                    "{}: ok ({} services, {} HTTP routes)",
+                    "{}: ok ({} services, {} HTTP routes, {} traffic policies)",
                     dir.display(),
                     set.services.len(),
-                    set.http_routes.len()
+                    set.http_routes.len(),
+                    set.traffic_policies.len()
                 );
                 return ExitCode::SUCCESS;
             }

@@ -93,7 +93,7 @@ const SERVICES: &[DemoService] = &[
         version: "v1",
         calls: &[],
         latency: "4ms",
-        failure_rate: 0.01,
+        failure_rate: 0.03,
         load: false,
     },
     DemoService {

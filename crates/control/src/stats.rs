@@ -20,10 +20,17 @@ const HISTORY: Duration = Duration::from_secs(300);
 /// Cumulative counters of one pair in one proxy at one time.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PairCounters {
+    /// What the caller's sidecar answered (after retries).
     pub requests: f64,
     pub failures: f64,
     /// `(upper bound in seconds, cumulative count)`, ascending.
     pub buckets: Vec<(f64, f64)>,
+    /// Every try, as the destination's sidecar saw it (before retries).
+    pub tries: f64,
+    pub try_failures: f64,
+    /// Retries the caller's sidecar sent (counted under the destination the
+    /// caller addressed).
+    pub retries: f64,
 }
 
 pub type Pair = (String, String);
@@ -50,6 +57,13 @@ pub struct PairStat {
     pub p95_ms: f64,
     pub p99_ms: f64,
     pub requests: u64,
+    /// Success of every try as the destination answered it, before retries
+    /// (when the destination has a sidecar).
+    #[serde(default)]
+    pub raw_success_rate: Option<f64>,
+    /// Retries the caller's sidecar sent in the window.
+    #[serde(default)]
+    pub retries: u64,
 }
 
 impl Stats {
@@ -98,7 +112,7 @@ impl Stats {
             let dt = last.at.saturating_duration_since(base.at).as_secs_f64();
             for (pair, now) in &last.pairs {
                 let d = delta(now, base.pairs.get(pair));
-                if d.requests <= 0.0 {
+                if d.requests <= 0.0 && d.tries <= 0.0 && d.retries <= 0.0 {
                     continue;
                 }
                 let entry = sums
@@ -112,6 +126,9 @@ impl Stats {
         }
         let mut out: Vec<PairStat> = sums
             .into_iter()
+            // Tries seen only by a destination (a caller without a sidecar,
+            // or a caller's own sidecar not scraped) make no row.
+            .filter(|(_, (c, _))| c.requests > 0.0 || c.retries > 0.0)
             .map(|((source, destination), (c, rps))| PairStat {
                 source,
                 destination,
@@ -128,6 +145,8 @@ impl Stats {
                 p95_ms: round(quantile(&c.buckets, 0.95) * 1000.0, 3),
                 p99_ms: round(quantile(&c.buckets, 0.99) * 1000.0, 3),
                 requests: c.requests.round() as u64,
+                raw_success_rate: (c.tries > 0.0).then(|| round(1.0 - c.try_failures / c.tries, 4)),
+                retries: c.retries.round() as u64,
             })
             .collect();
         out.sort_by(|a, b| (&a.source, &a.destination).cmp(&(&b.source, &b.destination)));
@@ -144,7 +163,7 @@ fn round(x: f64, digits: i32) -> f64 {
 /// then `now` is the whole delta.
 fn delta(now: &PairCounters, base: Option<&PairCounters>) -> PairCounters {
     let Some(base) = base else { return now.clone() };
-    if now.requests < base.requests {
+    if now.requests < base.requests || now.tries < base.tries || now.retries < base.retries {
         return now.clone();
     }
     let buckets = now
@@ -164,12 +183,18 @@ fn delta(now: &PairCounters, base: Option<&PairCounters>) -> PairCounters {
         requests: now.requests - base.requests,
         failures: (now.failures - base.failures).max(0.0),
         buckets,
+        tries: now.tries - base.tries,
+        try_failures: (now.try_failures - base.try_failures).max(0.0),
+        retries: now.retries - base.retries,
     }
 }
 
 fn add(acc: &mut PairCounters, d: &PairCounters) {
     acc.requests += d.requests;
     acc.failures += d.failures;
+    acc.tries += d.tries;
+    acc.try_failures += d.try_failures;
+    acc.retries += d.retries;
     for (le, c) in &d.buckets {
         match acc.buckets.iter_mut().find(|(l, _)| l == le) {
             Some(b) => b.1 += c,
@@ -218,7 +243,8 @@ pub fn parse_metrics(text: &str) -> HashMap<Pair, PairCounters> {
         };
         let is_total = name == "tandem_requests_total";
         let is_bucket = name == "tandem_request_duration_seconds_bucket";
-        if !is_total && !is_bucket {
+        let is_retries = name == "tandem_retries_total";
+        if !is_total && !is_bucket && !is_retries {
             continue;
         }
         let Some(end) = rest.rfind('}') else { continue };
@@ -238,13 +264,30 @@ pub fn parse_metrics(text: &str) -> HashMap<Pair, PairCounters> {
                 .map(|(_, v)| v.as_str())
                 .unwrap_or("")
         };
-        if get("direction") != "outbound" {
-            continue;
-        }
         let pair = (
             get("src_service").to_string(),
             get("dst_service").to_string(),
         );
+        if is_retries {
+            out.entry(pair).or_default().retries += value;
+            continue;
+        }
+        let failed = |labels_status: &str| {
+            labels_status.parse::<u16>().unwrap_or(0) >= 500 || !get("tandem_error").is_empty()
+        };
+        if get("direction") == "inbound" {
+            if is_total {
+                let c = out.entry(pair).or_default();
+                c.tries += value;
+                if failed(get("status_code")) {
+                    c.try_failures += value;
+                }
+            }
+            continue;
+        }
+        if get("direction") != "outbound" {
+            continue;
+        }
         let c = out.entry(pair).or_default();
         if is_total {
             c.requests += value;
@@ -351,6 +394,7 @@ mod tests {
 tandem_requests_total{direction="outbound",src_service="web",dst_service="catalog-v1",status_code="200",tandem_error=""} 90
 tandem_requests_total{direction="outbound",src_service="web",dst_service="catalog-v1",status_code="503",tandem_error=""} 10
 tandem_requests_total{direction="inbound",src_service="loadgen",dst_service="web",status_code="200",tandem_error=""} 100
+tandem_retries_total{src_service="web",dst_service="catalog-v1"} 7
 tandem_request_duration_seconds_bucket{le="0.001",direction="outbound",src_service="web",dst_service="catalog-v1",status_code="200",tandem_error=""} 50
 tandem_request_duration_seconds_bucket{le="0.002",direction="outbound",src_service="web",dst_service="catalog-v1",status_code="200",tandem_error=""} 90
 tandem_request_duration_seconds_bucket{le="+Inf",direction="outbound",src_service="web",dst_service="catalog-v1",status_code="200",tandem_error=""} 90
@@ -362,10 +406,13 @@ tandem_request_duration_seconds_bucket{le="+Inf",direction="outbound",src_servic
     #[test]
     fn parses_outbound_pairs() {
         let m = parse_metrics(TEXT);
-        assert_eq!(m.len(), 1);
+        assert_eq!(m.len(), 2);
         let c = &m[&("web".to_string(), "catalog-v1".to_string())];
         assert_eq!(c.requests, 100.0);
         assert_eq!(c.failures, 10.0);
+        assert_eq!(c.retries, 7.0);
+        let inbound = &m[&("loadgen".to_string(), "web".to_string())];
+        assert_eq!((inbound.requests, inbound.tries), (0.0, 100.0));
         assert_eq!(
             c.buckets,
             vec![(0.001, 60.0), (0.002, 100.0), (f64::INFINITY, 100.0)]
@@ -394,6 +441,7 @@ tandem_request_duration_seconds_bucket{le="+Inf",direction="outbound",src_servic
                     requests: r,
                     failures: f,
                     buckets: vec![(0.001, r), (f64::INFINITY, r)],
+                    ..PairCounters::default()
                 },
             );
             m

@@ -218,6 +218,8 @@ fn tandem_up_runs_the_demo_and_cleans_up() {
             "p95_ms",
             "p99_ms",
             "requests",
+            "retries",
+            "raw_success_rate",
         ] {
             assert!(r.get(f).is_some(), "field {f} missing in {r}");
         }

@@ -69,6 +69,22 @@ fn retries_turn_a_flaky_upstream_into_success() {
     // About a quarter of the requests needed a retry.
     let r = retries(&client);
     assert!((100.0..=500.0).contains(&r), "{r} retries");
+    // `tandem stat` shows both sides: what the caller got, and the raw
+    // answers of the two instances.
+    let row = wait_for("client->web stats", Duration::from_secs(10), || {
+        let rows = tandem_e2e::api_json(mesh.api, "/api/v1/stats?window=60")?;
+        let row = rows
+            .as_array()?
+            .iter()
+            .find(|r| r["source"] == "client" && r["destination"] == "web")?
+            .clone();
+        // The first scrape may come after the first requests.
+        (row["requests"].as_u64()? >= total as u64 * 9 / 10).then_some(row)
+    });
+    assert!(row["success_rate"].as_f64().unwrap() >= 0.995, "{row}");
+    assert!(row["retries"].as_u64().unwrap() >= 90, "{row}");
+    let raw = row["raw_success_rate"].as_f64().unwrap();
+    assert!((0.7..0.9).contains(&raw), "{row}");
 }
 
 #[test]
