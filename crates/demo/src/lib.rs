@@ -172,6 +172,7 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
         "instance": app.cfg.instance,
     });
     let path = req.uri().path().to_string();
+    let ctx = req.headers().clone();
     let resp = match path.as_str() {
         "/echo" => {
             let mut r = Response::new(
@@ -211,7 +212,7 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
             let mut calls = Vec::new();
             let mut failed = false;
             for target in &app.cfg.calls {
-                let (status, body) = call(&app, target, "/").await;
+                let (status, body) = call(&app, target, "/", &ctx).await;
                 failed |= status == 0 || status >= 500;
                 calls.push(serde_json::json!({"service": target, "status": status, "body": body}));
             }
@@ -237,13 +238,27 @@ fn header(s: &str) -> HeaderValue {
 
 /// Calls `http://TARGET/PATH`; returns the status (0 when the call failed)
 /// and the JSON body (or the error text).
-async fn call(app: &App, target: &str, path: &str) -> (u16, serde_json::Value) {
+/// Calls `target` through the sidecar, passing on the mesh's request
+/// context (`tandem-ctx-*` headers: deadline, no-retry) as an app should.
+async fn call(
+    app: &App,
+    target: &str,
+    path: &str,
+    ctx: &http::HeaderMap,
+) -> (u16, serde_json::Value) {
     let uri: Uri = match format!("http://{target}{path}").parse() {
         Ok(u) => u,
         Err(e) => return (0, e.to_string().into()),
     };
+    let mut req = Request::new(Empty::new());
+    *req.uri_mut() = uri;
+    for (k, v) in ctx {
+        if k.as_str().starts_with("tandem-ctx-") {
+            req.headers_mut().append(k, v.clone());
+        }
+    }
     let fut = async {
-        let resp = app.client.get(uri).await.map_err(|e| e.to_string())?;
+        let resp = app.client.request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
         let body = resp
             .into_body()
@@ -277,7 +292,7 @@ async fn load(app: Arc<App>) {
             };
             let app = app.clone();
             tokio::spawn(async move {
-                let _ = call(&app, &target, "/").await;
+                let _ = call(&app, &target, "/", &http::HeaderMap::new()).await;
                 drop(permit);
             });
         }

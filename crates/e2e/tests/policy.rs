@@ -260,3 +260,88 @@ fn a_policy_edit_applies_without_restart() {
     let (head, _) = via_client(&client, "/flaky?key=gone&fails=1", &[]);
     assert!(head.starts_with("HTTP/1.1 503"), "{head}");
 }
+
+/// Requests `inst`'s sidecar passed to its app from `src`.
+fn inbound_from(inst: &Instance, src: &str) -> f64 {
+    inst.metrics()
+        .lines()
+        .filter(|l| {
+            l.starts_with("tandem_requests_total{")
+                && l.contains(r#"direction="inbound""#)
+                && l.contains(&format!(r#"src_service="{src}""#))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn an_inner_hop_does_not_multiply_retries() {
+    let mut config = common::config();
+    config.push_str(&common::orders_service());
+    config.push_str(&policy("web", "  retry: {attempts: 2, on: [5xx]}\n"));
+    config.push_str(&policy("orders", "  retry: {attempts: 2, on: [5xx]}\n"));
+    let mesh = Mesh::start(&config);
+    let orders = mesh.instance("orders", "orders-1", &["--failure-rate", "1.0"], &[]);
+    let web = mesh.instance("web", "web-1", &["--call", "orders"], &[]);
+    let client = mesh.instance("client", "client-1", &[], &[]);
+    let n = 20;
+    for _ in 0..n {
+        let (head, _) = via_client(&client, "/", &[]);
+        assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    }
+    // The outer sidecar tried each request three times; each try of web
+    // called orders once: 3n, where nested retries would have made 9n.
+    assert_eq!(retries(&client), 2.0 * n as f64);
+    assert_eq!(inbound_from(&web, "client"), 3.0 * n as f64);
+    assert_eq!(inbound_from(&orders, "web"), 3.0 * n as f64);
+    assert!(
+        !web.metrics().contains("tandem_retries_total{"),
+        "{}",
+        web.metrics()
+    );
+}
+
+#[test]
+fn the_callers_deadline_travels_and_is_kept() {
+    let mut config = common::config();
+    config.push_str(&common::orders_service());
+    config.push_str(&policy("web", "  timeout: 1s\n"));
+    let mesh = Mesh::start(&config);
+    let orders = mesh.instance("orders", "orders-1", &["--latency", "3s"], &[]);
+    let web = mesh.instance("web", "web-1", &["--call", "orders"], &[]);
+    let client = mesh.instance("client", "client-1", &[], &[]);
+    // A deadline set by the calling app is honoured by its own sidecar.
+    let start = Instant::now();
+    let (head, body) = via_client(
+        &client,
+        "/slow?ms=3000",
+        &["-H", "tandem-ctx-deadline-ms: 300"],
+    );
+    let took = start.elapsed();
+    assert!(head.starts_with("HTTP/1.1 504"), "{head}\n{body}");
+    assert!(body.contains("deadline"), "{body}");
+    assert!(took < Duration::from_millis(800), "{took:?}");
+    // The policy's 1 s travels with the request, to the app and on.
+    let (head, body) = via_client(&client, "/headers", &[]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let h: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let left: u64 = h["tandem-ctx-deadline-ms"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((500..=1000).contains(&left), "{h}");
+    // When it passes, the whole chain stops: web's call to orders (3 s
+    // away) is abandoned, and orders never finishes it.
+    let start = Instant::now();
+    let (head, _) = via_client(&client, "/", &[]);
+    let took = start.elapsed();
+    assert!(head.starts_with("HTTP/1.1 50"), "{head}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(1600),
+        "{took:?}"
+    );
+    std::thread::sleep(Duration::from_millis(3500).saturating_sub(start.elapsed()));
+    assert_eq!(inbound_from(&orders, "web"), 0.0, "{}", orders.metrics());
+    let _ = web;
+}

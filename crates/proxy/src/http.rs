@@ -21,7 +21,6 @@ use tokio::time::Instant;
 
 use crate::error::{Body, MeshError};
 use crate::metrics::{Direction, Name, RequestLabels};
-use crate::retry::RuntimePolicy;
 use crate::route::{pick_weighted, select, RequestView};
 use crate::state::{Backend, Destination, Endpoint};
 use crate::transport::Connector;
@@ -178,8 +177,9 @@ async fn route_outbound(
     };
     let name = backend.name.clone();
     let req = req.map(Either::Left);
-    let Some(policy) = &dest.policy else {
-        // No policy: one try, nothing buffered.
+    let ctx = Ctx::of(req.headers());
+    if dest.policy.is_none() && ctx.is_empty() {
+        // No policy and no context: one try, nothing buffered or added.
         let Some(ep) = backend.pick() else {
             return Err(no_endpoint(backend));
         };
@@ -187,22 +187,127 @@ async fn route_outbound(
             .await
             .map(|r| (r, name.clone()))
             .map_err(|(e, d)| (e, d, name));
+    }
+    // The sooner of the policy's timeout and the caller's deadline.
+    let policy_timeout = dest.policy.as_ref().and_then(|p| p.timeout);
+    let (timeout, from_caller) = match (policy_timeout, ctx.deadline) {
+        (Some(p), Some(c)) if c < p => (Some(c), true),
+        (Some(p), _) => (Some(p), false),
+        (None, c) => (c, c.is_some()),
     };
-    let work = with_retries(proxy, &dest, backend, policy, req);
-    match policy.timeout {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let work = with_retries(proxy, &dest, backend, &ctx, deadline, req);
+    match timeout {
         None => work.await,
         // Dropping the attempt in flight cancels it upstream too.
         Some(t) => match tokio::time::timeout(t, work).await {
             Ok(r) => r,
             Err(_) => Err((
                 MeshError::Timeout,
-                format!(
-                    "no answer from `{}` within the request timeout of {t:?} (TrafficPolicy {})",
-                    dest.name.0, policy.source
-                ),
+                if from_caller {
+                    format!(
+                        "the caller's deadline of {t:?} passed before `{}` answered",
+                        dest.name.0
+                    )
+                } else {
+                    format!(
+                        "no answer from `{}` within the request timeout of {t:?} (TrafficPolicy {})",
+                        dest.name.0,
+                        dest.policy.as_ref().map(|p| &*p.source).unwrap_or("")
+                    )
+                },
                 name,
             )),
         },
+    }
+}
+
+/// Request context that travels between sidecars through the apps (which
+/// pass on every `tandem-ctx-*` header they receive, as they would trace
+/// headers): the time the original caller still waits, and whether an
+/// outer sidecar already retries this request.
+pub const CTX_DEADLINE: &str = "tandem-ctx-deadline-ms";
+pub const CTX_NO_RETRY: &str = "tandem-ctx-no-retry";
+
+#[derive(Clone, Copy, Default)]
+pub struct Ctx {
+    /// Time left, from `tandem-ctx-deadline-ms` or `grpc-timeout`.
+    pub deadline: Option<std::time::Duration>,
+    pub no_retry: bool,
+}
+
+impl Ctx {
+    pub fn of(headers: &HeaderMap) -> Ctx {
+        let ms = headers
+            .get(CTX_DEADLINE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(std::time::Duration::from_millis);
+        let grpc = headers
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(grpc_timeout);
+        let deadline = match (ms, grpc) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Ctx {
+            deadline,
+            no_retry: headers.contains_key(CTX_NO_RETRY),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.deadline.is_none() && !self.no_retry
+    }
+}
+
+/// `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n).
+pub fn grpc_timeout(v: &str) -> Option<std::time::Duration> {
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    if num.is_empty() || num.len() > 8 {
+        return None;
+    }
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => std::time::Duration::from_secs(n * 3600),
+        "M" => std::time::Duration::from_secs(n * 60),
+        "S" => std::time::Duration::from_secs(n),
+        "m" => std::time::Duration::from_millis(n),
+        "u" => std::time::Duration::from_micros(n),
+        "n" => std::time::Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Marks one try: the time left before the deadline (also as
+/// `grpc-timeout` towards gRPC services, when sooner), and that this sidecar
+/// retries, so that the next one does not.
+fn stamp(req: &mut Request<Body>, deadline: Option<Instant>, grpc: bool, retrying: bool) {
+    let h = req.headers_mut();
+    if let Some(d) = deadline {
+        let left = d
+            .saturating_duration_since(Instant::now())
+            .as_millis()
+            .max(1) as u64;
+        if let Ok(v) = HeaderValue::from_str(&left.to_string()) {
+            h.insert(CTX_DEADLINE, v);
+        }
+        if grpc {
+            let sooner = h
+                .get("grpc-timeout")
+                .and_then(|v| v.to_str().ok())
+                .and_then(grpc_timeout)
+                .is_none_or(|t| t.as_millis() as u64 > left);
+            if sooner {
+                if let Ok(v) = HeaderValue::from_str(&format!("{left}m")) {
+                    h.insert("grpc-timeout", v);
+                }
+            }
+        }
+    }
+    if retrying {
+        h.insert(CTX_NO_RETRY, HeaderValue::from_static("1"));
     }
 }
 
@@ -223,14 +328,23 @@ async fn with_retries(
     proxy: &Arc<Proxy>,
     dest: &Arc<Destination>,
     backend: &Backend,
-    policy: &RuntimePolicy,
-    req: Request<Body>,
+    ctx: &Ctx,
+    deadline: Option<Instant>,
+    mut req: Request<Body>,
 ) -> Result<(Response<Body>, Name), Failed> {
     let name = backend.name.clone();
-    let Some(retry) = &policy.retry else {
+    let grpc = dest.protocol == Protocol::Grpc;
+    // An outer sidecar already retries this request: one try here.
+    let retry = dest
+        .policy
+        .as_ref()
+        .and_then(|p| p.retry.as_ref())
+        .filter(|_| !ctx.no_retry);
+    let Some(retry) = retry else {
         let Some(ep) = backend.pick() else {
             return Err(no_endpoint(backend));
         };
+        stamp(&mut req, deadline, grpc, false);
         return try_endpoint(proxy, dest, backend, ep, req)
             .await
             .map(|r| (r, name.clone()))
@@ -292,13 +406,14 @@ async fn with_retries(
             return Err(no_endpoint(backend));
         };
         tried.push(ep.addr());
-        let req = match (&parts, &replay) {
+        let mut req = match (&parts, &replay) {
             (Some(parts), Some(bytes)) => rebuild(parts, bytes.clone()),
             _ => match once.take() {
                 Some(r) => r,
                 None => break,
             },
         };
+        stamp(&mut req, deadline, grpc, attempts > 1);
         let attempt = try_endpoint(proxy, dest, backend, ep, req);
         let result = match retry.per_try_timeout {
             None => attempt.await,
@@ -513,15 +628,26 @@ pub async fn inbound(
         Some(_) if proxy.identity.tls.is_expired() => MeshError::IdentityExpired
             .response("this proxy's certificate expired and could not be renewed"),
         Some(protocol) => {
-            match forward(
+            // The caller's deadline holds here too: when it passes, the
+            // app's request is cancelled (its connection closed).
+            let deadline = Ctx::of(req.headers()).deadline;
+            let work = forward(
                 &proxy,
                 req.map(Either::Left),
                 &proxy.app_authority,
                 Scheme::HTTP,
                 protocol,
-            )
-            .await
-            {
+            );
+            let result = match deadline {
+                None => work.await,
+                Some(t) => tokio::time::timeout(t, work).await.unwrap_or_else(|_| {
+                    Err((
+                        MeshError::Timeout,
+                        format!("the caller's deadline of {t:?} passed"),
+                    ))
+                }),
+            };
+            match result {
                 Ok(r) => r,
                 Err((e, detail)) => {
                     e.response(&format!("local app at {}: {detail}", proxy.app_authority))
@@ -757,6 +883,41 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn context_headers() {
+        use std::time::Duration;
+        assert_eq!(grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(grpc_timeout("123456789m"), None);
+        assert_eq!(grpc_timeout("5x"), None);
+        let mut h = HeaderMap::new();
+        h.insert(CTX_DEADLINE, "800".parse().expect("v"));
+        h.insert("grpc-timeout", "500m".parse().expect("v"));
+        let c = Ctx::of(&h);
+        assert_eq!(c.deadline, Some(Duration::from_millis(500)));
+        assert!(!c.no_retry);
+        let mut req = Request::new(Either::Right(
+            http_body_util::Full::new(bytes::Bytes::new()),
+        ));
+        stamp(
+            &mut req,
+            Some(Instant::now() + Duration::from_millis(300)),
+            true,
+            true,
+        );
+        let left: u64 = req.headers()[CTX_DEADLINE]
+            .to_str()
+            .expect("s")
+            .parse()
+            .expect("n");
+        assert!((250..=300).contains(&left), "{left}");
+        assert!(req.headers()["grpc-timeout"]
+            .to_str()
+            .expect("s")
+            .ends_with('m'));
+        assert_eq!(req.headers()[CTX_NO_RETRY], "1");
+    }
 
     #[test]
     fn tls_failures_are_told_from_resets() {

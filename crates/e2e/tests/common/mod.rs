@@ -30,3 +30,8 @@ pub fn config_with_split(v1: u32, v2: u32) -> String {
     ));
     s
 }
+
+/// An `orders` Service, for tests that need a second hop.
+pub fn orders_service() -> String {
+    tandem_e2e::service_yaml("orders", "http")
+}
