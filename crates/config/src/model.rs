@@ -218,9 +218,9 @@ pub struct BackendRef {
 
 // ---- TrafficPolicy ---------------------------------------------------------------
 
-/// Resilience policy for calls to one Service: the whole-request timeout
-/// and retries. (Circuit breaking, load-balancer choice and rate limits are
-/// not supported yet and are refused as unknown fields.)
+/// Resilience policy for calls to one Service: the whole-request timeout,
+/// retries and the load-balancing algorithm. (Circuit breaking and rate
+/// limits are not supported yet and are refused as unknown fields.)
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TrafficPolicySpec {
@@ -230,6 +230,19 @@ pub struct TrafficPolicySpec {
     pub timeout: Option<Spanned<String>>,
     #[serde(default)]
     pub retry: Option<RetrySpec>,
+    #[serde(default)]
+    pub load_balancer: Option<LoadBalancerSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LoadBalancerSpec {
+    /// `peak-ewma` (default), `round-robin`, `least-request`, `ring-hash`.
+    #[serde(rename = "type")]
+    pub kind: Spanned<String>,
+    /// For `ring-hash`: the request header whose value picks the endpoint.
+    #[serde(default)]
+    pub hash_header: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -3,7 +3,7 @@
 
 use crate::diag::Diagnostic;
 use crate::model::{Loaded, Protocol, ResourceSet, TrafficPolicySpec};
-use crate::snapshot::{Policy, RetryOn, RetryPolicy};
+use crate::snapshot::{LoadBalancer, Policy, RetryOn, RetryPolicy};
 use serde_saphyr::Spanned;
 
 pub const DEFAULT_BACKOFF_BASE_MS: u64 = 25;
@@ -201,11 +201,64 @@ pub fn compile_policy(
             budget_min_per_second: min_per_second,
         }
     });
+    let load_balancer = match &p.spec.load_balancer {
+        None => LoadBalancer::PeakEwma,
+        Some(lb) => {
+            let header = lb.hash_header.as_ref();
+            let kind = match lb.kind.value.as_str() {
+                "peak-ewma" => Some(LoadBalancer::PeakEwma),
+                "round-robin" => Some(LoadBalancer::RoundRobin),
+                "least-request" => Some(LoadBalancer::LeastRequest),
+                "ring-hash" => match header {
+                    Some(h) if http_header_name(&h.value) => Some(LoadBalancer::RingHash {
+                        header: h.value.to_ascii_lowercase(),
+                    }),
+                    Some(h) => {
+                        diags.push(Diagnostic::at(
+                            &p.at(h),
+                            format!("`{}` is not a valid header name", h.value),
+                        ));
+                        None
+                    }
+                    None => {
+                        diags.push(Diagnostic::at(
+                            &p.at(&lb.kind),
+                            "ring-hash needs `hashHeader`: the request header whose value picks the endpoint",
+                        ));
+                        None
+                    }
+                },
+                other => {
+                    diags.push(Diagnostic::at(
+                        &p.at(&lb.kind),
+                        format!("unknown load balancer `{other}`; use peak-ewma, round-robin, least-request or ring-hash"),
+                    ));
+                    None
+                }
+            };
+            if let (Some(h), Some(k)) = (header, &kind) {
+                if !matches!(k, LoadBalancer::RingHash { .. }) {
+                    diags.push(Diagnostic::at(
+                        &p.at(h),
+                        "hashHeader applies to ring-hash only",
+                    ));
+                }
+            }
+            kind.unwrap_or_default()
+        }
+    };
     Policy {
         source: p.key(),
         timeout_ms,
         retry,
+        load_balancer,
     }
+}
+
+fn http_header_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 #[cfg(test)]

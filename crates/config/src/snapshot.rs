@@ -66,6 +66,24 @@ pub struct Policy {
     /// The whole request, retries included.
     pub timeout_ms: Option<u64>,
     pub retry: Option<RetryPolicy>,
+    #[serde(default)]
+    pub load_balancer: LoadBalancer,
+}
+
+/// How an endpoint is chosen among a backend's endpoints.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LoadBalancer {
+    /// Power of two choices over a peak-EWMA latency estimate.
+    #[default]
+    PeakEwma,
+    RoundRobin,
+    /// Power of two choices over outstanding requests.
+    LeastRequest,
+    /// Consistent hashing of a request header: one key, one endpoint.
+    RingHash {
+        header: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -244,3 +244,41 @@ spec:
     assert!(has("t.yaml:35:36: Service `default/db` is tcp"), "{e:#?}");
     assert!(has("t.yaml:43:3: unknown field `circuitBreaker`"), "{e:#?}");
 }
+
+#[test]
+fn load_balancer_settings_are_checked() {
+    let yaml = r#"
+apiVersion: tandem.dev/v1alpha1
+kind: Service
+metadata: {name: api}
+spec:
+  ports: [{port: 8080, protocol: http}]
+---
+apiVersion: tandem.dev/v1alpha1
+kind: Service
+metadata: {name: web}
+spec:
+  ports: [{port: 8080, protocol: http}]
+---
+apiVersion: tandem.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: api}
+spec:
+  targetRef: {kind: Service, name: api}
+  loadBalancer: {type: ring-hash}
+---
+apiVersion: tandem.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: web}
+spec:
+  targetRef: {kind: Service, name: web}
+  loadBalancer: {type: random}
+"#;
+    let e = errors(yaml);
+    let has = |needle: &str| e.iter().any(|x| x.contains(needle));
+    assert!(has("t.yaml:19:24: ring-hash needs `hashHeader`"), "{e:#?}");
+    assert!(
+        has("t.yaml:26:24: unknown load balancer `random`"),
+        "{e:#?}"
+    );
+}

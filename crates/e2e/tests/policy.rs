@@ -345,3 +345,106 @@ fn the_callers_deadline_travels_and_is_kept() {
     assert_eq!(inbound_from(&orders, "web"), 0.0, "{}", orders.metrics());
     let _ = web;
 }
+
+/// Which instance answered `GET /` (the demo app names itself).
+fn answered_by(client: &Instance, header: Option<(&str, &str)>) -> String {
+    let h;
+    let mut extra: Vec<&str> = Vec::new();
+    if let Some((k, v)) = header {
+        h = format!("{k}: {v}");
+        extra.extend(["-H", h.as_str()]);
+    }
+    let (head, body) = via_client(client, "/", &extra);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["instance"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn load_balancer_choices() {
+    let mut config = common::config();
+    config.push_str(&policy("web", "  loadBalancer: {type: round-robin}\n"));
+    config.push_str(&policy(
+        "catalog-v1",
+        "  loadBalancer: {type: ring-hash, hashHeader: x-user}\n",
+    ));
+    let mesh = Mesh::start(&config);
+    let _w: Vec<Instance> = (1..=3)
+        .map(|i| mesh.instance("web", &format!("web-{i}"), &[], &[]))
+        .collect();
+    let _c: Vec<Instance> = (1..=3)
+        .map(|i| mesh.instance("catalog-v1", &format!("catalog-v1-{i}"), &[], &[]))
+        .collect();
+    let client = mesh.instance("client", "client-1", &[], &[]);
+    wait_for("all endpoints known", Duration::from_secs(10), || {
+        let _ = http_get(client.http_proxy, "web", "/");
+        let w = client.endpoints("web", "web");
+        (w.map(|e| e.len()) == Some(3)).then_some(())
+    });
+    // Round-robin: an even spread.
+    let mut counts = std::collections::HashMap::new();
+    for _ in 0..300 {
+        *counts.entry(answered_by(&client, None)).or_insert(0) += 1;
+    }
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    assert!(
+        counts.values().all(|c| (95..=105).contains(c)),
+        "{counts:?}"
+    );
+    // Ring-hash: one key, one endpoint; keys spread over the endpoints.
+    let proxy = format!("http://{}", client.http_proxy);
+    let by_key = |user: &str| {
+        let h = format!("x-user: {user}");
+        let out = curl(&["-s", "-x", &proxy, "-H", &h, "http://catalog-v1/"]);
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        v["instance"].as_str().unwrap().to_string()
+    };
+    wait_for("catalog endpoints known", Duration::from_secs(10), || {
+        let _ = by_key("warm-up");
+        (client
+            .endpoints("catalog-v1", "catalog-v1")
+            .map(|e| e.len())
+            == Some(3))
+        .then_some(())
+    });
+    let mut used = std::collections::HashSet::new();
+    for k in 0..20 {
+        let user = format!("user-{k}");
+        let first = by_key(&user);
+        for _ in 0..4 {
+            assert_eq!(by_key(&user), first, "{user} moved");
+        }
+        used.insert(first);
+    }
+    assert!(used.len() >= 2, "20 keys all on {used:?}");
+}
+
+#[test]
+fn peak_ewma_keeps_traffic_away_from_a_ten_times_slower_endpoint() {
+    let mesh = Mesh::start(&common::config());
+    let _fast = mesh.instance("web", "web-fast", &["--latency", "5ms"], &[]);
+    let _slow = mesh.instance("web", "web-slow", &["--latency", "50ms"], &[]);
+    let client = mesh.instance("client", "client-1", &[], &[]);
+    wait_for("both endpoints known", Duration::from_secs(10), || {
+        let _ = http_get(client.http_proxy, "web", "/");
+        (client.endpoints("web", "web").map(|e| e.len()) == Some(2)).then_some(())
+    });
+    let addr = client.http_proxy;
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut slow = 0;
+                for _ in 0..100 {
+                    if let Some((200, body)) = http_get(addr, "web", "/") {
+                        if body.contains("web-slow") {
+                            slow += 1;
+                        }
+                    }
+                }
+                slow
+            })
+        })
+        .collect();
+    let slow: i32 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert!(slow < 100, "the slow endpoint got {slow} of 400");
+}

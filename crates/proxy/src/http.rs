@@ -178,6 +178,12 @@ async fn route_outbound(
     let name = backend.name.clone();
     let req = req.map(Either::Left);
     let ctx = Ctx::of(req.headers());
+    let key = dest
+        .policy
+        .as_ref()
+        .and_then(|p| p.hash_header.as_ref())
+        .and_then(|h| req.headers().get(h))
+        .map(|v| crate::state::fnv1a(v.as_bytes()));
     if dest.policy.is_none() && ctx.is_empty() {
         // No policy and no context: one try, nothing buffered or added.
         let Some(ep) = backend.pick() else {
@@ -196,7 +202,7 @@ async fn route_outbound(
         (None, c) => (c, c.is_some()),
     };
     let deadline = timeout.map(|t| Instant::now() + t);
-    let work = with_retries(proxy, &dest, backend, &ctx, deadline, req);
+    let work = with_retries(proxy, &dest, backend, &ctx, key, deadline, req);
     match timeout {
         None => work.await,
         // Dropping the attempt in flight cancels it upstream too.
@@ -329,6 +335,7 @@ async fn with_retries(
     dest: &Arc<Destination>,
     backend: &Backend,
     ctx: &Ctx,
+    key: Option<u64>,
     deadline: Option<Instant>,
     mut req: Request<Body>,
 ) -> Result<(Response<Body>, Name), Failed> {
@@ -341,7 +348,7 @@ async fn with_retries(
         .and_then(|p| p.retry.as_ref())
         .filter(|_| !ctx.no_retry);
     let Some(retry) = retry else {
-        let Some(ep) = backend.pick() else {
+        let Some(ep) = backend.pick_for(key) else {
             return Err(no_endpoint(backend));
         };
         stamp(&mut req, deadline, grpc, false);
@@ -402,7 +409,12 @@ async fn with_retries(
             };
             tokio::time::sleep(retry.backoff(n, after)).await;
         }
-        let Some(ep) = backend.pick_avoiding(&tried) else {
+        let picked = if tried.is_empty() {
+            backend.pick_for(key)
+        } else {
+            backend.pick_avoiding(&tried)
+        };
+        let Some(ep) = picked else {
             return Err(no_endpoint(backend));
         };
         tried.push(ep.addr());

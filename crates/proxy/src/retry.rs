@@ -25,6 +25,8 @@ pub struct RuntimePolicy {
     pub source: Arc<str>,
     pub timeout: Option<Duration>,
     pub retry: Option<Retry>,
+    /// The header whose value picks the endpoint (ring-hash).
+    pub hash_header: Option<http::HeaderName>,
 }
 
 pub struct Retry {
@@ -39,6 +41,12 @@ pub struct Retry {
 impl RuntimePolicy {
     pub fn build(dest: &str, p: &Policy, budgets: &BudgetCache) -> Self {
         RuntimePolicy {
+            hash_header: match &p.load_balancer {
+                tandem_config::snapshot::LoadBalancer::RingHash { header } => {
+                    http::HeaderName::from_bytes(header.as_bytes()).ok()
+                }
+                _ => None,
+            },
             source: Arc::from(p.source.as_str()),
             timeout: p.timeout_ms.map(Duration::from_millis),
             retry: p.retry.as_ref().map(|r| Retry {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use http::uri::Authority;
 use rustls_pki_types::ServerName;
-use tandem_config::snapshot::{Inbound, Protocol, Route, Snapshot};
+use tandem_config::snapshot::{Inbound, LoadBalancer, Protocol, Route, Snapshot};
 
 use crate::balance::{p2c, EndpointLoad};
 use crate::metrics::Name;
@@ -38,6 +38,58 @@ pub struct Destination {
 pub struct Backend {
     pub name: Name,
     pub endpoints: Vec<Endpoint>,
+    lb: Lb,
+}
+
+/// The load balancer of one backend, built with the routing table.
+enum Lb {
+    PeakEwma,
+    RoundRobin(std::sync::atomic::AtomicUsize),
+    LeastRequest,
+    /// Sorted `(point, endpoint index)`, 100 points per endpoint.
+    RingHash(Vec<(u64, usize)>),
+}
+
+/// FNV-1a: stable across processes and versions, so every sidecar maps a
+/// key to the same endpoint.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+    })
+}
+
+/// Spreads a hash over the ring (FNV alone clusters similar inputs).
+fn mix(mut x: u64) -> u64 {
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51afd7ed558ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ceb9fe1a85ec53);
+    x ^ (x >> 33)
+}
+
+const RING_POINTS: usize = 100;
+
+impl Lb {
+    fn new(kind: &LoadBalancer, endpoints: &[Endpoint]) -> Lb {
+        match kind {
+            LoadBalancer::PeakEwma => Lb::PeakEwma,
+            LoadBalancer::RoundRobin => {
+                Lb::RoundRobin(std::sync::atomic::AtomicUsize::new(fastrand::usize(..)))
+            }
+            LoadBalancer::LeastRequest => Lb::LeastRequest,
+            LoadBalancer::RingHash { .. } => {
+                let mut ring = Vec::with_capacity(endpoints.len() * RING_POINTS);
+                for (i, e) in endpoints.iter().enumerate() {
+                    for v in 0..RING_POINTS {
+                        let key = format!("{}#{v}", e.authority);
+                        ring.push((mix(fnv1a(key.as_bytes())), i));
+                    }
+                }
+                ring.sort_unstable();
+                Lb::RingHash(ring)
+            }
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -61,6 +113,32 @@ impl Endpoint {
 pub type PeerNames = HashMap<Box<str>, ServerName<'static>>;
 
 impl Backend {
+    /// An endpoint, by the destination's load balancer (default: power of
+    /// two choices over peak-EWMA cost). `key` is the hash of the ring-hash
+    /// header, when the request has it.
+    pub fn pick_for(&self, key: Option<u64>) -> Option<&Endpoint> {
+        let n = self.endpoints.len();
+        let i = match &self.lb {
+            Lb::PeakEwma => return self.pick(),
+            Lb::RoundRobin(next) => {
+                if n == 0 {
+                    return None;
+                }
+                next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n
+            }
+            Lb::LeastRequest => p2c(n, |i| self.endpoints[i].load.pending() as f64)?,
+            Lb::RingHash(ring) => match key {
+                None => return self.pick(),
+                Some(k) => {
+                    let k = mix(k);
+                    let at = ring.partition_point(|(p, _)| *p < k);
+                    ring.get(at).or_else(|| ring.first())?.1
+                }
+            },
+        };
+        self.endpoints.get(i)
+    }
+
     /// Power of two choices over the endpoints' peak-EWMA cost.
     pub fn pick(&self) -> Option<&Endpoint> {
         let now = tokio::time::Instant::now();
@@ -141,9 +219,17 @@ impl Routing {
                         load: loads.get(addr),
                     });
                 }
+                let lb = Lb::new(
+                    &d.policy
+                        .as_ref()
+                        .map(|p| p.load_balancer.clone())
+                        .unwrap_or_default(),
+                    &endpoints,
+                );
                 backends.push(Backend {
                     name: Name::from(b.name.as_str()),
                     endpoints,
+                    lb,
                 });
             }
             let mut totals = Vec::with_capacity(d.routes.len());
