@@ -39,10 +39,29 @@ pub fn compile(
         .and_then(|s| s.spec.mtls.as_ref())
         .map(|m| m.value)
         .unwrap_or_default();
+    let rate_limit = set
+        .traffic_policies
+        .iter()
+        .find(|tp| {
+            let t = &tp.spec.target_ref;
+            let ns = t
+                .namespace
+                .as_ref()
+                .map(|n| n.value.as_str())
+                .unwrap_or(&tp.namespace);
+            t.name.value == target.service && ns == target.namespace
+        })
+        .and_then(|tp| {
+            tp.spec
+                .rate_limit
+                .as_ref()
+                .map(|rl| crate::policy::rate_limit(tp, rl, &mut Vec::new()))
+        });
     let inbound = service.and_then(|s| s.spec.ports.first()).map(|p| Inbound {
         protocol: p.protocol.value,
         port: p.port.value,
         mtls,
+        rate_limit,
     });
     let mut destinations = Vec::new();
     let mut unknown = Vec::new();

@@ -219,8 +219,8 @@ pub struct BackendRef {
 // ---- TrafficPolicy ---------------------------------------------------------------
 
 /// Resilience policy for calls to one Service: the whole-request timeout,
-/// retries and the load-balancing algorithm. (Circuit breaking and rate
-/// limits are not supported yet and are refused as unknown fields.)
+/// retries, the load-balancing algorithm and a rate limit. (Circuit
+/// breaking is not supported yet and is refused as an unknown field.)
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TrafficPolicySpec {
@@ -232,6 +232,22 @@ pub struct TrafficPolicySpec {
     pub retry: Option<RetrySpec>,
     #[serde(default)]
     pub load_balancer: Option<LoadBalancerSpec>,
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitSpec>,
+}
+
+/// A local token bucket on each inbound sidecar of the target service.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RateLimitSpec {
+    pub requests_per_second: Spanned<f64>,
+    /// Requests allowed at once above the rate (default: one second's worth).
+    #[serde(default)]
+    pub burst: Option<Spanned<u32>>,
+    /// `service` (one bucket for all callers, the default) or `caller` (one
+    /// bucket per calling identity).
+    #[serde(default)]
+    pub per: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -3,7 +3,7 @@
 
 use crate::diag::Diagnostic;
 use crate::model::{Loaded, Protocol, ResourceSet, TrafficPolicySpec};
-use crate::snapshot::{LoadBalancer, Policy, RetryOn, RetryPolicy};
+use crate::snapshot::{LoadBalancer, Policy, RateLimit, RetryOn, RetryPolicy};
 use serde_saphyr::Spanned;
 
 pub const DEFAULT_BACKOFF_BASE_MS: u64 = 25;
@@ -247,11 +247,54 @@ pub fn compile_policy(
             kind.unwrap_or_default()
         }
     };
+    if let Some(rl) = &p.spec.rate_limit {
+        rate_limit(p, rl, diags);
+    }
     Policy {
         source: p.key(),
         timeout_ms,
         retry,
         load_balancer,
+    }
+}
+
+/// The rate limit of a TrafficPolicy, checked.
+pub fn rate_limit(
+    p: &Loaded<TrafficPolicySpec>,
+    rl: &crate::model::RateLimitSpec,
+    diags: &mut Vec<Diagnostic>,
+) -> RateLimit {
+    let rps = rl.requests_per_second.value;
+    if !(rps > 0.0 && rps <= 1e6) {
+        diags.push(Diagnostic::at(
+            &p.at(&rl.requests_per_second),
+            "requestsPerSecond must be above 0 (and at most 1000000)",
+        ));
+    }
+    let burst = match &rl.burst {
+        Some(b) if b.value == 0 => {
+            diags.push(Diagnostic::at(&p.at(b), "burst must be at least 1"));
+            1
+        }
+        Some(b) => b.value,
+        None => rps.ceil().max(1.0) as u32,
+    };
+    let per_caller = match &rl.per {
+        None => false,
+        Some(s) if s.value == "service" => false,
+        Some(s) if s.value == "caller" => true,
+        Some(s) => {
+            diags.push(Diagnostic::at(
+                &p.at(s),
+                format!("per must be `service` or `caller`, not `{}`", s.value),
+            ));
+            false
+        }
+    };
+    RateLimit {
+        requests_per_second: rps,
+        burst,
+        per_caller,
     }
 }
 

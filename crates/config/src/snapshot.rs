@@ -39,6 +39,17 @@ pub struct Inbound {
     pub port: u16,
     #[serde(default)]
     pub mtls: MtlsMode,
+    /// From the TrafficPolicy targeting this proxy's service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RateLimit {
+    pub requests_per_second: f64,
+    pub burst: u32,
+    /// One bucket per calling identity instead of one for the service.
+    pub per_caller: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

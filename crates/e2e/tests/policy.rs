@@ -448,3 +448,41 @@ fn peak_ewma_keeps_traffic_away_from_a_ten_times_slower_endpoint() {
     let slow: i32 = threads.into_iter().map(|t| t.join().unwrap()).sum();
     assert!(slow < 100, "the slow endpoint got {slow} of 400");
 }
+
+#[test]
+fn a_caller_over_its_rate_gets_429_and_others_do_not() {
+    let mut config = common::config();
+    config.push_str(&policy(
+        "web",
+        "  rateLimit: {requestsPerSecond: 2, burst: 5, per: caller}\n",
+    ));
+    let mesh = Mesh::start(&config);
+    let web = mesh.instance("web", "web-1", &[], &[]);
+    let client = mesh.instance("client", "client-1", &[], &[]);
+    let other = mesh.instance("catalog", "catalog-1", &[], &[]);
+    let (mut ok, mut limited) = (0, 0);
+    for _ in 0..20 {
+        let (head, _) = via_client(&client, "/", &[]);
+        if head.starts_with("HTTP/1.1 200") {
+            ok += 1;
+        } else {
+            assert!(head.starts_with("HTTP/1.1 429"), "{head}");
+            assert!(head.contains("tandem-error: rate-limited"), "{head}");
+            assert!(
+                head.to_ascii_lowercase().contains("retry-after: 1"),
+                "{head}"
+            );
+            limited += 1;
+        }
+    }
+    // The burst, plus what the rate refilled while the loop ran.
+    assert!((5..=10).contains(&ok), "{ok} passed, {limited} limited");
+    // Another caller has its own bucket.
+    for _ in 0..3 {
+        let (head, _) = via_client(&other, "/", &[]);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    }
+    assert!(web.metrics().contains(
+        r#"tandem_requests_total{direction="inbound",src_service="client",dst_service="web",status_code="429",tandem_error="rate-limited"}"#
+    ));
+}

@@ -43,9 +43,11 @@ pub enum MeshError {
     RetryLimitExhausted,
     /// A retry was due but the destination's retry budget was spent.
     RetryBudgetExhausted,
+    /// Over the destination's rate limit.
+    RateLimited,
 }
 
-const ALL: [MeshError; 13] = [
+const ALL: [MeshError; 14] = [
     MeshError::NoRoute,
     MeshError::UnknownService,
     MeshError::NoEndpoints,
@@ -59,6 +61,7 @@ const ALL: [MeshError; 13] = [
     MeshError::Timeout,
     MeshError::RetryLimitExhausted,
     MeshError::RetryBudgetExhausted,
+    MeshError::RateLimited,
 ];
 
 impl MeshError {
@@ -77,6 +80,7 @@ impl MeshError {
             MeshError::Timeout => "upstream-timeout",
             MeshError::RetryLimitExhausted => "retry-limit-exhausted",
             MeshError::RetryBudgetExhausted => "retry-budget-exhausted",
+            MeshError::RateLimited => "rate-limited",
         }
     }
 
@@ -99,6 +103,7 @@ impl MeshError {
             | MeshError::RetryLimitExhausted
             | MeshError::RetryBudgetExhausted => StatusCode::SERVICE_UNAVAILABLE,
             MeshError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            MeshError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             MeshError::UpstreamReset => StatusCode::BAD_GATEWAY,
             MeshError::BadRequest => StatusCode::BAD_REQUEST,
         }

@@ -632,13 +632,32 @@ pub async fn inbound(
         }
         None => proxy.unknown.clone(),
     };
-    let protocol = proxy.routing.load().inbound.as_ref().map(|i| i.protocol);
+    let (protocol, limited) = {
+        let routing = proxy.routing.load();
+        let limited = routing
+            .limiter
+            .as_ref()
+            .and_then(|l| l.check(&src, std::time::Instant::now()).err());
+        (routing.inbound.as_ref().map(|i| i.protocol), limited)
+    };
     let resp = match protocol {
         None => {
             MeshError::NotConfigured.response("this proxy's service is not declared in the config")
         }
         Some(_) if proxy.identity.tls.is_expired() => MeshError::IdentityExpired
             .response("this proxy's certificate expired and could not be renewed"),
+        Some(_) if limited.is_some() => {
+            let wait = limited.unwrap_or_default();
+            let mut r = MeshError::RateLimited.response(&format!(
+                "`{}` is over its rate limit for this caller; retry in {wait:?}",
+                proxy.service.0
+            ));
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                r.headers_mut().insert(http::header::RETRY_AFTER, v);
+            }
+            r
+        }
         Some(protocol) => {
             // The caller's deadline holds here too: when it passes, the
             // app's request is cancelled (its connection closed).

@@ -18,6 +18,7 @@ pub mod error;
 pub mod http;
 pub mod identity;
 pub mod metrics;
+pub mod ratelimit;
 pub mod retry;
 pub mod route;
 pub mod state;

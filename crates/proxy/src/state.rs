@@ -21,6 +21,8 @@ pub struct Routing {
     destinations: HashMap<Box<str>, Arc<Destination>>,
     unknown: HashSet<Box<str>>,
     pub peer_names: Arc<PeerNames>,
+    /// The inbound rate limit of this proxy's service, if any.
+    pub limiter: Option<Arc<crate::ratelimit::Limiter>>,
 }
 
 pub struct Destination {
@@ -171,6 +173,7 @@ impl Routing {
             destinations: HashMap::new(),
             unknown: HashSet::new(),
             peer_names: Arc::new(PeerNames::new()),
+            limiter: None,
         }
     }
 
@@ -278,6 +281,11 @@ impl Routing {
             tracing::warn!(%addr, "endpoint address registered for two services; not connecting to it");
             peer_names.remove(&addr);
         }
+        let limiter = snapshot
+            .inbound
+            .as_ref()
+            .and_then(|i| i.rate_limit.as_ref())
+            .map(|rl| loads.limiter.get(rl));
         let unknown = snapshot
             .unknown
             .iter()
@@ -290,6 +298,7 @@ impl Routing {
             destinations,
             unknown,
             peer_names: Arc::new(peer_names),
+            limiter,
         })
     }
 }
@@ -300,6 +309,8 @@ pub struct LoadCache {
     map: Mutex<HashMap<SocketAddr, Weak<EndpointLoad>>>,
     /// Retry budgets by destination, also kept across tables.
     pub budgets: BudgetCache,
+    /// The inbound rate limiter, while its settings stay the same.
+    pub limiter: crate::ratelimit::LimiterCache,
 }
 
 impl LoadCache {
