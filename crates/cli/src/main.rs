@@ -205,6 +205,14 @@ struct ProxyArgs {
     /// Time in-flight requests get to finish on SIGTERM/SIGINT.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     drain_grace: Duration,
+    /// Most connections open at once on the inbound and outbound listeners;
+    /// more are closed at once.
+    #[arg(long, default_value_t = 20_000)]
+    max_connections: usize,
+    /// Most requests in progress at once; more are answered 503
+    /// (`tandem-error: overloaded`).
+    #[arg(long, default_value_t = 10_000)]
+    max_requests: usize,
     /// Join token for this service (see `tandem token create`).
     #[arg(long, env = "TANDEM_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -432,6 +440,8 @@ fn main() -> ExitCode {
                 http_proxy: a.http_proxy,
                 upstreams: a.upstream,
                 drain_grace: a.drain_grace,
+                max_connections: a.max_connections,
+                max_requests: a.max_requests,
             };
             block_on(
                 a.common.threads,

@@ -486,3 +486,73 @@ fn a_caller_over_its_rate_gets_429_and_others_do_not() {
         r#"tandem_requests_total{direction="inbound",src_service="client",dst_service="web",status_code="429",tandem_error="rate-limited"}"#
     ));
 }
+
+#[test]
+fn overload_is_shed_and_memory_stays_bounded() {
+    let mesh = Mesh::start(&common::config());
+    let _web = mesh.instance("web", "web-1", &[], &[]);
+    let client = mesh.instance(
+        "client",
+        "client-1",
+        &[],
+        &["--max-requests", "20", "--max-connections", "100"],
+    );
+    // Request headers: 50 KiB pass, 70 KiB get 431.
+    let big = |n: usize| format!("x-big: {}", "a".repeat(n));
+    let (head, _) = via_client(&client, "/", &["-H", &big(50 * 1024)]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (head, _) = via_client(&client, "/", &["-H", &big(70 * 1024)]);
+    assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+    let rss_before = client.proxy().rss_kib();
+    // A burst of 300 slow requests on 150 connections: 20 are taken on, the
+    // rest are shed (503 overloaded) or their connections closed.
+    let addr = client.http_proxy;
+    let threads: Vec<_> = (0..150)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut out = Vec::new();
+                for _ in 0..2 {
+                    out.push(http_get(addr, "web", "/slow?ms=1000").map(|r| r.0));
+                }
+                out
+            })
+        })
+        .collect();
+    let mut peak = 0;
+    for _ in 0..10 {
+        peak = peak.max(client.proxy().rss_kib());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let results: Vec<Option<u16>> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    let served = results.iter().filter(|r| **r == Some(200)).count();
+    let shed = results.iter().filter(|r| **r == Some(503)).count();
+    let closed = results.iter().filter(|r| r.is_none()).count();
+    assert!(
+        served >= 20,
+        "{served} served, {shed} shed, {closed} closed"
+    );
+    assert!(
+        shed + closed > 100,
+        "{served} served, {shed} shed, {closed} closed"
+    );
+    let m = client.metrics();
+    assert!(
+        m.contains(r#"tandem_overload_rejections_total{what="request"}"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"tandem_overload_rejections_total{what="connection"}"#),
+        "{m}"
+    );
+    assert!(m.contains(r#"tandem_error="overloaded""#), "{m}");
+    // Memory did not run away, and the sidecar serves normally afterwards.
+    assert!(
+        peak < rss_before + 20 * 1024,
+        "RSS {rss_before} KiB -> peak {peak} KiB"
+    );
+    let (head, _) = via_client(&client, "/", &[]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}

@@ -45,9 +45,11 @@ pub enum MeshError {
     RetryBudgetExhausted,
     /// Over the destination's rate limit.
     RateLimited,
+    /// The sidecar is at its limit of requests in progress.
+    Overloaded,
 }
 
-const ALL: [MeshError; 14] = [
+const ALL: [MeshError; 15] = [
     MeshError::NoRoute,
     MeshError::UnknownService,
     MeshError::NoEndpoints,
@@ -62,6 +64,7 @@ const ALL: [MeshError; 14] = [
     MeshError::RetryLimitExhausted,
     MeshError::RetryBudgetExhausted,
     MeshError::RateLimited,
+    MeshError::Overloaded,
 ];
 
 impl MeshError {
@@ -81,6 +84,7 @@ impl MeshError {
             MeshError::RetryLimitExhausted => "retry-limit-exhausted",
             MeshError::RetryBudgetExhausted => "retry-budget-exhausted",
             MeshError::RateLimited => "rate-limited",
+            MeshError::Overloaded => "overloaded",
         }
     }
 
@@ -101,7 +105,8 @@ impl MeshError {
             | MeshError::UpstreamTls
             | MeshError::IdentityExpired
             | MeshError::RetryLimitExhausted
-            | MeshError::RetryBudgetExhausted => StatusCode::SERVICE_UNAVAILABLE,
+            | MeshError::RetryBudgetExhausted
+            | MeshError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             MeshError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             MeshError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             MeshError::UpstreamReset => StatusCode::BAD_GATEWAY,

@@ -82,6 +82,21 @@ pub async fn outbound(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
+    // Shed load before doing any work for it.
+    let Ok(_permit) = proxy.limits.requests.try_acquire() else {
+        proxy.limits.request_rejected();
+        let resp =
+            MeshError::Overloaded.response("this sidecar is at its limit of requests in progress");
+        record(
+            &proxy,
+            Direction::outbound,
+            proxy.service.clone(),
+            proxy.unknown.clone(),
+            &resp,
+            start,
+        );
+        return Ok(resp);
+    };
     let (resp, dst) = match route_outbound(&proxy, &target, req).await {
         Ok(r) => r,
         Err((e, detail, dst)) => (e.response(&detail), dst),
@@ -623,6 +638,24 @@ pub async fn inbound(
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
+    let Ok(_permit) = proxy.limits.requests.try_acquire() else {
+        proxy.limits.request_rejected();
+        let resp =
+            MeshError::Overloaded.response("this sidecar is at its limit of requests in progress");
+        let src = peer
+            .as_ref()
+            .map(|p| p.service.clone())
+            .unwrap_or_else(|| proxy.unknown.clone());
+        record(
+            &proxy,
+            Direction::inbound,
+            src,
+            proxy.service.clone(),
+            &resp,
+            start,
+        );
+        return Ok(resp);
+    };
     let headers = req.headers_mut();
     headers.remove(CLIENT_ID_HEADER);
     let src = match &peer {

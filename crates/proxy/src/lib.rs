@@ -53,6 +53,10 @@ pub const DISCOVERY_WAIT: Duration = Duration::from_secs(3);
 /// it leaves, for the new endpoint lists to reach its callers.
 const LEAVE_DELAY: Duration = Duration::from_millis(500);
 
+/// Largest request head (request line and headers) a sidecar reads; a
+/// larger one is answered with 431.
+pub const MAX_HEADER_BYTES: usize = 60 * 1024;
+
 /// Most destinations one proxy asks the control plane for.
 pub const MAX_DESTINATIONS: usize = 1024;
 
@@ -72,6 +76,12 @@ pub struct ProxyConfig {
     pub upstreams: Vec<(String, SocketAddr)>,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub drain_grace: Duration,
+    /// Most connections open at once on the data listeners; more are
+    /// closed at once.
+    pub max_connections: usize,
+    /// Most requests being handled at once; more are answered `503
+    /// overloaded` without being forwarded.
+    pub max_requests: usize,
     /// The join token for this service.
     pub token: String,
     /// A trust bundle to pin instead of learning it with the token.
@@ -117,6 +127,7 @@ pub struct Proxy {
     to_control: mpsc::UnboundedSender<ToControl>,
     /// Calling services seen inbound, interned (and bounded).
     peers: RwLock<HashMap<Box<[u8]>, Name>>,
+    pub limits: Arc<Limits>,
 }
 
 /// What the data path asks of the control-plane stream.
@@ -186,6 +197,51 @@ impl Proxy {
     }
 }
 
+/// Bounds on what one sidecar takes on at once: past them it sheds load
+/// (closes new connections, answers `503 overloaded`) instead of growing.
+pub struct Limits {
+    max_connections: usize,
+    open: std::sync::atomic::AtomicUsize,
+    pub requests: tokio::sync::Semaphore,
+    rejected: prometheus_client::metrics::family::Family<
+        metrics::OverloadLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+}
+
+/// One open connection on a data listener.
+pub struct ConnSlot(Arc<Limits>);
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+impl Limits {
+    /// A slot for a new connection, or `None` (counted) when full.
+    pub fn connection(self: &Arc<Self>) -> Option<ConnSlot> {
+        use std::sync::atomic::Ordering;
+        let before = self.open.fetch_add(1, Ordering::AcqRel);
+        if before >= self.max_connections {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            self.rejected
+                .get_or_create(&metrics::OverloadLabels { what: "connection" })
+                .inc();
+            return None;
+        }
+        Some(ConnSlot(self.clone()))
+    }
+
+    pub fn request_rejected(&self) {
+        self.rejected
+            .get_or_create(&metrics::OverloadLabels { what: "request" })
+            .inc();
+    }
+}
+
 /// Counts live connections so shutdown can wait for them to finish.
 #[derive(Clone)]
 struct Drain(#[allow(dead_code)] mpsc::Sender<()>);
@@ -232,6 +288,7 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
     };
     let tls = identity.tls.clone();
     let handshakes = metrics.handshakes.clone();
+    let overload = metrics.overload.clone();
     let mesh_tls = |alpn: &[&[u8]]| transport::MeshTls {
         config: tls.client_config(alpn),
         handshakes: handshakes.clone(),
@@ -267,6 +324,12 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
         interest: Mutex::new(interest),
         to_control: sub_tx,
         peers: RwLock::new(HashMap::new()),
+        limits: Arc::new(Limits {
+            max_connections: cfg.max_connections.max(1),
+            open: std::sync::atomic::AtomicUsize::new(0),
+            requests: tokio::sync::Semaphore::new(cfg.max_requests.max(1)),
+            rejected: overload,
+        }),
         cfg,
     });
 
@@ -277,7 +340,7 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
     {
         let p = proxy.clone();
         let svc = move |req| admin::handle(p.clone(), req);
-        tokio::spawn(serve_http(admin, stop_rx.clone(), None, svc));
+        tokio::spawn(serve_http(admin, stop_rx.clone(), None, None, svc));
     }
     tokio::spawn(control::run(proxy.clone(), sub_rx, stop_rx.clone()));
     tokio::spawn(identity::keep_fresh(proxy.clone(), stop_rx.clone()));
@@ -308,7 +371,13 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
     if let Some(l) = http_proxy {
         let p = proxy.clone();
         let svc = move |req| http::outbound(p.clone(), Outbound::ByAuthority, req);
-        tokio::spawn(serve_http(l, stop_rx.clone(), Some(drain.clone()), svc));
+        tokio::spawn(serve_http(
+            l,
+            stop_rx.clone(),
+            Some(drain.clone()),
+            Some(proxy.limits.clone()),
+            svc,
+        ));
     }
     for (name, l) in upstreams {
         tokio::spawn(serve_upstream(
@@ -345,6 +414,7 @@ async fn serve_http<F, Fut, B>(
     listener: TcpListener,
     mut stop: watch::Receiver<bool>,
     drain: Option<Drain>,
+    limits: Option<Arc<Limits>>,
     handler: F,
 ) where
     F: Fn(::http::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
@@ -353,12 +423,15 @@ async fn serve_http<F, Fut, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     while let Some(sock) = accept(&listener, &mut stop).await {
-        tokio::spawn(serve_http_conn(
-            sock,
-            stop.clone(),
-            drain.clone(),
-            handler.clone(),
-        ));
+        let slot = match &limits {
+            Some(l) => match l.connection() {
+                Some(s) => Some(s),
+                None => continue,
+            },
+            None => None,
+        };
+        let (handler, drain) = (handler.clone(), drain.clone());
+        tokio::spawn(serve_http_conn(sock, stop.clone(), drain, slot, handler));
     }
 }
 
@@ -366,6 +439,7 @@ async fn serve_http_conn<I, F, Fut, B>(
     sock: I,
     mut stop: watch::Receiver<bool>,
     drain: Option<Drain>,
+    slot: Option<ConnSlot>,
     handler: F,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -374,14 +448,19 @@ async fn serve_http_conn<I, F, Fut, B>(
     B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let _drain = drain;
+    let (_drain, _slot) = (drain, slot);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // The timer enables hyper's header read timeout (30 s): a client that
     // trickles its request headers is cut off instead of holding a
     // connection forever. HTTP/2 peers are pinged so dead ones are noticed.
-    builder.http1().timer(TokioTimer::new());
+    // Request headers above MAX_HEADER_BYTES are refused with 431.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .max_buf_size(MAX_HEADER_BYTES);
     builder
         .http2()
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
         .timer(TokioTimer::new())
         .max_concurrent_streams(100)
         .keep_alive_interval(Duration::from_secs(30))
@@ -425,11 +504,15 @@ async fn serve_inbound(
     drain: Drain,
 ) {
     while let Some(sock) = accept(&listener, &mut stop).await {
+        let Some(slot) = proxy.limits.connection() else {
+            continue;
+        };
         tokio::spawn(inbound_conn(
             proxy.clone(),
             sock,
             stop.clone(),
             drain.clone(),
+            slot,
         ));
     }
 }
@@ -441,6 +524,7 @@ async fn inbound_conn(
     sock: TcpStream,
     stop: watch::Receiver<bool>,
     drain: Drain,
+    slot: ConnSlot,
 ) {
     let Some(inbound) = proxy.routing.load().inbound.clone() else {
         tracing::warn!(
@@ -537,9 +621,9 @@ async fn inbound_conn(
     if inbound.protocol.is_http() {
         let p = proxy.clone();
         let svc = move |req| http::inbound(p.clone(), peer.clone(), req);
-        serve_http_conn(conn, stop, Some(drain), svc).await;
+        serve_http_conn(conn, stop, Some(drain), Some(slot), svc).await;
     } else {
-        let _d = drain;
+        let (_d, _slot) = (drain, slot);
         let src = peer
             .map(|p| p.service.clone())
             .unwrap_or_else(|| proxy.unknown.clone());
@@ -564,6 +648,9 @@ async fn serve_upstream(
     drain: Drain,
 ) {
     while let Some(sock) = accept(&listener, &mut stop).await {
+        let Some(slot) = proxy.limits.connection() else {
+            continue;
+        };
         let dest = proxy
             .routing
             .load()
@@ -578,7 +665,7 @@ async fn serve_upstream(
                 let (p, d) = (proxy.clone(), drain.clone());
                 let me = proxy.service.clone();
                 tokio::spawn(async move {
-                    let _d = d;
+                    let (_d, _slot) = (d, slot);
                     // Counts as outstanding for balancing; its duration is
                     // not a latency, so nothing is observed.
                     let _pending = ep.load.open();
@@ -599,6 +686,7 @@ async fn serve_upstream(
                     sock,
                     stop.clone(),
                     Some(drain.clone()),
+                    Some(slot),
                     svc,
                 ));
             }

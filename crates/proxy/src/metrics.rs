@@ -65,6 +65,12 @@ pub struct ConfigLabels {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct OverloadLabels {
+    /// `connection` (closed at accept) or `request` (answered 503).
+    pub what: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RetryLabels {
     pub src_service: Name,
     /// The destination the caller addressed (its TrafficPolicy retries).
@@ -94,6 +100,7 @@ pub struct Metrics {
     pub cert_expiry: Gauge,
     pub renewals: Family<ConfigLabels, Counter>,
     pub retries: Family<RetryLabels, Counter>,
+    pub overload: Family<OverloadLabels, Counter>,
     registry: Registry,
 }
 
@@ -122,7 +129,13 @@ impl Metrics {
         let cert_expiry = Gauge::default();
         let renewals = Family::<ConfigLabels, Counter>::default();
         let retries = Family::<RetryLabels, Counter>::default();
+        let overload = Family::<OverloadLabels, Counter>::default();
         let mut r = Registry::with_prefix("tandem");
+        r.register(
+            "overload_rejections",
+            "Connections closed and requests refused because the sidecar was at its limits",
+            overload.clone(),
+        );
         r.register(
             "retries",
             "Retries sent under a TrafficPolicy, by calling service and destination",
@@ -214,6 +227,7 @@ impl Metrics {
             cert_expiry,
             renewals,
             retries,
+            overload,
             registry: r,
         }
     }
