@@ -219,8 +219,8 @@ pub struct BackendRef {
 // ---- TrafficPolicy ---------------------------------------------------------------
 
 /// Resilience policy for calls to one Service: the whole-request timeout,
-/// retries, the load-balancing algorithm and a rate limit. (Circuit
-/// breaking is not supported yet and is refused as an unknown field.)
+/// retries, the load-balancing algorithm, outlier detection and a rate
+/// limit.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TrafficPolicySpec {
@@ -234,6 +234,34 @@ pub struct TrafficPolicySpec {
     pub load_balancer: Option<LoadBalancerSpec>,
     #[serde(default)]
     pub rate_limit: Option<RateLimitSpec>,
+    #[serde(default)]
+    pub circuit_breaker: Option<CircuitBreakerSpec>,
+}
+
+/// Outlier detection: endpoints that keep failing are taken out of the
+/// rotation for a while.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CircuitBreakerSpec {
+    /// Consecutive failures (5xx, connect failures, resets, timeouts) that
+    /// eject an endpoint (default 5; 0 = off).
+    #[serde(default)]
+    pub consecutive_errors: Option<Spanned<u32>>,
+    /// Consecutive gateway errors (502, 503, 504, connect failures) that
+    /// eject an endpoint (default off).
+    #[serde(default)]
+    pub consecutive_gateway_errors: Option<Spanned<u32>>,
+    /// Failures further apart than this do not count as consecutive
+    /// (default 10s).
+    #[serde(default)]
+    pub interval: Option<Spanned<String>>,
+    /// First ejection's length; each further ejection of the same endpoint
+    /// lasts one more of it (default 30s).
+    #[serde(default)]
+    pub base_ejection_time: Option<Spanned<String>>,
+    /// Most endpoints of a backend ejected at once, in percent (default 50).
+    #[serde(default)]
+    pub max_ejection_percent: Option<Spanned<u32>>,
 }
 
 /// A local token bucket on each inbound sidecar of the target service.

@@ -3,7 +3,7 @@
 
 use crate::diag::Diagnostic;
 use crate::model::{Loaded, Protocol, ResourceSet, TrafficPolicySpec};
-use crate::snapshot::{LoadBalancer, Policy, RateLimit, RetryOn, RetryPolicy};
+use crate::snapshot::{CircuitBreaker, LoadBalancer, Policy, RateLimit, RetryOn, RetryPolicy};
 use serde_saphyr::Spanned;
 
 pub const DEFAULT_BACKOFF_BASE_MS: u64 = 25;
@@ -250,11 +250,34 @@ pub fn compile_policy(
     if let Some(rl) = &p.spec.rate_limit {
         rate_limit(p, rl, diags);
     }
+    let circuit_breaker = p.spec.circuit_breaker.as_ref().map(|cb| {
+        if let Some(m) = &cb.max_ejection_percent {
+            if m.value > 100 {
+                diags.push(Diagnostic::at(&p.at(m), "maxEjectionPercent must be 0-100"));
+            }
+        }
+        CircuitBreaker {
+            consecutive_errors: cb.consecutive_errors.as_ref().map(|v| v.value).unwrap_or(5),
+            consecutive_gateway_errors: cb
+                .consecutive_gateway_errors
+                .as_ref()
+                .map(|v| v.value)
+                .unwrap_or(0),
+            interval_ms: duration(p, &cb.interval, diags).unwrap_or(10_000),
+            base_ejection_ms: duration(p, &cb.base_ejection_time, diags).unwrap_or(30_000),
+            max_ejection_percent: cb
+                .max_ejection_percent
+                .as_ref()
+                .map(|v| v.value.min(100))
+                .unwrap_or(50),
+        }
+    });
     Policy {
         source: p.key(),
         timeout_ms,
         retry,
         load_balancer,
+        circuit_breaker,
     }
 }
 

@@ -79,6 +79,19 @@ pub struct Policy {
     pub retry: Option<RetryPolicy>,
     #[serde(default)]
     pub load_balancer: LoadBalancer,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreaker>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CircuitBreaker {
+    /// 0 = off.
+    pub consecutive_errors: u32,
+    /// 0 = off.
+    pub consecutive_gateway_errors: u32,
+    pub interval_ms: u64,
+    pub base_ejection_ms: u64,
+    pub max_ejection_percent: u32,
 }
 
 /// How an endpoint is chosen among a backend's endpoints.

@@ -173,6 +173,7 @@ spec:
     attempts: 3
     on: [5xx, connect-failure]
     perTryTimeout: 1s
+  circuitBreaker: {consecutiveErrors: 5, interval: 30s}
 "#;
     let set = load_str("t.yaml", yaml).expect("valid");
     let p = tandem_config::policy::compile_policy(&set, &set.traffic_policies[0], &mut Vec::new());
@@ -181,6 +182,9 @@ spec:
     assert_eq!((r.attempts, r.per_try_timeout_ms), (3, Some(1000)));
     assert_eq!((r.budget_percent, r.budget_min_per_second), (20, 10));
     assert_eq!((r.backoff_base_ms, r.backoff_max_ms), (25, 250));
+    let cb = p.circuit_breaker.expect("circuit breaker");
+    assert_eq!((cb.consecutive_errors, cb.interval_ms), (5, 30_000));
+    assert_eq!((cb.base_ejection_ms, cb.max_ejection_percent), (30_000, 50));
 }
 
 #[test]
@@ -227,7 +231,7 @@ kind: TrafficPolicy
 metadata: {name: api-again}
 spec:
   targetRef: {kind: Service, name: api}
-  circuitBreaker: {consecutiveErrors: 5}
+  mirror: {backend: api}
 "#;
     let e = errors(yaml);
     let has = |needle: &str| e.iter().any(|x| x.contains(needle));
@@ -242,7 +246,7 @@ spec:
         "{e:#?}"
     );
     assert!(has("t.yaml:35:36: Service `default/db` is tcp"), "{e:#?}");
-    assert!(has("t.yaml:43:3: unknown field `circuitBreaker`"), "{e:#?}");
+    assert!(has("t.yaml:43:3: unknown field `mirror`"), "{e:#?}");
 }
 
 #[test]

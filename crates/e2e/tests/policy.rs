@@ -556,3 +556,76 @@ fn overload_is_shed_and_memory_stays_bounded() {
     let (head, _) = via_client(&client, "/", &[]);
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 }
+
+fn failures(client: &Instance, n: usize) -> usize {
+    (0..n)
+        .filter(|_| !matches!(http_get(client.http_proxy, "web", "/"), Some((200, _))))
+        .count()
+}
+
+fn ejections(client: &Instance) -> f64 {
+    client
+        .metrics()
+        .lines()
+        .filter(|l| l.starts_with("tandem_outlier_ejections_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn a_failing_endpoint_is_ejected_then_brought_back() {
+    let mut config = common::config();
+    config.push_str(&policy(
+        "web",
+        "  loadBalancer: {type: round-robin}\n  circuitBreaker: {consecutiveErrors: 3, baseEjectionTime: 2s, maxEjectionPercent: 50}\n",
+    ));
+    let mesh = Mesh::start(&config);
+    let _good: Vec<Instance> = (1..=2)
+        .map(|i| mesh.instance("web", &format!("web-{i}"), &[], &[]))
+        .collect();
+    let _bad = mesh.instance("web", "web-bad", &["--failure-rate", "1.0"], &[]);
+    let client = mesh.instance("client", "client-1", &[], &[]);
+    wait_for("all endpoints known", Duration::from_secs(10), || {
+        let _ = http_get(client.http_proxy, "web", "/headers");
+        (client.endpoints("web", "web").map(|e| e.len()) == Some(3)).then_some(())
+    });
+    // Every third request meets the bad one, until its third failure in a
+    // row ejects it; then the others carry everything.
+    let start = Instant::now();
+    assert_eq!(failures(&client, 30), 3);
+    assert_eq!(ejections(&client), 1.0);
+    assert_eq!(failures(&client, 30), 0);
+    assert!(start.elapsed() < Duration::from_secs(2));
+    // After the ejection time it is tried again, fails, and is ejected for
+    // longer (4 s).
+    std::thread::sleep(Duration::from_millis(2300).saturating_sub(start.elapsed()));
+    assert_eq!(failures(&client, 30), 3);
+    assert_eq!(ejections(&client), 2.0);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(failures(&client, 30), 0, "back before its 4 s were over");
+}
+
+#[test]
+fn never_more_than_the_maximum_share_is_ejected() {
+    let mut config = common::config();
+    config.push_str(&policy(
+        "web",
+        "  loadBalancer: {type: round-robin}\n  circuitBreaker: {consecutiveErrors: 2, baseEjectionTime: 30s, maxEjectionPercent: 34}\n",
+    ));
+    let mesh = Mesh::start(&config);
+    let _good = mesh.instance("web", "web-1", &[], &[]);
+    let _bad: Vec<Instance> = (1..=2)
+        .map(|i| mesh.instance("web", &format!("web-bad-{i}"), &["--failure-rate", "1.0"], &[]))
+        .collect();
+    let client = mesh.instance("client", "client-1", &[], &[]);
+    wait_for("all endpoints known", Duration::from_secs(10), || {
+        let _ = http_get(client.http_proxy, "web", "/headers");
+        (client.endpoints("web", "web").map(|e| e.len()) == Some(3)).then_some(())
+    });
+    let _ = failures(&client, 12);
+    // One of three may be out: the second bad one keeps taking its share.
+    assert_eq!(ejections(&client), 1.0);
+    let f = failures(&client, 40);
+    assert!((15..=25).contains(&f), "{f} of 40 failed");
+    assert_eq!(ejections(&client), 1.0);
+}

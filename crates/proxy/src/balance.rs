@@ -72,6 +72,8 @@ pub struct EndpointLoad {
     pub addr: SocketAddr,
     ewma: Mutex<PeakEwma>,
     pending: AtomicUsize,
+    /// Outlier detection (see [`crate::outlier`]).
+    pub outlier: crate::outlier::OutlierState,
 }
 
 impl EndpointLoad {
@@ -80,6 +82,7 @@ impl EndpointLoad {
             addr,
             ewma: Mutex::new(PeakEwma::new(Instant::now())),
             pending: AtomicUsize::new(0),
+            outlier: Default::default(),
         }
     }
 
@@ -91,6 +94,9 @@ impl EndpointLoad {
     }
 
     pub fn cost(&self, now: Instant) -> f64 {
+        if self.outlier.is_ejected(crate::outlier::now_ms()) {
+            return f64::INFINITY;
+        }
         let pending = self.pending.load(Ordering::Relaxed) as f64;
         self.ewma().estimate(now) * (pending + 1.0)
     }

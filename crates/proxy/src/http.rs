@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use crate::error::{Body, MeshError};
 use crate::metrics::{Direction, Name, RequestLabels};
 use crate::route::{pick_weighted, select, RequestView};
+use crate::outlier::Outcome;
 use crate::state::{Backend, Destination, Endpoint};
 use crate::transport::Connector;
 use crate::Proxy;
@@ -526,7 +527,28 @@ async fn try_endpoint(
         Scheme::HTTP
     };
     let in_flight = ep.load.start();
-    match forward(proxy, req, &ep.authority, scheme, dest.protocol).await {
+    let result = forward(proxy, req, &ep.authority, scheme, dest.protocol).await;
+    if let Some(cb) = dest.policy.as_ref().and_then(|p| p.circuit_breaker.as_ref()) {
+        let outcome = match &result {
+            Ok(r) if matches!(r.status().as_u16(), 502..=504) => Outcome::GatewayError,
+            Ok(r) if r.status().is_server_error() => Outcome::Error,
+            Ok(_) => Outcome::Success,
+            Err((MeshError::ConnectFailure | MeshError::UpstreamTls, _)) => Outcome::GatewayError,
+            Err(_) => Outcome::Error,
+        };
+        if let Some(len) = backend.record_outcome(ep, outcome, cb) {
+            tracing::warn!(endpoint = %ep.authority, backend = %backend.name.0, ejected_for = ?len, "endpoint ejected after consecutive failures");
+            proxy
+                .metrics
+                .ejections
+                .get_or_create(&crate::metrics::RetryLabels {
+                    src_service: proxy.service.clone(),
+                    dst_service: backend.name.clone(),
+                })
+                .inc();
+        }
+    }
+    match result {
         Ok(resp) => {
             // A peer sidecar that could not reach its own app answers fast
             // with a mesh error: that is a failure of this endpoint, not a

@@ -18,6 +18,7 @@ pub mod error;
 pub mod http;
 pub mod identity;
 pub mod metrics;
+pub mod outlier;
 pub mod ratelimit;
 pub mod retry;
 pub mod route;

@@ -101,6 +101,7 @@ pub struct Metrics {
     pub renewals: Family<ConfigLabels, Counter>,
     pub retries: Family<RetryLabels, Counter>,
     pub overload: Family<OverloadLabels, Counter>,
+    pub ejections: Family<RetryLabels, Counter>,
     registry: Registry,
 }
 
@@ -130,7 +131,13 @@ impl Metrics {
         let renewals = Family::<ConfigLabels, Counter>::default();
         let retries = Family::<RetryLabels, Counter>::default();
         let overload = Family::<OverloadLabels, Counter>::default();
+        let ejections = Family::<RetryLabels, Counter>::default();
         let mut r = Registry::with_prefix("tandem");
+        r.register(
+            "outlier_ejections",
+            "Endpoints ejected by outlier detection, by calling service and backend",
+            ejections.clone(),
+        );
         r.register(
             "overload_rejections",
             "Connections closed and requests refused because the sidecar was at its limits",
@@ -228,6 +235,7 @@ impl Metrics {
             renewals,
             retries,
             overload,
+            ejections,
             registry: r,
         }
     }

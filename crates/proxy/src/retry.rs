@@ -27,6 +27,7 @@ pub struct RuntimePolicy {
     pub retry: Option<Retry>,
     /// The header whose value picks the endpoint (ring-hash).
     pub hash_header: Option<http::HeaderName>,
+    pub circuit_breaker: Option<tandem_config::snapshot::CircuitBreaker>,
 }
 
 pub struct Retry {
@@ -47,6 +48,7 @@ impl RuntimePolicy {
                 }
                 _ => None,
             },
+            circuit_breaker: p.circuit_breaker.clone(),
             source: Arc::from(p.source.as_str()),
             timeout: p.timeout_ms.map(Duration::from_millis),
             retry: p.retry.as_ref().map(|r| Retry {

@@ -7,10 +7,13 @@ use std::sync::{Arc, Mutex, Weak};
 
 use http::uri::Authority;
 use rustls_pki_types::ServerName;
-use tandem_config::snapshot::{Inbound, LoadBalancer, Protocol, Route, Snapshot};
+use tandem_config::snapshot::{
+    CircuitBreaker, Inbound, LoadBalancer, Protocol, Route, Snapshot,
+};
 
 use crate::balance::{p2c, EndpointLoad};
 use crate::metrics::Name;
+use crate::outlier::{max_ejected, now_ms, Outcome};
 use crate::retry::{BudgetCache, RuntimePolicy};
 
 pub struct Routing {
@@ -126,19 +129,74 @@ impl Backend {
                 if n == 0 {
                     return None;
                 }
-                next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n
+                let now = now_ms();
+                let mut i = 0;
+                // The next endpoint in turn that is not ejected.
+                for _ in 0..n {
+                    i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n;
+                    if !self.endpoints[i].load.outlier.is_ejected(now) {
+                        break;
+                    }
+                }
+                i
             }
-            Lb::LeastRequest => p2c(n, |i| self.endpoints[i].load.pending() as f64)?,
+            Lb::LeastRequest => {
+                let now = now_ms();
+                p2c(n, |i| {
+                    let l = &self.endpoints[i].load;
+                    if l.outlier.is_ejected(now) {
+                        f64::INFINITY
+                    } else {
+                        l.pending() as f64
+                    }
+                })?
+            }
             Lb::RingHash(ring) => match key {
                 None => return self.pick(),
                 Some(k) => {
                     let k = mix(k);
                     let at = ring.partition_point(|(p, _)| *p < k);
-                    ring.get(at).or_else(|| ring.first())?.1
+                    let now = now_ms();
+                    // The key's point, or the next one whose endpoint is
+                    // not ejected.
+                    let mut found = ring.get(at).or_else(|| ring.first())?.1;
+                    for j in 0..ring.len() {
+                        let idx = ring[(at + j) % ring.len()].1;
+                        if !self.endpoints[idx].load.outlier.is_ejected(now) {
+                            found = idx;
+                            break;
+                        }
+                    }
+                    found
                 }
             },
         };
         self.endpoints.get(i)
+    }
+
+    /// Counts the outcome of a try for outlier detection, and ejects the
+    /// endpoint when it has failed enough in a row and the backend can
+    /// spare it. Returns the ejection's length when it ejected.
+    pub fn record_outcome(
+        &self,
+        ep: &Endpoint,
+        outcome: Outcome,
+        cb: &CircuitBreaker,
+    ) -> Option<std::time::Duration> {
+        let now = now_ms();
+        let state = &ep.load.outlier;
+        if !state.record(outcome, cb, now) || state.is_ejected(now) {
+            return None;
+        }
+        let ejected = self
+            .endpoints
+            .iter()
+            .filter(|e| e.load.outlier.is_ejected(now))
+            .count();
+        if ejected >= max_ejected(self.endpoints.len(), cb.max_ejection_percent) {
+            return None;
+        }
+        Some(state.eject(cb, now))
     }
 
     /// Power of two choices over the endpoints' peak-EWMA cost.
