@@ -615,7 +615,14 @@ fn never_more_than_the_maximum_share_is_ejected() {
     let mesh = Mesh::start(&config);
     let _good = mesh.instance("web", "web-1", &[], &[]);
     let _bad: Vec<Instance> = (1..=2)
-        .map(|i| mesh.instance("web", &format!("web-bad-{i}"), &["--failure-rate", "1.0"], &[]))
+        .map(|i| {
+            mesh.instance(
+                "web",
+                &format!("web-bad-{i}"),
+                &["--failure-rate", "1.0"],
+                &[],
+            )
+        })
         .collect();
     let client = mesh.instance("client", "client-1", &[], &[]);
     wait_for("all endpoints known", Duration::from_secs(10), || {

@@ -21,8 +21,8 @@ use tokio::time::Instant;
 
 use crate::error::{Body, MeshError};
 use crate::metrics::{Direction, Name, RequestLabels};
-use crate::route::{pick_weighted, select, RequestView};
 use crate::outlier::Outcome;
+use crate::route::{pick_weighted, select, RequestView};
 use crate::state::{Backend, Destination, Endpoint};
 use crate::transport::Connector;
 use crate::Proxy;
@@ -528,7 +528,11 @@ async fn try_endpoint(
     };
     let in_flight = ep.load.start();
     let result = forward(proxy, req, &ep.authority, scheme, dest.protocol).await;
-    if let Some(cb) = dest.policy.as_ref().and_then(|p| p.circuit_breaker.as_ref()) {
+    if let Some(cb) = dest
+        .policy
+        .as_ref()
+        .and_then(|p| p.circuit_breaker.as_ref())
+    {
         let outcome = match &result {
             Ok(r) if matches!(r.status().as_u16(), 502..=504) => Outcome::GatewayError,
             Ok(r) if r.status().is_server_error() => Outcome::Error,

@@ -7,9 +7,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use http::uri::Authority;
 use rustls_pki_types::ServerName;
-use tandem_config::snapshot::{
-    CircuitBreaker, Inbound, LoadBalancer, Protocol, Route, Snapshot,
-};
+use tandem_config::snapshot::{CircuitBreaker, Inbound, LoadBalancer, Protocol, Route, Snapshot};
 
 use crate::balance::{p2c, EndpointLoad};
 use crate::metrics::Name;
