@@ -262,6 +262,10 @@ pub struct CircuitBreakerSpec {
     /// Most endpoints of a backend ejected at once, in percent (default 50).
     #[serde(default)]
     pub max_ejection_percent: Option<Spanned<u32>>,
+    /// Most requests in progress to the service from one sidecar; more are
+    /// answered 503 `overflow` at once.
+    #[serde(default)]
+    pub max_requests: Option<Spanned<u32>>,
 }
 
 /// A local token bucket on each inbound sidecar of the target service.

@@ -270,6 +270,12 @@ pub fn compile_policy(
                 .as_ref()
                 .map(|v| v.value.min(100))
                 .unwrap_or(50),
+            max_requests: cb.max_requests.as_ref().map(|m| {
+                if m.value == 0 {
+                    diags.push(Diagnostic::at(&p.at(m), "maxRequests must be at least 1"));
+                }
+                m.value.max(1)
+            }),
         }
     });
     Policy {

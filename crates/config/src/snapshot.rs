@@ -92,6 +92,8 @@ pub struct CircuitBreaker {
     pub interval_ms: u64,
     pub base_ejection_ms: u64,
     pub max_ejection_percent: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u32>,
 }
 
 /// How an endpoint is chosen among a backend's endpoints.

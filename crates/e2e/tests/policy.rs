@@ -636,3 +636,52 @@ fn never_more_than_the_maximum_share_is_ejected() {
     assert!((15..=25).contains(&f), "{f} of 40 failed");
     assert_eq!(ejections(&client), 1.0);
 }
+
+#[test]
+fn a_destination_over_its_max_requests_overflows() {
+    let mut config = common::config();
+    config.push_str(&policy(
+        "web",
+        "  circuitBreaker: {consecutiveErrors: 0, maxRequests: 3}\n",
+    ));
+    let mesh = Mesh::start(&config);
+    let _web = mesh.instance("web", "web-1", &[], &[]);
+    let client = mesh.instance("client", "client-1", &[], &[]);
+    let (head, _) = via_client(&client, "/", &[]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let threads: Vec<_> = (0..10)
+        .map(|_| {
+            let c = client_view(&client);
+            std::thread::spawn(move || via_client(&c, "/slow?ms=800", &[]).0)
+        })
+        .collect();
+    let heads: Vec<String> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let ok = heads
+        .iter()
+        .filter(|h| h.starts_with("HTTP/1.1 200"))
+        .count();
+    let overflow = heads
+        .iter()
+        .filter(|h| h.starts_with("HTTP/1.1 503") && h.contains("tandem-error: overflow"))
+        .count();
+    assert_eq!((ok, overflow), (3, 7), "{heads:#?}");
+    // Once they are done, the destination takes requests again.
+    let (head, _) = via_client(&client, "/", &[]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}
+
+/// A copy of an instance's addresses, to use from another thread.
+fn client_view(i: &Instance) -> Instance {
+    Instance {
+        service: i.service.clone(),
+        instance: i.instance.clone(),
+        app_addr: i.app_addr,
+        inbound: i.inbound,
+        admin: i.admin,
+        http_proxy: i.http_proxy,
+        upstreams: i.upstreams.clone(),
+        tcp_echo: i.tcp_echo,
+        app: None,
+        proxy: None,
+    }
+}

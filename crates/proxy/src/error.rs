@@ -47,9 +47,11 @@ pub enum MeshError {
     RateLimited,
     /// The sidecar is at its limit of requests in progress.
     Overloaded,
+    /// The destination's `circuitBreaker.maxRequests` is reached.
+    Overflow,
 }
 
-const ALL: [MeshError; 15] = [
+const ALL: [MeshError; 16] = [
     MeshError::NoRoute,
     MeshError::UnknownService,
     MeshError::NoEndpoints,
@@ -65,6 +67,7 @@ const ALL: [MeshError; 15] = [
     MeshError::RetryBudgetExhausted,
     MeshError::RateLimited,
     MeshError::Overloaded,
+    MeshError::Overflow,
 ];
 
 impl MeshError {
@@ -85,6 +88,7 @@ impl MeshError {
             MeshError::RetryBudgetExhausted => "retry-budget-exhausted",
             MeshError::RateLimited => "rate-limited",
             MeshError::Overloaded => "overloaded",
+            MeshError::Overflow => "overflow",
         }
     }
 
@@ -106,7 +110,8 @@ impl MeshError {
             | MeshError::IdentityExpired
             | MeshError::RetryLimitExhausted
             | MeshError::RetryBudgetExhausted
-            | MeshError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            | MeshError::Overloaded
+            | MeshError::Overflow => StatusCode::SERVICE_UNAVAILABLE,
             MeshError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             MeshError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             MeshError::UpstreamReset => StatusCode::BAD_GATEWAY,

@@ -218,6 +218,21 @@ async fn route_outbound(
         (None, c) => (c, c.is_some()),
     };
     let deadline = timeout.map(|t| Instant::now() + t);
+    // The destination's own limit of requests in progress (circuit breaker).
+    let _counted = match dest.policy.as_ref().map(|p| p.admit()) {
+        None | Some(Some(None)) => None,
+        Some(Some(c)) => c,
+        Some(None) => {
+            return Err((
+                MeshError::Overflow,
+                format!(
+                    "`{}` already has its maximum of requests in progress from this sidecar (circuitBreaker.maxRequests)",
+                    dest.name.0
+                ),
+                name,
+            ))
+        }
+    };
     let work = with_retries(proxy, &dest, backend, &ctx, key, deadline, req);
     match timeout {
         None => work.await,

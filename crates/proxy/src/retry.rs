@@ -28,6 +28,32 @@ pub struct RuntimePolicy {
     /// The header whose value picks the endpoint (ring-hash).
     pub hash_header: Option<http::HeaderName>,
     pub circuit_breaker: Option<tandem_config::snapshot::CircuitBreaker>,
+    /// `circuitBreaker.maxRequests`, with the destination's count of
+    /// requests in progress (kept across snapshots).
+    pub max_requests: Option<(usize, Arc<std::sync::atomic::AtomicUsize>)>,
+}
+
+/// One request counted against a destination's `maxRequests`.
+pub struct InProgress(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl RuntimePolicy {
+    /// Counts a request in, or `None` when the destination is at its limit.
+    pub fn admit(&self) -> Option<Option<InProgress>> {
+        let Some((max, count)) = &self.max_requests else {
+            return Some(None);
+        };
+        if count.fetch_add(1, Ordering::AcqRel) >= *max {
+            count.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Some(InProgress(count.clone())))
+    }
 }
 
 pub struct Retry {
@@ -49,6 +75,11 @@ impl RuntimePolicy {
                 _ => None,
             },
             circuit_breaker: p.circuit_breaker.clone(),
+            max_requests: p
+                .circuit_breaker
+                .as_ref()
+                .and_then(|c| c.max_requests)
+                .map(|m| (m as usize, budgets.in_progress(dest))),
             source: Arc::from(p.source.as_str()),
             timeout: p.timeout_ms.map(Duration::from_millis),
             retry: p.retry.as_ref().map(|r| Retry {
@@ -209,9 +240,26 @@ type BudgetKey = (Box<str>, u32, u32);
 #[derive(Default)]
 pub struct BudgetCache {
     map: Mutex<std::collections::HashMap<BudgetKey, Weak<RetryBudget>>>,
+    in_progress: Mutex<std::collections::HashMap<Box<str>, Weak<std::sync::atomic::AtomicUsize>>>,
 }
 
 impl BudgetCache {
+    /// The count of requests in progress to `dest`, shared by successive
+    /// snapshots.
+    fn in_progress(&self, dest: &str) -> Arc<std::sync::atomic::AtomicUsize> {
+        let mut map = match self.in_progress.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(c) = map.get(dest).and_then(Weak::upgrade) {
+            return c;
+        }
+        let c = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        map.insert(Box::from(dest), Arc::downgrade(&c));
+        map.retain(|_, w| w.strong_count() > 0);
+        c
+    }
+
     fn get(&self, dest: &str, percent: u32, min_per_second: u32) -> Arc<RetryBudget> {
         let mut map = match self.map.lock() {
             Ok(m) => m,
