@@ -99,6 +99,7 @@ mod tests {
             interval_ms: 1000,
             base_ejection_ms: 100,
             max_ejection_percent: 50,
+            max_requests: None,
         }
     }
 
