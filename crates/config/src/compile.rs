@@ -180,6 +180,7 @@ fn destination(
                         port: *port,
                         matcher: m,
                         backends: weighted.clone(),
+                        policy: crate::policy::route_overrides(r, rule, &mut Vec::new()),
                     });
                 }
             }

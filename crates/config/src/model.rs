@@ -156,6 +156,37 @@ pub struct RouteRuleSpec {
     pub matches: Vec<Spanned<MatchSpec>>,
     #[serde(default)]
     pub backend_refs: Vec<BackendRef>,
+    /// Gateway API `timeouts`: override the TrafficPolicy for this rule.
+    #[serde(default)]
+    pub timeouts: Option<RouteTimeoutsSpec>,
+    /// Gateway API `retry` (GEP-1731): overrides the TrafficPolicy's retry.
+    #[serde(default)]
+    pub retry: Option<RouteRetrySpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RouteTimeoutsSpec {
+    /// The whole request (TrafficPolicy `timeout`).
+    #[serde(default)]
+    pub request: Option<Spanned<String>>,
+    /// One try (TrafficPolicy `retry.perTryTimeout`).
+    #[serde(default)]
+    pub backend_request: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RouteRetrySpec {
+    /// Status codes that are retried.
+    #[serde(default)]
+    pub codes: Option<Vec<Spanned<u16>>>,
+    /// Retries after the first try.
+    #[serde(default)]
+    pub attempts: Option<Spanned<u32>>,
+    /// Backoff base.
+    #[serde(default)]
+    pub backoff: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

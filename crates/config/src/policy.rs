@@ -287,6 +287,63 @@ pub fn compile_policy(
     }
 }
 
+/// The timeouts and retry of one HTTPRoute rule, checked.
+pub fn route_overrides(
+    r: &Loaded<crate::model::HttpRouteSpec>,
+    rule: &crate::model::RouteRuleSpec,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<crate::snapshot::RouteOverrides> {
+    if rule.timeouts.is_none() && rule.retry.is_none() {
+        return None;
+    }
+    let dur = |v: &Option<Spanned<String>>, diags: &mut Vec<Diagnostic>| {
+        let v = v.as_ref()?;
+        match parse_duration_ms(&v.value) {
+            Ok(ms) => Some(ms),
+            Err(e) => {
+                diags.push(Diagnostic::at(&r.at(v), e));
+                None
+            }
+        }
+    };
+    let mut o = crate::snapshot::RouteOverrides::default();
+    if let Some(t) = &rule.timeouts {
+        o.timeout_ms = dur(&t.request, diags);
+        o.per_try_timeout_ms = dur(&t.backend_request, diags);
+        if let (Some(req), Some(back), Some(b)) =
+            (o.timeout_ms, o.per_try_timeout_ms, &t.backend_request)
+        {
+            if back > req {
+                diags.push(Diagnostic::at(
+                    &r.at(b),
+                    "backendRequest is longer than request",
+                ));
+            }
+        }
+    }
+    if let Some(rt) = &rule.retry {
+        if let Some(a) = &rt.attempts {
+            if a.value > MAX_ATTEMPTS {
+                diags.push(Diagnostic::at(
+                    &r.at(a),
+                    format!("attempts must be at most {MAX_ATTEMPTS}"),
+                ));
+            }
+            o.attempts = Some(a.value.min(MAX_ATTEMPTS));
+        }
+        if let Some(codes) = &rt.codes {
+            for c in codes {
+                if !(400..=599).contains(&c.value) {
+                    diags.push(Diagnostic::at(&r.at(c), "retry codes must be 400-599"));
+                }
+            }
+            o.codes = Some(codes.iter().map(|c| c.value).collect());
+        }
+        o.backoff_ms = dur(&rt.backoff, diags);
+    }
+    Some(o)
+}
+
 /// The rate limit of a TrafficPolicy, checked.
 pub fn rate_limit(
     p: &Loaded<TrafficPolicySpec>,

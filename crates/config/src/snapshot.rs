@@ -149,6 +149,64 @@ pub struct Route {
     pub port: Option<u16>,
     pub matcher: Matcher,
     pub backends: Vec<WeightedBackend>,
+    /// This rule's own timeouts and retry (HTTPRoute `timeouts`, `retry`),
+    /// over the destination's TrafficPolicy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<RouteOverrides>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RouteOverrides {
+    pub timeout_ms: Option<u64>,
+    pub per_try_timeout_ms: Option<u64>,
+    pub attempts: Option<u32>,
+    pub codes: Option<Vec<u16>>,
+    pub backoff_ms: Option<u64>,
+}
+
+impl Policy {
+    /// This policy with a route rule's overrides applied (a rule may also
+    /// bring timeouts or retries to a destination without a policy).
+    pub fn with_overrides(base: Option<&Policy>, o: &RouteOverrides) -> Policy {
+        let mut p = base.cloned().unwrap_or(Policy {
+            source: String::new(),
+            timeout_ms: None,
+            retry: None,
+            load_balancer: LoadBalancer::default(),
+            circuit_breaker: None,
+        });
+        if o.timeout_ms.is_some() {
+            p.timeout_ms = o.timeout_ms;
+        }
+        let wants_retry = o.attempts.is_some() || o.codes.is_some() || o.backoff_ms.is_some();
+        if wants_retry || o.per_try_timeout_ms.is_some() {
+            let mut r = p.retry.take().unwrap_or(RetryPolicy {
+                attempts: if wants_retry { 1 } else { 0 },
+                on: vec![RetryOn::Server5xx, RetryOn::ConnectFailure, RetryOn::Reset],
+                per_try_timeout_ms: None,
+                backoff_base_ms: 25,
+                backoff_max_ms: 250,
+                budget_percent: 20,
+                budget_min_per_second: 10,
+            });
+            if let Some(a) = o.attempts {
+                r.attempts = a;
+            }
+            if let Some(c) = &o.codes {
+                r.on = c.iter().map(|c| RetryOn::Status(*c)).collect();
+                r.on.extend([RetryOn::ConnectFailure, RetryOn::Reset]);
+            }
+            if let Some(b) = o.backoff_ms {
+                r.backoff_base_ms = b;
+                r.backoff_max_ms = r.backoff_max_ms.max(b);
+            }
+            if o.per_try_timeout_ms.is_some() {
+                r.per_try_timeout_ms = o.per_try_timeout_ms;
+            }
+            p.retry = Some(r);
+        }
+        p
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

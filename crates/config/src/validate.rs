@@ -196,6 +196,7 @@ fn validate_route(
         }
     }
     for rule in &r.spec.rules {
+        crate::policy::route_overrides(r, &rule.value, diags);
         let rule_pos = r.at(rule);
         let rule = &rule.value;
         if rule.backend_refs.is_empty() {

@@ -286,3 +286,28 @@ spec:
         "{e:#?}"
     );
 }
+
+#[test]
+fn route_timeouts_and_retry_are_checked() {
+    let yaml = r#"
+apiVersion: tandem.dev/v1alpha1
+kind: Service
+metadata: {name: api}
+spec:
+  ports: [{port: 8080, protocol: http}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api}
+spec:
+  parentRefs: [{kind: Service, name: api, port: 8080}]
+  rules:
+    - timeouts: {request: 1s, backendRequest: 2s}
+      retry: {codes: [200], attempts: 3}
+      backendRefs: [{name: api, port: 8080}]
+"#;
+    let e = errors(yaml);
+    let has = |needle: &str| e.iter().any(|x| x.contains(needle));
+    assert!(has("backendRequest is longer than request"), "{e:#?}");
+    assert!(has("retry codes must be 400-599"), "{e:#?}");
+}

@@ -685,3 +685,33 @@ fn client_view(i: &Instance) -> Instance {
         proxy: None,
     }
 }
+
+#[test]
+fn route_rules_override_the_policy() {
+    let mut config = common::config();
+    config.push_str(&policy("web", "  timeout: 5s\n"));
+    config.push_str(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web}\nspec:\n  parentRefs: [{kind: Service, name: web, port: 8080}]\n  rules:\n    - matches: [{path: {type: PathPrefix, value: /slow}}]\n      timeouts: {request: 300ms}\n      backendRefs: [{name: web, port: 8080}]\n    - matches: [{path: {type: PathPrefix, value: /flaky}}]\n      retry: {codes: [503], attempts: 1, backoff: 10ms}\n      backendRefs: [{name: web, port: 8080}]\n    - backendRefs: [{name: web, port: 8080}]\n---\n",
+    );
+    let mesh = Mesh::start(&config);
+    let _web = mesh.instance("web", "web-1", &[], &[]);
+    let client = mesh.instance("client", "client-1", &[], &[]);
+    // The rule's 300 ms, not the policy's 5 s.
+    let start = Instant::now();
+    let (head, body) = via_client(&client, "/slow?ms=2000", &[]);
+    assert!(head.starts_with("HTTP/1.1 504"), "{head}\n{body}");
+    assert!(body.contains("HTTPRoute default/web rule 0"), "{body}");
+    assert!(
+        start.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        start.elapsed()
+    );
+    // The rule's retry, where the policy has none.
+    let (head, body) = via_client(&client, "/flaky?key=r&fails=1", &[]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{body}");
+    // Elsewhere the policy holds: no retry.
+    let (head, _) = via_client(&client, "/other?x=1", &[]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (head, _) = via_client(&client, "/slow?ms=600", &[]);
+    assert!(head.starts_with("HTTP/1.1 504"), "{head}");
+}

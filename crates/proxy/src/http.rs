@@ -160,8 +160,8 @@ async fn route_outbound(
             }
         },
     };
-    let backend = if dest.routes.is_empty() {
-        0
+    let (backend, rule) = if dest.routes.is_empty() {
+        (0, None)
     } else {
         let view = RequestView {
             method: req.method(),
@@ -182,8 +182,13 @@ async fn route_outbound(
                 dest.name.clone(),
             ));
         };
-        pick_backend(&dest, i)
+        (pick_backend(&dest, i), Some(i))
     };
+    // A matched rule's own timeouts and retry come before the
+    // destination's TrafficPolicy.
+    let policy = rule
+        .and_then(|i| dest.route_policies.get(i)?.as_ref())
+        .or(dest.policy.as_ref());
     let Some(backend) = dest.backends.get(backend) else {
         return Err((
             MeshError::NoEndpoints,
@@ -194,13 +199,11 @@ async fn route_outbound(
     let name = backend.name.clone();
     let req = req.map(Either::Left);
     let ctx = Ctx::of(req.headers());
-    let key = dest
-        .policy
-        .as_ref()
+    let key = policy
         .and_then(|p| p.hash_header.as_ref())
         .and_then(|h| req.headers().get(h))
         .map(|v| crate::state::fnv1a(v.as_bytes()));
-    if dest.policy.is_none() && ctx.is_empty() {
+    if policy.is_none() && ctx.is_empty() {
         // No policy and no context: one try, nothing buffered or added.
         let Some(ep) = backend.pick() else {
             return Err(no_endpoint(backend));
@@ -211,7 +214,7 @@ async fn route_outbound(
             .map_err(|(e, d)| (e, d, name));
     }
     // The sooner of the policy's timeout and the caller's deadline.
-    let policy_timeout = dest.policy.as_ref().and_then(|p| p.timeout);
+    let policy_timeout = policy.and_then(|p| p.timeout);
     let (timeout, from_caller) = match (policy_timeout, ctx.deadline) {
         (Some(p), Some(c)) if c < p => (Some(c), true),
         (Some(p), _) => (Some(p), false),
@@ -219,7 +222,7 @@ async fn route_outbound(
     };
     let deadline = timeout.map(|t| Instant::now() + t);
     // The destination's own limit of requests in progress (circuit breaker).
-    let _counted = match dest.policy.as_ref().map(|p| p.admit()) {
+    let _counted = match policy.map(|p| p.admit()) {
         None | Some(Some(None)) => None,
         Some(Some(c)) => c,
         Some(None) => {
@@ -233,7 +236,7 @@ async fn route_outbound(
             ))
         }
     };
-    let work = with_retries(proxy, &dest, backend, &ctx, key, deadline, req);
+    let work = with_retries(proxy, &dest, backend, policy, &ctx, key, deadline, req);
     match timeout {
         None => work.await,
         // Dropping the attempt in flight cancels it upstream too.
@@ -248,9 +251,9 @@ async fn route_outbound(
                     )
                 } else {
                     format!(
-                        "no answer from `{}` within the request timeout of {t:?} (TrafficPolicy {})",
+                        "no answer from `{}` within the request timeout of {t:?} ({})",
                         dest.name.0,
-                        dest.policy.as_ref().map(|p| &*p.source).unwrap_or("")
+                        policy.map(|p| &*p.source).unwrap_or("")
                     )
                 },
                 name,
@@ -365,6 +368,7 @@ async fn with_retries(
     proxy: &Arc<Proxy>,
     dest: &Arc<Destination>,
     backend: &Backend,
+    policy: Option<&crate::retry::RuntimePolicy>,
     ctx: &Ctx,
     key: Option<u64>,
     deadline: Option<Instant>,
@@ -373,9 +377,7 @@ async fn with_retries(
     let name = backend.name.clone();
     let grpc = dest.protocol == Protocol::Grpc;
     // An outer sidecar already retries this request: one try here.
-    let retry = dest
-        .policy
-        .as_ref()
+    let retry = policy
         .and_then(|p| p.retry.as_ref())
         .filter(|_| !ctx.no_retry);
     let Some(retry) = retry else {
@@ -389,7 +391,9 @@ async fn with_retries(
             .map_err(|(e, d)| (e, d, name));
     };
     retry.budget.deposit();
-    let replayable = !is_upgrade(&req)
+    // With no retries (a per-try timeout alone) nothing is kept.
+    let replayable = retry.attempts > 0
+        && !is_upgrade(&req)
         && req
             .body()
             .size_hint()

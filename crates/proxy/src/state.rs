@@ -36,6 +36,9 @@ pub struct Destination {
     pub backends: Vec<Backend>,
     /// Timeout and retries, when a TrafficPolicy targets the destination.
     pub policy: Option<RuntimePolicy>,
+    /// Parallel to `routes`: the policy of a rule with its own timeouts or
+    /// retry (the destination's policy with the rule's overrides).
+    pub route_policies: Vec<Option<RuntimePolicy>>,
 }
 
 pub struct Backend {
@@ -311,6 +314,22 @@ impl Routing {
             if backends.is_empty() {
                 return Err(format!("destination {} has no backends", d.name));
             }
+            let dest_key = format!("{}.{}", d.name, d.namespace);
+            let route_policies = d
+                .routes
+                .iter()
+                .map(|r| {
+                    r.policy.as_ref().map(|o| {
+                        let merged =
+                            tandem_config::snapshot::Policy::with_overrides(d.policy.as_ref(), o);
+                        let mut p = RuntimePolicy::build(&dest_key, &merged, &loads.budgets);
+                        p.source = std::sync::Arc::from(
+                            format!("HTTPRoute {} rule {}", r.route, r.rule).as_str(),
+                        );
+                        p
+                    })
+                })
+                .collect();
             let dest = Arc::new(Destination {
                 name: Name::from(d.name.as_str()),
                 protocol: d.protocol,
@@ -318,9 +337,11 @@ impl Routing {
                 routes: d.routes.clone(),
                 totals,
                 backends,
-                policy: d.policy.as_ref().map(|p| {
-                    RuntimePolicy::build(&format!("{}.{}", d.name, d.namespace), p, &loads.budgets)
-                }),
+                policy: d
+                    .policy
+                    .as_ref()
+                    .map(|p| RuntimePolicy::build(&dest_key, p, &loads.budgets)),
+                route_policies,
             });
             destinations.insert(
                 format!("{}.{}", d.name, d.namespace).into_boxed_str(),
