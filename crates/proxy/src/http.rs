@@ -236,7 +236,13 @@ async fn route_outbound(
             ))
         }
     };
-    let work = with_retries(proxy, &dest, backend, policy, &ctx, key, deadline, req);
+    let plan = Plan {
+        policy,
+        ctx,
+        key,
+        deadline,
+    };
+    let work = with_retries(proxy, &dest, backend, plan, req);
     match timeout {
         None => work.await,
         // Dropping the attempt in flight cancels it upstream too.
@@ -364,16 +370,28 @@ fn no_endpoint(backend: &Backend) -> Failed {
 /// upgrade) gets a single try. A retry goes to another endpoint when there
 /// is one, after a jittered backoff, and only while the destination's
 /// budget allows.
+/// How one request is to be tried: the policy in force, the context it
+/// came with, the ring-hash key and the deadline.
+struct Plan<'a> {
+    policy: Option<&'a crate::retry::RuntimePolicy>,
+    ctx: Ctx,
+    key: Option<u64>,
+    deadline: Option<Instant>,
+}
+
 async fn with_retries(
     proxy: &Arc<Proxy>,
     dest: &Arc<Destination>,
     backend: &Backend,
-    policy: Option<&crate::retry::RuntimePolicy>,
-    ctx: &Ctx,
-    key: Option<u64>,
-    deadline: Option<Instant>,
+    plan: Plan<'_>,
     mut req: Request<Body>,
 ) -> Result<(Response<Body>, Name), Failed> {
+    let Plan {
+        policy,
+        ctx,
+        key,
+        deadline,
+    } = plan;
     let name = backend.name.clone();
     let grpc = dest.protocol == Protocol::Grpc;
     // An outer sidecar already retries this request: one try here.

@@ -104,6 +104,7 @@ mod tests {
                 backend: 0,
                 weight: 1,
             }],
+            policy: None,
         }
     }
 
