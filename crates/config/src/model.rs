@@ -274,8 +274,8 @@ pub struct TrafficPolicySpec {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CircuitBreakerSpec {
-    /// Consecutive failures (5xx, connect failures, resets, timeouts) that
-    /// eject an endpoint (default 5; 0 = off).
+    /// Consecutive failures (5xx, connect failures, resets, mTLS failures)
+    /// that eject an endpoint (default 5; 0 = off).
     #[serde(default)]
     pub consecutive_errors: Option<Spanned<u32>>,
     /// Consecutive gateway errors (502, 503, 504, connect failures) that

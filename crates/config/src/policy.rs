@@ -351,10 +351,10 @@ pub fn rate_limit(
     diags: &mut Vec<Diagnostic>,
 ) -> RateLimit {
     let rps = rl.requests_per_second.value;
-    if !(rps > 0.0 && rps <= 1e6) {
+    if !(0.001..=1e6).contains(&rps) {
         diags.push(Diagnostic::at(
             &p.at(&rl.requests_per_second),
-            "requestsPerSecond must be above 0 (and at most 1000000)",
+            "requestsPerSecond must be between 0.001 and 1000000",
         ));
     }
     let burst = match &rl.burst {

@@ -84,7 +84,7 @@ pub async fn outbound(
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     // Shed load before doing any work for it.
-    let Ok(_permit) = proxy.limits.requests.try_acquire() else {
+    let Ok(_permit) = proxy.limits.outbound_requests.try_acquire() else {
         proxy.limits.request_rejected();
         let resp =
             MeshError::Overloaded.response("this sidecar is at its limit of requests in progress");
@@ -273,6 +273,10 @@ async fn route_outbound(
 /// headers): the time the original caller still waits, and whether an
 /// outer sidecar already retries this request.
 pub const CTX_DEADLINE: &str = "tandem-ctx-deadline-ms";
+/// The same deadline as Unix milliseconds, as the inbound sidecar hands it
+/// to its app: the app passes it on unchanged to its own sidecar on the same
+/// host (one clock), so the time the app spends is not given back.
+pub const CTX_DEADLINE_AT: &str = "tandem-ctx-deadline-at";
 pub const CTX_NO_RETRY: &str = "tandem-ctx-no-retry";
 
 #[derive(Clone, Copy, Default)]
@@ -289,6 +293,15 @@ impl Ctx {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(std::time::Duration::from_millis);
+        let at = headers
+            .get(CTX_DEADLINE_AT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|at| std::time::Duration::from_millis(at.saturating_sub(unix_ms()).max(1)));
+        let ms = match (ms, at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let grpc = headers
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
@@ -303,9 +316,27 @@ impl Ctx {
         }
     }
 
+    /// Hands the deadline to the local app in absolute form.
+    fn hand_to_app(&self, headers: &mut HeaderMap) {
+        headers.remove(CTX_DEADLINE);
+        if let Some(d) = self.deadline {
+            let at = unix_ms() + d.as_millis() as u64;
+            if let Ok(v) = HeaderValue::from_str(&at.to_string()) {
+                headers.insert(CTX_DEADLINE_AT, v);
+            }
+        }
+    }
+
     fn is_empty(&self) -> bool {
         self.deadline.is_none() && !self.no_retry
     }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n).
@@ -331,6 +362,7 @@ pub fn grpc_timeout(v: &str) -> Option<std::time::Duration> {
 /// retries, so that the next one does not.
 fn stamp(req: &mut Request<Body>, deadline: Option<Instant>, grpc: bool, retrying: bool) {
     let h = req.headers_mut();
+    h.remove(CTX_DEADLINE_AT);
     if let Some(d) = deadline {
         let left = d
             .saturating_duration_since(Instant::now())
@@ -346,7 +378,13 @@ fn stamp(req: &mut Request<Body>, deadline: Option<Instant>, grpc: bool, retryin
                 .and_then(grpc_timeout)
                 .is_none_or(|t| t.as_millis() as u64 > left);
             if sooner {
-                if let Ok(v) = HeaderValue::from_str(&format!("{left}m")) {
+                // At most 8 digits: milliseconds, or seconds beyond that.
+                let value = if left <= 99_999_999 {
+                    format!("{left}m")
+                } else {
+                    format!("{}S", (left / 1000).min(99_999_999))
+                };
+                if let Ok(v) = HeaderValue::from_str(&value) {
                     h.insert("grpc-timeout", v);
                 }
             }
@@ -395,9 +433,13 @@ async fn with_retries(
     let name = backend.name.clone();
     let grpc = dest.protocol == Protocol::Grpc;
     // An outer sidecar already retries this request: one try here.
-    let retry = policy
-        .and_then(|p| p.retry.as_ref())
-        .filter(|_| !ctx.no_retry);
+    let retry = policy.and_then(|p| p.retry.as_ref());
+    // An outer sidecar retrying this request means one try here (its
+    // per-try timeout still holds).
+    let retries = match retry {
+        Some(r) if !ctx.no_retry => r.attempts,
+        _ => 0,
+    };
     let Some(retry) = retry else {
         let Some(ep) = backend.pick_for(key) else {
             return Err(no_endpoint(backend));
@@ -410,7 +452,7 @@ async fn with_retries(
     };
     retry.budget.deposit();
     // With no retries (a per-try timeout alone) nothing is kept.
-    let replayable = retry.attempts > 0
+    let replayable = retries > 0
         && !is_upgrade(&req)
         && req
             .body()
@@ -434,16 +476,22 @@ async fn with_retries(
     } else {
         (None, None, Some(req))
     };
-    let attempts = if replay.is_some() {
-        retry.attempts + 1
-    } else {
-        1
-    };
+    let attempts = if replay.is_some() { retries + 1 } else { 1 };
     let mut tried: crate::retry::Tried = Vec::new();
     let mut last: Option<Result<Response<Body>, (MeshError, String)>> = None;
     let mut denied = false;
     for n in 0..attempts {
         if n > 0 {
+            let after = match &last {
+                Some(Ok(r)) => crate::retry::retry_after(r.headers()),
+                _ => None,
+            };
+            let wait = retry.backoff(n, after);
+            // A retry that could not start before the deadline is not made:
+            // the caller gets the last answer now.
+            if deadline.is_some_and(|d| Instant::now() + wait >= d) {
+                break;
+            }
             if !retry.budget.withdraw() {
                 denied = true;
                 break;
@@ -456,11 +504,7 @@ async fn with_retries(
                     dst_service: dest.name.clone(),
                 })
                 .inc();
-            let after = match &last {
-                Some(Ok(r)) => crate::retry::retry_after(r.headers()),
-                _ => None,
-            };
-            tokio::time::sleep(retry.backoff(n, after)).await;
+            tokio::time::sleep(wait).await;
         }
         let picked = if tried.is_empty() {
             backend.pick_for(key)
@@ -519,7 +563,7 @@ async fn with_retries(
             );
             Ok((r, name))
         }
-        Some(Err((MeshError::Timeout, d))) => Err((
+        Some(Err((MeshError::Timeout, d))) if !denied => Err((
             MeshError::Timeout,
             format!("{d} (after {tries} tries)"),
             name,
@@ -701,7 +745,7 @@ pub async fn inbound(
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
-    let Ok(_permit) = proxy.limits.requests.try_acquire() else {
+    let Ok(_permit) = proxy.limits.inbound_requests.try_acquire() else {
         proxy.limits.request_rejected();
         let resp =
             MeshError::Overloaded.response("this sidecar is at its limit of requests in progress");
@@ -757,7 +801,9 @@ pub async fn inbound(
         Some(protocol) => {
             // The caller's deadline holds here too: when it passes, the
             // app's request is cancelled (its connection closed).
-            let deadline = Ctx::of(req.headers()).deadline;
+            let ctx = Ctx::of(req.headers());
+            let deadline = ctx.deadline;
+            ctx.hand_to_app(req.headers_mut());
             let work = forward(
                 &proxy,
                 req.map(Either::Left),
@@ -1024,6 +1070,16 @@ mod tests {
         let c = Ctx::of(&h);
         assert_eq!(c.deadline, Some(Duration::from_millis(500)));
         assert!(!c.no_retry);
+        // Handed to the app as an absolute time, read back by its sidecar.
+        let mut app = HeaderMap::new();
+        Ctx {
+            deadline: Some(Duration::from_millis(400)),
+            no_retry: false,
+        }
+        .hand_to_app(&mut app);
+        assert!(app.get(CTX_DEADLINE).is_none());
+        let back = Ctx::of(&app).deadline.expect("deadline");
+        assert!(back <= Duration::from_millis(400) && back >= Duration::from_millis(350));
         let mut req = Request::new(Either::Right(
             http_body_util::Full::new(bytes::Bytes::new()),
         ));

@@ -48,6 +48,20 @@ impl OutlierState {
         if outcome == Outcome::Success {
             self.errors.store(0, Ordering::Release);
             self.gateway_errors.store(0, Ordering::Release);
+            // A healthy stretch as long as one base ejection after the last
+            // one brings the next ejection's length down a step.
+            if self.ejections.load(Ordering::Acquire) > 0 {
+                let until = self.ejected_until_ms.load(Ordering::Acquire);
+                if now > until.saturating_add(cb.base_ejection_ms) {
+                    let _ = self
+                        .ejections
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                            Some(n.saturating_sub(1))
+                        });
+                    // The next step down needs another full stretch.
+                    self.ejected_until_ms.store(now, Ordering::Release);
+                }
+            }
             return false;
         }
         let last = self.last_failure_ms.swap(now, Ordering::AcqRel);

@@ -61,7 +61,9 @@ impl Limiter {
             b.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - b.tokens) / self.rate))
+            Err(Duration::from_secs_f64(
+                ((1.0 - b.tokens) / self.rate.max(1e-3)).min(86_400.0),
+            ))
         }
     }
 }

@@ -143,14 +143,15 @@ impl Backend {
             }
             Lb::LeastRequest => {
                 let now = now_ms();
-                p2c(n, |i| {
+                let i = p2c(n, |i| {
                     let l = &self.endpoints[i].load;
                     if l.outlier.is_ejected(now) {
                         f64::INFINITY
                     } else {
                         l.pending() as f64
                     }
-                })?
+                })?;
+                return self.unless_ejected(i, &[]);
             }
             Lb::RingHash(ring) => match key {
                 None => return self.pick(),
@@ -204,7 +205,28 @@ impl Backend {
     pub fn pick(&self) -> Option<&Endpoint> {
         let now = tokio::time::Instant::now();
         let i = p2c(self.endpoints.len(), |i| self.endpoints[i].load.cost(now))?;
-        self.endpoints.get(i)
+        self.unless_ejected(i, &[])
+    }
+
+    /// Endpoint `i`, unless outlier detection ejected it and another (not
+    /// in `tried`) is in: then a power-of-two pick among those. Both random
+    /// candidates of a pick can be ejected; this keeps them out anyway.
+    fn unless_ejected(&self, i: usize, tried: &[SocketAddr]) -> Option<&Endpoint> {
+        let ep = self.endpoints.get(i)?;
+        let now = now_ms();
+        if !ep.load.outlier.is_ejected(now) {
+            return Some(ep);
+        }
+        let live: Vec<&Endpoint> = self
+            .endpoints
+            .iter()
+            .filter(|e| !e.load.outlier.is_ejected(now) && !tried.contains(&e.addr()))
+            .collect();
+        let t = tokio::time::Instant::now();
+        match p2c(live.len(), |j| live[j].load.cost(t)) {
+            Some(j) => live.get(j).copied(),
+            None => Some(ep),
+        }
     }
 
     /// A pick that avoids the endpoints already tried when others exist.
@@ -219,7 +241,9 @@ impl Backend {
             .filter(|e| !tried.contains(&e.addr()))
             .collect();
         let i = p2c(fresh.len(), |i| fresh[i].load.cost(now))?;
-        fresh.get(i).copied()
+        let ep = fresh.get(i).copied()?;
+        let pos = self.endpoints.iter().position(|e| e.addr() == ep.addr())?;
+        self.unless_ejected(pos, tried)
     }
 }
 
@@ -438,6 +462,35 @@ mod tests {
             }],
             unknown: vec!["ghost".into()],
             trust: None,
+        }
+    }
+
+    #[test]
+    fn ejected_endpoints_are_never_picked_while_others_are_in() {
+        let mut s = snapshot("127.0.0.1:9");
+        let eps = &mut s.destinations[0].backends[0].endpoints;
+        for port in [10, 11] {
+            let mut e = eps[0].clone();
+            e.address = format!("127.0.0.1:{port}");
+            eps.push(e);
+        }
+        let r = Routing::build(1, s, &LoadCache::default()).expect("build");
+        let b = &r.destination("api").expect("api").backends[0];
+        let cb = CircuitBreaker {
+            consecutive_errors: 1,
+            consecutive_gateway_errors: 0,
+            interval_ms: 1000,
+            base_ejection_ms: 60_000,
+            max_ejection_percent: 100,
+            max_requests: None,
+        };
+        for e in &b.endpoints[..2] {
+            e.load.outlier.eject(&cb, now_ms());
+        }
+        let live = b.endpoints[2].addr();
+        for _ in 0..200 {
+            assert_eq!(b.pick().map(|e| e.addr()), Some(live));
+            assert_eq!(b.pick_for(None).map(|e| e.addr()), Some(live));
         }
     }
 
