@@ -93,10 +93,6 @@ impl Ca {
         }
     }
 
-    pub fn trust_domain(&self) -> String {
-        self.authority().trust_domain().to_string()
-    }
-
     pub fn trust(&self) -> Trust {
         let a = self.authority();
         Trust {
@@ -350,7 +346,7 @@ impl Identity for IdentityService {
             (issued, a.bundle())
         };
         let leaf = &issued.chain[0];
-        let serial = serial_of(leaf);
+        let serial = tandem_identity::tls::serial(leaf);
         if !req.instance.is_empty() {
             self.mesh.set_certificate(
                 &claims.ns,
@@ -375,11 +371,4 @@ impl Identity for IdentityService {
             signer: issued.signer,
         }))
     }
-}
-
-pub fn serial_of(der: &[u8]) -> String {
-    use x509_parser::prelude::{FromDer, X509Certificate};
-    X509Certificate::from_der(der)
-        .map(|(_, c)| c.raw_serial_as_string())
-        .unwrap_or_default()
 }

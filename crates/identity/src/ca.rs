@@ -28,7 +28,7 @@ use crate::token::{Claims, TokenError, TokenKey};
 pub const DEFAULT_TRUST_DOMAIN: &str = "tandem.local";
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Leaves start a minute in the past, for clocks that are slightly behind.
-const BACKDATE: Duration = Duration::from_secs(60);
+pub const BACKDATE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
@@ -265,12 +265,6 @@ impl Authority {
             roots,
             token_key: TokenKey::from_bytes(secret.trim().as_bytes()),
         })
-    }
-
-    /// Re-reads the state from disk (after another process rotated).
-    pub fn reload(&mut self) -> Result<(), CaError> {
-        *self = Self::load(&self.dir)?;
-        Ok(())
     }
 
     pub fn trust_domain(&self) -> &str {

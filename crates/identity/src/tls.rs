@@ -34,7 +34,10 @@ pub fn provider() -> Arc<CryptoProvider> {
 pub struct Leaf {
     pub key: Arc<CertifiedKey>,
     pub id: SpiffeId,
+    /// When it was issued (its notBefore, which the CA backdates).
+    pub issued_at: SystemTime,
     pub not_after: SystemTime,
+    pub serial: String,
     /// Root id that signed it.
     pub signer: String,
 }
@@ -125,12 +128,17 @@ impl TlsIdentity {
             UnixTime::now(),
             self.provider.signature_verification_algorithms.all,
         )?;
-        let not_after = not_after(leaf_der).ok_or(Error::General("no validity".into()))?;
+        let (not_before, not_after) =
+            validity(leaf_der).ok_or(Error::General("no validity".into()))?;
+        let issued_at = not_before + crate::ca::BACKDATE;
+        let serial = serial(leaf_der);
         let key = CertifiedKey::from_der(chain, key, &self.provider)?;
         let leaf = Arc::new(Leaf {
             key: Arc::new(key),
             id,
+            issued_at,
             not_after,
+            serial,
             signer,
         });
         self.leaf.store(Some(leaf.clone()));
@@ -301,11 +309,24 @@ fn expected_id(trust_domain: &str, name: &ServerName<'_>) -> Option<SpiffeId> {
     (valid_label(svc) && valid_label(ns)).then(|| SpiffeId::new(trust_domain, ns, svc))
 }
 
-pub fn not_after(der: &[u8]) -> Option<SystemTime> {
+/// `(notBefore, notAfter)` of a certificate.
+pub fn validity(der: &[u8]) -> Option<(SystemTime, SystemTime)> {
     use x509_parser::prelude::{FromDer, X509Certificate};
     let (_, c) = X509Certificate::from_der(der).ok()?;
-    let t = c.validity().not_after.timestamp();
-    Some(UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64))
+    let at = |t: i64| UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64);
+    Some((
+        at(c.validity().not_before.timestamp()),
+        at(c.validity().not_after.timestamp()),
+    ))
+}
+
+/// A certificate's serial number, as `aa:bb:...` (empty if it does not
+/// parse).
+pub fn serial(der: &[u8]) -> String {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    X509Certificate::from_der(der)
+        .map(|(_, c)| c.raw_serial_as_string())
+        .unwrap_or_default()
 }
 
 // The handshake-signature part of every verifier here: TLS 1.3 only.

@@ -77,7 +77,7 @@ async fn session(
             spiffe_id: l.id.uri(),
             not_after: l.not_after_unix(),
             signer: l.signer.clone(),
-            serial: crate::identity::serial_of(&l.key.cert[0]),
+            serial: l.serial.clone(),
         }),
     };
     tx.send(msg(proxy_message::Kind::Hello(hello))).await?;

@@ -85,18 +85,14 @@ pub async fn outbound(
     let start = Instant::now();
     // Shed load before doing any work for it.
     let Ok(_permit) = proxy.limits.outbound_requests.try_acquire() else {
-        proxy.limits.request_rejected();
-        let resp =
-            MeshError::Overloaded.response("this sidecar is at its limit of requests in progress");
-        record(
+        let src = proxy.service.clone();
+        return Ok(overloaded(
             &proxy,
             Direction::outbound,
-            proxy.service.clone(),
+            src,
             proxy.unknown.clone(),
-            &resp,
             start,
-        );
-        return Ok(resp);
+        ));
     };
     let (resp, dst) = match route_outbound(&proxy, &target, req).await {
         Ok(r) => r,
@@ -432,7 +428,6 @@ async fn with_retries(
     } = plan;
     let name = backend.name.clone();
     let grpc = dest.protocol == Protocol::Grpc;
-    // An outer sidecar already retries this request: one try here.
     let retry = policy.and_then(|p| p.retry.as_ref());
     // An outer sidecar retrying this request means one try here (its
     // per-try timeout still holds).
@@ -746,22 +741,17 @@ pub async fn inbound(
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let Ok(_permit) = proxy.limits.inbound_requests.try_acquire() else {
-        proxy.limits.request_rejected();
-        let resp =
-            MeshError::Overloaded.response("this sidecar is at its limit of requests in progress");
         let src = peer
             .as_ref()
             .map(|p| p.service.clone())
             .unwrap_or_else(|| proxy.unknown.clone());
-        record(
+        return Ok(overloaded(
             &proxy,
             Direction::inbound,
             src,
             proxy.service.clone(),
-            &resp,
             start,
-        );
-        return Ok(resp);
+        ));
     };
     let headers = req.headers_mut();
     headers.remove(CLIENT_ID_HEADER);
@@ -837,6 +827,21 @@ pub async fn inbound(
         start,
     );
     Ok(resp)
+}
+
+/// The answer to a request shed at the sidecar's request limit (counted).
+fn overloaded(
+    proxy: &Proxy,
+    direction: Direction,
+    src: Name,
+    dst: Name,
+    start: Instant,
+) -> Response<Body> {
+    proxy.limits.request_rejected();
+    let resp =
+        MeshError::Overloaded.response("this sidecar is at its limit of requests in progress");
+    record(proxy, direction, src, dst, &resp, start);
+    resp
 }
 
 fn record(

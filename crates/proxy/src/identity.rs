@@ -148,10 +148,6 @@ impl Identity {
         &self.token
     }
 
-    pub fn control(&self) -> &str {
-        &self.control
-    }
-
     /// A channel to the control plane, verified against the bundle.
     pub async fn control_channel(&self) -> anyhow::Result<Channel> {
         channel(&self.control, self.tls.client_config_anonymous(&[ALPN_H2])).await
@@ -253,10 +249,9 @@ pub async fn keep_fresh(proxy: Arc<crate::Proxy>, mut stop: tokio::sync::watch::
         let now = SystemTime::now();
         let life = leaf
             .not_after
-            .duration_since(issued_at(&leaf.key.cert[0]).unwrap_or(now))
+            .duration_since(leaf.issued_at)
             .unwrap_or(Duration::from_secs(60));
-        let renew_at = issued_at(&leaf.key.cert[0]).unwrap_or(now)
-            + life.mul_f64(0.65 + fastrand::f64() * 0.1);
+        let renew_at = leaf.issued_at + life.mul_f64(0.65 + fastrand::f64() * 0.1);
         let wait = renew_at.duration_since(now).unwrap_or(Duration::ZERO);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
@@ -300,19 +295,4 @@ pub async fn keep_fresh(proxy: Arc<crate::Proxy>, mut stop: tokio::sync::watch::
             }
         }
     }
-}
-
-fn issued_at(der: &[u8]) -> Option<SystemTime> {
-    use x509_parser::prelude::{FromDer, X509Certificate};
-    let (_, c) = X509Certificate::from_der(der).ok()?;
-    let t = c.validity().not_before.timestamp();
-    // Certificates are backdated a minute for clock skew.
-    Some(SystemTime::UNIX_EPOCH + Duration::from_secs((t.max(0) as u64) + 60))
-}
-
-pub fn serial_of(der: &[u8]) -> String {
-    use x509_parser::prelude::{FromDer, X509Certificate};
-    X509Certificate::from_der(der)
-        .map(|(_, c)| c.raw_serial_as_string())
-        .unwrap_or_default()
 }

@@ -4,8 +4,8 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use http::{HeaderMap, StatusCode};
 use tandem_config::snapshot::{Policy, RetryOn};
@@ -174,9 +174,8 @@ struct Bucket {
 }
 
 fn now_secs() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
     // +1 so that second 0 never matches a fresh bucket's 0.
-    START.get_or_init(Instant::now).elapsed().as_secs() + 1
+    crate::outlier::now_ms() / 1000 + 1
 }
 
 impl RetryBudget {
