@@ -12,7 +12,8 @@
 //!   with status C, then answers with the attempt number and a hash of the
 //!   body (for retry tests);
 //! - `/ws` — WebSocket echo;
-//! - gRPC `tandem.v1.Echo` (unary and server-streaming).
+//! - gRPC `tandem.v1.Echo` (unary and server-streaming); a unary message
+//!   `flaky:KEY:N:...` fails the first N calls of KEY with UNAVAILABLE.
 //!
 //! Knobs: added latency, failure rate, and a load generator (`--rps`).
 //! `--tcp-echo ADDR` adds a raw TCP echo listener.
@@ -91,6 +92,7 @@ pub async fn run(
     let client = Client::builder(TokioExecutor::new()).build(connector);
     let grpc = tonic::service::Routes::new(EchoServer::new(EchoService {
         instance: cfg.instance.clone(),
+        flaky: Default::default(),
     }));
     let app = Arc::new(App {
         cfg,
@@ -342,6 +344,8 @@ fn websocket(mut req: Request<Incoming>) -> Response<Body> {
 
 struct EchoService {
     instance: String,
+    /// Calls seen per `flaky:` key.
+    flaky: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
 
 #[tonic::async_trait]
@@ -351,6 +355,28 @@ impl Echo for EchoService {
         request: tonic::Request<EchoRequest>,
     ) -> Result<tonic::Response<EchoReply>, tonic::Status> {
         let m = request.into_inner().message;
+        // `flaky:KEY:N:...`: the first N calls of KEY fail with UNAVAILABLE;
+        // later ones echo the message with the call's number.
+        if let Some(rest) = m.strip_prefix("flaky:") {
+            let mut parts = rest.splitn(3, ':');
+            let key = parts.next().unwrap_or_default().to_string();
+            let fails: u32 = parts.next().and_then(|n| n.parse().ok()).unwrap_or(1);
+            let n = {
+                let mut seen = self.flaky.lock().unwrap_or_else(|p| p.into_inner());
+                let n = seen.entry(key).or_insert(0);
+                *n += 1;
+                *n
+            };
+            if n <= fails {
+                return Err(tonic::Status::unavailable(format!(
+                    "call {n} fails on purpose"
+                )));
+            }
+            return Ok(tonic::Response::new(EchoReply {
+                message: format!("call {n}: {m}"),
+                served_by: self.instance.clone(),
+            }));
+        }
         if let Some(reason) = m.strip_prefix("fail:") {
             // The status travels in the trailers; the caller seeing it proves
             // trailers crossed every hop.

@@ -175,6 +175,100 @@ fn small_bodies_are_replayed_large_ones_never() {
         (Some(1), Some(1 << 20))
     );
     assert_eq!(retries(&client), 1.0);
+    // Without a length (chunked), the body streams to the first try while
+    // a copy is kept: a small one is replayed byte for byte ...
+    let chunked = ["-H", "Expect:", "-H", "Transfer-Encoding: chunked"];
+    let data = format!("@{}", small_file.display());
+    let mut args = chunked.to_vec();
+    args.extend(["--data-binary", data.as_str()]);
+    let (head, body) = via_client(&client, "/flaky?key=small-chunked&fails=1", &args);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["attempt"], 2, "{v}");
+    assert_eq!(v["body_len"], small.len(), "{v}");
+    assert_eq!(v["body_fnv1a"], fnv(&small), "{v}");
+    assert_eq!(retries(&client), 2.0);
+    // ... and one that outgrows the copy is not retried.
+    let data = format!("@{}", big_file.display());
+    let mut args = chunked.to_vec();
+    args.extend(["--data-binary", data.as_str()]);
+    let (head, body) = via_client(&client, "/flaky?key=big-chunked&fails=1", &args);
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}\n{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (v["attempt"].as_u64(), v["body_len"].as_u64()),
+        (Some(1), Some(1 << 20))
+    );
+    assert_eq!(retries(&client), 2.0);
+}
+
+/// gRPC clients send no `content-length`: the call's body is kept while it
+/// streams, so a call failing with UNAVAILABLE is retried.
+#[test]
+fn grpc_calls_are_retried() {
+    use tandem_api::v1::echo_client::EchoClient;
+    use tandem_api::v1::EchoRequest;
+    let mut config = common::config();
+    config.push_str(&policy(
+        "grpc-echo",
+        "  retry: {attempts: 2, on: [unavailable]}\n",
+    ));
+    let mesh = Mesh::start(&config);
+    let _grpc = mesh.instance("grpc-echo", "grpc-echo-1", &[], &[]);
+    let client = mesh.instance_with_upstreams("client", "client-1", &[], &[], &["grpc-echo"]);
+    let grpc_retries = || {
+        metric(
+            &client.metrics(),
+            r#"tandem_retries_total{src_service="client",dst_service="grpc-echo"}"#,
+        )
+        .unwrap_or(0.0)
+    };
+    let payload: String = (0..8192u32)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    tandem_e2e::rt().block_on(async {
+        let mut c = EchoClient::connect(format!("http://{}", client.upstream("grpc-echo")))
+            .await
+            .unwrap();
+        // Fails once, then the second call gets the very same message.
+        let m = format!("flaky:once:1:{payload}");
+        let r = c
+            .unary(EchoRequest {
+                message: m.clone(),
+                count: 0,
+            })
+            .await
+            .unwrap();
+        assert_eq!(r.get_ref().message, format!("call 2: {m}"));
+        // Failing every time: three calls, then the last status, flagged.
+        let e = c
+            .unary(EchoRequest {
+                message: "flaky:always:9:x".into(),
+                count: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+        assert_eq!(e.message(), "call 3 fails on purpose");
+        assert_eq!(
+            e.metadata()
+                .get("tandem-error")
+                .and_then(|v| v.to_str().ok()),
+            Some("retry-limit-exhausted")
+        );
+        // A message larger than the 64 KiB copy gets one call.
+        let big: String = payload.repeat(10);
+        let e = c
+            .unary(EchoRequest {
+                message: format!("flaky:big:1:{big}"),
+                count: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+        assert_eq!(e.message(), "call 1 fails on purpose");
+    });
+    assert_eq!(grpc_retries(), 3.0);
 }
 
 #[test]
@@ -350,7 +444,21 @@ fn the_callers_deadline_travels_and_is_kept() {
         "{took:?}"
     );
     std::thread::sleep(Duration::from_millis(3500).saturating_sub(start.elapsed()));
-    assert_eq!(inbound_from(&orders, "web"), 0.0, "{}", orders.metrics());
+    // Orders' sidecar either saw the call cancelled (nothing recorded) or
+    // stopped it itself at the deadline it was given; the app never
+    // answered it.
+    let answered: f64 = orders
+        .metrics()
+        .lines()
+        .filter(|l| {
+            l.starts_with("tandem_requests_total{")
+                && l.contains(r#"direction="inbound""#)
+                && l.contains(r#"src_service="web""#)
+                && !l.contains(r#"tandem_error="upstream-timeout""#)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(answered, 0.0, "{}", orders.metrics());
     let _ = web;
 }
 

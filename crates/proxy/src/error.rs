@@ -2,12 +2,70 @@
 //! `tandem-error` header (and in the `tandem_error` metric label), so a
 //! caller can always tell a mesh failure from an application's answer.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
-use http_body_util::{Either, Full};
+use http_body::{Frame, SizeHint};
+use http_body_util::Full;
 use hyper::body::Incoming;
 
-pub type Body = Either<Incoming, Full<Bytes>>;
+use crate::replay::Replay;
+
+/// Every body the proxy sends: one streamed from a peer, one it made, or a
+/// request body that a retry may send again.
+pub enum Body {
+    Stream(Incoming),
+    Full(Full<Bytes>),
+    Replay(Replay),
+}
+
+impl From<Incoming> for Body {
+    fn from(b: Incoming) -> Self {
+        Body::Stream(b)
+    }
+}
+
+impl Body {
+    pub fn full(b: impl Into<Bytes>) -> Self {
+        Body::Full(Full::new(b.into()))
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Body::Stream(b) => Pin::new(b).poll_frame(cx),
+            Body::Replay(b) => Pin::new(b).poll_frame(cx),
+            Body::Full(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(|never| match never {}))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Stream(b) => b.is_end_stream(),
+            Body::Full(b) => b.is_end_stream(),
+            Body::Replay(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Stream(b) => b.size_hint(),
+            Body::Full(b) => b.size_hint(),
+            Body::Replay(b) => b.size_hint(),
+        }
+    }
+}
 
 pub const ERROR_HEADER: &str = "tandem-error";
 
@@ -122,7 +180,7 @@ impl MeshError {
     /// The response sent to the caller; `detail` goes into the body.
     pub fn response(self, detail: &str) -> Response<Body> {
         let body = format!("tandem: {}: {detail}\n", self.reason());
-        let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body))));
+        let mut resp = Response::new(Body::full(body));
         *resp.status_mut() = self.status();
         let h = resp.headers_mut();
         h.insert(ERROR_HEADER, HeaderValue::from_static(self.reason()));

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use http::header::{HeaderName, CONNECTION, HOST, UPGRADE};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version};
-use http_body_util::{BodyExt, Either};
 use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
@@ -22,6 +21,7 @@ use tokio::time::Instant;
 use crate::error::{Body, MeshError};
 use crate::metrics::{Direction, Name, RequestLabels};
 use crate::outlier::Outcome;
+use crate::replay::{Replay, REPLAY_LIMIT};
 use crate::route::{pick_weighted, select, RequestView};
 use crate::state::{Backend, Destination, Endpoint};
 use crate::transport::Connector;
@@ -193,7 +193,6 @@ async fn route_outbound(
         ));
     };
     let name = backend.name.clone();
-    let req = req.map(Either::Left);
     let ctx = Ctx::of(req.headers());
     let key = policy
         .and_then(|p| p.hash_header.as_ref())
@@ -204,7 +203,7 @@ async fn route_outbound(
         let Some(ep) = backend.pick() else {
             return Err(no_endpoint(backend));
         };
-        return try_endpoint(proxy, &dest, backend, ep, req)
+        return try_endpoint(proxy, &dest, backend, ep, req.map(Body::Stream))
             .await
             .map(|r| (r, name.clone()))
             .map_err(|(e, d)| (e, d, name));
@@ -399,11 +398,6 @@ fn no_endpoint(backend: &Backend) -> Failed {
     )
 }
 
-/// The attempts of one request under a retry policy: a body that fits the
-/// replay buffer is kept and sent again; a larger or streaming one (or an
-/// upgrade) gets a single try. A retry goes to another endpoint when there
-/// is one, after a jittered backoff, and only while the destination's
-/// budget allows.
 /// How one request is to be tried: the policy in force, the context it
 /// came with, the ring-hash key and the deadline.
 struct Plan<'a> {
@@ -413,12 +407,18 @@ struct Plan<'a> {
     deadline: Option<Instant>,
 }
 
+/// The attempts of one request under a retry policy. The body streams to
+/// the first try while a copy of up to 64 KiB is kept ([`Replay`]); a retry
+/// sends the copy and the rest. A body that outgrows the copy, one declared
+/// larger, and an upgrade get a single try. A retry goes to another
+/// endpoint when there is one, after a jittered backoff, and only while the
+/// destination's budget allows.
 async fn with_retries(
     proxy: &Arc<Proxy>,
     dest: &Arc<Destination>,
     backend: &Backend,
     plan: Plan<'_>,
-    mut req: Request<Body>,
+    req: Request<Incoming>,
 ) -> Result<(Response<Body>, Name), Failed> {
     let Plan {
         policy,
@@ -439,6 +439,7 @@ async fn with_retries(
         let Some(ep) = backend.pick_for(key) else {
             return Err(no_endpoint(backend));
         };
+        let mut req = req.map(Body::Stream);
         stamp(&mut req, deadline, grpc, false);
         return try_endpoint(proxy, dest, backend, ep, req)
             .await
@@ -452,26 +453,17 @@ async fn with_retries(
         && req
             .body()
             .size_hint()
-            .exact()
-            .is_some_and(|n| n <= crate::retry::REPLAY_LIMIT);
-    let (parts, replay, mut once) = if replayable {
+            .upper()
+            .is_none_or(|n| n <= REPLAY_LIMIT as u64);
+    let (attempts, parts, handle, mut next) = if replayable {
         let (parts, body) = req.into_parts();
-        let bytes = http_body_util::Limited::new(body, crate::retry::REPLAY_LIMIT as usize)
-            .collect()
-            .await
-            .map_err(|e| {
-                (
-                    MeshError::BadRequest,
-                    format!("the request body could not be read: {e}"),
-                    name.clone(),
-                )
-            })?
-            .to_bytes();
-        (Some(parts), Some(bytes), None)
+        let first = Replay::new(body);
+        let handle = first.handle();
+        let req = rebuild(&parts, Body::Replay(first));
+        (retries + 1, Some(parts), Some(handle), Some(req))
     } else {
-        (None, None, Some(req))
+        (1, None, None, Some(req.map(Body::Stream)))
     };
-    let attempts = if replay.is_some() { retries + 1 } else { 1 };
     let mut tried: crate::retry::Tried = Vec::new();
     let mut last: Option<Result<Response<Body>, (MeshError, String)>> = None;
     let mut denied = false;
@@ -510,12 +502,8 @@ async fn with_retries(
             return Err(no_endpoint(backend));
         };
         tried.push(ep.addr());
-        let mut req = match (&parts, &replay) {
-            (Some(parts), Some(bytes)) => rebuild(parts, bytes.clone()),
-            _ => match once.take() {
-                Some(r) => r,
-                None => break,
-            },
+        let Some(mut req) = next.take() else {
+            break;
         };
         stamp(&mut req, deadline, grpc, attempts > 1);
         let attempt = try_endpoint(proxy, dest, backend, ep, req);
@@ -540,6 +528,20 @@ async fn with_retries(
             return result
                 .map(|r| (r, name.clone()))
                 .map_err(|(e, d)| (e, d, name));
+        }
+        if n + 1 < attempts {
+            next = match (&parts, &handle) {
+                (Some(parts), Some(h)) => {
+                    h.next_try().await.map(|b| rebuild(parts, Body::Replay(b)))
+                }
+                _ => None,
+            };
+            // The body outgrew the copy: the answer stands as it is.
+            if next.is_none() {
+                return result
+                    .map(|r| (r, name.clone()))
+                    .map_err(|(e, d)| (e, d, name));
+            }
         }
         last = Some(result);
     }
@@ -572,8 +574,8 @@ async fn with_retries(
     }
 }
 
-fn rebuild(parts: &http::request::Parts, body: bytes::Bytes) -> Request<Body> {
-    let mut r = Request::new(Either::Right(http_body_util::Full::new(body)));
+fn rebuild(parts: &http::request::Parts, body: Body) -> Request<Body> {
+    let mut r = Request::new(body);
     *r.method_mut() = parts.method.clone();
     *r.uri_mut() = parts.uri.clone();
     *r.version_mut() = parts.version;
@@ -796,7 +798,7 @@ pub async fn inbound(
             ctx.hand_to_app(req.headers_mut());
             let work = forward(
                 &proxy,
-                req.map(Either::Left),
+                req.map(Body::Stream),
                 &proxy.app_authority,
                 Scheme::HTTP,
                 protocol,
@@ -1025,7 +1027,7 @@ async fn forward(
             }
         });
     }
-    Ok(resp.map(Either::Left))
+    Ok(resp.map(Body::Stream))
 }
 
 /// The TLS failure behind an error, as a metric reason, if there is one.
@@ -1085,9 +1087,7 @@ mod tests {
         assert!(app.get(CTX_DEADLINE).is_none());
         let back = Ctx::of(&app).deadline.expect("deadline");
         assert!(back <= Duration::from_millis(400) && back >= Duration::from_millis(350));
-        let mut req = Request::new(Either::Right(
-            http_body_util::Full::new(bytes::Bytes::new()),
-        ));
+        let mut req = Request::new(Body::full(bytes::Bytes::new()));
         stamp(
             &mut req,
             Some(Instant::now() + Duration::from_millis(300)),

@@ -20,6 +20,7 @@ pub mod identity;
 pub mod metrics;
 pub mod outlier;
 pub mod ratelimit;
+pub mod replay;
 pub mod retry;
 pub mod route;
 pub mod state;

@@ -12,9 +12,6 @@ use tandem_config::snapshot::{Policy, RetryOn};
 
 use crate::error::MeshError;
 
-/// Bodies up to this size are kept for replay; larger or streaming bodies
-/// are never retried.
-pub const REPLAY_LIMIT: u64 = 64 * 1024;
 /// Longest `Retry-After` honoured.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// The window the budget looks back over.
