@@ -603,6 +603,64 @@ fn a_caller_over_its_rate_gets_429_and_others_do_not() {
     ));
 }
 
+/// A request counts against `--max-requests` until its response body has
+/// been sent, not only until the response headers.
+#[test]
+fn a_streaming_response_keeps_its_place_until_it_ends() {
+    use std::io::{Read, Write};
+    let mesh = Mesh::start(&common::config());
+    let _web = mesh.instance("web", "web-1", &[], &[]);
+    let client = mesh.instance("client", "client-1", &[], &["--max-requests", "2"]);
+    // Two echo requests whose bodies (and so their answers) are still going.
+    let open = |n: usize| {
+        let mut s = std::net::TcpStream::connect(client.http_proxy).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "POST http://web/echo HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+        )
+        .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !String::from_utf8_lossy(&got).contains("hello") {
+            let k = s.read(&mut buf).unwrap();
+            assert!(
+                k > 0,
+                "stream {n} closed: {}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..k]);
+        }
+        assert!(
+            got.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+        s
+    };
+    let mut streams = vec![open(1), open(2)];
+    // Their headers are long sent, yet a third request is shed.
+    let third = http_get(client.http_proxy, "web", "/headers");
+    assert_eq!(third.as_ref().map(|r| r.0), Some(503), "{third:?}");
+    assert!(third.unwrap().1.contains("overloaded"));
+    // Once they end, there is room again.
+    for s in &mut streams {
+        s.write_all(b"0\r\n\r\n").unwrap();
+        let mut rest = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !rest.ends_with(b"0\r\n\r\n") {
+            let k = s.read(&mut buf).unwrap();
+            assert!(k > 0);
+            rest.extend_from_slice(&buf[..k]);
+        }
+    }
+    wait_for(
+        "room after the streams ended",
+        Duration::from_secs(5),
+        || (http_get(client.http_proxy, "web", "/headers").map(|r| r.0) == Some(200)).then_some(()),
+    );
+}
+
 #[test]
 fn overload_is_shed_and_memory_stays_bounded() {
     let mesh = Mesh::start(&common::config());
@@ -686,6 +744,37 @@ fn ejections(client: &Instance) -> f64 {
         .filter(|l| l.starts_with("tandem_outlier_ejections_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// An endpoint that never answers in time is ejected like one that fails:
+/// tries cut off by the per-try timeout count as gateway errors.
+#[test]
+fn tries_that_time_out_count_towards_ejection() {
+    let mut config = common::config();
+    config.push_str(&policy(
+        "web",
+        "  loadBalancer: {type: round-robin}\n  retry: {attempts: 1, on: [gateway-error], perTryTimeout: 300ms}\n  circuitBreaker: {consecutiveGatewayErrors: 2, baseEjectionTime: 30s, maxEjectionPercent: 50}\n",
+    ));
+    let mesh = Mesh::start(&config);
+    let _good = mesh.instance("web", "web-good", &[], &[]);
+    let _stuck = mesh.instance("web", "web-stuck", &["--latency", "5s"], &[]);
+    let client = mesh.instance("client", "client-1", &[], &[]);
+    wait_for("both endpoints known", Duration::from_secs(10), || {
+        let _ = http_get(client.http_proxy, "web", "/headers");
+        (client.endpoints("web", "web").map(|e| e.len()) == Some(2)).then_some(())
+    });
+    // Every request succeeds (a timed-out try is retried on the other);
+    // the second timeout in a row ejects the stuck one.
+    assert_eq!(failures(&client, 6), 0);
+    assert_eq!(ejections(&client), 1.0);
+    // From then on nothing waits for it.
+    let start = Instant::now();
+    assert_eq!(failures(&client, 10), 0);
+    assert!(
+        start.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        start.elapsed()
+    );
 }
 
 #[test]

@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tandem_config::snapshot::Protocol;
 use tokio::time::Instant;
 
-use crate::error::{Body, MeshError};
+use crate::error::{Body, MeshError, Served};
 use crate::metrics::{Direction, Name, RequestLabels};
 use crate::outlier::Outcome;
 use crate::replay::{Replay, REPLAY_LIMIT};
@@ -81,10 +81,10 @@ pub async fn outbound(
     proxy: Arc<Proxy>,
     target: Outbound,
     req: Request<Incoming>,
-) -> Result<Response<Body>, Infallible> {
+) -> Result<Response<Served>, Infallible> {
     let start = Instant::now();
     // Shed load before doing any work for it.
-    let Ok(_permit) = proxy.limits.outbound_requests.try_acquire() else {
+    let Ok(permit) = proxy.limits.outbound_requests.clone().try_acquire_owned() else {
         let src = proxy.service.clone();
         return Ok(overloaded(
             &proxy,
@@ -92,9 +92,11 @@ pub async fn outbound(
             src,
             proxy.unknown.clone(),
             start,
-        ));
+        )
+        .map(|b| Served::new(b, None, None)));
     };
-    let (resp, dst) = match route_outbound(&proxy, &target, req).await {
+    let mut counted = None;
+    let (resp, dst) = match route_outbound(&proxy, &target, req, start, &mut counted).await {
         Ok(r) => r,
         Err((e, detail, dst)) => (e.response(&detail), dst),
     };
@@ -106,15 +108,21 @@ pub async fn outbound(
         &resp,
         start,
     );
-    Ok(resp)
+    Ok(resp.map(|b| Served::new(b, Some(permit), counted)))
 }
 
 type Failed = (MeshError, String, Name);
 
+/// Routes and sends one outbound request. `start` is when it arrived (its
+/// deadline counts from then, discovery included); a place it takes in the
+/// destination's `maxRequests` is left in `counted`, to be held until the
+/// response body ends.
 async fn route_outbound(
     proxy: &Arc<Proxy>,
     target: &Outbound,
     req: Request<Incoming>,
+    start: Instant,
+    counted: &mut Option<crate::retry::InProgress>,
 ) -> Result<(Response<Body>, Name), Failed> {
     let unknown = proxy.unknown.clone();
     // Borrowed unless the host needs lower-casing: no allocation per request.
@@ -203,7 +211,7 @@ async fn route_outbound(
         let Some(ep) = backend.pick() else {
             return Err(no_endpoint(backend));
         };
-        return try_endpoint(proxy, &dest, backend, ep, req.map(Body::Stream))
+        return try_endpoint(proxy, &dest, backend, ep, req.map(Body::Stream), None)
             .await
             .map(|r| (r, name.clone()))
             .map_err(|(e, d)| (e, d, name));
@@ -215,9 +223,9 @@ async fn route_outbound(
         (Some(p), _) => (Some(p), false),
         (None, c) => (c, c.is_some()),
     };
-    let deadline = timeout.map(|t| Instant::now() + t);
+    let deadline = timeout.map(|t| start + t);
     // The destination's own limit of requests in progress (circuit breaker).
-    let _counted = match policy.map(|p| p.admit()) {
+    *counted = match policy.map(|p| p.admit()) {
         None | Some(Some(None)) => None,
         Some(Some(c)) => c,
         Some(None) => {
@@ -236,12 +244,11 @@ async fn route_outbound(
         ctx,
         key,
         deadline,
+        own_deadline: if from_caller { None } else { deadline },
     };
     let work = with_retries(proxy, &dest, backend, plan, req);
-    match timeout {
-        None => work.await,
-        // Dropping the attempt in flight cancels it upstream too.
-        Some(t) => match tokio::time::timeout(t, work).await {
+    match (timeout, deadline) {
+        (Some(t), Some(at)) => match tokio::time::timeout_at(at, work).await {
             Ok(r) => r,
             Err(_) => Err((
                 MeshError::Timeout,
@@ -260,6 +267,8 @@ async fn route_outbound(
                 name,
             )),
         },
+        // Dropping the attempt in flight cancels it upstream too.
+        _ => work.await,
     }
 }
 
@@ -405,6 +414,9 @@ struct Plan<'a> {
     ctx: Ctx,
     key: Option<u64>,
     deadline: Option<Instant>,
+    /// The policy's own deadline (not the caller's): a try cut off by it
+    /// counts against the endpoint in outlier detection.
+    own_deadline: Option<Instant>,
 }
 
 /// The attempts of one request under a retry policy. The body streams to
@@ -425,6 +437,7 @@ async fn with_retries(
         ctx,
         key,
         deadline,
+        own_deadline,
     } = plan;
     let name = backend.name.clone();
     let grpc = dest.protocol == Protocol::Grpc;
@@ -441,7 +454,7 @@ async fn with_retries(
         };
         let mut req = req.map(Body::Stream);
         stamp(&mut req, deadline, grpc, false);
-        return try_endpoint(proxy, dest, backend, ep, req)
+        return try_endpoint(proxy, dest, backend, ep, req, own_deadline)
             .await
             .map(|r| (r, name.clone()))
             .map_err(|(e, d)| (e, d, name));
@@ -506,7 +519,12 @@ async fn with_retries(
             break;
         };
         stamp(&mut req, deadline, grpc, attempts > 1);
-        let attempt = try_endpoint(proxy, dest, backend, ep, req);
+        let cut_off = match (retry.per_try_timeout, own_deadline) {
+            (Some(t), Some(d)) => Some(d.min(Instant::now() + t)),
+            (Some(t), None) => Some(Instant::now() + t),
+            (None, d) => d,
+        };
+        let attempt = try_endpoint(proxy, dest, backend, ep, req, cut_off);
         let result = match retry.per_try_timeout {
             None => attempt.await,
             Some(t) => tokio::time::timeout(t, attempt).await.unwrap_or_else(|_| {
@@ -583,13 +601,53 @@ fn rebuild(parts: &http::request::Parts, body: Body) -> Request<Body> {
     r
 }
 
-/// One try against one endpoint; the balancer learns how it went.
+/// Outlier detection's view of one try: its outcome when it ends, or a
+/// gateway error when a timeout of the mesh's own (per try, or the
+/// policy's) cuts it off. A try dropped for another reason (the caller's
+/// deadline, the caller going away) says nothing about the endpoint.
+struct Watch<'a> {
+    proxy: &'a Proxy,
+    backend: &'a Backend,
+    ep: &'a Endpoint,
+    cb: &'a tandem_config::snapshot::CircuitBreaker,
+    cut_off: Option<Instant>,
+    done: bool,
+}
+
+impl Watch<'_> {
+    fn record(&mut self, outcome: Outcome) {
+        self.done = true;
+        if let Some(len) = self.backend.record_outcome(self.ep, outcome, self.cb) {
+            tracing::warn!(endpoint = %self.ep.authority, backend = %self.backend.name.0, ejected_for = ?len, "endpoint ejected after consecutive failures");
+            self.proxy
+                .metrics
+                .ejections
+                .get_or_create(&crate::metrics::RetryLabels {
+                    src_service: self.proxy.service.clone(),
+                    dst_service: self.backend.name.clone(),
+                })
+                .inc();
+        }
+    }
+}
+
+impl Drop for Watch<'_> {
+    fn drop(&mut self) {
+        if !self.done && self.cut_off.is_some_and(|t| Instant::now() >= t) {
+            self.record(Outcome::GatewayError);
+        }
+    }
+}
+
+/// One try against one endpoint; the balancer and outlier detection learn
+/// how it went. `cut_off`: when a timeout of the mesh's own ends the try.
 async fn try_endpoint(
     proxy: &Proxy,
     dest: &Destination,
     backend: &Backend,
     ep: &Endpoint,
     req: Request<Body>,
+    cut_off: Option<Instant>,
 ) -> Result<Response<Body>, (MeshError, String)> {
     let scheme = if ep.meshed {
         // Never plaintext to a sidecar: with an expired certificate the
@@ -605,12 +663,20 @@ async fn try_endpoint(
         Scheme::HTTP
     };
     let in_flight = ep.load.start();
-    let result = forward(proxy, req, &ep.authority, scheme, dest.protocol).await;
-    if let Some(cb) = dest
+    let mut watch = dest
         .policy
         .as_ref()
         .and_then(|p| p.circuit_breaker.as_ref())
-    {
+        .map(|cb| Watch {
+            proxy,
+            backend,
+            ep,
+            cb,
+            cut_off,
+            done: false,
+        });
+    let result = forward(proxy, req, &ep.authority, scheme, dest.protocol).await;
+    if let Some(watch) = watch.as_mut() {
         let outcome = match &result {
             Ok(r) if matches!(r.status().as_u16(), 502..=504) => Outcome::GatewayError,
             Ok(r) if r.status().is_server_error() => Outcome::Error,
@@ -618,17 +684,7 @@ async fn try_endpoint(
             Err((MeshError::ConnectFailure | MeshError::UpstreamTls, _)) => Outcome::GatewayError,
             Err(_) => Outcome::Error,
         };
-        if let Some(len) = backend.record_outcome(ep, outcome, cb) {
-            tracing::warn!(endpoint = %ep.authority, backend = %backend.name.0, ejected_for = ?len, "endpoint ejected after consecutive failures");
-            proxy
-                .metrics
-                .ejections
-                .get_or_create(&crate::metrics::RetryLabels {
-                    src_service: proxy.service.clone(),
-                    dst_service: backend.name.clone(),
-                })
-                .inc();
-        }
+        watch.record(outcome);
     }
     match result {
         Ok(resp) => {
@@ -740,9 +796,9 @@ pub async fn inbound(
     proxy: Arc<Proxy>,
     peer: Option<Arc<Peer>>,
     mut req: Request<Incoming>,
-) -> Result<Response<Body>, Infallible> {
+) -> Result<Response<Served>, Infallible> {
     let start = Instant::now();
-    let Ok(_permit) = proxy.limits.inbound_requests.try_acquire() else {
+    let Ok(permit) = proxy.limits.inbound_requests.clone().try_acquire_owned() else {
         let src = peer
             .as_ref()
             .map(|p| p.service.clone())
@@ -753,7 +809,8 @@ pub async fn inbound(
             src,
             proxy.service.clone(),
             start,
-        ));
+        )
+        .map(|b| Served::new(b, None, None)));
     };
     let headers = req.headers_mut();
     headers.remove(CLIENT_ID_HEADER);
@@ -828,7 +885,7 @@ pub async fn inbound(
         &resp,
         start,
     );
-    Ok(resp)
+    Ok(resp.map(|b| Served::new(b, Some(permit), None)))
 }
 
 /// The answer to a request shed at the sidecar's request limit (counted).

@@ -206,8 +206,8 @@ pub struct Limits {
     open: std::sync::atomic::AtomicUsize,
     /// Requests in progress, inbound and outbound counted apart (an app's
     /// own calls must not be starved by the requests waiting on them).
-    pub inbound_requests: tokio::sync::Semaphore,
-    pub outbound_requests: tokio::sync::Semaphore,
+    pub inbound_requests: Arc<tokio::sync::Semaphore>,
+    pub outbound_requests: Arc<tokio::sync::Semaphore>,
     rejected: prometheus_client::metrics::family::Family<
         metrics::OverloadLabels,
         prometheus_client::metrics::counter::Counter,
@@ -332,8 +332,8 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
         limits: Arc::new(Limits {
             max_connections: cfg.max_connections.max(1),
             open: std::sync::atomic::AtomicUsize::new(0),
-            inbound_requests: tokio::sync::Semaphore::new(cfg.max_requests.max(1)),
-            outbound_requests: tokio::sync::Semaphore::new(cfg.max_requests.max(1)),
+            inbound_requests: Arc::new(tokio::sync::Semaphore::new(cfg.max_requests.max(1))),
+            outbound_requests: Arc::new(tokio::sync::Semaphore::new(cfg.max_requests.max(1))),
             rejected: overload,
         }),
         cfg,

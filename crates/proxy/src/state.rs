@@ -45,6 +45,9 @@ pub struct Backend {
     pub name: Name,
     pub endpoints: Vec<Endpoint>,
     lb: Lb,
+    /// Held while counting ejected endpoints and ejecting one, so two
+    /// endpoints failing at once cannot both pass `maxEjectionPercent`.
+    ejecting: std::sync::Mutex<()>,
 }
 
 /// The load balancer of one backend, built with the routing table.
@@ -187,7 +190,13 @@ impl Backend {
     ) -> Option<std::time::Duration> {
         let now = now_ms();
         let state = &ep.load.outlier;
-        if !state.record(outcome, cb, now) || state.is_ejected(now) {
+        if !state.record(outcome, cb, now) {
+            return None;
+        }
+        // Rare (an endpoint just crossed its threshold): the lock is never
+        // taken on the way of a healthy request.
+        let _one_at_a_time = self.ejecting.lock().unwrap_or_else(|p| p.into_inner());
+        if state.is_ejected(now) {
             return None;
         }
         let ejected = self
@@ -316,6 +325,7 @@ impl Routing {
                     name: Name::from(b.name.as_str()),
                     endpoints,
                     lb,
+                    ejecting: std::sync::Mutex::new(()),
                 });
             }
             let mut totals = Vec::with_capacity(d.routes.len());
@@ -462,6 +472,45 @@ mod tests {
             }],
             unknown: vec!["ghost".into()],
             trust: None,
+        }
+    }
+
+    #[test]
+    fn endpoints_failing_at_once_never_pass_the_ejection_cap() {
+        let cb = CircuitBreaker {
+            consecutive_errors: 1,
+            consecutive_gateway_errors: 0,
+            interval_ms: 1000,
+            base_ejection_ms: 60_000,
+            max_ejection_percent: 34,
+            max_requests: None,
+        };
+        for _ in 0..100 {
+            let mut s = snapshot("127.0.0.1:9");
+            let eps = &mut s.destinations[0].backends[0].endpoints;
+            for port in [10, 11] {
+                let mut e = eps[0].clone();
+                e.address = format!("127.0.0.1:{port}");
+                eps.push(e);
+            }
+            let r = Routing::build(1, s, &LoadCache::default()).expect("build");
+            let b = &r.destination("api").expect("api").backends[0];
+            // Two endpoints cross their threshold at the same instant.
+            let go = std::sync::Barrier::new(2);
+            let ejected: usize = std::thread::scope(|t| {
+                let runs: Vec<_> = b.endpoints[..2]
+                    .iter()
+                    .map(|e| {
+                        let (go, cb) = (&go, &cb);
+                        t.spawn(move || {
+                            go.wait();
+                            b.record_outcome(e, Outcome::Error, cb).is_some() as usize
+                        })
+                    })
+                    .collect();
+                runs.into_iter().map(|r| r.join().expect("thread")).sum()
+            });
+            assert_eq!(ejected, 1);
         }
     }
 
