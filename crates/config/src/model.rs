@@ -297,6 +297,14 @@ pub struct CircuitBreakerSpec {
     /// answered 503 `overflow` at once.
     #[serde(default)]
     pub max_requests: Option<Spanned<u32>>,
+    /// Most connections one sidecar keeps open to the service's endpoints
+    /// (an endpoint without any may always open one).
+    #[serde(default)]
+    pub max_connections: Option<Spanned<u32>>,
+    /// Most requests waiting for a connection at `maxConnections`; more are
+    /// answered 503 `overflow` at once (default 1024).
+    #[serde(default)]
+    pub max_pending_requests: Option<Spanned<u32>>,
 }
 
 /// A local token bucket on each inbound sidecar of the target service.

@@ -10,6 +10,7 @@ pub const DEFAULT_BACKOFF_BASE_MS: u64 = 25;
 pub const DEFAULT_BACKOFF_MAX_MS: u64 = 250;
 pub const DEFAULT_BUDGET_PERCENT: u32 = 20;
 pub const DEFAULT_BUDGET_MIN_PER_SECOND: u32 = 10;
+pub const DEFAULT_MAX_PENDING_REQUESTS: u32 = 1024;
 /// Most retries one policy may ask for.
 pub const MAX_ATTEMPTS: u32 = 10;
 const MAX_DURATION_MS: u64 = 3_600_000;
@@ -256,8 +257,34 @@ pub fn compile_policy(
                 diags.push(Diagnostic::at(&p.at(m), "maxEjectionPercent must be 0-100"));
             }
         }
+        // Outlier detection is on when any of its fields is given; a block
+        // with only limits ejects nothing.
+        let outliers = cb.consecutive_errors.is_some()
+            || cb.consecutive_gateway_errors.is_some()
+            || cb.interval.is_some()
+            || cb.base_ejection_time.is_some()
+            || cb.max_ejection_percent.is_some();
+        let at_least_one = |v: &Option<Spanned<u32>>, name: &str, diags: &mut Vec<Diagnostic>| {
+            v.as_ref().map(|m| {
+                if m.value == 0 {
+                    diags.push(Diagnostic::at(&p.at(m), format!("{name} must be at least 1")));
+                }
+                m.value.max(1)
+            })
+        };
+        let max_connections = at_least_one(&cb.max_connections, "maxConnections", diags);
+        if let (Some(m), None) = (&cb.max_pending_requests, &cb.max_connections) {
+            diags.push(Diagnostic::at(
+                &p.at(m),
+                "maxPendingRequests counts requests waiting at maxConnections; set maxConnections too",
+            ));
+        }
         CircuitBreaker {
-            consecutive_errors: cb.consecutive_errors.as_ref().map(|v| v.value).unwrap_or(5),
+            consecutive_errors: match &cb.consecutive_errors {
+                Some(v) => v.value,
+                None if outliers => 5,
+                None => 0,
+            },
             consecutive_gateway_errors: cb
                 .consecutive_gateway_errors
                 .as_ref()
@@ -270,12 +297,14 @@ pub fn compile_policy(
                 .as_ref()
                 .map(|v| v.value.min(100))
                 .unwrap_or(50),
-            max_requests: cb.max_requests.as_ref().map(|m| {
-                if m.value == 0 {
-                    diags.push(Diagnostic::at(&p.at(m), "maxRequests must be at least 1"));
-                }
-                m.value.max(1)
+            max_requests: at_least_one(&cb.max_requests, "maxRequests", diags),
+            max_pending_requests: max_connections.map(|_| {
+                cb.max_pending_requests
+                    .as_ref()
+                    .map(|m| m.value)
+                    .unwrap_or(DEFAULT_MAX_PENDING_REQUESTS)
             }),
+            max_connections,
         }
     });
     Policy {

@@ -85,7 +85,7 @@ pub struct Policy {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CircuitBreaker {
-    /// 0 = off.
+    /// 0 = off (so is all of outlier detection when both counts are 0).
     pub consecutive_errors: u32,
     /// 0 = off.
     pub consecutive_gateway_errors: u32,
@@ -94,6 +94,11 @@ pub struct CircuitBreaker {
     pub max_ejection_percent: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_requests: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// Only with `max_connections`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pending_requests: Option<u32>,
 }
 
 /// How an endpoint is chosen among a backend's endpoints.

@@ -311,3 +311,63 @@ spec:
     assert!(has("backendRequest is longer than request"), "{e:#?}");
     assert!(has("retry codes must be 400-599"), "{e:#?}");
 }
+
+#[test]
+fn circuit_breaker_limits_are_checked() {
+    let policy = |cb: &str| {
+        format!(
+            r#"
+apiVersion: tandem.dev/v1alpha1
+kind: Service
+metadata: {{name: api}}
+spec:
+  ports: [{{port: 8080, protocol: http}}]
+---
+apiVersion: tandem.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {{name: api}}
+spec:
+  targetRef: {{kind: Service, name: api}}
+  circuitBreaker: {cb}
+"#
+        )
+    };
+    let e = errors(&policy("{maxConnections: 0}"));
+    assert!(
+        e.iter()
+            .any(|x| x.contains("t.yaml:13:36: maxConnections must be at least 1")),
+        "{e:#?}"
+    );
+    let e = errors(&policy("{maxPendingRequests: 5}"));
+    assert!(
+        e.iter().any(|x| x.contains(
+            "t.yaml:13:40: maxPendingRequests counts requests waiting at maxConnections"
+        )),
+        "{e:#?}"
+    );
+    let compile = |cb: &str| {
+        let set = load_str("t.yaml", &policy(cb)).expect("valid");
+        let mut diags = Vec::new();
+        let p = tandem_config::policy::compile_policy(&set, &set.traffic_policies[0], &mut diags);
+        assert!(diags.is_empty(), "{diags:?}");
+        p.circuit_breaker.expect("circuit breaker")
+    };
+    // Limits alone eject nothing; the queue defaults to 1024.
+    let cb = compile("{maxConnections: 10}");
+    assert_eq!(
+        (cb.consecutive_errors, cb.consecutive_gateway_errors),
+        (0, 0)
+    );
+    assert_eq!(
+        (cb.max_connections, cb.max_pending_requests),
+        (Some(10), Some(1024))
+    );
+    let cb = compile("{maxConnections: 10, maxPendingRequests: 0, maxRequests: 50}");
+    assert_eq!(
+        (cb.max_connections, cb.max_pending_requests, cb.max_requests),
+        (Some(10), Some(0), Some(50))
+    );
+    // Any outlier field turns outlier detection on, with its defaults.
+    let cb = compile("{baseEjectionTime: 5s}");
+    assert_eq!((cb.consecutive_errors, cb.base_ejection_ms), (5, 5000));
+}

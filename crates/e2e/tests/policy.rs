@@ -843,6 +843,66 @@ fn never_more_than_the_maximum_share_is_ejected() {
 }
 
 #[test]
+fn a_destination_at_its_connection_cap_queues_then_overflows() {
+    let mut config = common::config();
+    config.push_str(&policy(
+        "web",
+        "  circuitBreaker: {maxConnections: 2, maxPendingRequests: 3}\n",
+    ));
+    let mesh = Mesh::start(&config);
+    let web = mesh.instance("web", "web-1", &[], &[]);
+    let client = mesh.instance("client", "client-1", &[], &[]);
+    // Connections the client's sidecar opened to web's: each is one
+    // handshake there.
+    let opened = || {
+        metric(
+            &web.metrics(),
+            r#"tandem_tls_handshakes_total{direction="inbound",result="ok"}"#,
+        )
+        .unwrap_or(0.0)
+    };
+    let start = Instant::now();
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let c = client_view(&client);
+            std::thread::spawn(move || {
+                let head = via_client(&c, "/slow?ms=600", &[]).0;
+                (head, start.elapsed())
+            })
+        })
+        .collect();
+    let answers: Vec<(String, Duration)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let ok: Vec<Duration> = answers
+        .iter()
+        .filter(|(h, _)| h.starts_with("HTTP/1.1 200"))
+        .map(|(_, t)| *t)
+        .collect();
+    let overflow: Vec<Duration> = answers
+        .iter()
+        .filter(|(h, _)| h.starts_with("HTTP/1.1 503") && h.contains("tandem-error: overflow"))
+        .map(|(_, t)| *t)
+        .collect();
+    // Two on the two connections, three waiting for them, three refused
+    // at once.
+    assert_eq!((ok.len(), overflow.len()), (5, 3), "{answers:#?}");
+    assert!(
+        overflow.iter().all(|t| *t < Duration::from_millis(500)),
+        "{overflow:?}"
+    );
+    // The waiting ones went after the first ones, two at a time: the last
+    // needed a third round.
+    let last = ok.iter().max().copied().unwrap_or_default();
+    assert!(last >= Duration::from_millis(1700), "{ok:?}");
+    assert_eq!(opened(), 2.0);
+    // The connections are reused afterwards; no more are opened.
+    for _ in 0..5 {
+        let (head, _) = via_client(&client, "/", &[]);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    }
+    assert_eq!(opened(), 2.0);
+}
+
+#[test]
 fn a_destination_over_its_max_requests_overflows() {
     let mut config = common::config();
     config.push_str(&policy(

@@ -13,14 +13,14 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Body as _;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tandem_config::snapshot::Protocol;
 use tokio::time::Instant;
 
 use crate::error::{Body, MeshError, Served};
 use crate::metrics::{Direction, Name, RequestLabels};
 use crate::outlier::Outcome;
+use crate::pool::{ConnLimits, Pool, PoolError};
 use crate::replay::{Replay, REPLAY_LIMIT};
 use crate::route::{pick_weighted, select, RequestView};
 use crate::state::{Backend, Destination, Endpoint};
@@ -31,31 +31,47 @@ use crate::Proxy;
 /// (and removes from anything that arrives, so it cannot be spoofed).
 pub const CLIENT_ID_HEADER: &str = "tandem-client-id";
 
-/// Connection pools towards endpoints and the local app, one per HTTP
-/// version; the connector speaks mTLS to meshed endpoints.
+/// The connectors (mTLS to meshed endpoints, offering ALPN http/1.1 or
+/// h2) and the connection pools towards the local app. Pools towards
+/// endpoints live with the endpoints ([`Endpoint::pool`]).
 pub struct Clients {
-    h1: Client<Connector, Body>,
-    h2: Client<Connector, Body>,
+    h1: Connector,
+    h2: Connector,
+    app_h1: Arc<Pool>,
+    app_h2: Arc<Pool>,
 }
 
 impl Clients {
-    pub fn new(h1: Connector, h2: Connector) -> Self {
-        let h1 = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(std::time::Duration::from_secs(60))
-            .build(h1);
-        let h2 = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .http2_only(true)
-            .build(h2);
-        Clients { h1, h2 }
+    pub fn new(h1: Connector, h2: Connector, app: &Authority) -> Self {
+        let uri = |a: &Authority| {
+            Uri::builder()
+                .scheme(Scheme::HTTP)
+                .authority(a.clone())
+                .path_and_query("/")
+                .build()
+                .unwrap_or_default()
+        };
+        Clients {
+            h1,
+            h2,
+            app_h1: Pool::new(uri(app), false),
+            app_h2: Pool::new(uri(app), true),
+        }
     }
 
-    fn for_protocol(&self, p: Protocol) -> &Client<Connector, Body> {
+    fn connector(&self, p: Protocol) -> &Connector {
         if p.is_h2() {
             &self.h2
         } else {
             &self.h1
+        }
+    }
+
+    fn app(&self, p: Protocol) -> &Arc<Pool> {
+        if p.is_h2() {
+            &self.app_h2
+        } else {
+            &self.app_h1
         }
     }
 }
@@ -649,19 +665,14 @@ async fn try_endpoint(
     req: Request<Body>,
     cut_off: Option<Instant>,
 ) -> Result<Response<Body>, (MeshError, String)> {
-    let scheme = if ep.meshed {
-        // Never plaintext to a sidecar: with an expired certificate the
-        // request is refused here.
-        if proxy.identity.tls.is_expired() {
-            return Err((
-                MeshError::IdentityExpired,
-                "this proxy's certificate expired and could not be renewed".into(),
-            ));
-        }
-        Scheme::HTTPS
-    } else {
-        Scheme::HTTP
-    };
+    // Never plaintext to a sidecar: with an expired certificate the request
+    // is refused here.
+    if ep.meshed && proxy.identity.tls.is_expired() {
+        return Err((
+            MeshError::IdentityExpired,
+            "this proxy's certificate expired and could not be renewed".into(),
+        ));
+    }
     let in_flight = ep.load.start();
     let mut watch = dest
         .policy
@@ -675,7 +686,8 @@ async fn try_endpoint(
             cut_off,
             done: false,
         });
-    let result = forward(proxy, req, &ep.authority, scheme, dest.protocol).await;
+    let limits = dest.policy.as_ref().and_then(|p| p.conn_limits.as_ref());
+    let result = forward(proxy, req, &ep.pool, dest.protocol, limits).await;
     if let Some(watch) = watch.as_mut() {
         let outcome = match &result {
             Ok(r) if matches!(r.status().as_u16(), 502..=504) => Outcome::GatewayError,
@@ -856,9 +868,9 @@ pub async fn inbound(
             let work = forward(
                 &proxy,
                 req.map(Body::Stream),
-                &proxy.app_authority,
-                Scheme::HTTP,
+                proxy.clients.app(protocol),
                 protocol,
+                None,
             );
             let result = match deadline {
                 None => work.await,
@@ -1002,14 +1014,14 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-/// Sends a request to `authority` speaking `protocol`, and relays the
-/// response (and an upgraded connection, if any).
+/// Sends a request on a connection of `pool` speaking `protocol`, and
+/// relays the response (and an upgraded connection, if any).
 async fn forward(
     proxy: &Proxy,
     mut req: Request<Body>,
-    authority: &Authority,
-    scheme: Scheme,
+    pool: &Arc<Pool>,
     protocol: Protocol,
+    limits: Option<&ConnLimits>,
 ) -> Result<Response<Body>, (MeshError, String)> {
     let upgrade = is_upgrade(&req);
     // An HTTP/1.1 hop needs a Host; a request that came in over HTTP/2 has
@@ -1017,6 +1029,7 @@ async fn forward(
     let fallback_host = if !protocol.is_h2() && !req.headers().contains_key(HOST) {
         req.uri()
             .authority()
+            .or(pool.uri().authority())
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     } else {
         None
@@ -1028,34 +1041,47 @@ async fn forward(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let mut uri = Uri::builder().scheme(scheme).authority(authority.clone());
-    uri = uri.path_and_query(pq);
-    parts.uri = uri
-        .build()
-        .map_err(|e| (MeshError::BadRequest, e.to_string()))?;
     strip_hop_by_hop(&mut parts.headers, upgrade);
     if protocol.is_h2() {
+        // HTTP/2 takes `:scheme` and `:authority` from an absolute URI.
+        let mut uri = Uri::builder();
+        if let (Some(scheme), Some(auth)) = (pool.uri().scheme(), pool.uri().authority()) {
+            uri = uri.scheme(scheme.clone()).authority(auth.clone());
+        }
+        parts.uri = uri
+            .path_and_query(pq)
+            .build()
+            .map_err(|e| (MeshError::BadRequest, e.to_string()))?;
         parts.version = Version::HTTP_2;
         parts.headers.remove(HOST);
     } else {
+        // HTTP/1.1 to an origin: origin-form.
+        parts.uri = Uri::from(pq);
         parts.version = Version::HTTP_11;
         if let Some(h) = fallback_host {
             parts.headers.insert(HOST, h);
         }
     }
     let req = Request::from_parts(parts, body);
-    let mut resp = proxy
-        .clients
-        .for_protocol(protocol)
-        .request(req)
+    let mut resp = pool
+        .send(proxy.clients.connector(protocol), req, limits)
         .await
-        .map_err(|e| {
-            let kind = match tls_error(&e) {
-                Some(reason) => {
-                    // In TLS 1.3 the server checks the client's certificate
-                    // after the client's side of the handshake is done: a
-                    // refusal shows up here, on the first read.
-                    if !e.is_connect() {
+        .map_err(|e| match e {
+            PoolError::Overflow(why) => (MeshError::Overflow, why.to_string()),
+            PoolError::Connect(e) => {
+                let kind = match tls_error(&*e) {
+                    Some(_) => MeshError::UpstreamTls,
+                    None => MeshError::ConnectFailure,
+                };
+                (kind, format!("connect: {}", error_chain(&*e)))
+            }
+            PoolError::Send(e) => {
+                let kind = match tls_error(&e) {
+                    Some(reason) => {
+                        // In TLS 1.3 the server checks the client's
+                        // certificate after the client's side of the
+                        // handshake is done: a refusal shows up here, on
+                        // the first read.
                         proxy
                             .metrics
                             .handshakes
@@ -1064,13 +1090,12 @@ async fn forward(
                                 result: reason,
                             })
                             .inc();
+                        MeshError::UpstreamTls
                     }
-                    MeshError::UpstreamTls
-                }
-                None if e.is_connect() => MeshError::ConnectFailure,
-                None => MeshError::UpstreamReset,
-            };
-            (kind, error_chain(&e))
+                    None => MeshError::UpstreamReset,
+                };
+                (kind, error_chain(&e))
+            }
         })?;
     let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(resp.headers_mut(), upgrade && switching);

@@ -19,6 +19,7 @@ pub mod http;
 pub mod identity;
 pub mod metrics;
 pub mod outlier;
+pub mod pool;
 pub mod ratelimit;
 pub mod replay;
 pub mod retry;
@@ -304,7 +305,12 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
         names: peer_names.clone(),
     };
     use tandem_identity::tls::{ALPN_H2, ALPN_HTTP11};
-    let clients = Clients::new(connector(&[ALPN_HTTP11]), connector(&[ALPN_H2]));
+    let app_authority = Authority::try_from(cfg.app.to_string().as_str())?;
+    let clients = Clients::new(
+        connector(&[ALPN_HTTP11]),
+        connector(&[ALPN_H2]),
+        &app_authority,
+    );
 
     let (sub_tx, sub_rx) = mpsc::unbounded_channel();
     let interest: BTreeSet<String> = cfg.upstreams.iter().map(|(n, _)| n.clone()).collect();
@@ -315,7 +321,7 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
             .advertise
             .clone()
             .unwrap_or_else(|| cfg.inbound.to_string()),
-        app_authority: Authority::try_from(cfg.app.to_string().as_str())?,
+        app_authority,
         tcp_tls: mesh_tls(&[]),
         server_http: tls.server_config(&[ALPN_H2, ALPN_HTTP11]),
         server_tcp: tls.server_config(&[]),

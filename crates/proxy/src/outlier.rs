@@ -114,6 +114,8 @@ mod tests {
             base_ejection_ms: 100,
             max_ejection_percent: 50,
             max_requests: None,
+            max_connections: None,
+            max_pending_requests: None,
         }
     }
 

@@ -28,6 +28,9 @@ pub struct RuntimePolicy {
     /// `circuitBreaker.maxRequests`, with the destination's count of
     /// requests in progress (kept across snapshots).
     pub max_requests: Option<(usize, Arc<std::sync::atomic::AtomicUsize>)>,
+    /// `circuitBreaker.maxConnections` and `maxPendingRequests`, with the
+    /// destination's counts (kept across snapshots).
+    pub conn_limits: Option<crate::pool::ConnLimits>,
 }
 
 /// One request counted against a destination's `maxRequests`.
@@ -77,6 +80,13 @@ impl RuntimePolicy {
                 .as_ref()
                 .and_then(|c| c.max_requests)
                 .map(|m| (m as usize, budgets.in_progress(dest))),
+            conn_limits: p.circuit_breaker.as_ref().and_then(|c| {
+                Some(crate::pool::ConnLimits {
+                    max_connections: c.max_connections? as usize,
+                    max_pending: c.max_pending_requests.unwrap_or(0) as usize,
+                    conns: budgets.conns(dest),
+                })
+            }),
             source: Arc::from(p.source.as_str()),
             timeout: p.timeout_ms.map(Duration::from_millis),
             retry: p.retry.as_ref().map(|r| Retry {
@@ -237,9 +247,25 @@ type BudgetKey = (Box<str>, u32, u32);
 pub struct BudgetCache {
     map: Mutex<std::collections::HashMap<BudgetKey, Weak<RetryBudget>>>,
     in_progress: Mutex<std::collections::HashMap<Box<str>, Weak<std::sync::atomic::AtomicUsize>>>,
+    conns: Mutex<std::collections::HashMap<Box<str>, Weak<crate::pool::DestConns>>>,
 }
 
 impl BudgetCache {
+    /// The connection counts of `dest`, shared by successive snapshots.
+    fn conns(&self, dest: &str) -> Arc<crate::pool::DestConns> {
+        let mut map = match self.conns.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(c) = map.get(dest).and_then(Weak::upgrade) {
+            return c;
+        }
+        let c = Arc::new(crate::pool::DestConns::default());
+        map.insert(Box::from(dest), Arc::downgrade(&c));
+        map.retain(|_, w| w.strong_count() > 0);
+        c
+    }
+
     /// The count of requests in progress to `dest`, shared by successive
     /// snapshots.
     fn in_progress(&self, dest: &str) -> Arc<std::sync::atomic::AtomicUsize> {

@@ -109,6 +109,8 @@ pub struct Endpoint {
     pub server_name: Option<ServerName<'static>>,
     pub meshed: bool,
     pub load: Arc<EndpointLoad>,
+    /// Its connections (HTTP destinations), kept across tables.
+    pub pool: Arc<crate::pool::Pool>,
 }
 
 impl Endpoint {
@@ -308,6 +310,7 @@ impl Routing {
                         }
                     }
                     endpoints.push(Endpoint {
+                        pool: loads.pool(&authority, e.meshed, d.protocol.is_h2()),
                         authority,
                         server_name,
                         meshed: e.meshed,
@@ -414,10 +417,15 @@ impl Routing {
     }
 }
 
+/// A connection pool's endpoint: address, mTLS, HTTP/2.
+type PoolKey = (Box<str>, bool, bool);
+
 /// Endpoint load state by address, shared by successive routing tables.
 #[derive(Default)]
 pub struct LoadCache {
     map: Mutex<HashMap<SocketAddr, Weak<EndpointLoad>>>,
+    /// Connection pools by (address, mTLS, HTTP/2).
+    pools: Mutex<HashMap<PoolKey, Weak<crate::pool::Pool>>>,
     /// Retry budgets by destination, also kept across tables.
     pub budgets: BudgetCache,
     /// The inbound rate limiter, while its settings stay the same.
@@ -425,6 +433,27 @@ pub struct LoadCache {
 }
 
 impl LoadCache {
+    fn pool(&self, authority: &Authority, meshed: bool, h2: bool) -> Arc<crate::pool::Pool> {
+        let mut map = match self.pools.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        let key = (Box::from(authority.as_str()), meshed, h2);
+        if let Some(p) = map.get(&key).and_then(Weak::upgrade) {
+            return p;
+        }
+        let uri = http::Uri::builder()
+            .scheme(if meshed { "https" } else { "http" })
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .unwrap_or_default();
+        let p = crate::pool::Pool::new(uri, h2);
+        map.insert(key, Arc::downgrade(&p));
+        map.retain(|_, w| w.strong_count() > 0);
+        p
+    }
+
     fn get(&self, addr: SocketAddr) -> Arc<EndpointLoad> {
         let mut map = match self.map.lock() {
             Ok(m) => m,
@@ -484,6 +513,8 @@ mod tests {
             base_ejection_ms: 60_000,
             max_ejection_percent: 34,
             max_requests: None,
+            max_connections: None,
+            max_pending_requests: None,
         };
         for _ in 0..100 {
             let mut s = snapshot("127.0.0.1:9");
@@ -532,6 +563,8 @@ mod tests {
             base_ejection_ms: 60_000,
             max_ejection_percent: 100,
             max_requests: None,
+            max_connections: None,
+            max_pending_requests: None,
         };
         for e in &b.endpoints[..2] {
             e.load.outlier.eject(&cb, now_ms());

@@ -7,7 +7,6 @@
 //! mix the two. The identity the peer must prove comes from the routing
 //! table ([`PeerNames`]), never from the request.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -18,7 +17,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use http::uri::Scheme;
 use http::Uri;
-use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -96,35 +94,27 @@ pub struct Connector {
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-impl tower::Service<Uri> for Connector {
-    type Response = Conn;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Conn, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let auth = uri.authority().ok_or("URI without authority")?;
-            let addr: SocketAddr = auth
-                .as_str()
-                .parse()
-                .map_err(|_| format!("endpoint `{auth}` is not an ip:port"))?;
-            if uri.scheme() == Some(&Scheme::HTTPS) {
-                let name = this
-                    .names
-                    .load()
-                    .get(auth.as_str())
-                    .cloned()
-                    .ok_or_else(|| format!("no identity known for endpoint {auth}"))?;
-                Ok(Conn::tls(this.tls.connect(addr, name).await?))
-            } else {
-                Ok(Conn::plain(connect_tcp(addr).await?))
-            }
-        })
+impl Connector {
+    /// Opens a connection to `https://ip:port` (mTLS, the peer proving the
+    /// identity the routing table names for that address) or
+    /// `http://ip:port` (plain TCP).
+    pub async fn open(&self, uri: &Uri) -> Result<Conn, BoxError> {
+        let auth = uri.authority().ok_or("URI without authority")?;
+        let addr: SocketAddr = auth
+            .as_str()
+            .parse()
+            .map_err(|_| format!("endpoint `{auth}` is not an ip:port"))?;
+        if uri.scheme() == Some(&Scheme::HTTPS) {
+            let name = self
+                .names
+                .load()
+                .get(auth.as_str())
+                .cloned()
+                .ok_or_else(|| format!("no identity known for endpoint {auth}"))?;
+            Ok(Conn::tls(self.tls.connect(addr, name).await?))
+        } else {
+            Ok(Conn::plain(connect_tcp(addr).await?))
+        }
     }
 }
 
@@ -138,17 +128,6 @@ impl Conn {
 
     fn tls(s: tokio_rustls::client::TlsStream<TcpStream>) -> Self {
         Conn(TokioIo::new(Either::Right(Box::new(s))))
-    }
-}
-
-impl Connection for Conn {
-    fn connected(&self) -> Connected {
-        match self.0.inner() {
-            Either::Right(s) if s.get_ref().1.alpn_protocol() == Some(b"h2") => {
-                Connected::new().negotiated_h2()
-            }
-            _ => Connected::new(),
-        }
     }
 }
 
