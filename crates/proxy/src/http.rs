@@ -633,6 +633,9 @@ struct Watch<'a> {
 impl Watch<'_> {
     fn record(&mut self, outcome: Outcome) {
         self.done = true;
+        if outcome == Outcome::Skipped {
+            return;
+        }
         if let Some(len) = self.backend.record_outcome(self.ep, outcome, self.cb) {
             tracing::warn!(endpoint = %self.ep.authority, backend = %self.backend.name.0, ejected_for = ?len, "endpoint ejected after consecutive failures");
             self.proxy
@@ -694,6 +697,9 @@ async fn try_endpoint(
             Ok(r) if r.status().is_server_error() => Outcome::Error,
             Ok(_) => Outcome::Success,
             Err((MeshError::ConnectFailure | MeshError::UpstreamTls, _)) => Outcome::GatewayError,
+            // This sidecar's own connection limit: nothing was asked of
+            // the endpoint.
+            Err((MeshError::Overflow, _)) => Outcome::Skipped,
             Err(_) => Outcome::Error,
         };
         watch.record(outcome);
@@ -725,7 +731,9 @@ async fn try_endpoint(
             Ok(resp)
         }
         Err(e) => {
-            in_flight.failed();
+            if e.0 != MeshError::Overflow {
+                in_flight.failed();
+            }
             Err((
                 e.0,
                 format!("{} ({}): {}", backend.name.0, ep.authority, e.1),

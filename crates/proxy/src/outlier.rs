@@ -26,6 +26,8 @@ pub enum Outcome {
     Error,
     /// 502, 503, 504 or a connect failure.
     GatewayError,
+    /// The try never reached the endpoint (this sidecar's own limits).
+    Skipped,
 }
 
 #[derive(Debug, Default)]
@@ -45,6 +47,9 @@ impl OutlierState {
     /// Counts an outcome; true when the endpoint has now failed enough
     /// times in a row to be ejected.
     pub fn record(&self, outcome: Outcome, cb: &CircuitBreaker, now: u64) -> bool {
+        if outcome == Outcome::Skipped {
+            return false;
+        }
         if outcome == Outcome::Success {
             self.errors.store(0, Ordering::Release);
             self.gateway_errors.store(0, Ordering::Release);
