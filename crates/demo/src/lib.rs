@@ -8,9 +8,9 @@
 //! - `/echo` — streams the request body back (any size, never buffered);
 //! - `/slow?ms=N` — answers after N milliseconds;
 //! - `/headers` — the request headers as JSON;
-//! - `/flaky?key=K&fails=N&code=C` — fails the first N requests of key K
-//!   with status C, then answers with the attempt number and a hash of the
-//!   body (for retry tests);
+//! - `/flaky?key=K&fails=N&code=C&pad=P` — fails the first N requests of
+//!   key K with status C (and P bytes of padding), then answers with the
+//!   attempt number and a hash of the body (for retry tests);
 //! - `/ws` — WebSocket echo;
 //! - gRPC `tandem.v1.Echo` (unary and server-streaming); a unary message
 //!   `flaky:KEY:N:...` fails the first N calls of KEY with UNAVAILABLE.
@@ -446,7 +446,7 @@ async fn flaky(app: &App, req: Request<Incoming>) -> Response<Body> {
     let hash = body.iter().fold(0xcbf29ce484222325u64, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
     });
-    let v = serde_json::json!({
+    let mut v = serde_json::json!({
         "key": key,
         "attempt": attempt,
         "body_len": body.len(),
@@ -454,6 +454,10 @@ async fn flaky(app: &App, req: Request<Incoming>) -> Response<Body> {
         "instance": app.cfg.instance,
     });
     if attempt <= fails {
+        // `pad=N`: a failure with a larger body (up to 1 MiB).
+        if let Some(n) = param("pad").and_then(|v| v.parse::<usize>().ok()) {
+            v["pad"] = "x".repeat(n.min(1 << 20)).into();
+        }
         let mut r = json(code, &v);
         if let Some(s) = param("retry_after") {
             if let Ok(h) = http::HeaderValue::from_str(&s) {

@@ -902,6 +902,38 @@ fn a_destination_at_its_connection_cap_queues_then_overflows() {
     assert_eq!(opened(), 2.0);
 }
 
+/// A retry at the connection cap reuses the connection of the answer it
+/// replaces (read first), rather than waiting behind it.
+#[test]
+fn a_retry_at_the_connection_cap_reuses_the_connection() {
+    let mut config = common::config();
+    config.push_str(&policy(
+        "web",
+        "  retry: {attempts: 2, on: [\"503\"]}\n  circuitBreaker: {maxConnections: 1}\n",
+    ));
+    let mesh = Mesh::start(&config);
+    let web = mesh.instance("web", "web-1", &[], &[]);
+    let client = mesh.instance("client", "client-1", &[], &[]);
+    let start = Instant::now();
+    // Failures with bodies larger than a connection buffers on its own.
+    let (head, body) = via_client(&client, "/flaky?key=capped&fails=2&pad=40000", &[]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["attempt"], 3, "{v}");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(
+        metric(
+            &web.metrics(),
+            r#"tandem_tls_handshakes_total{direction="inbound",result="ok"}"#,
+        ),
+        Some(1.0)
+    );
+}
+
 #[test]
 fn a_destination_over_its_max_requests_overflows() {
     let mut config = common::config();

@@ -143,6 +143,14 @@ impl InFlight {
         self.finish(FAILURE_PENALTY);
     }
 
+    /// Never reached the endpoint: no longer outstanding, nothing observed.
+    pub fn cancel(mut self) {
+        if !self.done {
+            self.done = true;
+            self.load.pending.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     fn finish(&mut self, at_least: Duration) -> Duration {
         let now = Instant::now();
         let rtt = now.saturating_duration_since(self.started).max(at_least);

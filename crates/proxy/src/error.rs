@@ -19,6 +19,8 @@ pub enum Body {
     Stream(Incoming),
     Full(Full<Bytes>),
     Replay(Replay),
+    /// An answer read whole (kept while a retry replaces it).
+    Collected(http_body_util::Collected<Bytes>),
 }
 
 impl From<Incoming> for Body {
@@ -91,6 +93,9 @@ impl http_body::Body for Body {
             Body::Full(b) => Pin::new(b)
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(|never| match never {}))),
+            Body::Collected(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(|never| match never {}))),
         }
     }
 
@@ -99,6 +104,7 @@ impl http_body::Body for Body {
             Body::Stream(b) => b.is_end_stream(),
             Body::Full(b) => b.is_end_stream(),
             Body::Replay(b) => b.is_end_stream(),
+            Body::Collected(b) => b.is_end_stream(),
         }
     }
 
@@ -107,6 +113,7 @@ impl http_body::Body for Body {
             Body::Stream(b) => b.size_hint(),
             Body::Full(b) => b.size_hint(),
             Body::Replay(b) => b.size_hint(),
+            Body::Collected(b) => b.size_hint(),
         }
     }
 }

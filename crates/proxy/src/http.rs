@@ -6,6 +6,7 @@
 
 use std::borrow::Cow;
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use http::header::{HeaderName, CONNECTION, HOST, UPGRADE};
@@ -576,6 +577,13 @@ async fn with_retries(
                     .map(|r| (r, name.clone()))
                     .map_err(|(e, d)| (e, d, name));
             }
+            // Read the replaced answer now: left unread, it would hold its
+            // connection until the end of the request.
+            last = Some(match result {
+                Ok(r) => Ok(settle(r).await),
+                Err(e) => Err(e),
+            });
+            continue;
         }
         last = Some(result);
     }
@@ -608,6 +616,30 @@ async fn with_retries(
     }
 }
 
+/// Longest the body of an answer that a retry replaces is read for.
+const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// An answer that a retry replaces, read whole (up to 64 KiB, within a
+/// second) so that its connection is free again; kept in case it ends up
+/// the caller's answer. A larger or slower body is dropped (the answer
+/// then has an empty one).
+async fn settle(resp: Response<Body>) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    let read = tokio::time::timeout(
+        SETTLE_WAIT,
+        http_body_util::BodyExt::collect(http_body_util::Limited::new(body, REPLAY_LIMIT)),
+    )
+    .await;
+    let body = match read {
+        Ok(Ok(collected)) => Body::Collected(collected),
+        _ => {
+            parts.headers.remove(http::header::CONTENT_LENGTH);
+            Body::full(bytes::Bytes::new())
+        }
+    };
+    Response::from_parts(parts, body)
+}
+
 fn rebuild(parts: &http::request::Parts, body: Body) -> Request<Body> {
     let mut r = Request::new(body);
     *r.method_mut() = parts.method.clone();
@@ -619,14 +651,17 @@ fn rebuild(parts: &http::request::Parts, body: Body) -> Request<Body> {
 
 /// Outlier detection's view of one try: its outcome when it ends, or a
 /// gateway error when a timeout of the mesh's own (per try, or the
-/// policy's) cuts it off. A try dropped for another reason (the caller's
-/// deadline, the caller going away) says nothing about the endpoint.
+/// policy's) cuts it off once it was sent. A try dropped for another reason
+/// (the caller's deadline, the caller going away), or while it still
+/// waited for a connection in this sidecar, says nothing about the
+/// endpoint.
 struct Watch<'a> {
     proxy: &'a Proxy,
     backend: &'a Backend,
     ep: &'a Endpoint,
     cb: &'a tandem_config::snapshot::CircuitBreaker,
     cut_off: Option<Instant>,
+    sent: &'a AtomicBool,
     done: bool,
 }
 
@@ -652,7 +687,10 @@ impl Watch<'_> {
 
 impl Drop for Watch<'_> {
     fn drop(&mut self) {
-        if !self.done && self.cut_off.is_some_and(|t| Instant::now() >= t) {
+        if !self.done
+            && self.sent.load(Ordering::Acquire)
+            && self.cut_off.is_some_and(|t| Instant::now() >= t)
+        {
             self.record(Outcome::GatewayError);
         }
     }
@@ -677,6 +715,7 @@ async fn try_endpoint(
         ));
     }
     let in_flight = ep.load.start();
+    let sent = AtomicBool::new(false);
     let mut watch = dest
         .policy
         .as_ref()
@@ -687,10 +726,11 @@ async fn try_endpoint(
             ep,
             cb,
             cut_off,
+            sent: &sent,
             done: false,
         });
     let limits = dest.policy.as_ref().and_then(|p| p.conn_limits.as_ref());
-    let result = forward(proxy, req, &ep.pool, dest.protocol, limits).await;
+    let result = forward(proxy, req, &ep.pool, dest.protocol, limits, Some(&sent)).await;
     if let Some(watch) = watch.as_mut() {
         let outcome = match &result {
             Ok(r) if matches!(r.status().as_u16(), 502..=504) => Outcome::GatewayError,
@@ -731,7 +771,10 @@ async fn try_endpoint(
             Ok(resp)
         }
         Err(e) => {
-            if e.0 != MeshError::Overflow {
+            if e.0 == MeshError::Overflow {
+                // Refused here: no latency to learn from.
+                in_flight.cancel();
+            } else {
                 in_flight.failed();
             }
             Err((
@@ -878,6 +921,7 @@ pub async fn inbound(
                 req.map(Body::Stream),
                 proxy.clients.app(protocol),
                 protocol,
+                None,
                 None,
             );
             let result = match deadline {
@@ -1030,6 +1074,7 @@ async fn forward(
     pool: &Arc<Pool>,
     protocol: Protocol,
     limits: Option<&ConnLimits>,
+    sent: Option<&AtomicBool>,
 ) -> Result<Response<Body>, (MeshError, String)> {
     let upgrade = is_upgrade(&req);
     // An HTTP/1.1 hop needs a Host; a request that came in over HTTP/2 has
@@ -1072,10 +1117,14 @@ async fn forward(
     }
     let req = Request::from_parts(parts, body);
     let mut resp = pool
-        .send(proxy.clients.connector(protocol), req, limits)
+        .send(proxy.clients.connector(protocol), req, limits, sent)
         .await
         .map_err(|e| match e {
             PoolError::Overflow(why) => (MeshError::Overflow, why.to_string()),
+            PoolError::Unsent(_) => (
+                MeshError::UpstreamReset,
+                "every connection closed before the request could be written".into(),
+            ),
             PoolError::Connect(e) => {
                 let kind = match tls_error(&*e) {
                     Some(_) => MeshError::UpstreamTls,

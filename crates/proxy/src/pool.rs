@@ -53,6 +53,8 @@ pub enum PoolError {
     /// The destination is at its connection cap and its queue is full (or
     /// the wait was too long).
     Overflow(&'static str),
+    /// Never written: the connection closed just before (internal).
+    Unsent(Box<Request<Body>>),
 }
 
 /// Connections and waiting requests of one destination, shared by its
@@ -77,24 +79,58 @@ pub struct Pool {
     /// `http://ip:port` or `https://ip:port`, for the connector.
     uri: Uri,
     h2: bool,
+    /// Connections of this endpoint, busy or idle.
     open: AtomicUsize,
     state: Mutex<State>,
-    /// A connection of this endpoint came back idle, or the shared HTTP/2
-    /// connection is up (or failed to come up).
+    /// A connection of this endpoint came back idle or closed, or an
+    /// HTTP/2 connect attempt ended.
     returned: Notify,
 }
 
 #[derive(Default)]
 struct State {
     idle: Vec<(http1::SendRequest<Body>, Instant)>,
-    shared: Option<http2::SendRequest<Body>>,
+    /// The shared HTTP/2 connection, and when a request last took it.
+    shared: Option<(http2::SendRequest<Body>, Instant)>,
+    /// An HTTP/2 connect attempt is under way.
     connecting: bool,
+    /// HTTP/2 connect attempts so far, and the last one that failed with
+    /// its error (for the requests that waited on it).
+    attempt: u64,
+    failed: Option<(u64, SharedError)>,
     sweeping: bool,
 }
 
 enum Sender {
     H1(http1::SendRequest<Body>),
     H2(http2::SendRequest<Body>),
+}
+
+/// What a request does next, decided under the pool's lock.
+enum Next {
+    Send(Sender),
+    /// Open a connection (for HTTP/2: connect attempt n).
+    Open(Opened, u64),
+    /// Wait for HTTP/2 connect attempt n, made by another request.
+    WaitConnect(u64),
+    /// The destination is at its cap: wait for a connection.
+    AtCap,
+}
+
+/// A failed connect, given to every request that waited on it.
+#[derive(Clone, Debug)]
+struct SharedError(Arc<dyn std::error::Error + Send + Sync>);
+
+impl std::fmt::Display for SharedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the connection attempt this request waited for failed")
+    }
+}
+
+impl std::error::Error for SharedError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
 }
 
 /// Counts one open connection until the connection's task ends.
@@ -146,155 +182,186 @@ impl Pool {
     }
 
     /// Sends `req` (origin-form URI for HTTP/1.1, absolute for HTTP/2) on
-    /// a connection of this endpoint.
+    /// a connection of this endpoint. `sent` is set once the request has a
+    /// connection: time spent before that is this sidecar's own queue.
     pub async fn send(
         self: &Arc<Self>,
         connector: &Connector,
         mut req: Request<Body>,
         limits: Option<&ConnLimits>,
+        sent: Option<&std::sync::atomic::AtomicBool>,
     ) -> Result<Response<Incoming>, PoolError> {
         let mut unsent = 0;
         let mut waiting: Option<Waiting<'_>> = None;
         let mut waited_since: Option<Instant> = None;
         loop {
-            // Registered before looking, so that a connection coming back
-            // between the look and the wait is not missed.
-            let returned = self.returned.notified();
-            let freed = limits.map(|l| l.conns.freed.notified());
-            tokio::pin!(returned);
-            returned.as_mut().enable();
-            let sender = match self.take() {
-                Some(s) => Some(s),
-                None => {
-                    if self.h2 && self.state().connecting {
-                        None
-                    } else if let Some(opened) = self.try_open(limits) {
-                        drop(waiting.take());
-                        match self.connect(connector, opened).await {
-                            Ok(s) => Some(s),
-                            Err(e) => return Err(PoolError::Connect(e)),
-                        }
-                    } else {
-                        None
-                    }
-                }
-            };
-            let Some(sender) = sender else {
-                // At the cap (or the HTTP/2 connection is on its way): wait.
-                if let (Some(l), None) = (limits, &waiting) {
-                    if !self.h2 || !self.state().connecting {
+            let mut next = self.next(limits);
+            if matches!(next, Next::WaitConnect(_) | Next::AtCap) {
+                // Registered, then a second look: a connection coming back
+                // between the look and the wait is not missed.
+                let returned = self.returned.notified();
+                tokio::pin!(returned);
+                returned.as_mut().enable();
+                let freed = limits.map(|l| l.conns.freed.notified());
+                next = self.next(limits);
+                let attempt = match next {
+                    Next::WaitConnect(n) => Some(Some(n)),
+                    Next::AtCap => Some(None),
+                    Next::Send(_) | Next::Open(..) => None,
+                };
+                if let Some(attempt) = attempt {
+                    if let (None, Some(l), None) = (attempt, limits, &waiting) {
                         let queued = l.conns.pending.fetch_add(1, Ordering::AcqRel);
                         let w = Waiting(&l.conns);
                         if queued >= l.max_pending {
                             return Err(PoolError::Overflow(
-                                "the destination is at its maxConnections and its maxPendingRequests are waiting",
-                            ));
+                            "the destination is at its maxConnections and its maxPendingRequests are waiting",
+                        ));
                         }
                         waiting = Some(w);
                     }
-                }
-                let since = *waited_since.get_or_insert_with(Instant::now);
-                let left = PENDING_TIMEOUT.saturating_sub(since.elapsed());
-                if left.is_zero() {
-                    return Err(PoolError::Overflow(
-                        "no connection of the destination came free in time",
-                    ));
-                }
-                let freed = async {
-                    match freed {
-                        Some(f) => f.await,
-                        None => std::future::pending().await,
+                    let since = *waited_since.get_or_insert_with(Instant::now);
+                    let left = PENDING_TIMEOUT.saturating_sub(since.elapsed());
+                    if left.is_zero() {
+                        return Err(PoolError::Overflow(
+                            "no connection of the destination came free in time",
+                        ));
                     }
-                };
-                let _ = tokio::time::timeout(left, async {
-                    tokio::select! {
-                        _ = returned => {},
-                        _ = freed => {},
-                    }
-                })
-                .await;
-                continue;
-            };
-            drop(waiting.take());
-            let sent = match sender {
-                Sender::H1(mut tx) => match tx.try_send_request(req).await {
-                    Ok(resp) => {
-                        self.give_back_when_ready(tx, &resp);
-                        return Ok(resp);
-                    }
-                    Err(e) => e,
-                },
-                Sender::H2(mut tx) => match tx.try_send_request(req).await {
-                    Ok(resp) => return Ok(resp),
-                    Err(e) => {
-                        if tx.is_closed() {
-                            let mut st = self.state();
-                            if st.shared.as_ref().is_some_and(|s| s.is_closed()) {
-                                st.shared = None;
+                    let freed = async {
+                        match freed {
+                            Some(f) => f.await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    let _ = tokio::time::timeout(left, async {
+                        tokio::select! {
+                            _ = returned => {},
+                            _ = freed => {},
+                        }
+                    })
+                    .await;
+                    // The connect this request waited for failed: so does it.
+                    if let Some(n) = attempt {
+                        if let Some((m, e)) = &self.state().failed {
+                            if *m == n {
+                                return Err(PoolError::Connect(Box::new(e.clone())));
                             }
                         }
-                        e
                     }
-                },
-            };
-            let mut e = sent;
-            match e.take_message() {
-                // Never written: another connection may take it.
-                Some(r) if unsent < UNSENT_RETRIES => {
+                    continue;
+                }
+            }
+            drop(waiting.take());
+            match self.dispatch(connector, next, req, sent, unsent).await {
+                Err(PoolError::Unsent(r)) => {
                     unsent += 1;
-                    req = r;
+                    req = *r;
                 }
-                _ => return Err(PoolError::Send(e.into_error())),
+                other => return other,
             }
         }
     }
 
-    /// An idle HTTP/1.1 connection or the shared HTTP/2 one, if open.
-    fn take(&self) -> Option<Sender> {
+    /// Sends on the connection `next` names (opening it first if need be).
+    /// A request never written, on a connection that closed just then,
+    /// comes back as [`PoolError::Unsent`] for another try (a few times).
+    async fn dispatch(
+        self: &Arc<Self>,
+        connector: &Connector,
+        next: Next,
+        req: Request<Body>,
+        sent: Option<&std::sync::atomic::AtomicBool>,
+        unsent: usize,
+    ) -> Result<Response<Incoming>, PoolError> {
+        let sender = match next {
+            Next::Send(s) => s,
+            Next::Open(opened, attempt) => self
+                .connect(connector, opened, attempt)
+                .await
+                .map_err(PoolError::Connect)?,
+            Next::WaitConnect(_) | Next::AtCap => {
+                return Err(PoolError::Overflow("no connection"));
+            }
+        };
+        if let Some(s) = sent {
+            s.store(true, Ordering::Release);
+        }
+        let mut e = match sender {
+            Sender::H1(mut tx) => match tx.try_send_request(req).await {
+                Ok(resp) => {
+                    self.give_back_when_ready(tx, &resp);
+                    return Ok(resp);
+                }
+                Err(e) => e,
+            },
+            Sender::H2(mut tx) => match tx.try_send_request(req).await {
+                Ok(resp) => return Ok(resp),
+                Err(e) => e,
+            },
+        };
+        match e.take_message() {
+            // Never written: another connection may take it.
+            Some(r) if unsent < UNSENT_RETRIES => Err(PoolError::Unsent(Box::new(r))),
+            _ => Err(PoolError::Send(e.into_error())),
+        }
+    }
+
+    /// The next step of a request, decided under the lock: an idle HTTP/1.1
+    /// connection or the shared HTTP/2 one; else a new connection, unless
+    /// the destination is at its cap and this endpoint already has one.
+    fn next(self: &Arc<Self>, limits: Option<&ConnLimits>) -> Next {
         let mut st = self.state();
-        if self.h2 {
-            return match &st.shared {
-                Some(tx) if !tx.is_closed() => Some(Sender::H2(tx.clone())),
-                Some(_) => {
-                    st.shared = None;
-                    None
-                }
-                None => None,
-            };
-        }
         let now = Instant::now();
-        while let Some((tx, since)) = st.idle.pop() {
-            if tx.is_ready() && now.duration_since(since) < IDLE_TIMEOUT {
-                return Some(Sender::H1(tx));
+        if self.h2 {
+            if let Some((tx, used)) = &mut st.shared {
+                if !tx.is_closed() {
+                    *used = now;
+                    return Next::Send(Sender::H2(tx.clone()));
+                }
+                // Closed or draining (GOAWAY): a new one is needed, and the
+                // old one no longer counts as this endpoint's connection.
+                st.shared = None;
+            }
+            if st.connecting {
+                return Next::WaitConnect(st.attempt);
+            }
+        } else {
+            while let Some((tx, since)) = st.idle.pop() {
+                if tx.is_ready() && now.duration_since(since) < IDLE_TIMEOUT {
+                    return Next::Send(Sender::H1(tx));
+                }
             }
         }
-        None
+        // HTTP/2: nothing usable here now. HTTP/1.1: every connection busy.
+        let has_one = !self.h2 && self.open.load(Ordering::Acquire) > 0;
+        match self.reserve(limits, has_one) {
+            Some(opened) => {
+                if self.h2 {
+                    st.connecting = true;
+                    st.attempt += 1;
+                }
+                Next::Open(opened, st.attempt)
+            }
+            None => Next::AtCap,
+        }
     }
 
-    /// Takes a place for a new connection, unless the destination is at
-    /// its cap and this endpoint already has one.
-    fn try_open(self: &Arc<Self>, limits: Option<&ConnLimits>) -> Option<Opened> {
+    /// Takes a place for a new connection: below the destination's cap,
+    /// or as the endpoint's only one.
+    fn reserve(self: &Arc<Self>, limits: Option<&ConnLimits>, has_one: bool) -> Option<Opened> {
         let dest = match limits {
             None => None,
             Some(l) => {
-                let mine = self.open.load(Ordering::Acquire);
-                let took = l
-                    .conns
+                l.conns
                     .open
                     .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                        (n < l.max_connections || mine == 0).then_some(n + 1)
+                        (n < l.max_connections || !has_one).then_some(n + 1)
                     })
-                    .is_ok();
-                if !took {
-                    return None;
-                }
+                    .ok()?;
                 Some(l.conns.clone())
             }
         };
         self.open.fetch_add(1, Ordering::AcqRel);
-        if self.h2 {
-            self.state().connecting = true;
-        }
         Some(Opened {
             pool: Arc::downgrade(self),
             dest,
@@ -305,9 +372,10 @@ impl Pool {
         self: &Arc<Self>,
         connector: &Connector,
         opened: Opened,
+        attempt: u64,
     ) -> Result<Sender, BoxError> {
-        /// Ends the HTTP/2 "connecting" state however the attempt ends
-        /// (also when the request gives up), waking those who wait for it.
+        /// Ends an HTTP/2 connect attempt however it ends (also when the
+        /// request gives up), waking those who wait for it.
         struct Connecting<'a>(&'a Pool);
         impl Drop for Connecting<'_> {
             fn drop(&mut self) {
@@ -318,11 +386,26 @@ impl Pool {
             }
         }
         let _connecting = Connecting(self);
-        let result = self.handshake(connector, opened).await;
-        if let Ok(Sender::H2(tx)) = &result {
-            self.state().shared = Some(tx.clone());
+        match self.handshake(connector, opened).await {
+            Ok(Sender::H2(tx)) => {
+                let sweep = {
+                    let mut st = self.state();
+                    st.shared = Some((tx.clone(), Instant::now()));
+                    !std::mem::replace(&mut st.sweeping, true)
+                };
+                if sweep {
+                    tokio::spawn(sweep_idle(Arc::downgrade(self)));
+                }
+                Ok(Sender::H2(tx))
+            }
+            Ok(s) => Ok(s),
+            Err(e) if self.h2 => {
+                let shared = SharedError(Arc::from(e));
+                self.state().failed = Some((attempt, shared.clone()));
+                Err(Box::new(shared))
+            }
+            Err(e) => Err(e),
         }
-        result
     }
 
     async fn handshake(&self, connector: &Connector, opened: Opened) -> Result<Sender, BoxError> {
@@ -378,7 +461,7 @@ async fn run<F: Future>(conn: F, opened: Opened) {
     drop(opened);
 }
 
-/// Closes connections idle longer than [`IDLE_TIMEOUT`], while any is idle.
+/// Closes connections idle longer than [`IDLE_TIMEOUT`], while there are any.
 async fn sweep_idle(pool: Weak<Pool>) {
     loop {
         tokio::time::sleep(IDLE_TIMEOUT / 4).await;
@@ -389,7 +472,16 @@ async fn sweep_idle(pool: Weak<Pool>) {
         let now = Instant::now();
         st.idle
             .retain(|(tx, since)| !tx.is_closed() && now.duration_since(*since) < IDLE_TIMEOUT);
-        if st.idle.is_empty() {
+        // An HTTP/2 connection no request took for that long is let go; it
+        // closes once the streams still on it end.
+        if st
+            .shared
+            .as_ref()
+            .is_some_and(|(tx, used)| tx.is_closed() || now.duration_since(*used) >= IDLE_TIMEOUT)
+        {
+            st.shared = None;
+        }
+        if st.idle.is_empty() && st.shared.is_none() {
             st.sweeping = false;
             return;
         }
@@ -407,6 +499,13 @@ mod tests {
         )
     }
 
+    fn opened(n: Next) -> Option<Opened> {
+        match n {
+            Next::Open(o, _) => Some(o),
+            _ => None,
+        }
+    }
+
     #[test]
     fn the_cap_holds_but_every_endpoint_may_have_one_connection() {
         let limits = ConnLimits {
@@ -414,20 +513,31 @@ mod tests {
             max_pending: 0,
             conns: Arc::new(DestConns::default()),
         };
+        let l = Some(&limits);
         let (a, b, c) = (pool(1), pool(2), pool(3));
-        let a1 = a.try_open(Some(&limits)).expect("under the cap");
-        let a2 = a.try_open(Some(&limits)).expect("under the cap");
-        assert!(a.try_open(Some(&limits)).is_none(), "at the cap");
+        let a1 = opened(a.next(l)).expect("under the cap");
+        let a2 = opened(a.next(l)).expect("under the cap");
+        assert!(matches!(a.next(l), Next::AtCap));
         // `b` has none yet: it may open one, past the cap, but not two.
-        let b1 = b.try_open(Some(&limits)).expect("first of its endpoint");
-        assert!(b.try_open(Some(&limits)).is_none());
+        let b1 = opened(b.next(l)).expect("first of its endpoint");
+        assert!(matches!(b.next(l), Next::AtCap));
         assert_eq!(limits.conns.open.load(Ordering::Acquire), 3);
         // Closing connections gives their places back.
         drop((a1, a2, b1));
         assert_eq!(limits.conns.open.load(Ordering::Acquire), 0);
         assert_eq!(a.open.load(Ordering::Acquire), 0);
-        let _c = c.try_open(Some(&limits)).expect("room again");
+        let _c = opened(c.next(l)).expect("room again");
         // Without limits nothing is refused.
-        assert!((0..10).all(|_| a.try_open(None).is_some()));
+        let all: Vec<_> = (0..10).filter_map(|_| opened(a.next(None))).collect();
+        assert_eq!(all.len(), 10);
+    }
+
+    #[test]
+    fn one_http2_connect_at_a_time() {
+        let p = Pool::new("http://127.0.0.1:1/".parse().expect("uri"), true);
+        let first = p.next(None);
+        assert!(matches!(first, Next::Open(_, 1)));
+        // Others wait for that attempt instead of connecting too.
+        assert!(matches!(p.next(None), Next::WaitConnect(1)));
     }
 }

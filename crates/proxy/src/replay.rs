@@ -200,7 +200,7 @@ where
             None => self.shared.empty,
             Some(s) => {
                 (s.capped || self.pos >= s.copy.len())
-                    && s.rest.is_none()
+                    && s.rest.as_ref().is_none_or(|r| r.is_end_stream())
                     && (s.trailers.is_none() || self.trailers_sent)
             }
         }
