@@ -565,24 +565,28 @@ async fn with_retries(
                 .map_err(|(e, d)| (e, d, name));
         }
         if n + 1 < attempts {
-            next = match (&parts, &handle) {
-                (Some(parts), Some(h)) => {
-                    h.next_try().await.map(|b| rebuild(parts, Body::Replay(b)))
-                }
-                _ => None,
+            let (Some(parts), Some(h)) = (&parts, &handle) else {
+                break;
             };
             // The body outgrew the copy: the answer stands as it is.
+            if h.outgrown() {
+                return result
+                    .map(|r| (r, name.clone()))
+                    .map_err(|(e, d)| (e, d, name));
+            }
+            // Read the replaced answer first: left unread, it would hold
+            // its connection (and maybe the body) until the end.
+            let result = match result {
+                Ok(r) => Ok(settle(r).await),
+                Err(e) => Err(e),
+            };
+            next = h.next_try().await.map(|b| rebuild(parts, Body::Replay(b)));
             if next.is_none() {
                 return result
                     .map(|r| (r, name.clone()))
                     .map_err(|(e, d)| (e, d, name));
             }
-            // Read the replaced answer now: left unread, it would hold its
-            // connection until the end of the request.
-            last = Some(match result {
-                Ok(r) => Ok(settle(r).await),
-                Err(e) => Err(e),
-            });
+            last = Some(result);
             continue;
         }
         last = Some(result);

@@ -89,6 +89,12 @@ impl<B: http_body::Body> Replay<B> {
 pub struct ReplayHandle<B = hyper::body::Incoming>(Arc<Shared<B>>);
 
 impl<B> ReplayHandle<B> {
+    /// Known already to be past the copy's limit (false while a try still
+    /// holds the body: [`ReplayHandle::next_try`] tells then).
+    pub fn outgrown(&self) -> bool {
+        lock(&self.0.state).as_ref().is_some_and(|s| s.capped)
+    }
+
     /// The body for the next try, once the previous try has let go of it;
     /// `None` when it can no longer be replayed (more than the limit went
     /// by) or the previous try still holds it after a while.
