@@ -183,7 +183,8 @@ impl Pool {
 
     /// Sends `req` (origin-form URI for HTTP/1.1, absolute for HTTP/2) on
     /// a connection of this endpoint. `sent` is set once the request has a
-    /// connection: time spent before that is this sidecar's own queue.
+    /// connection or is opening one: time spent before that is this
+    /// sidecar's own queue.
     pub async fn send(
         self: &Arc<Self>,
         connector: &Connector,
@@ -273,19 +274,25 @@ impl Pool {
         sent: Option<&std::sync::atomic::AtomicBool>,
         unsent: usize,
     ) -> Result<Response<Incoming>, PoolError> {
-        let sender = match next {
-            Next::Send(s) => s,
-            Next::Open(opened, attempt) => self
-                .connect(connector, opened, attempt)
-                .await
-                .map_err(PoolError::Connect)?,
+        let to_open = match next {
+            Next::Send(s) => Ok(s),
+            Next::Open(opened, attempt) => Err((opened, attempt)),
             Next::WaitConnect(_) | Next::AtCap => {
                 return Err(PoolError::Overflow("no connection"));
             }
         };
+        // From here the endpoint has the request (a connect that hangs is
+        // the endpoint's too).
         if let Some(s) = sent {
             s.store(true, Ordering::Release);
         }
+        let sender = match to_open {
+            Ok(s) => s,
+            Err((opened, attempt)) => self
+                .connect(connector, opened, attempt)
+                .await
+                .map_err(PoolError::Connect)?,
+        };
         let mut e = match sender {
             Sender::H1(mut tx) => match tx.try_send_request(req).await {
                 Ok(resp) => {

@@ -504,6 +504,18 @@ mod tests {
         }
     }
 
+    /// A table whose one destination `api` has three endpoints.
+    fn three_endpoints() -> Routing {
+        let mut s = snapshot("127.0.0.1:9");
+        let eps = &mut s.destinations[0].backends[0].endpoints;
+        for port in [10, 11] {
+            let mut e = eps[0].clone();
+            e.address = format!("127.0.0.1:{port}");
+            eps.push(e);
+        }
+        Routing::build(1, s, &LoadCache::default()).expect("build")
+    }
+
     #[test]
     fn endpoints_failing_at_once_never_pass_the_ejection_cap() {
         let cb = CircuitBreaker {
@@ -517,14 +529,7 @@ mod tests {
             max_pending_requests: None,
         };
         for _ in 0..100 {
-            let mut s = snapshot("127.0.0.1:9");
-            let eps = &mut s.destinations[0].backends[0].endpoints;
-            for port in [10, 11] {
-                let mut e = eps[0].clone();
-                e.address = format!("127.0.0.1:{port}");
-                eps.push(e);
-            }
-            let r = Routing::build(1, s, &LoadCache::default()).expect("build");
+            let r = three_endpoints();
             let b = &r.destination("api").expect("api").backends[0];
             // Two endpoints cross their threshold at the same instant.
             let go = std::sync::Barrier::new(2);
@@ -547,14 +552,7 @@ mod tests {
 
     #[test]
     fn ejected_endpoints_are_never_picked_while_others_are_in() {
-        let mut s = snapshot("127.0.0.1:9");
-        let eps = &mut s.destinations[0].backends[0].endpoints;
-        for port in [10, 11] {
-            let mut e = eps[0].clone();
-            e.address = format!("127.0.0.1:{port}");
-            eps.push(e);
-        }
-        let r = Routing::build(1, s, &LoadCache::default()).expect("build");
+        let r = three_endpoints();
         let b = &r.destination("api").expect("api").backends[0];
         let cb = CircuitBreaker {
             consecutive_errors: 1,
