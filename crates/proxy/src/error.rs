@@ -35,50 +35,6 @@ impl Body {
     }
 }
 
-/// A response body as the listeners send it: it keeps the request counted
-/// (in the sidecar's `--max-requests` and the destination's
-/// `circuitBreaker.maxRequests`) until its last byte is sent or the
-/// caller goes away, not only until the response headers.
-pub struct Served {
-    body: Body,
-    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    _counted: Option<crate::retry::InProgress>,
-}
-
-impl Served {
-    pub fn new(
-        body: Body,
-        permit: Option<tokio::sync::OwnedSemaphorePermit>,
-        counted: Option<crate::retry::InProgress>,
-    ) -> Self {
-        Served {
-            body,
-            _permit: permit,
-            _counted: counted,
-        }
-    }
-}
-
-impl http_body::Body for Served {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
 impl http_body::Body for Body {
     type Data = Bytes;
     type Error = hyper::Error;

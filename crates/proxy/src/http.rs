@@ -18,7 +18,7 @@ use hyper_util::rt::TokioIo;
 use tandem_config::snapshot::Protocol;
 use tokio::time::Instant;
 
-use crate::error::{Body, MeshError, Served};
+use crate::error::{Body, MeshError};
 use crate::metrics::{Direction, Name, RequestLabels};
 use crate::outlier::Outcome;
 use crate::pool::{ConnLimits, Pool, PoolError};
@@ -83,6 +83,50 @@ pub struct Peer {
     pub service: Name,
     /// Its SPIFFE ID, as the `tandem-client-id` value.
     pub client_id: HeaderValue,
+}
+
+/// A response body as the listeners send it: it keeps the request counted
+/// (in the sidecar's `--max-requests` and the destination's
+/// `circuitBreaker.maxRequests`) until its last byte is sent or the
+/// caller goes away, not only until the response headers.
+pub struct Served {
+    body: Body,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    _counted: Option<crate::retry::InProgress>,
+}
+
+impl Served {
+    pub fn new(
+        body: Body,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+        counted: Option<crate::retry::InProgress>,
+    ) -> Self {
+        Served {
+            body,
+            _permit: permit,
+            _counted: counted,
+        }
+    }
+}
+
+impl http_body::Body for Served {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, hyper::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// Where outbound traffic of a listener goes.

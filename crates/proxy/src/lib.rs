@@ -120,7 +120,7 @@ pub struct Proxy {
     server_http: Arc<rustls::ServerConfig>,
     server_tcp: Arc<rustls::ServerConfig>,
     /// Endpoint → identity, for the HTTP clients' connector.
-    peer_names: Arc<ArcSwap<state::PeerNames>>,
+    peer_names: Arc<ArcSwap<transport::PeerNames>>,
     pub routing: ArcSwap<Routing>,
     pub routing_changed: watch::Sender<u64>,
     pub metrics: Metrics,
@@ -299,7 +299,7 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
         config: tls.client_config(alpn),
         handshakes: handshakes.clone(),
     };
-    let peer_names = Arc::new(ArcSwap::from_pointee(state::PeerNames::new()));
+    let peer_names = Arc::new(ArcSwap::from_pointee(transport::PeerNames::new()));
     let connector = |alpn: &[&[u8]]| transport::Connector {
         tls: mesh_tls(alpn),
         names: peer_names.clone(),

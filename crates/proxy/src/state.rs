@@ -13,6 +13,7 @@ use crate::balance::{p2c, EndpointLoad};
 use crate::metrics::Name;
 use crate::outlier::{max_ejected, now_ms, Outcome};
 use crate::retry::{BudgetCache, RuntimePolicy};
+use crate::transport::PeerNames;
 
 pub struct Routing {
     pub version: u64,
@@ -118,10 +119,6 @@ impl Endpoint {
         self.load.addr
     }
 }
-
-/// Endpoint address → the identity its sidecar must have, for the
-/// connector (which sees only the address).
-pub type PeerNames = HashMap<Box<str>, ServerName<'static>>;
 
 impl Backend {
     /// An endpoint, by the destination's load balancer (default: power of

@@ -27,7 +27,10 @@ use tokio::net::TcpStream;
 use tokio_util::either::Either;
 
 use crate::metrics::{Direction, HandshakeLabels};
-use crate::state::PeerNames;
+
+/// Endpoint address → the identity its sidecar must have, for the
+/// connector (which sees only the address); built with each routing table.
+pub type PeerNames = std::collections::HashMap<Box<str>, ServerName<'static>>;
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest a TLS handshake may take before the connection is dropped.
