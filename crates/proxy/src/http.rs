@@ -153,8 +153,7 @@ pub async fn outbound(
             src,
             proxy.unknown.clone(),
             start,
-        )
-        .map(|b| Served::new(b, None, None)));
+        ));
     };
     let mut counted = None;
     let (resp, dst) = match route_outbound(&proxy, &target, req, start, &mut counted).await {
@@ -920,8 +919,7 @@ pub async fn inbound(
             src,
             proxy.service.clone(),
             start,
-        )
-        .map(|b| Served::new(b, None, None)));
+        ));
     };
     let headers = req.headers_mut();
     headers.remove(CLIENT_ID_HEADER);
@@ -1007,12 +1005,12 @@ fn overloaded(
     src: Name,
     dst: Name,
     start: Instant,
-) -> Response<Body> {
+) -> Response<Served> {
     proxy.limits.request_rejected();
     let resp =
         MeshError::Overloaded.response("this sidecar is at its limit of requests in progress");
     record(proxy, direction, src, dst, &resp, start);
-    resp
+    resp.map(|b| Served::new(b, None, None))
 }
 
 fn record(

@@ -108,13 +108,18 @@ enum Sender {
 
 /// What a request does next, decided under the pool's lock.
 enum Next {
-    Send(Sender),
-    /// Open a connection (for HTTP/2: connect attempt n).
-    Open(Opened, u64),
+    Go(Go),
     /// Wait for HTTP/2 connect attempt n, made by another request.
     WaitConnect(u64),
     /// The destination is at its cap: wait for a connection.
     AtCap,
+}
+
+/// A request that can go now.
+enum Go {
+    Send(Sender),
+    /// Open a connection (for HTTP/2: connect attempt n).
+    Open(Opened, u64),
 }
 
 /// A failed connect, given to every request that waited on it.
@@ -195,65 +200,35 @@ impl Pool {
         let mut unsent = 0;
         let mut waiting: Option<Waiting<'_>> = None;
         let mut waited_since: Option<Instant> = None;
-        loop {
-            let mut next = self.next(limits);
-            if matches!(next, Next::WaitConnect(_) | Next::AtCap) {
+        'request: loop {
+            let go = 'look: {
+                if let Next::Go(go) = self.next(limits) {
+                    break 'look go;
+                }
                 // Registered, then a second look: a connection coming back
                 // between the look and the wait is not missed.
                 let returned = self.returned.notified();
                 tokio::pin!(returned);
                 returned.as_mut().enable();
                 let freed = limits.map(|l| l.conns.freed.notified());
-                next = self.next(limits);
-                let attempt = match next {
-                    Next::WaitConnect(n) => Some(Some(n)),
-                    Next::AtCap => Some(None),
-                    Next::Send(_) | Next::Open(..) => None,
+                let attempt = match self.next(limits) {
+                    Next::Go(go) => break 'look go,
+                    Next::WaitConnect(n) => Some(n),
+                    Next::AtCap => None,
                 };
-                if let Some(attempt) = attempt {
-                    if let (None, Some(l), None) = (attempt, limits, &waiting) {
-                        let queued = l.conns.pending.fetch_add(1, Ordering::AcqRel);
-                        let w = Waiting(&l.conns);
-                        if queued >= l.max_pending {
-                            return Err(PoolError::Overflow(
-                            "the destination is at its maxConnections and its maxPendingRequests are waiting",
-                        ));
-                        }
-                        waiting = Some(w);
-                    }
-                    let since = *waited_since.get_or_insert_with(Instant::now);
-                    let left = PENDING_TIMEOUT.saturating_sub(since.elapsed());
-                    if left.is_zero() {
-                        return Err(PoolError::Overflow(
-                            "no connection of the destination came free in time",
-                        ));
-                    }
-                    let freed = async {
-                        match freed {
-                            Some(f) => f.await,
-                            None => std::future::pending().await,
-                        }
-                    };
-                    let _ = tokio::time::timeout(left, async {
-                        tokio::select! {
-                            _ = returned => {},
-                            _ = freed => {},
-                        }
-                    })
-                    .await;
-                    // The connect this request waited for failed: so does it.
-                    if let Some(n) = attempt {
-                        if let Some((m, e)) = &self.state().failed {
-                            if *m == n {
-                                return Err(PoolError::Connect(Box::new(e.clone())));
-                            }
-                        }
-                    }
-                    continue;
-                }
-            }
+                self.wait(
+                    attempt,
+                    returned,
+                    freed,
+                    limits,
+                    &mut waiting,
+                    &mut waited_since,
+                )
+                .await?;
+                continue 'request;
+            };
             drop(waiting.take());
-            match self.dispatch(connector, next, req, sent, unsent).await {
+            match self.dispatch(connector, go, req, sent, unsent).await {
                 Err(PoolError::Unsent(r)) => {
                     unsent += 1;
                     req = *r;
@@ -263,32 +238,79 @@ impl Pool {
         }
     }
 
-    /// Sends on the connection `next` names (opening it first if need be).
+    /// Waits for a request's turn: a connection of this endpoint coming
+    /// back or closing, one of the destination's closing, or the end of
+    /// HTTP/2 connect `attempt` (whose failure is the request's too). A
+    /// request waiting at the cap counts in `maxPendingRequests` once, in
+    /// `waiting`; no request waits longer than [`PENDING_TIMEOUT`].
+    async fn wait<'a>(
+        &self,
+        attempt: Option<u64>,
+        returned: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+        freed: Option<tokio::sync::futures::Notified<'_>>,
+        limits: Option<&'a ConnLimits>,
+        waiting: &mut Option<Waiting<'a>>,
+        waited_since: &mut Option<Instant>,
+    ) -> Result<(), PoolError> {
+        if let (None, Some(l), None) = (attempt, limits, &*waiting) {
+            let queued = l.conns.pending.fetch_add(1, Ordering::AcqRel);
+            let w = Waiting(&l.conns);
+            if queued >= l.max_pending {
+                return Err(PoolError::Overflow(
+                    "the destination is at its maxConnections and its maxPendingRequests are waiting",
+                ));
+            }
+            *waiting = Some(w);
+        }
+        let since = *waited_since.get_or_insert_with(Instant::now);
+        let left = PENDING_TIMEOUT.saturating_sub(since.elapsed());
+        if left.is_zero() {
+            return Err(PoolError::Overflow(
+                "no connection of the destination came free in time",
+            ));
+        }
+        let freed = async {
+            match freed {
+                Some(f) => f.await,
+                None => std::future::pending().await,
+            }
+        };
+        let _ = tokio::time::timeout(left, async {
+            tokio::select! {
+                _ = returned => {},
+                _ = freed => {},
+            }
+        })
+        .await;
+        if let Some(n) = attempt {
+            if let Some((m, e)) = &self.state().failed {
+                if *m == n {
+                    return Err(PoolError::Connect(Box::new(e.clone())));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends on the connection `go` names (opening it first if need be).
     /// A request never written, on a connection that closed just then,
     /// comes back as [`PoolError::Unsent`] for another try (a few times).
     async fn dispatch(
         self: &Arc<Self>,
         connector: &Connector,
-        next: Next,
+        go: Go,
         req: Request<Body>,
         sent: Option<&std::sync::atomic::AtomicBool>,
         unsent: usize,
     ) -> Result<Response<Incoming>, PoolError> {
-        let to_open = match next {
-            Next::Send(s) => Ok(s),
-            Next::Open(opened, attempt) => Err((opened, attempt)),
-            Next::WaitConnect(_) | Next::AtCap => {
-                return Err(PoolError::Overflow("no connection"));
-            }
-        };
         // From here the endpoint has the request (a connect that hangs is
         // the endpoint's too).
         if let Some(s) = sent {
             s.store(true, Ordering::Release);
         }
-        let sender = match to_open {
-            Ok(s) => s,
-            Err((opened, attempt)) => self
+        let sender = match go {
+            Go::Send(s) => s,
+            Go::Open(opened, attempt) => self
                 .connect(connector, opened, attempt)
                 .await
                 .map_err(PoolError::Connect)?,
@@ -323,7 +345,7 @@ impl Pool {
             if let Some((tx, used)) = &mut st.shared {
                 if !tx.is_closed() {
                     *used = now;
-                    return Next::Send(Sender::H2(tx.clone()));
+                    return Next::Go(Go::Send(Sender::H2(tx.clone())));
                 }
                 // Closed or draining (GOAWAY): a new one is needed, and the
                 // old one no longer counts as this endpoint's connection.
@@ -335,7 +357,7 @@ impl Pool {
         } else {
             while let Some((tx, since)) = st.idle.pop() {
                 if tx.is_ready() && now.duration_since(since) < IDLE_TIMEOUT {
-                    return Next::Send(Sender::H1(tx));
+                    return Next::Go(Go::Send(Sender::H1(tx)));
                 }
             }
         }
@@ -347,7 +369,7 @@ impl Pool {
                     st.connecting = true;
                     st.attempt += 1;
                 }
-                Next::Open(opened, st.attempt)
+                Next::Go(Go::Open(opened, st.attempt))
             }
             None => Next::AtCap,
         }
@@ -508,7 +530,7 @@ mod tests {
 
     fn opened(n: Next) -> Option<Opened> {
         match n {
-            Next::Open(o, _) => Some(o),
+            Next::Go(Go::Open(o, _)) => Some(o),
             _ => None,
         }
     }
@@ -543,7 +565,7 @@ mod tests {
     fn one_http2_connect_at_a_time() {
         let p = Pool::new("http://127.0.0.1:1/".parse().expect("uri"), true);
         let first = p.next(None);
-        assert!(matches!(first, Next::Open(_, 1)));
+        assert!(matches!(first, Next::Go(Go::Open(_, 1))));
         // Others wait for that attempt instead of connecting too.
         assert!(matches!(p.next(None), Next::WaitConnect(1)));
     }
