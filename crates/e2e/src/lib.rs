@@ -16,6 +16,18 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+/// Runs `tandem ARGS`, which must succeed; its output, trimmed.
+pub fn tandem_ok(args: &[&str]) -> String {
+    let out = Command::new(bin()).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "tandem {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
 /// The `tandem` binary, built once per test run.
 pub fn bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
@@ -323,18 +335,10 @@ impl Mesh {
 
     /// `tandem token create` with these arguments (plus `--data`).
     pub fn token_with(&self, args: &[&str]) -> String {
-        let out = Command::new(bin())
-            .args(["token", "create", "--data"])
-            .arg(self.data_dir())
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "tandem token create failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
+        let data = self.data_dir().display().to_string();
+        let mut all = vec!["token", "create", "--data", data.as_str()];
+        all.extend_from_slice(args);
+        tandem_ok(&all)
     }
 
     pub fn write_config(&self, file: &str, text: &str) {

@@ -15,7 +15,8 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use tandem_e2e::{
-    api_json, bin, curl, free_port, http_get, metric, wait_for, Instance, Load, Mesh, TempDir,
+    api_json, bin, curl, free_port, http_get, metric, tandem_ok, wait_for, Instance, Load, Mesh,
+    TempDir,
 };
 
 const TD: &str = "tandem.local";
@@ -594,12 +595,8 @@ fn join_tokens_grant_one_identity_and_can_be_refused() {
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
     assert!(e.message().contains("signature"), "{}", e.message());
     // Revoked.
-    let out = Command::new(bin())
-        .args(["token", "revoke", &claims.id, "--data"])
-        .arg(mesh.data_dir())
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let data = mesh.data_dir().display().to_string();
+    tandem_ok(&["token", "revoke", &claims.id, "--data", &data]);
     let e = certify(&mesh, &orders, "orders").unwrap_err();
     assert!(e.message().contains("revoked"), "{}", e.message());
     // A proxy started with another service's token does not start.
@@ -633,13 +630,15 @@ fn join_tokens_grant_one_identity_and_can_be_refused() {
     // A token from another mesh's CA: this control plane cannot prove it
     // minted it, so the proxy does not trust it (and never sends the token).
     let elsewhere = TempDir::new("other-mesh");
-    let out = Command::new(bin())
-        .args(["token", "create", "--service", "web", "--data"])
-        .arg(&elsewhere.0)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let foreign = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let elsewhere_data = elsewhere.0.display().to_string();
+    let foreign = tandem_ok(&[
+        "token",
+        "create",
+        "--service",
+        "web",
+        "--data",
+        &elsewhere_data,
+    ]);
     let n = args.len();
     args[n - 3] = foreign;
     let out = Command::new(bin()).args(&args).output().unwrap();
@@ -707,15 +706,7 @@ fn root_rotation_under_load_fails_no_request() {
     let load = Load::start(client.http_proxy, "web", "/", 2, Duration::from_millis(20));
     std::thread::sleep(Duration::from_secs(1));
     let api = mesh.api.to_string();
-    let out = Command::new(bin())
-        .args(["ca", "rotate", "--api", &api])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    tandem_ok(&["ca", "rotate", "--api", &api]);
     let ca = api_json(mesh.api, "/api/v1/ca").unwrap();
     let new_root = ca["signer"].as_str().unwrap().to_string();
     assert_ne!(new_root, old_root);
@@ -731,15 +722,7 @@ fn root_rotation_under_load_fails_no_request() {
         },
     );
     // Retiring is refused while... nothing uses the old root any more: it goes.
-    let out = Command::new(bin())
-        .args(["ca", "retire", "--api", &api])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    tandem_ok(&["ca", "retire", "--api", &api]);
     let ca = api_json(mesh.api, "/api/v1/ca").unwrap();
     assert_eq!(ca["roots"], serde_json::json!([new_root]));
     wait_for("proxies drop the old root", Duration::from_secs(10), || {
