@@ -268,29 +268,8 @@ fn parse_upstream(s: &str) -> Result<(String, SocketAddr), String> {
     Ok((name.to_string(), addr))
 }
 
-/// `250ms`, `2s`, `1m`, or plain seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
-        Some(i) => (&s[..i], &s[i..]),
-        None => (s, "s"),
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration (e.g. 500ms, 2s, 1m)"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        "d" => n * 86400.0,
-        _ => return Err(format!("`{s}`: unknown unit `{unit}` (ms, s, m, h, d)")),
-    };
-    if !(0.0..=1e9).contains(&secs) {
-        return Err(format!("`{s}` is out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
+/// Every duration flag takes the config's grammar (`250ms`, `2s`, `1m30s`).
+use tandem_config::duration::parse as parse_duration;
 
 /// The join token and, if given, the pinned trust bundle of `tandem proxy`.
 type Credentials = (
@@ -522,14 +501,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations() {
+    fn durations_take_the_config_grammar() {
         assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
-        assert!(parse_duration("fast").is_err());
-        assert!(parse_duration("5y").is_err());
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        // A unit is required everywhere.
+        assert!(parse_duration("3").is_err());
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 pub mod compile;
 pub mod diag;
+pub mod duration;
 pub mod load;
 pub mod model;
 pub mod policy;

@@ -15,27 +15,15 @@ pub const DEFAULT_MAX_PENDING_REQUESTS: u32 = 1024;
 pub const MAX_ATTEMPTS: u32 = 10;
 const MAX_DURATION_MS: u64 = 3_600_000;
 
-/// `250ms`, `5s`, `1m`, `1h` → milliseconds. A unit is required.
+/// A policy duration ([`crate::duration`]'s grammar) in milliseconds,
+/// between 1 ms and 1 h.
 pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| c.is_ascii_alphabetic())
-        .ok_or_else(|| format!("`{s}` needs a unit (ms, s, m, h), e.g. `250ms` or `5s`"))?;
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration (e.g. 250ms, 5s, 1m)"))?;
-    let ms = match unit {
-        "ms" => n,
-        "s" => n * 1e3,
-        "m" => n * 60e3,
-        "h" => n * 3600e3,
-        _ => return Err(format!("`{s}`: unknown unit `{unit}` (ms, s, m, h)")),
-    };
-    if !(ms >= 1.0 && ms <= MAX_DURATION_MS as f64) {
-        return Err(format!("`{s}` must be between 1ms and 1h"));
-    }
-    Ok(ms.round() as u64)
+    crate::duration::parse_within(
+        s,
+        std::time::Duration::from_millis(1),
+        std::time::Duration::from_millis(MAX_DURATION_MS),
+    )
+    .map(|d| d.as_millis() as u64)
 }
 
 fn duration(

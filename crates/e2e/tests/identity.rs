@@ -544,7 +544,7 @@ fn certify(mesh: &Mesh, token: &str, csr_for: &str) -> Result<Vec<Vec<u8>>, toni
     let (csr, _key) = tandem_identity::ca::new_csr(&id).unwrap();
     let grpc = mesh.grpc.to_string();
     tandem_e2e::rt().block_on(async move {
-        let ch = tandem_proxy::identity::channel(
+        let ch = tandem_proxy::control_channel(
             &grpc,
             tls.client_config_anonymous(&[tandem_identity::tls::ALPN_H2]),
         )

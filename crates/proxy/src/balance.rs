@@ -1,291 +1,81 @@
-//! Endpoint selection: power of two choices over a peak-EWMA latency
-//! estimate (as in Finagle and Linkerd). Each endpoint's cost is its decayed
-//! peak latency times its outstanding requests plus one; of two endpoints
-//! picked at random, the cheaper one wins. A slow or failing endpoint is
-//! avoided at once (peaks count immediately) and forgiven gradually: the
-//! estimate decays with time even when the endpoint gets no traffic, so it
-//! is tried again and can prove itself.
+//! Load balancing: which endpoint of the chosen backend a try goes to
+//! ([`pick`]), and what the balancer learns from how it went ([`ewma`]).
+//! The layer picks for each try (a retry avoids the endpoints already
+//! tried), counts the try as outstanding on its endpoint, and observes its
+//! latency, or a penalty when it failed, so a slow or failing endpoint is
+//! chosen less.
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+pub(crate) mod ewma;
+pub(crate) mod pick;
 
-use tokio::time::Instant;
+use http::{Request, Response};
 
-/// Estimate used for an endpoint that has answered nothing yet, and the
-/// value every estimate returns to as its information ages.
-const DEFAULT_RTT: Duration = Duration::from_millis(1);
-/// Time constant of the decay.
-const DECAY: Duration = Duration::from_secs(10);
-/// Latency charged for a failed request (connect refused, reset): failing
-/// fast must not make an endpoint look attractive.
-pub const FAILURE_PENALTY: Duration = Duration::from_millis(250);
+use crate::body::Body;
+use crate::ctx::RequestCtx;
+use crate::error::{Error, MeshError};
+use crate::svc::{layer, Service};
 
-/// A peak-sensitive exponentially weighted moving average of latency, in
-/// nanoseconds. Peaks count at once; lower values blend in with a weight
-/// that grows with the time since the last observation; and with no
-/// observations the estimate returns towards [`DEFAULT_RTT`], so a shunned
-/// endpoint is tried again without an idle one ever looking free.
-#[derive(Debug)]
-pub struct PeakEwma {
-    rtt_ns: f64,
-    stamp: Instant,
-}
+layer!(
+    /// Picks the endpoint of each try.
+    BalanceLayer => Balance {}
+);
 
-impl PeakEwma {
-    pub fn new(now: Instant) -> Self {
-        Self {
-            rtt_ns: DEFAULT_RTT.as_nanos() as f64,
-            stamp: now,
-        }
-    }
-
-    fn weight(&self, now: Instant) -> f64 {
-        let elapsed = now.saturating_duration_since(self.stamp).as_secs_f64();
-        (-elapsed / DECAY.as_secs_f64()).exp()
-    }
-
-    /// The estimate at `now`, in nanoseconds.
-    pub fn estimate(&self, now: Instant) -> f64 {
-        let floor = DEFAULT_RTT.as_nanos() as f64;
-        floor + (self.rtt_ns - floor) * self.weight(now)
-    }
-
-    pub fn observe(&mut self, rtt: Duration, now: Instant) {
-        let rtt = rtt.as_nanos() as f64;
-        let current = self.estimate(now);
-        self.rtt_ns = if rtt > current {
-            rtt
-        } else {
-            let w = self.weight(now);
-            self.rtt_ns * w + rtt * (1.0 - w)
+impl<S: Service> Service for Balance<S> {
+    async fn call(
+        &self,
+        req: Request<Body>,
+        ctx: &mut RequestCtx,
+    ) -> Result<Response<Body>, Error> {
+        ctx.endpoint = None;
+        ctx.upstream_flag = None;
+        let Some(dest) = ctx.dest.clone() else {
+            return Err(Error::new(MeshError::NoEndpoints, "no destination"));
         };
-        self.stamp = now;
-    }
-}
-
-/// Load state of one endpoint, shared by every snapshot that lists it so
-/// that a config change does not forget what was learned.
-#[derive(Debug)]
-pub struct EndpointLoad {
-    pub addr: SocketAddr,
-    ewma: Mutex<PeakEwma>,
-    pending: AtomicUsize,
-    /// Outlier detection (see [`crate::outlier`]).
-    pub outlier: crate::outlier::OutlierState,
-}
-
-impl EndpointLoad {
-    pub fn new(addr: SocketAddr) -> Self {
-        Self {
-            addr,
-            ewma: Mutex::new(PeakEwma::new(Instant::now())),
-            pending: AtomicUsize::new(0),
-            outlier: Default::default(),
-        }
-    }
-
-    fn ewma(&self) -> std::sync::MutexGuard<'_, PeakEwma> {
-        match self.ewma.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
-    }
-
-    pub fn cost(&self, now: Instant) -> f64 {
-        if self.outlier.is_ejected(crate::outlier::now_ms()) {
-            return f64::INFINITY;
-        }
-        let pending = self.pending.load(Ordering::Relaxed) as f64;
-        self.ewma().estimate(now) * (pending + 1.0)
-    }
-
-    /// Marks a request as dispatched. Finish it with [`InFlight::complete`]
-    /// (latency observed) or [`InFlight::failed`] (penalty observed); a
-    /// request dropped unfinished (the caller gave up) counts its elapsed
-    /// time as a latency peak, so an endpoint that hangs is avoided.
-    pub fn start(self: &Arc<Self>) -> InFlight {
-        self.pending.fetch_add(1, Ordering::Relaxed);
-        InFlight {
-            load: self.clone(),
-            started: Instant::now(),
-            done: false,
-        }
-    }
-
-    /// Marks a long-lived connection (opaque TCP): it counts as outstanding
-    /// while open, and its duration, which says nothing of latency, is not
-    /// observed.
-    pub fn open(self: &Arc<Self>) -> Connection {
-        self.pending.fetch_add(1, Ordering::Relaxed);
-        Connection { load: self.clone() }
-    }
-
-    pub fn pending(&self) -> usize {
-        self.pending.load(Ordering::Relaxed)
-    }
-}
-
-/// An outstanding request on one endpoint.
-pub struct InFlight {
-    load: Arc<EndpointLoad>,
-    started: Instant,
-    done: bool,
-}
-
-impl InFlight {
-    pub fn complete(mut self) -> Duration {
-        self.finish(Duration::ZERO)
-    }
-
-    pub fn failed(mut self) {
-        self.finish(FAILURE_PENALTY);
-    }
-
-    /// Never reached the endpoint: no longer outstanding, nothing observed.
-    pub fn cancel(mut self) {
-        if !self.done {
-            self.done = true;
-            self.load.pending.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-
-    fn finish(&mut self, at_least: Duration) -> Duration {
-        let now = Instant::now();
-        let rtt = now.saturating_duration_since(self.started).max(at_least);
-        if !self.done {
-            self.done = true;
-            self.load.ewma().observe(rtt, now);
-            self.load.pending.fetch_sub(1, Ordering::Relaxed);
-        }
-        rtt
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.finish(Duration::ZERO);
-    }
-}
-
-/// An open opaque-TCP connection on one endpoint.
-pub struct Connection {
-    load: Arc<EndpointLoad>,
-}
-
-impl Drop for Connection {
-    fn drop(&mut self) {
-        self.load.pending.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Picks one of `n` endpoints by power of two choices over `cost(i)`.
-pub fn p2c(n: usize, cost: impl Fn(usize) -> f64) -> Option<usize> {
-    match n {
-        0 => None,
-        1 => Some(0),
-        _ => {
-            let a = fastrand::usize(..n);
-            let mut b = fastrand::usize(..n - 1);
-            if b >= a {
-                b += 1;
+        let Some(backend) = dest.backends.get(ctx.backend) else {
+            return Err(Error::new(MeshError::NoEndpoints, "no backend"));
+        };
+        let picked = if ctx.tried.is_empty() {
+            backend.pick_for(ctx.hash_key)
+        } else {
+            backend.pick_avoiding(&ctx.tried)
+        };
+        let Some(i) = picked else {
+            return Err(Error::new(
+                MeshError::NoEndpoints,
+                format!("service `{}` has no live endpoint", backend.name.0),
+            ));
+        };
+        ctx.endpoint = Some(i);
+        ctx.tries += 1;
+        let in_flight = backend.endpoints[i].load.start();
+        let result = self.inner.call(req, ctx).await;
+        match &result {
+            // A peer sidecar that could not reach its own app answers fast
+            // with a mesh error: that is a failure of this endpoint, not a
+            // quick success.
+            Ok(_) if peer_failed(ctx.upstream_flag) => in_flight.failed(),
+            Ok(_) => {
+                in_flight.complete();
             }
-            Some(if cost(b) < cost(a) { b } else { a })
+            // Refused in this sidecar: nothing to learn about the endpoint.
+            Err(e) if matches!(e.kind, MeshError::Overflow | MeshError::IdentityExpired) => {
+                in_flight.cancel()
+            }
+            Err(_) => in_flight.failed(),
         }
+        result
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MS: f64 = 1e6;
-
-    #[test]
-    fn peaks_count_at_once_and_decay_with_time() {
-        let t0 = Instant::now();
-        let mut e = PeakEwma::new(t0);
-        e.observe(Duration::from_millis(100), t0);
-        assert_eq!(e.estimate(t0), 100.0 * MS);
-        // A fast answer one second later moves the estimate only a little.
-        let t1 = t0 + Duration::from_secs(1);
-        e.observe(Duration::from_millis(1), t1);
-        let est = e.estimate(t1);
-        assert!(est > 85.0 * MS && est < 95.0 * MS, "{est}");
-        // With no traffic at all, the peak is forgotten over time, so a
-        // shunned endpoint is tried again; it returns to the default, never
-        // below it, so an idle endpoint never looks free.
-        let later = t1 + Duration::from_secs(60);
-        assert!(e.estimate(later) < 1.3 * MS, "{}", e.estimate(later));
-        let much_later = t1 + Duration::from_secs(7200);
-        assert!(
-            (e.estimate(much_later) - 1.0 * MS).abs() < 1.0,
-            "{}",
-            e.estimate(much_later)
-        );
-    }
-
-    #[tokio::test]
-    async fn a_request_given_up_on_counts_as_slow_and_tcp_counts_only_as_pending() {
-        let load = Arc::new(EndpointLoad::new("127.0.0.1:1".parse().expect("addr")));
-        let g = load.start();
-        tokio::time::sleep(Duration::from_millis(30)).await;
-        drop(g);
-        assert!(
-            load.cost(Instant::now()) > 25.0 * MS,
-            "{}",
-            load.cost(Instant::now())
-        );
-
-        let tcp = Arc::new(EndpointLoad::new("127.0.0.1:2".parse().expect("addr")));
-        let c = tcp.open();
-        assert_eq!(tcp.pending(), 1);
-        tokio::time::sleep(Duration::from_millis(30)).await;
-        drop(c);
-        assert_eq!(tcp.pending(), 0);
-        assert!(
-            tcp.cost(Instant::now()) <= 1.0 * MS + 1.0,
-            "{}",
-            tcp.cost(Instant::now())
-        );
-    }
-
-    #[test]
-    fn p2c_avoids_the_expensive_endpoint() {
-        let costs = [1.0, 1.0, 100.0];
-        let mut hits = [0usize; 3];
-        for _ in 0..3000 {
-            hits[p2c(3, |i| costs[i]).expect("some")] += 1;
-        }
-        // The expensive endpoint only wins when picked twice, which p2c never does.
-        assert_eq!(hits[2], 0, "{hits:?}");
-        assert!(hits[0] > 1000 && hits[1] > 1000, "{hits:?}");
-    }
-
-    #[test]
-    fn p2c_edge_cases() {
-        assert_eq!(p2c(0, |_| 0.0), None);
-        assert_eq!(p2c(1, |_| 0.0), Some(0));
-    }
-
-    #[tokio::test]
-    async fn pending_requests_raise_cost_and_failures_are_penalised() {
-        let load = Arc::new(EndpointLoad::new("127.0.0.1:1".parse().expect("addr")));
-        let now = Instant::now();
-        let idle = load.cost(now);
-        let g1 = load.start();
-        let g2 = load.start();
-        assert_eq!(load.pending(), 2);
-        assert!(load.cost(now) >= idle * 3.0 * 0.99);
-        drop(g1);
-        g2.failed();
-        assert_eq!(load.pending(), 0);
-        // A fast failure costs like a slow answer.
-        assert!(
-            load.cost(Instant::now()) > 200.0 * MS,
-            "{}",
-            load.cost(Instant::now())
-        );
-    }
+/// The flags a peer sidecar answers with when its side of the hop failed.
+fn peer_failed(flag: Option<MeshError>) -> bool {
+    matches!(
+        flag,
+        Some(
+            MeshError::ConnectFailure
+                | MeshError::UpstreamReset
+                | MeshError::NotConfigured
+                | MeshError::IdentityExpired
+        )
+    )
 }

@@ -1,201 +1,131 @@
-//! Responses the mesh itself generates. Each names its reason in the
-//! `tandem-error` header (and in the `tandem_error` metric label), so a
-//! caller can always tell a mesh failure from an application's answer.
+//! Why the mesh answered instead of an application: one table of every
+//! answer the mesh makes up, reason and status side by side.
+//!
+//! A layer that cannot go on fails with an [`Error`]: the typed kind and a
+//! sentence for the body. The edge (`edge.rs`) turns it into the response,
+//! which carries the kind in its extensions, so no layer above has to read
+//! a header back; the `tandem-error` header is written from there, once, at
+//! the edge. A layer may also flag an application's answer the same way
+//! (retries out of attempts or budget) by putting the kind in the answer's
+//! extensions.
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
-use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
-use http_body::{Frame, SizeHint};
-use http_body_util::Full;
-use hyper::body::Incoming;
 
-use crate::replay::Replay;
+use crate::body::Body;
 
-/// Every body the proxy sends: one streamed from a peer, one it made, or a
-/// request body that a retry may send again.
-pub enum Body {
-    Stream(Incoming),
-    Full(Full<Bytes>),
-    Replay(Replay),
-    /// An answer read whole (kept while a retry replaces it).
-    Collected(http_body_util::Collected<Bytes>),
-}
+pub(crate) const ERROR_HEADER: &str = "tandem-error";
 
-impl From<Incoming> for Body {
-    fn from(b: Incoming) -> Self {
-        Body::Stream(b)
-    }
-}
-
-impl Body {
-    pub fn full(b: impl Into<Bytes>) -> Self {
-        Body::Full(Full::new(b.into()))
-    }
-}
-
-impl http_body::Body for Body {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            Body::Stream(b) => Pin::new(b).poll_frame(cx),
-            Body::Replay(b) => Pin::new(b).poll_frame(cx),
-            Body::Full(b) => Pin::new(b)
-                .poll_frame(cx)
-                .map(|f| f.map(|r| r.map_err(|never| match never {}))),
-            Body::Collected(b) => Pin::new(b)
-                .poll_frame(cx)
-                .map(|f| f.map(|r| r.map_err(|never| match never {}))),
+/// Declares the table: one line per kind, with its reason (the header
+/// value and metric label) and the status of the answer the mesh makes.
+/// `MeshError::ALL` comes from the same lines, so no kind can be missing
+/// from it.
+macro_rules! mesh_errors {
+    ($( $(#[$doc:meta])* $kind:ident = $reason:literal, $status:ident; )*) => {
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub(crate) enum MeshError {
+            $( $(#[$doc])* $kind, )*
         }
-    }
 
-    fn is_end_stream(&self) -> bool {
-        match self {
-            Body::Stream(b) => b.is_end_stream(),
-            Body::Full(b) => b.is_end_stream(),
-            Body::Replay(b) => b.is_end_stream(),
-            Body::Collected(b) => b.is_end_stream(),
-        }
-    }
+        impl MeshError {
+            pub(crate) const ALL: &'static [MeshError] = &[$( MeshError::$kind, )*];
 
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            Body::Stream(b) => b.size_hint(),
-            Body::Full(b) => b.size_hint(),
-            Body::Replay(b) => b.size_hint(),
-            Body::Collected(b) => b.size_hint(),
+            pub(crate) fn reason(self) -> &'static str {
+                match self { $( MeshError::$kind => $reason, )* }
+            }
+
+            pub(crate) fn status(self) -> StatusCode {
+                match self { $( MeshError::$kind => StatusCode::$status, )* }
+            }
         }
-    }
+    };
 }
 
-pub const ERROR_HEADER: &str = "tandem-error";
-
-/// Why the mesh answered instead of the application.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MeshError {
+mesh_errors! {
     /// The destination has routes but none matched the request.
-    NoRoute,
+    NoRoute = "no-route", NOT_FOUND;
     /// The host named no service the mesh knows.
-    UnknownService,
+    UnknownService = "unknown-service", NOT_FOUND;
     /// The chosen backend has no live endpoint.
-    NoEndpoints,
+    NoEndpoints = "no-endpoints", SERVICE_UNAVAILABLE;
     /// Connecting to the endpoint (or the local app) failed.
-    ConnectFailure,
+    ConnectFailure = "upstream-connect-failure", SERVICE_UNAVAILABLE;
     /// The upstream connection failed after the request was sent.
-    UpstreamReset,
-    /// The request could not be forwarded as it was (bad URI, bad host).
-    BadRequest,
+    UpstreamReset = "upstream-reset", BAD_GATEWAY;
+    /// The request could not be forwarded as it was (bad URI, no host).
+    BadRequest = "bad-request", BAD_REQUEST;
     /// The proxy has no configuration yet for this traffic.
-    NotConfigured,
+    NotConfigured = "not-configured", SERVICE_UNAVAILABLE;
     /// A destination the proxy has not seen before could not be looked up
     /// (control plane unreachable or slow).
-    DiscoveryUnavailable,
+    DiscoveryUnavailable = "discovery-unavailable", SERVICE_UNAVAILABLE;
     /// The mTLS handshake with the peer sidecar failed (wrong identity,
     /// untrusted certificate, or the peer refused this proxy's).
-    UpstreamTls,
+    UpstreamTls = "upstream-tls-failure", SERVICE_UNAVAILABLE;
     /// This proxy's certificate expired and could not be renewed: it
     /// refuses mesh traffic rather than send it without mTLS.
-    IdentityExpired,
-    /// No answer within the request timeout or the per-try timeout.
-    Timeout,
+    IdentityExpired = "identity-expired", SERVICE_UNAVAILABLE;
+    /// No answer within the request timeout, the per-try timeout or the
+    /// caller's deadline.
+    Timeout = "upstream-timeout", GATEWAY_TIMEOUT;
     /// Every attempt the retry policy allows failed.
-    RetryLimitExhausted,
+    RetryLimitExhausted = "retry-limit-exhausted", SERVICE_UNAVAILABLE;
     /// A retry was due but the destination's retry budget was spent.
-    RetryBudgetExhausted,
+    RetryBudgetExhausted = "retry-budget-exhausted", SERVICE_UNAVAILABLE;
     /// Over the destination's rate limit.
-    RateLimited,
+    RateLimited = "rate-limited", TOO_MANY_REQUESTS;
     /// The sidecar is at its limit of requests in progress.
-    Overloaded,
+    Overloaded = "overloaded", SERVICE_UNAVAILABLE;
     /// The destination's `circuitBreaker.maxRequests` is reached.
-    Overflow,
+    Overflow = "overflow", SERVICE_UNAVAILABLE;
 }
 
-const ALL: [MeshError; 16] = [
-    MeshError::NoRoute,
-    MeshError::UnknownService,
-    MeshError::NoEndpoints,
-    MeshError::ConnectFailure,
-    MeshError::UpstreamReset,
-    MeshError::BadRequest,
-    MeshError::NotConfigured,
-    MeshError::DiscoveryUnavailable,
-    MeshError::UpstreamTls,
-    MeshError::IdentityExpired,
-    MeshError::Timeout,
-    MeshError::RetryLimitExhausted,
-    MeshError::RetryBudgetExhausted,
-    MeshError::RateLimited,
-    MeshError::Overloaded,
-    MeshError::Overflow,
-];
-
 impl MeshError {
-    pub fn reason(self) -> &'static str {
-        match self {
-            MeshError::NoRoute => "no-route",
-            MeshError::UnknownService => "unknown-service",
-            MeshError::NoEndpoints => "no-endpoints",
-            MeshError::ConnectFailure => "upstream-connect-failure",
-            MeshError::UpstreamReset => "upstream-reset",
-            MeshError::BadRequest => "bad-request",
-            MeshError::NotConfigured => "not-configured",
-            MeshError::DiscoveryUnavailable => "discovery-unavailable",
-            MeshError::UpstreamTls => "upstream-tls-failure",
-            MeshError::IdentityExpired => "identity-expired",
-            MeshError::Timeout => "upstream-timeout",
-            MeshError::RetryLimitExhausted => "retry-limit-exhausted",
-            MeshError::RetryBudgetExhausted => "retry-budget-exhausted",
-            MeshError::RateLimited => "rate-limited",
-            MeshError::Overloaded => "overloaded",
-            MeshError::Overflow => "overflow",
-        }
-    }
-
-    /// The reason named in a `tandem-error` header, if it is one of ours.
-    pub fn from_reason(reason: &[u8]) -> Option<Self> {
-        ALL.iter()
+    /// The reason named in a `tandem-error` header that another sidecar
+    /// (or an app passing one on) sent, if it is one of ours.
+    pub(crate) fn from_reason(reason: &[u8]) -> Option<Self> {
+        Self::ALL
+            .iter()
             .copied()
             .find(|e| e.reason().as_bytes() == reason)
     }
 
-    pub fn status(self) -> StatusCode {
-        match self {
-            MeshError::NoRoute | MeshError::UnknownService => StatusCode::NOT_FOUND,
-            MeshError::NoEndpoints
-            | MeshError::ConnectFailure
-            | MeshError::NotConfigured
-            | MeshError::DiscoveryUnavailable
-            | MeshError::UpstreamTls
-            | MeshError::IdentityExpired
-            | MeshError::RetryLimitExhausted
-            | MeshError::RetryBudgetExhausted
-            | MeshError::Overloaded
-            | MeshError::Overflow => StatusCode::SERVICE_UNAVAILABLE,
-            MeshError::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            MeshError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            MeshError::UpstreamReset => StatusCode::BAD_GATEWAY,
-            MeshError::BadRequest => StatusCode::BAD_REQUEST,
-        }
-    }
-
-    /// The response sent to the caller; `detail` goes into the body.
-    pub fn response(self, detail: &str) -> Response<Body> {
+    /// The answer the mesh makes: the status, a plain-text body
+    /// `tandem: REASON: detail`, and the kind in the extensions.
+    pub(crate) fn response(self, detail: &str) -> Response<Body> {
         let body = format!("tandem: {}: {detail}\n", self.reason());
         let mut resp = Response::new(Body::full(body));
         *resp.status_mut() = self.status();
-        let h = resp.headers_mut();
-        h.insert(ERROR_HEADER, HeaderValue::from_static(self.reason()));
-        h.insert(
+        resp.headers_mut().insert(
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
+        resp.extensions_mut().insert(self);
         resp
+    }
+
+    /// The header value for this kind.
+    pub(crate) fn header(self) -> HeaderValue {
+        HeaderValue::from_static(self.reason())
+    }
+}
+
+/// A layer's failure: what kind, and what happened in words.
+#[derive(Debug)]
+pub(crate) struct Error {
+    pub(crate) kind: MeshError,
+    pub(crate) detail: String,
+}
+
+impl Error {
+    pub(crate) fn new(kind: MeshError, detail: impl Into<String>) -> Self {
+        Error {
+            kind,
+            detail: detail.into(),
+        }
+    }
+
+    pub(crate) fn into_response(self) -> Response<Body> {
+        self.kind.response(&self.detail)
     }
 }
 
@@ -204,12 +134,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reasons_round_trip() {
-        for e in ALL {
+    fn every_kind_has_its_own_reason_and_answer() {
+        let mut seen = std::collections::HashSet::new();
+        for &e in MeshError::ALL {
+            assert!(seen.insert(e.reason()), "{} twice", e.reason());
             assert_eq!(MeshError::from_reason(e.reason().as_bytes()), Some(e));
             let r = e.response("detail");
             assert_eq!(r.status(), e.status());
-            assert_eq!(r.headers()[ERROR_HEADER], e.reason());
+            assert_eq!(r.extensions().get::<MeshError>(), Some(&e));
+            assert!(e.status().is_client_error() || e.status().is_server_error());
         }
         assert_eq!(MeshError::from_reason(b"made-up"), None);
     }

@@ -12,14 +12,14 @@ use prometheus_client::registry::Registry;
 
 /// Latency buckets in seconds: fine below 10 ms, where a sidecar's own
 /// latency lives, and coarse up to 10 s.
-pub const LATENCY_BUCKETS: &[f64] = &[
+pub(crate) const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
     0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0,
 ];
 
 /// A label value shared without copying (service names).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Name(pub Arc<str>);
+pub(crate) struct Name(pub(crate) Arc<str>);
 
 impl EncodeLabelValue for Name {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
@@ -34,7 +34,7 @@ impl From<&str> for Name {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, EncodeLabelValue)]
-pub enum Direction {
+pub(crate) enum Direction {
     #[allow(non_camel_case_types)]
     inbound,
     #[allow(non_camel_case_types)]
@@ -42,66 +42,66 @@ pub enum Direction {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct RequestLabels {
-    pub direction: Direction,
-    pub src_service: Name,
-    pub dst_service: Name,
-    pub status_code: u16,
+pub(crate) struct RequestLabels {
+    pub(crate) direction: Direction,
+    pub(crate) src_service: Name,
+    pub(crate) dst_service: Name,
+    pub(crate) status_code: u16,
     /// Empty for responses from the application; the `tandem-error` reason
     /// for responses the mesh generated.
-    pub tandem_error: &'static str,
+    pub(crate) tandem_error: &'static str,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct TcpLabels {
-    pub direction: Direction,
-    pub src_service: Name,
-    pub dst_service: Name,
+pub(crate) struct TcpLabels {
+    pub(crate) direction: Direction,
+    pub(crate) src_service: Name,
+    pub(crate) dst_service: Name,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct ConfigLabels {
-    pub result: &'static str,
+pub(crate) struct ConfigLabels {
+    pub(crate) result: &'static str,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct OverloadLabels {
+pub(crate) struct OverloadLabels {
     /// `connection` (closed at accept) or `request` (answered 503).
-    pub what: &'static str,
+    pub(crate) what: &'static str,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct RetryLabels {
-    pub src_service: Name,
+pub(crate) struct RetryLabels {
+    pub(crate) src_service: Name,
     /// The destination the caller addressed (its TrafficPolicy retries).
-    pub dst_service: Name,
+    pub(crate) dst_service: Name,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct HandshakeLabels {
-    pub direction: Direction,
+pub(crate) struct HandshakeLabels {
+    pub(crate) direction: Direction,
     /// `ok`, or why it failed (`no-client-cert`, `unknown-ca`, `expired`, ...).
-    pub result: &'static str,
+    pub(crate) result: &'static str,
 }
 
-pub struct Metrics {
-    pub requests: Family<RequestLabels, Counter>,
-    pub latency: Family<RequestLabels, Histogram>,
-    pub tcp_open: Family<TcpLabels, Counter>,
-    pub tcp_close: Family<TcpLabels, Counter>,
-    pub tcp_active: Family<TcpLabels, Gauge>,
-    pub tcp_read: Family<TcpLabels, Counter>,
-    pub tcp_write: Family<TcpLabels, Counter>,
-    pub config_updates: Family<ConfigLabels, Counter>,
-    pub config_version: Gauge,
-    pub control_connected: Gauge,
-    pub handshakes: Family<HandshakeLabels, Counter>,
-    pub plaintext: Counter,
-    pub cert_expiry: Gauge,
-    pub renewals: Family<ConfigLabels, Counter>,
-    pub retries: Family<RetryLabels, Counter>,
-    pub overload: Family<OverloadLabels, Counter>,
-    pub ejections: Family<RetryLabels, Counter>,
+pub(crate) struct Metrics {
+    pub(crate) requests: Family<RequestLabels, Counter>,
+    pub(crate) latency: Family<RequestLabels, Histogram>,
+    pub(crate) tcp_open: Family<TcpLabels, Counter>,
+    pub(crate) tcp_close: Family<TcpLabels, Counter>,
+    pub(crate) tcp_active: Family<TcpLabels, Gauge>,
+    pub(crate) tcp_read: Family<TcpLabels, Counter>,
+    pub(crate) tcp_write: Family<TcpLabels, Counter>,
+    pub(crate) config_updates: Family<ConfigLabels, Counter>,
+    pub(crate) config_version: Gauge,
+    pub(crate) control_connected: Gauge,
+    pub(crate) handshakes: Family<HandshakeLabels, Counter>,
+    pub(crate) plaintext: Counter,
+    pub(crate) cert_expiry: Gauge,
+    pub(crate) renewals: Family<ConfigLabels, Counter>,
+    pub(crate) retries: Family<RetryLabels, Counter>,
+    pub(crate) overload: Family<OverloadLabels, Counter>,
+    pub(crate) ejections: Family<RetryLabels, Counter>,
     registry: Registry,
 }
 
@@ -112,7 +112,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let requests = Family::<RequestLabels, Counter>::default();
         let latency = Family::<RequestLabels, Histogram>::new_with_constructor(
             (|| Histogram::new(LATENCY_BUCKETS.iter().copied())) as fn() -> Histogram,
@@ -241,12 +241,12 @@ impl Metrics {
     }
 
     /// Records one finished exchange.
-    pub fn record(&self, labels: &RequestLabels, seconds: f64) {
+    pub(crate) fn record(&self, labels: &RequestLabels, seconds: f64) {
         self.requests.get_or_create(labels).inc();
         self.latency.get_or_create(labels).observe(seconds);
     }
 
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut out = String::with_capacity(8192);
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out

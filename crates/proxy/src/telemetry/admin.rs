@@ -8,27 +8,38 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
-use crate::Proxy;
+use crate::control::identity::Identity;
+use crate::control::Subscriptions;
+use crate::routing::Routes;
+use crate::telemetry::metrics::Metrics;
 
-pub async fn handle(
-    proxy: Arc<Proxy>,
+/// What the admin endpoint shows.
+pub(crate) struct Admin {
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) routes: Arc<Routes>,
+    pub(crate) identity: Arc<Identity>,
+    pub(crate) control: Arc<Subscriptions>,
+}
+
+pub(crate) async fn handle(
+    admin: Arc<Admin>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (status, ctype, body): (StatusCode, &str, Bytes) = match req.uri().path() {
         "/metrics" => (
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            Bytes::from(proxy.metrics.encode()),
+            Bytes::from(admin.metrics.encode()),
         ),
         "/live" => (StatusCode::OK, "text/plain", Bytes::from_static(b"live\n")),
         "/ready" => {
-            if proxy.identity.tls.is_expired() {
+            if admin.identity.tls.is_expired() {
                 (
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",
                     Bytes::from_static(b"not ready: the certificate expired\n"),
                 )
-            } else if proxy.is_ready() {
+            } else if admin.routes.is_ready() {
                 (StatusCode::OK, "text/plain", Bytes::from_static(b"ready\n"))
             } else {
                 (
@@ -39,11 +50,11 @@ pub async fn handle(
             }
         }
         "/config" => {
-            let routing = proxy.routing.load();
+            let routing = admin.routes.load();
             let doc = serde_json::json!({
                 "version": routing.version,
                 "acked": routing.version > 0,
-                "control_plane_connected": proxy.metrics.control_connected.get() == 1,
+                "control_plane_connected": admin.control.is_connected(),
                 "snapshot": &*routing.snapshot,
             });
             (
@@ -55,7 +66,7 @@ pub async fn handle(
         "/certs" => (
             StatusCode::OK,
             "application/json",
-            Bytes::from(serde_json::to_vec_pretty(&certs(&proxy)).unwrap_or_default()),
+            Bytes::from(serde_json::to_vec_pretty(&certs(&admin.identity)).unwrap_or_default()),
         ),
         _ => (
             StatusCode::NOT_FOUND,
@@ -72,9 +83,9 @@ pub async fn handle(
 }
 
 /// The certificate chain and trust bundle (never the private key).
-fn certs(proxy: &Proxy) -> serde_json::Value {
+fn certs(identity: &Identity) -> serde_json::Value {
     use tandem_identity::ca::pem;
-    let tls = &proxy.identity.tls;
+    let tls = &identity.tls;
     let leaf = tls.leaf();
     let describe = |der: &[u8]| {
         use x509_parser::prelude::{FromDer, X509Certificate};

@@ -30,24 +30,24 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::metrics::{ConfigLabels, Metrics};
+use crate::telemetry::metrics::{ConfigLabels, Metrics};
 
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// What the proxy knows about itself.
-pub struct Identity {
-    pub tls: Arc<TlsIdentity>,
-    pub claims: Claims,
+pub(crate) struct Identity {
+    pub(crate) tls: Arc<TlsIdentity>,
+    pub(crate) claims: Claims,
     token: String,
     /// `host:port` of the control plane's gRPC port.
     control: String,
     /// Renew now (a new signing root was announced).
-    pub renew_now: Notify,
+    pub(crate) renew_now: Notify,
 }
 
 /// `http://host:port`, `https://host:port` or `host:port` → `host:port`.
-pub fn control_addr(url: &str) -> String {
+pub(crate) fn control_addr(url: &str) -> String {
     let s = url
         .strip_prefix("https://")
         .or_else(|| url.strip_prefix("http://"))
@@ -81,7 +81,7 @@ pub async fn channel(control: &str, cfg: Arc<rustls::ClientConfig>) -> anyhow::R
 impl Identity {
     /// Gets the trust bundle and a first certificate, retrying until the
     /// control plane answers. Errors only on what retrying cannot fix.
-    pub async fn bootstrap(
+    pub(crate) async fn bootstrap(
         control_url: &str,
         namespace: &str,
         service: &str,
@@ -140,21 +140,21 @@ impl Identity {
         Ok(identity)
     }
 
-    pub fn spiffe_id(&self) -> SpiffeId {
+    pub(crate) fn spiffe_id(&self) -> SpiffeId {
         SpiffeId::new(&self.claims.td, &self.claims.ns, &self.claims.svc)
     }
 
-    pub fn token(&self) -> &str {
+    pub(crate) fn token(&self) -> &str {
         &self.token
     }
 
     /// A channel to the control plane, verified against the bundle.
-    pub async fn control_channel(&self) -> anyhow::Result<Channel> {
+    pub(crate) async fn control_channel(&self) -> anyhow::Result<Channel> {
         channel(&self.control, self.tls.client_config_anonymous(&[ALPN_H2])).await
     }
 
     /// One certificate request: new key, CSR, signed chain.
-    pub async fn renew(&self, instance: &str, metrics: &Metrics) -> anyhow::Result<()> {
+    pub(crate) async fn renew(&self, instance: &str, metrics: &Metrics) -> anyhow::Result<()> {
         let result = self.renew_once(instance).await;
         let label = if result.is_ok() { "issued" } else { "failed" };
         metrics
@@ -238,9 +238,13 @@ async fn fetch_bundle(
 /// fleet does not renew in lockstep), retries with backoff while the control
 /// plane is unreachable, warns as expiry nears, and stops serving (never
 /// plaintext) when the certificate expires.
-pub async fn keep_fresh(proxy: Arc<crate::Proxy>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let identity = proxy.identity.clone();
-    let (instance, metrics) = (&proxy.cfg.instance, &proxy.metrics);
+pub(crate) async fn keep_fresh(
+    identity: Arc<Identity>,
+    instance: String,
+    metrics: Arc<Metrics>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let (instance, metrics) = (&instance, &*metrics);
     loop {
         let Some(leaf) = identity.tls.leaf() else {
             return;

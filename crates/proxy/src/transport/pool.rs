@@ -24,28 +24,29 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tandem_runtime::sync::{Mutex, MutexGuard};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::error::Body;
-use crate::transport::{BoxError, Connector};
+use crate::body::Body;
+use crate::transport::tls::{BoxError, Connector};
 
 /// How long an idle HTTP/1.1 connection is kept.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest a request waits for a connection at the destination's cap.
-pub const PENDING_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const PENDING_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often a request not yet written is sent again on a fresh connection.
 const UNSENT_RETRIES: usize = 3;
 
 /// Why a request got no response from the pool.
-pub enum PoolError {
+pub(crate) enum PoolError {
     /// No connection could be opened (TCP or TLS).
     Connect(BoxError),
     /// The connection failed once the request was (or may have been) sent.
@@ -60,7 +61,7 @@ pub enum PoolError {
 /// Connections and waiting requests of one destination, shared by its
 /// endpoints' pools and kept across routing tables.
 #[derive(Default)]
-pub struct DestConns {
+pub(crate) struct DestConns {
     open: AtomicUsize,
     pending: AtomicUsize,
     /// A connection of the destination closed.
@@ -69,13 +70,13 @@ pub struct DestConns {
 
 /// A destination's limits, as its policy sets them.
 #[derive(Clone)]
-pub struct ConnLimits {
-    pub max_connections: usize,
-    pub max_pending: usize,
-    pub conns: Arc<DestConns>,
+pub(crate) struct ConnLimits {
+    pub(crate) max_connections: usize,
+    pub(crate) max_pending: usize,
+    pub(crate) conns: Arc<DestConns>,
 }
 
-pub struct Pool {
+pub(crate) struct Pool {
     /// `http://ip:port` or `https://ip:port`, for the connector.
     uri: Uri,
     h2: bool,
@@ -167,35 +168,35 @@ impl Drop for Waiting<'_> {
 }
 
 impl Pool {
-    pub fn new(uri: Uri, h2: bool) -> Arc<Pool> {
-        Arc::new(Pool {
+    pub(crate) fn new(uri: Uri, h2: bool) -> Pool {
+        Pool {
             uri,
             h2,
             open: AtomicUsize::new(0),
             state: Mutex::new(State::default()),
             returned: Notify::new(),
-        })
+        }
     }
 
     /// `http://ip:port` or `https://ip:port`.
-    pub fn uri(&self) -> &Uri {
+    pub(crate) fn uri(&self) -> &Uri {
         &self.uri
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock()
     }
 
     /// Sends `req` (origin-form URI for HTTP/1.1, absolute for HTTP/2) on
     /// a connection of this endpoint. `sent` is set once the request has a
     /// connection or is opening one: time spent before that is this
     /// sidecar's own queue.
-    pub async fn send(
+    pub(crate) async fn send(
         self: &Arc<Self>,
         connector: &Connector,
         mut req: Request<Body>,
         limits: Option<&ConnLimits>,
-        sent: Option<&std::sync::atomic::AtomicBool>,
+        sent: &mut bool,
     ) -> Result<Response<Incoming>, PoolError> {
         let mut unsent = 0;
         let mut waiting: Option<Waiting<'_>> = None;
@@ -228,7 +229,7 @@ impl Pool {
                 continue 'request;
             };
             drop(waiting.take());
-            match self.dispatch(connector, go, req, sent, unsent).await {
+            match self.dispatch(connector, go, req, &mut *sent, unsent).await {
                 Err(PoolError::Unsent(r)) => {
                     unsent += 1;
                     req = *r;
@@ -300,14 +301,12 @@ impl Pool {
         connector: &Connector,
         go: Go,
         req: Request<Body>,
-        sent: Option<&std::sync::atomic::AtomicBool>,
+        sent: &mut bool,
         unsent: usize,
     ) -> Result<Response<Incoming>, PoolError> {
         // From here the endpoint has the request (a connect that hangs is
         // the endpoint's too).
-        if let Some(s) = sent {
-            s.store(true, Ordering::Release);
-        }
+        *sent = true;
         let sender = match go {
             Go::Send(s) => s,
             Go::Open(opened, attempt) => self
@@ -522,10 +521,10 @@ mod tests {
     use super::*;
 
     fn pool(port: u16) -> Arc<Pool> {
-        Pool::new(
+        Arc::new(Pool::new(
             format!("http://127.0.0.1:{port}/").parse().expect("uri"),
             false,
-        )
+        ))
     }
 
     fn opened(n: Next) -> Option<Opened> {
@@ -563,7 +562,7 @@ mod tests {
 
     #[test]
     fn one_http2_connect_at_a_time() {
-        let p = Pool::new("http://127.0.0.1:1/".parse().expect("uri"), true);
+        let p = Arc::new(Pool::new("http://127.0.0.1:1/".parse().expect("uri"), true));
         let first = p.next(None);
         assert!(matches!(first, Next::Go(Go::Open(_, 1))));
         // Others wait for that attempt instead of connecting too.

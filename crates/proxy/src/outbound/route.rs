@@ -1,27 +1,98 @@
 //! Route selection: which rule of a destination's HTTPRoutes a request
 //! matches (Gateway API semantics), and which weighted backend it goes to.
+//! The rules are already sorted by precedence; the first match wins. No
+//! match: `404 no-route`.
 
-use http::{HeaderMap, Method};
+use http::{HeaderMap, Method, Request, Response};
 use tandem_config::snapshot::{Matcher, PathMatchType, Route};
 
+use crate::balance::pick::fnv1a;
+use crate::body::Body;
+use crate::ctx::RequestCtx;
+use crate::error::{Error, MeshError};
+use crate::routing::Destination;
+use crate::svc::{layer, Service};
+
+layer!(
+    /// Chooses the route rule and backend, and the ring-hash key.
+    RouteLayer => Router {}
+);
+
+impl<S: Service> Service for Router<S> {
+    async fn call(
+        &self,
+        req: Request<Body>,
+        ctx: &mut RequestCtx,
+    ) -> Result<Response<Body>, Error> {
+        let Some(dest) = ctx.dest.clone() else {
+            return Err(Error::new(MeshError::UnknownService, "no destination"));
+        };
+        ctx.dst = dest.name.clone();
+        if !dest.routes.is_empty() {
+            let view = RequestView {
+                method: req.method(),
+                path: req.uri().path(),
+                query: req.uri().query(),
+                headers: req.headers(),
+                port: ctx.port.or(Some(dest.default_port)),
+            };
+            let Some(i) = select(&dest.routes, &view) else {
+                return Err(Error::new(
+                    MeshError::NoRoute,
+                    format!(
+                        "no route of `{}` matches {} {}",
+                        dest.name.0,
+                        req.method(),
+                        req.uri().path()
+                    ),
+                ));
+            };
+            ctx.rule = Some(i);
+            ctx.backend = pick_backend(&dest, i);
+        }
+        let Some(backend) = dest.backends.get(ctx.backend) else {
+            return Err(Error::new(MeshError::NoEndpoints, "no backend"));
+        };
+        ctx.dst = backend.name.clone();
+        ctx.hash_key = dest
+            .policy_for(ctx.rule)
+            .and_then(|p| p.hash_header.as_ref())
+            .and_then(|h| req.headers().get(h))
+            .map(|v| fnv1a(v.as_bytes()));
+        self.inner.call(req, ctx).await
+    }
+}
+
+/// The backend of rule `idx`, by weight.
+fn pick_backend(dest: &Destination, idx: usize) -> usize {
+    let Some(r) = dest.routes.get(idx) else {
+        return 0;
+    };
+    let total = dest.totals.get(idx).copied().unwrap_or(0);
+    pick_weighted(r.backends.iter().map(|b| b.weight), total)
+        .and_then(|i| r.backends.get(i))
+        .map(|b| b.backend)
+        .unwrap_or(0)
+}
+
 /// The parts of a request that routing looks at.
-pub struct RequestView<'a> {
-    pub method: &'a Method,
-    pub path: &'a str,
-    pub query: Option<&'a str>,
-    pub headers: &'a HeaderMap,
+pub(crate) struct RequestView<'a> {
+    pub(crate) method: &'a Method,
+    pub(crate) path: &'a str,
+    pub(crate) query: Option<&'a str>,
+    pub(crate) headers: &'a HeaderMap,
     /// Port the caller addressed, when known.
-    pub port: Option<u16>,
+    pub(crate) port: Option<u16>,
 }
 
 /// Index of the first route (routes are in precedence order) that matches.
-pub fn select(routes: &[Route], req: &RequestView<'_>) -> Option<usize> {
+pub(crate) fn select(routes: &[Route], req: &RequestView<'_>) -> Option<usize> {
     routes.iter().position(|r| {
         r.port.is_none_or(|p| req.port.is_none_or(|rp| rp == p)) && matches(&r.matcher, req)
     })
 }
 
-pub fn matches(m: &Matcher, req: &RequestView<'_>) -> bool {
+pub(crate) fn matches(m: &Matcher, req: &RequestView<'_>) -> bool {
     if let Some(method) = &m.method {
         if req.method.as_str() != method {
             return false;
@@ -74,7 +145,10 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 }
 
 /// Picks an index by weight; `total` is the sum of weights (non-zero).
-pub fn pick_weighted(weights: impl Iterator<Item = u32> + Clone, total: u64) -> Option<usize> {
+pub(crate) fn pick_weighted(
+    weights: impl Iterator<Item = u32> + Clone,
+    total: u64,
+) -> Option<usize> {
     if total == 0 {
         return None;
     }

@@ -9,16 +9,17 @@
 //! back when hyper drops it, and [`Replay::next_try`] waits for that.
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Frame, SizeHint};
+use tandem_runtime::sync::Mutex;
 
 /// Most bytes of a request body kept for a retry.
-pub const REPLAY_LIMIT: usize = 64 * 1024;
+pub(crate) const REPLAY_LIMIT: usize = 64 * 1024;
 
 /// Longest a retry waits for the previous try to let go of the body (hyper
 /// may still be writing it when the answer arrives).
@@ -43,7 +44,7 @@ struct Shared<B> {
 }
 
 /// The request body of one try.
-pub struct Replay<B = hyper::body::Incoming> {
+pub(crate) struct Replay<B = hyper::body::Incoming> {
     shared: Arc<Shared<B>>,
     state: Option<State<B>>,
     /// How many frames of the copy this try has sent.
@@ -51,12 +52,8 @@ pub struct Replay<B = hyper::body::Incoming> {
     trailers_sent: bool,
 }
 
-fn lock<B>(m: &Mutex<Option<State<B>>>) -> MutexGuard<'_, Option<State<B>>> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl<B: http_body::Body> Replay<B> {
-    pub fn new(body: B) -> Replay<B> {
+    pub(crate) fn new(body: B) -> Replay<B> {
         let hint = body.size_hint();
         let empty = body.is_end_stream();
         let shared = Arc::new(Shared {
@@ -80,30 +77,30 @@ impl<B: http_body::Body> Replay<B> {
     }
 
     /// A handle to give the next try, taken before this one is sent.
-    pub fn handle(&self) -> ReplayHandle<B> {
+    pub(crate) fn handle(&self) -> ReplayHandle<B> {
         ReplayHandle(self.shared.clone())
     }
 }
 
 /// Makes further tries of a body.
-pub struct ReplayHandle<B = hyper::body::Incoming>(Arc<Shared<B>>);
+pub(crate) struct ReplayHandle<B = hyper::body::Incoming>(Arc<Shared<B>>);
 
 impl<B> ReplayHandle<B> {
     /// Known already to be past the copy's limit (false while a try still
     /// holds the body: [`ReplayHandle::next_try`] tells then).
-    pub fn outgrown(&self) -> bool {
-        lock(&self.0.state).as_ref().is_some_and(|s| s.capped)
+    pub(crate) fn outgrown(&self) -> bool {
+        self.0.state.lock().as_ref().is_some_and(|s| s.capped)
     }
 
     /// The body for the next try, once the previous try has let go of it;
     /// `None` when it can no longer be replayed (more than the limit went
     /// by) or the previous try still holds it after a while.
-    pub async fn next_try(&self) -> Option<Replay<B>> {
+    pub(crate) async fn next_try(&self) -> Option<Replay<B>> {
         let wait = async {
             loop {
                 let released = self.0.released.notified();
                 {
-                    let state = lock(&self.0.state);
+                    let state = self.0.state.lock();
                     if let Some(s) = state.as_ref() {
                         return !s.capped;
                     }
@@ -129,7 +126,7 @@ impl<B> ReplayHandle<B> {
 impl<B> Drop for Replay<B> {
     fn drop(&mut self) {
         if let Some(s) = self.state.take() {
-            *lock(&self.shared.state) = Some(s);
+            *self.shared.state.lock() = Some(s);
             self.shared.released.notify_waiters();
         }
     }
@@ -148,7 +145,7 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.get_mut();
         if this.state.is_none() {
-            this.state = lock(&this.shared.state).take();
+            this.state = this.shared.state.lock().take();
         }
         let Some(state) = this.state.as_mut() else {
             // Only reachable if two tries were sent at once; end the body

@@ -3,39 +3,31 @@
 //! protocols never stall. Between sidecars the bytes travel inside mTLS.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::metrics::{Direction, Name, TcpLabels};
-use crate::transport::connect_tcp;
-use crate::Proxy;
+use crate::telemetry::metrics::{Metrics, TcpLabels};
+use crate::transport::tls::{connect_tcp, MeshTls};
 
 /// Where a relayed connection goes.
-pub enum Target {
+pub(crate) enum Target {
     /// Plain TCP: the local app, or a static endpoint outside the mesh.
     Plain(SocketAddr),
     /// A sidecar, over mTLS, which must prove this identity.
     Mesh(SocketAddr, ServerName<'static>),
 }
 
-pub async fn relay<C>(
-    proxy: Arc<Proxy>,
+pub(crate) async fn relay<C>(
     mut client: C,
     target: Target,
-    direction: Direction,
-    src: Name,
-    dst: Name,
+    tls: &MeshTls,
+    metrics: &Metrics,
+    labels: TcpLabels,
 ) where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    let labels = TcpLabels {
-        direction,
-        src_service: src,
-        dst_service: dst,
-    };
-    let m = &proxy.metrics;
+    let m = metrics;
     m.tcp_open.get_or_create(&labels).inc();
     m.tcp_active.get_or_create(&labels).inc();
     // copy_bidirectional reports the totals only at the end; on an error the
@@ -50,7 +42,7 @@ pub async fn relay<C>(
                 None
             }
         },
-        Target::Mesh(addr, name) => match proxy.tcp_tls.connect(addr, name).await {
+        Target::Mesh(addr, name) => match tls.connect(addr, name).await {
             Ok(mut up) => tokio::io::copy_bidirectional(&mut client, &mut up)
                 .await
                 .ok(),

@@ -1,0 +1,178 @@
+//! Connections between sidecars: every hop to a meshed endpoint is mTLS
+//! (TLS 1.3, both sides proving a SPIFFE identity); connections to the local
+//! app and to static endpoints outside the mesh are plain TCP.
+//!
+//! The HTTP clients see endpoints as URIs: `https://ip:port` for a meshed
+//! endpoint and `http://ip:port` otherwise, so the connection pools never
+//! mix the two. The identity the peer must prove comes from the routing
+//! table ([`PeerNames`]), never from the request.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::uri::Scheme;
+use http::Uri;
+use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tandem_identity::tls::failure_reason;
+use tokio::net::TcpStream;
+use tokio_util::either::Either;
+
+use crate::telemetry::metrics::{Direction, HandshakeLabels};
+
+/// Endpoint address → the identity its sidecar must have, for the
+/// connector (which sees only the address); built with each routing table.
+pub(crate) type PeerNames = std::collections::HashMap<Box<str>, ServerName<'static>>;
+
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest a TLS handshake may take before the connection is dropped.
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// For a permissive TCP service: how long a silent new connection is given
+/// to start a TLS handshake before it is served as plaintext.
+pub(crate) const PLAINTEXT_SILENCE: Duration = Duration::from_millis(200);
+
+pub(crate) type Handshakes = Family<HandshakeLabels, Counter>;
+
+/// Opens mTLS connections to sidecars, counting handshakes.
+#[derive(Clone)]
+pub(crate) struct MeshTls {
+    pub(crate) config: Arc<ClientConfig>,
+    pub(crate) handshakes: Handshakes,
+}
+
+impl MeshTls {
+    pub(crate) async fn connect(
+        &self,
+        addr: SocketAddr,
+        name: ServerName<'static>,
+    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let tcp = connect_tcp(addr).await?;
+        let result = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            tokio_rustls::TlsConnector::from(self.config.clone()).connect(name, tcp),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "TLS handshake timed out",
+            ))
+        });
+        let label = match &result {
+            Ok(_) => "ok",
+            Err(e) => failure_reason(e),
+        };
+        self.handshakes
+            .get_or_create(&HandshakeLabels {
+                direction: Direction::outbound,
+                result: label,
+            })
+            .inc();
+        result
+    }
+}
+
+pub(crate) async fn connect_tcp(addr: SocketAddr) -> io::Result<TcpStream> {
+    let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+/// The connector of the HTTP clients.
+#[derive(Clone)]
+pub(crate) struct Connector {
+    pub(crate) tls: MeshTls,
+    pub(crate) names: Arc<ArcSwap<PeerNames>>,
+}
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Connector {
+    /// Opens a connection to `https://ip:port` (mTLS, the peer proving the
+    /// identity the routing table names for that address) or
+    /// `http://ip:port` (plain TCP).
+    pub(crate) async fn open(&self, uri: &Uri) -> Result<Conn, BoxError> {
+        let auth = uri.authority().ok_or("URI without authority")?;
+        let addr: SocketAddr = auth
+            .as_str()
+            .parse()
+            .map_err(|_| format!("endpoint `{auth}` is not an ip:port"))?;
+        if uri.scheme() == Some(&Scheme::HTTPS) {
+            let name = self
+                .names
+                .load()
+                .get(auth.as_str())
+                .cloned()
+                .ok_or_else(|| format!("no identity known for endpoint {auth}"))?;
+            Ok(Conn::tls(self.tls.connect(addr, name).await?))
+        } else {
+            Ok(Conn::plain(connect_tcp(addr).await?))
+        }
+    }
+}
+
+/// A client connection: plain TCP or mTLS.
+pub(crate) struct Conn(TokioIo<Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>>);
+
+impl Conn {
+    fn plain(s: TcpStream) -> Self {
+        Conn(TokioIo::new(Either::Left(s)))
+    }
+
+    fn tls(s: tokio_rustls::client::TlsStream<TcpStream>) -> Self {
+        Conn(TokioIo::new(Either::Right(Box::new(s))))
+    }
+}
+
+impl hyper::rt::Read for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+}
+
+/// An accepted inbound connection: mTLS, or plaintext in permissive mode.
+pub(crate) type Inbound = Either<TcpStream, Box<tokio_rustls::server::TlsStream<TcpStream>>>;
