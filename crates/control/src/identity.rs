@@ -10,7 +10,7 @@
 //! 3. `retire` removes the old root once no proxy still uses a certificate
 //!    it signed.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
@@ -21,6 +21,7 @@ use tandem_identity::ca::{csr_requested_uris, pem, unix_now, Authority};
 use tandem_identity::tls::TlsIdentity;
 use tandem_identity::token::{self, Claims};
 use tandem_identity::SpiffeId;
+use tandem_runtime::sync::{Mutex, MutexGuard};
 use tonic::{Request, Response, Status};
 
 use crate::mesh::Mesh;
@@ -80,17 +81,11 @@ impl Ca {
     }
 
     fn authority(&self) -> MutexGuard<'_, Authority> {
-        match self.authority.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        self.authority.lock()
     }
 
     fn rotation(&self) -> MutexGuard<'_, Rotation> {
-        match self.rotation.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        self.rotation.lock()
     }
 
     pub fn trust(&self) -> Trust {

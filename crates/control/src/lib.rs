@@ -125,11 +125,12 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
         stats,
         ca: ca.clone(),
     });
-    tokio::spawn(async move {
-        loop {
-            let Ok((sock, _)) = api_listener.accept().await else {
-                continue;
-            };
+    let (accept_stop, accept_stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(tandem_runtime::accept_loop(
+        api_listener,
+        "api",
+        stopped(accept_stopped.clone()),
+        move |sock, _| {
             let api = api.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req| api.clone().handle(req));
@@ -137,10 +138,9 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
                     .serve_connection(TokioIo::new(sock), svc)
                     .await;
             });
-        }
-    });
+        },
+    ));
 
-    let (accept_stop, accept_stopped) = tokio::sync::watch::channel(false);
     let incoming = tls_incoming(grpc, ca.tls.clone(), accept_stopped);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
@@ -178,39 +178,33 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
 /// Most TLS handshakes in progress on the gRPC port at once.
 const MAX_HANDSHAKES: usize = 256;
 
+async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
 /// TLS connections on the gRPC port, handshaken off the accept loop (a slow
-/// or hostile client cannot hold up others), until `stop`.
+/// or hostile client cannot hold up others; at most [`MAX_HANDSHAKES`] at
+/// once, the others wait their turn), until `stop`.
 fn tls_incoming(
     listener: TcpListener,
     tls: Arc<tandem_identity::tls::TlsIdentity>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsConn>> {
     let acceptor = tokio_rustls::TlsAcceptor::from(
         tls.server_config_no_client_auth(&[tandem_identity::tls::ALPN_H2]),
     );
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
-    tokio::spawn(async move {
-        loop {
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                return;
-            };
-            let accepted = tokio::select! {
-                r = listener.accept() => r,
-                _ = stop.changed() => return,
-            };
-            let sock = match accepted {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = sock.set_nodelay(true);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+    tokio::spawn(tandem_runtime::accept_loop(
+        listener,
+        "grpc",
+        stopped(stop),
+        move |sock, _| {
+            let (acceptor, tx, permits) = (acceptor.clone(), tx.clone(), permits.clone());
             tokio::spawn(async move {
-                let _permit = permit;
+                let Ok(_permit) = permits.acquire_owned().await else {
+                    return;
+                };
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(sock)).await {
                     Ok(Ok(s)) => {
                         let _ = tx.send(Ok(TlsConn(s))).await;
@@ -221,8 +215,8 @@ fn tls_incoming(
                     Err(_) => tracing::debug!("TLS handshake on the gRPC port timed out"),
                 }
             });
-        }
-    });
+        },
+    ));
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 

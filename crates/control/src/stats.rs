@@ -4,13 +4,14 @@
 //! over a window.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
+use tandem_runtime::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::mesh::{Mesh, ProxyKey};
@@ -68,10 +69,7 @@ pub struct PairStat {
 
 impl Stats {
     fn record(&self, key: ProxyKey, pairs: HashMap<Pair, PairCounters>, at: Instant) {
-        let mut h = match self.history.lock() {
-            Ok(h) => h,
-            Err(p) => p.into_inner(),
-        };
+        let mut h = self.history.lock();
         let q = h.entry(key).or_default();
         q.push_back(Sample { at, pairs });
         while q
@@ -83,19 +81,13 @@ impl Stats {
     }
 
     fn forget_except(&self, keep: &[ProxyKey]) {
-        let mut h = match self.history.lock() {
-            Ok(h) => h,
-            Err(p) => p.into_inner(),
-        };
+        let mut h = self.history.lock();
         h.retain(|k, _| keep.contains(k));
     }
 
     /// Aggregates the last `window` over every proxy.
     pub fn query(&self, window: Duration) -> Vec<PairStat> {
-        let h = match self.history.lock() {
-            Ok(h) => h,
-            Err(p) => p.into_inner(),
-        };
+        let h = self.history.lock();
         let mut sums: HashMap<Pair, (PairCounters, f64)> = HashMap::new();
         let now = Instant::now();
         for samples in h.values() {

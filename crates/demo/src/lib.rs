@@ -66,7 +66,7 @@ struct App {
     client: Client<Connector, Empty<Bytes>>,
     grpc: tonic::service::Routes,
     /// Requests seen per `/flaky` key.
-    flaky: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    flaky: tandem_runtime::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
 
 pub async fn run(
@@ -104,33 +104,27 @@ pub async fn run(
         tokio::spawn(load(app.clone()));
     }
     tracing::info!(listen = %app.cfg.listen, service = %app.cfg.service, "demo app serving");
-    tokio::pin!(shutdown);
-    loop {
-        let sock = tokio::select! {
-            r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
-            _ = &mut shutdown => return Ok(()),
-        };
+    tandem_runtime::accept_loop(listener, "demo app", shutdown, |sock, _| {
         let app = app.clone();
         tokio::spawn(async move {
-            let _ = sock.set_nodelay(true);
             let svc = service_fn(move |req| handle(app.clone(), req));
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection_with_upgrades(TokioIo::new(sock), svc)
                 .await;
         });
-    }
+    })
+    .await;
+    Ok(())
 }
 
 async fn tcp_echo(l: TcpListener) {
-    loop {
-        let Ok((mut s, _)) = l.accept().await else {
-            continue;
-        };
+    tandem_runtime::accept_loop(l, "tcp echo", std::future::pending(), |mut s, _| {
         tokio::spawn(async move {
             let (mut r, mut w) = s.split();
             let _ = tokio::io::copy(&mut r, &mut w).await;
         });
-    }
+    })
+    .await;
 }
 
 fn full(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> Response<Body> {
@@ -345,7 +339,7 @@ fn websocket(mut req: Request<Incoming>) -> Response<Body> {
 struct EchoService {
     instance: String,
     /// Calls seen per `flaky:` key.
-    flaky: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    flaky: tandem_runtime::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
 
 #[tonic::async_trait]
@@ -362,7 +356,7 @@ impl Echo for EchoService {
             let key = parts.next().unwrap_or_default().to_string();
             let fails: u32 = parts.next().and_then(|n| n.parse().ok()).unwrap_or(1);
             let n = {
-                let mut seen = self.flaky.lock().unwrap_or_else(|p| p.into_inner());
+                let mut seen = self.flaky.lock();
                 let n = seen.entry(key).or_insert(0);
                 *n += 1;
                 *n
@@ -435,10 +429,7 @@ async fn flaky(app: &App, req: Request<Incoming>) -> Response<Body> {
         Err(_) => Bytes::new(),
     };
     let attempt = {
-        let mut m = match app.flaky.lock() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
+        let mut m = app.flaky.lock();
         let n = m.entry(key.clone()).or_insert(0);
         *n += 1;
         *n
