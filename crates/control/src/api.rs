@@ -3,6 +3,7 @@
 //! - `GET /api/v1/proxies` — every known proxy and the config version it runs
 //! - `GET /api/v1/stats?window=SECONDS` — golden signals per service pair
 //! - `GET /api/v1/config` — the config in force and the last refused change
+//! - `GET /api/v1/push` — the push loop: rounds, compiles, sessions
 //! - `GET /api/v1/ca` — trust domain, roots, signing root, rotation phase
 //! - `POST /api/v1/ca/rotate` — start a root rotation
 //! - `POST /api/v1/ca/retire[?force=true]` — remove roots that no longer sign
@@ -71,6 +72,7 @@ impl Api {
                 )
             }
             "/api/v1/config" => json(StatusCode::OK, &self.mesh.config_status()),
+            "/api/v1/push" => json(StatusCode::OK, &self.mesh.push_status()),
             "/api/v1/ca" => json(StatusCode::OK, &self.ca.info()),
             "/healthz" => json(StatusCode::OK, &serde_json::json!({"ok": true})),
             _ => json(

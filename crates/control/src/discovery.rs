@@ -73,7 +73,7 @@ impl Discovery for DiscoveryService {
                         mesh.nack(&key, conn, n.version, n.reason)
                     }
                     Some(proxy_message::Kind::Subscribe(s)) => {
-                        mesh.subscribe(&key, conn, s.services).await
+                        mesh.subscribe(&key, conn, s.services)
                     }
                     Some(proxy_message::Kind::Leave(_)) => mesh.leave(&key, conn).await,
                     Some(proxy_message::Kind::Hello(_)) | None => {}

@@ -97,9 +97,9 @@ impl Ca {
     }
 
     /// Pushes the current bundle to every proxy; returns its generation.
-    pub async fn publish(&self) -> u64 {
+    pub fn publish(&self) -> u64 {
         let trust = self.trust();
-        self.mesh.set_trust(trust).await
+        self.mesh.set_trust(trust)
     }
 
     /// (Re-)issues the control plane's own serving certificate.
@@ -186,7 +186,7 @@ impl Ca {
         };
         tracing::info!(root = %new_root, "root rotation: new root added to the trust bundle");
         let _ = self.tls.set_bundle(self.authority().bundle());
-        let generation = self.publish().await;
+        let generation = self.publish();
         let me = self.clone();
         tokio::spawn(async move { me.promote_when_distributed(new_root, generation).await });
         Ok(self.rotation().clone())
@@ -221,7 +221,7 @@ impl Ca {
             r.pending.clear();
         }
         tracing::info!(root = %root, "root rotation: new root signs; proxies renew under it");
-        self.publish().await;
+        self.publish();
     }
 
     /// Step 3: removes every root but the signing one.
@@ -264,7 +264,7 @@ impl Ca {
         if let Err(e) = self.issue_own() {
             tracing::error!(error = %e, "cannot re-issue the control plane's certificate");
         }
-        self.publish().await;
+        self.publish();
         Ok(retired)
     }
 }

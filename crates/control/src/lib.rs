@@ -6,12 +6,15 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+mod config;
 pub mod discovery;
 pub mod identity;
 pub mod mesh;
+mod registry;
+mod snapshots;
 pub mod stats;
-pub mod storage;
-pub mod watch;
+mod versions;
+mod watch;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -58,8 +61,8 @@ pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// Runs the control plane until `shutdown` resolves.
 pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let config = match tandem_config::load_dir(&cfg.config_dir) {
-        Ok(set) => set,
+    let (source, config) = match watch::DirSource::open(cfg.config_dir.clone()).await? {
+        Ok(loaded) => loaded,
         Err(diags) => {
             for d in &diags {
                 eprintln!("{d}");
@@ -72,11 +75,13 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
         }
     };
     tracing::info!(services = config.services.len(), routes = config.http_routes.len(), dir = %cfg.config_dir.display(), "config loaded");
-    let storage = Arc::new(
-        storage::LocalDir::open(&cfg.data_dir)
+    let kv: Arc<dyn tandem_store::Kv> = Arc::new(
+        tandem_store::LocalDir::open(&cfg.data_dir)
             .with_context(|| format!("cannot use data directory {}", cfg.data_dir.display()))?,
     );
-    let mesh = mesh::Mesh::new(config, storage, cfg.grace).await?;
+    let registry: Arc<dyn tandem_store::RegistryStore> =
+        Arc::new(tandem_store::MemoryRegistry::default());
+    let mesh = mesh::Mesh::start(config, registry, kv, cfg.grace).await?;
     let authority = tandem_identity::ca::Authority::open(
         &cfg.data_dir,
         cfg.trust_domain.as_deref(),
@@ -87,7 +92,7 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
     .context("certificate authority")?;
     tracing::info!(trust_domain = %authority.trust_domain(), signer = %authority.signer_id(), roots = authority.root_ids().len(), "certificate authority ready");
     let ca = identity::Ca::new(authority, cfg.cert_lifetime, mesh.clone())?;
-    ca.publish().await;
+    ca.publish();
     tokio::spawn(ca.clone().renew_own());
     let stats = Arc::new(stats::Stats::default());
 
@@ -99,14 +104,7 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
         .with_context(|| format!("cannot listen on {} (API)", cfg.api))?;
     tracing::info!(grpc = %cfg.listen, api = %cfg.api, "control plane listening");
 
-    tokio::spawn({
-        let (dir, mesh) = (cfg.config_dir.clone(), mesh.clone());
-        async move {
-            if let Err(e) = watch::run(dir, mesh).await {
-                tracing::error!(error = %e, "config watch stopped");
-            }
-        }
-    });
+    tokio::spawn(config::follow(source, mesh.clone()));
     tokio::spawn(stats::collect(
         mesh.clone(),
         stats.clone(),
@@ -117,7 +115,7 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
         let warmup = cfg.warmup;
         async move {
             tokio::time::sleep(warmup).await;
-            mesh.end_warmup().await;
+            mesh.end_warmup();
         }
     });
     let api = Arc::new(api::Api {

@@ -1,69 +1,96 @@
-//! The control plane's live state: the last good config, the registry of
-//! connected proxies, and the snapshot each was sent. Any change (config
-//! reload, a proxy joining or leaving, a new subscription) recompiles the
-//! snapshot of every proxy it could affect and pushes those that changed.
+//! The control plane's live state and the loop that pushes snapshots.
+//!
+//! - The **config** in force (swapped whole by the config source) and the
+//!   **trust bundle** every snapshot carries.
+//! - The **registry** of proxy instances lives in a [`RegistryStore`]: a
+//!   proxy's registration is put when its stream opens, marked
+//!   disconnected when the stream ends, and removed after the grace period
+//!   (or marked leaving when the proxy says it shuts down). Its view for
+//!   snapshots is the [`EndpointTable`].
+//! - A **session** per proxy stream held here: its interest set, the
+//!   snapshot last sent and acknowledged, its certificate.
+//!
+//! Every change wakes one push task. A push round reads what changed under
+//! the state lock, compiles the snapshots whose inputs moved outside it
+//! ([`crate::snapshots`]), and sends each proxy the body of its group when
+//! it differs from the one it has. Events that arrive during a round are
+//! handled by the next one, so a burst of N connections costs a few
+//! rounds, not N. Versions are handed out by the one push task, in order:
+//! a proxy sees its versions rise, and a slow one skips to the newest
+//! (each proxy has a one-slot `watch` channel).
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 use tandem_api::v1::{Certificate, Hello, Snapshot as WireSnapshot};
-use tandem_config::compile::{compile, Target};
-use tandem_config::snapshot::{Endpoint, Trust};
+use tandem_config::snapshot::Trust;
 use tandem_config::ResourceSet;
-use tokio::sync::watch;
+use tandem_runtime::sync::Mutex;
+use tandem_store::{Kv, Presence, Registration, RegistryStore};
+use tokio::sync::{watch, Notify};
 
-use crate::storage::Storage;
-
-/// Versions are handed out in blocks; only the block boundary is stored.
-const VERSION_BLOCK: u64 = 1000;
-const VERSION_KEY: &str = "snapshot-version-floor";
+use crate::registry::EndpointTable;
+use crate::snapshots::{compile_group, Group, Inputs, Snapshots};
+use crate::versions::Floor;
 
 pub type ProxyKey = (String, String, String); // namespace, service, instance
 
+/// The newest snapshot for one proxy.
+pub type SnapshotTx = watch::Sender<Option<WireSnapshot>>;
+
+/// Groups compiled in one round beyond which compiling moves off the
+/// async runtime's threads.
+const COMPILE_INLINE: usize = 4;
+
 pub struct Mesh {
-    inner: Mutex<Inner>,
-    storage: Arc<dyn Storage>,
+    state: Mutex<State>,
+    registry: Arc<dyn RegistryStore>,
+    floor: Floor,
+    /// This control plane, as the holder of registrations.
+    id: String,
     pub grace: Duration,
     /// Set from start until the warm-up period is over: proxies that
     /// already run a config (they reconnect after a control-plane restart)
     /// keep it until the registry has had time to fill again, instead of
     /// getting snapshots that lack the endpoints of proxies not back yet.
-    warming: std::sync::atomic::AtomicBool,
-    /// One push at a time, through the storing of the version floor, so no
-    /// version is handed out above the floor on disk.
-    push_lock: tokio::sync::Mutex<()>,
+    warming: AtomicBool,
+    /// Something changed: a push round is due.
+    wake: Notify,
 }
 
-struct Inner {
+struct State {
     config: Arc<ResourceSet>,
     config_generation: u64,
     config_errors: Vec<String>,
-    proxies: HashMap<ProxyKey, ProxyEntry>,
-    next_version: u64,
-    version_ceiling: u64,
-    next_conn: u64,
-    /// The trust bundle every snapshot carries, and a counter of its changes.
     trust: Option<Trust>,
     trust_generation: u64,
+    sessions: HashMap<ProxyKey, Session>,
+    next_conn: u64,
+    endpoints: Arc<EndpointTable>,
+    snapshots: Snapshots,
+    /// The next version to hand out, and the top of the reserved block.
+    next_version: u64,
+    ceiling: u64,
+    rounds: u64,
 }
 
-/// The newest snapshot for one proxy. A slow proxy skips intermediate
-/// versions instead of queueing them, and versions arrive in order.
-pub type SnapshotTx = watch::Sender<Option<WireSnapshot>>;
-
-struct ProxyEntry {
+/// One proxy's stream, held by this control plane.
+struct Session {
     hello: Hello,
     conn: u64,
+    /// `None` once the stream ended (the grace period).
     tx: Option<SnapshotTx>,
-    /// Said it is shutting down: no longer an endpoint.
-    leaving: bool,
     /// Reconnected during warm-up with a config of its own: it keeps that
     /// config until the warm-up ends or it asks for something new.
     held: bool,
-    interest: BTreeSet<String>,
-    last_body: Vec<u8>,
+    /// Said it is shutting down.
+    leaving: bool,
+    group: Group,
+    /// The body last sent (shared with its group while current).
+    sent_body: Option<Arc<Vec<u8>>>,
     sent_version: u64,
     acked_version: u64,
     nack: Option<String>,
@@ -71,6 +98,12 @@ struct ProxyEntry {
     trust_sent: u64,
     trust_acked: u64,
     certificate: Option<Certificate>,
+}
+
+impl Session {
+    fn active(&self) -> bool {
+        self.tx.is_some() && !self.held
+    }
 }
 
 /// One row of `tandem status`.
@@ -105,121 +138,147 @@ pub struct ConfigStatus {
     pub errors: Vec<String>,
 }
 
+/// How the push loop is doing (for `GET /api/v1/control`).
+#[derive(Clone, Debug, Serialize)]
+pub struct PushStatus {
+    pub rounds: u64,
+    pub compiles: u64,
+    pub sessions: usize,
+    pub registry_revision: u64,
+    pub next_version: u64,
+}
+
 impl Mesh {
-    pub async fn new(
+    /// The mesh with its push task running.
+    pub async fn start(
         config: ResourceSet,
-        storage: Arc<dyn Storage>,
+        registry: Arc<dyn RegistryStore>,
+        kv: Arc<dyn Kv>,
         grace: Duration,
     ) -> std::io::Result<Arc<Self>> {
-        let floor = match storage.get(VERSION_KEY).await? {
-            Some(v) => String::from_utf8_lossy(&v)
-                .trim()
-                .parse::<u64>()
-                .unwrap_or(0),
-            None => 0,
-        };
-        let ceiling = floor + VERSION_BLOCK;
-        storage
-            .put(VERSION_KEY, ceiling.to_string().as_bytes())
-            .await?;
-        Ok(Arc::new(Mesh {
-            inner: Mutex::new(Inner {
+        let floor = Floor::new(kv);
+        let (first, ceiling) = floor.reserve(1, 1).await?;
+        let mesh = Arc::new(Mesh {
+            state: Mutex::new(State {
                 config: Arc::new(config),
                 config_generation: 1,
                 config_errors: Vec::new(),
-                proxies: HashMap::new(),
-                next_version: floor + 1,
-                version_ceiling: ceiling,
-                next_conn: 1,
                 trust: None,
                 trust_generation: 0,
+                sessions: HashMap::new(),
+                next_conn: 1,
+                endpoints: Arc::new(EndpointTable::default()),
+                snapshots: Snapshots::default(),
+                next_version: first,
+                ceiling,
+                rounds: 0,
             }),
-            storage,
+            registry,
+            floor,
+            id: format!("{}-{:08x}", std::process::id(), fastrand::u32(..)),
             grace,
-            warming: std::sync::atomic::AtomicBool::new(true),
-            push_lock: tokio::sync::Mutex::new(()),
-        }))
+            warming: AtomicBool::new(true),
+            wake: Notify::new(),
+        });
+        tokio::spawn(mesh.clone().push_loop());
+        Ok(mesh)
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        match self.inner.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+    fn holder(&self, conn: u64) -> String {
+        format!("{}/{conn}", self.id)
     }
 
     /// Ends the warm-up period: every proxy gets its current snapshot.
-    pub async fn end_warmup(self: &Arc<Self>) {
-        self.warming
-            .store(false, std::sync::atomic::Ordering::Relaxed);
-        for p in self.lock().proxies.values_mut() {
-            p.held = false;
+    pub fn end_warmup(&self) {
+        self.warming.store(false, Ordering::Relaxed);
+        for s in self.state.lock().sessions.values_mut() {
+            s.held = false;
         }
         tracing::info!("warm-up over; pushing to every proxy");
-        self.push_all().await;
+        self.wake.notify_one();
     }
 
-    /// Swaps in a new, validated config and pushes what changed.
-    pub async fn set_config(self: &Arc<Self>, config: ResourceSet) {
+    /// Swaps in a new, validated config.
+    pub fn set_config(&self, config: ResourceSet) {
         {
-            let mut g = self.lock();
-            g.config = Arc::new(config);
-            g.config_generation += 1;
-            g.config_errors.clear();
+            let mut st = self.state.lock();
+            st.config = Arc::new(config);
+            st.config_generation += 1;
+            st.config_errors.clear();
         }
-        self.push_all().await;
+        self.wake.notify_one();
     }
 
     /// Records a refused config change; the last good config stays.
     pub fn config_refused(&self, errors: Vec<String>) {
-        self.lock().config_errors = errors;
+        self.state.lock().config_errors = errors;
     }
 
     pub fn config_status(&self) -> ConfigStatus {
-        let g = self.lock();
+        let st = self.state.lock();
         ConfigStatus {
-            generation: g.config_generation,
-            services: g.config.services.len(),
-            http_routes: g.config.http_routes.len(),
-            errors: g.config_errors.clone(),
+            generation: st.config_generation,
+            services: st.config.services.len(),
+            http_routes: st.config.http_routes.len(),
+            errors: st.config_errors.clone(),
         }
     }
 
-    /// Registers a proxy's stream; returns its connection id. The first
-    /// snapshot is pushed right away.
-    pub async fn connect(self: &Arc<Self>, hello: Hello, tx: SnapshotTx) -> (ProxyKey, u64) {
+    pub fn push_status(&self) -> PushStatus {
+        let st = self.state.lock();
+        PushStatus {
+            rounds: st.rounds,
+            compiles: st.snapshots.compiles(),
+            sessions: st.sessions.len(),
+            registry_revision: st.endpoints.revision,
+            next_version: st.next_version,
+        }
+    }
+
+    /// Registers a proxy's stream; returns its connection id. Its first
+    /// snapshot follows from the push task.
+    pub async fn connect(&self, hello: Hello, tx: SnapshotTx) -> (ProxyKey, u64) {
         let key = (
             hello.namespace.clone(),
             hello.service.clone(),
             hello.instance.clone(),
         );
+        let reg = Registration {
+            namespace: hello.namespace.clone(),
+            service: hello.service.clone(),
+            instance: hello.instance.clone(),
+            inbound: hello.inbound_addr.clone(),
+            presence: Presence::Connected,
+            holder: String::new(),
+        };
         let conn = {
-            let mut g = self.lock();
-            let conn = g.next_conn;
-            g.next_conn += 1;
+            let mut st = self.state.lock();
+            let conn = st.next_conn;
+            st.next_conn += 1;
             // A proxy that has applied a version from an earlier control
-            // plane life must only ever see higher ones.
-            if hello.applied_version >= g.next_version {
-                g.next_version = hello.applied_version + 1;
-                // push_all reserves (and stores) the new floor above it.
-            }
-            let interest = hello.interest.iter().cloned().collect();
-            let held = hello.applied_version > 0
-                && self.warming.load(std::sync::atomic::Ordering::Relaxed);
+            // plane life must only ever see higher ones (the push task
+            // reserves a block above it).
+            st.next_version = st.next_version.max(hello.applied_version + 1);
+            let held = hello.applied_version > 0 && self.warming.load(Ordering::Relaxed);
             let certificate = hello
                 .certificate
                 .clone()
                 .filter(|c| !c.spiffe_id.is_empty());
-            g.proxies.insert(
+            let group = Group {
+                namespace: hello.namespace.clone(),
+                service: hello.service.clone(),
+                interest: Arc::new(hello.interest.iter().cloned().collect()),
+            };
+            st.sessions.insert(
                 key.clone(),
-                ProxyEntry {
+                Session {
                     hello,
                     conn,
                     tx: Some(tx),
-                    leaving: false,
                     held,
-                    interest,
-                    last_body: Vec::new(),
+                    leaving: false,
+                    group,
+                    sent_body: None,
                     sent_version: 0,
                     acked_version: 0,
                     nack: None,
@@ -231,191 +290,267 @@ impl Mesh {
             conn
         };
         tracing::info!(namespace = %key.0, service = %key.1, instance = %key.2, "proxy connected");
-        // Its arrival changes the endpoints of its own service, which other
-        // proxies may route to.
-        self.push_all().await;
+        let reg = Registration {
+            holder: self.holder(conn),
+            ..reg
+        };
+        if let Err(e) = self.registry.put(reg).await {
+            tracing::error!(error = %e, "cannot register the proxy");
+        }
+        self.wake.notify_one();
         (key, conn)
     }
 
     pub fn ack(&self, key: &ProxyKey, conn: u64, version: u64) {
-        let mut g = self.lock();
-        if let Some(p) = g.proxies.get_mut(key).filter(|p| p.conn == conn) {
-            p.acked_version = p.acked_version.max(version);
-            if version == p.sent_version {
-                p.nack = None;
-                p.trust_acked = p.trust_sent;
+        let mut st = self.state.lock();
+        if let Some(s) = st.sessions.get_mut(key).filter(|s| s.conn == conn) {
+            s.acked_version = s.acked_version.max(version);
+            if version == s.sent_version {
+                s.nack = None;
+                s.trust_acked = s.trust_sent;
             }
         }
     }
 
     pub fn nack(&self, key: &ProxyKey, conn: u64, version: u64, reason: String) {
         tracing::warn!(service = %key.1, instance = %key.2, version, %reason, "proxy refused snapshot");
-        let mut g = self.lock();
-        if let Some(p) = g.proxies.get_mut(key).filter(|p| p.conn == conn) {
-            p.nack = Some(reason);
+        let mut st = self.state.lock();
+        if let Some(s) = st.sessions.get_mut(key).filter(|s| s.conn == conn) {
+            s.nack = Some(reason);
         }
     }
 
-    /// The proxy is shutting down: remove it as an endpoint at once.
-    pub async fn leave(self: &Arc<Self>, key: &ProxyKey, conn: u64) {
+    /// The proxy is shutting down: no longer an endpoint, at once.
+    pub async fn leave(&self, key: &ProxyKey, conn: u64) {
         {
-            let mut g = self.lock();
-            let Some(p) = g.proxies.get_mut(key).filter(|p| p.conn == conn) else {
+            let mut st = self.state.lock();
+            let Some(s) = st.sessions.get_mut(key).filter(|s| s.conn == conn) else {
                 return;
             };
-            p.leaving = true;
+            s.leaving = true;
         }
         tracing::info!(service = %key.1, instance = %key.2, "proxy leaving");
-        self.push_all().await;
+        if let Err(e) = self
+            .registry
+            .set_presence(key, &self.holder(conn), Presence::Leaving)
+            .await
+        {
+            tracing::error!(error = %e, "cannot mark the proxy as leaving");
+        }
     }
 
-    pub async fn subscribe(self: &Arc<Self>, key: &ProxyKey, conn: u64, names: Vec<String>) {
+    pub fn subscribe(&self, key: &ProxyKey, conn: u64, names: Vec<String>) {
         {
-            let mut g = self.lock();
-            let Some(p) = g.proxies.get_mut(key).filter(|p| p.conn == conn) else {
+            let mut st = self.state.lock();
+            let Some(s) = st.sessions.get_mut(key).filter(|s| s.conn == conn) else {
                 return;
             };
             // A proxy re-sends subscriptions it queued while disconnected;
             // names its hello already listed change nothing.
-            let before = p.interest.len();
-            p.interest.extend(names);
-            if p.interest.len() == before {
+            let mut interest: BTreeSet<String> = (*s.group.interest).clone();
+            let before = interest.len();
+            interest.extend(names);
+            if interest.len() == before {
                 return;
             }
-            // A new destination needs an answer now, even if not every peer
-            // is back yet.
-            p.held = false;
+            s.group.interest = Arc::new(interest);
+            // A new destination needs an answer now, even if not every
+            // peer is back yet.
+            s.held = false;
         }
-        self.push_all().await;
+        self.wake.notify_one();
     }
 
     /// The stream ended. The instance stays an endpoint for the grace
-    /// period (a quick reconnect must not flap traffic), then is removed.
+    /// period (a quick reconnect must not flap traffic), then is removed;
+    /// one that said it was leaving stays out.
     pub async fn disconnect(self: &Arc<Self>, key: ProxyKey, conn: u64) {
-        {
-            let mut g = self.lock();
-            let Some(p) = g.proxies.get_mut(&key).filter(|p| p.conn == conn) else {
+        let leaving = {
+            let mut st = self.state.lock();
+            let Some(s) = st.sessions.get_mut(&key).filter(|s| s.conn == conn) else {
                 return;
             };
-            p.tx = None;
-        }
+            s.tx = None;
+            s.leaving
+        };
         tracing::info!(service = %key.1, instance = %key.2, grace = ?self.grace, "proxy disconnected");
+        let holder = self.holder(conn);
+        if !leaving {
+            if let Err(e) = self
+                .registry
+                .set_presence(&key, &holder, Presence::Disconnected)
+                .await
+            {
+                tracing::error!(error = %e, "cannot mark the proxy as disconnected");
+            }
+        }
         let me = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(me.grace).await;
-            let removed = {
-                let mut g = me.lock();
-                let stale = g
-                    .proxies
+            let stale = {
+                let mut st = me.state.lock();
+                let stale = st
+                    .sessions
                     .get(&key)
-                    .is_some_and(|p| p.conn == conn && p.tx.is_none());
+                    .is_some_and(|s| s.conn == conn && s.tx.is_none());
                 if stale {
-                    g.proxies.remove(&key);
+                    st.sessions.remove(&key);
                 }
                 stale
             };
-            if removed {
-                tracing::info!(service = %key.1, instance = %key.2, "proxy removed from registry");
-                me.push_all().await;
+            if stale {
+                match me.registry.remove(&key, &holder).await {
+                    Ok(_) => {
+                        tracing::info!(service = %key.1, instance = %key.2, "proxy removed from registry")
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot remove the proxy"),
+                }
             }
         });
     }
 
-    /// Recompiles every connected proxy's snapshot and sends those that
-    /// changed. Sending happens under the lock, so versions reach each proxy
-    /// in order.
-    pub async fn push_all(self: &Arc<Self>) {
-        let _serial = self.push_lock.lock().await;
-        // Reserve the versions this round may use before handing any out, so
-        // the stored floor is always above every version issued.
-        let reserve = {
-            let mut g = self.lock();
-            let needed = g.next_version + g.proxies.len() as u64;
-            if needed > g.version_ceiling {
-                g.version_ceiling = needed + VERSION_BLOCK;
-                Some(g.version_ceiling)
-            } else {
-                None
+    /// Runs push rounds: one now, then one per wake-up (a change here) or
+    /// registry change (here or, with a shared store, elsewhere).
+    async fn push_loop(self: Arc<Self>) {
+        let mut registry = self.registry.changes();
+        loop {
+            if let Err(e) = self.round().await {
+                tracing::error!(error = %e, "push round failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                self.wake.notify_one();
             }
-        };
-        if let Some(ceiling) = reserve {
-            if let Err(e) = self
-                .storage
-                .put(VERSION_KEY, ceiling.to_string().as_bytes())
-                .await
-            {
-                tracing::error!(error = %e, "cannot persist snapshot version floor");
-            }
-        }
-        let mut g = self.lock();
-        let config = g.config.clone();
-        let endpoints = endpoint_table(&g.proxies);
-        let lookup = |ns: &str, name: &str| -> Vec<Endpoint> {
-            endpoints
-                .get(&(ns.to_string(), name.to_string()))
-                .cloned()
-                .unwrap_or_default()
-        };
-        let keys: Vec<ProxyKey> = g.proxies.keys().cloned().collect();
-        let (trust, trust_generation) = (g.trust.clone(), g.trust_generation);
-        for key in keys {
-            let body = {
-                let Some(p) = g.proxies.get(&key) else {
-                    continue;
-                };
-                if p.tx.is_none() || p.held {
-                    continue;
-                }
-                let target = Target {
-                    namespace: &p.hello.namespace,
-                    service: &p.hello.service,
-                    interest: &p.interest,
-                };
-                let mut snapshot = compile(&config, &target, &lookup);
-                snapshot.trust = trust.clone();
-                snapshot.to_json()
-            };
-            if g.proxies.get(&key).is_none_or(|p| p.last_body == body) {
-                continue;
-            }
-            let version = g.next_version;
-            g.next_version += 1;
-            if let Some(p) = g.proxies.get_mut(&key) {
-                p.sent_version = version;
-                p.trust_sent = trust_generation;
-                if let Some(tx) = &p.tx {
-                    tx.send_replace(Some(WireSnapshot {
-                        version,
-                        body: body.clone(),
-                    }));
-                }
-                p.last_body = body;
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                r = registry.changed() => if r.is_err() { return },
             }
         }
     }
 
+    /// One push round.
+    async fn round(&self) -> std::io::Result<()> {
+        // The registry, if it moved since the table was made.
+        let seen = *self.registry.changes().borrow();
+        if seen != self.state.lock().endpoints.revision {
+            let (revision, regs) = self.registry.list().await?;
+            let mut st = self.state.lock();
+            if revision != st.endpoints.revision {
+                let changed = Arc::make_mut(&mut st.endpoints).update(revision, &regs);
+                tracing::debug!(revision, services = changed.len(), "registry changed");
+            }
+        }
+        // What must be compiled for the proxies that take snapshots now.
+        let (inputs, stale) = {
+            let st = self.state.lock();
+            let inputs = Inputs {
+                config: st.config.clone(),
+                config_generation: st.config_generation,
+                trust: st.trust.clone(),
+                trust_generation: st.trust_generation,
+                endpoints: st.endpoints.clone(),
+            };
+            let groups = st
+                .sessions
+                .values()
+                .filter(|s| s.active())
+                .map(|s| &s.group);
+            let stale = st.snapshots.stale(groups, &inputs);
+            (inputs, stale)
+        };
+        let compiled = if stale.len() <= COMPILE_INLINE {
+            stale
+                .into_iter()
+                .map(|g| {
+                    let c = compile_group(&g, &inputs);
+                    (g, c)
+                })
+                .collect()
+        } else {
+            let inputs = inputs.clone();
+            tokio::task::spawn_blocking(move || {
+                stale
+                    .into_iter()
+                    .map(|g| {
+                        let c = compile_group(&g, &inputs);
+                        (g, c)
+                    })
+                    .collect()
+            })
+            .await
+            .map_err(std::io::Error::other)?
+        };
+        self.state.lock().snapshots.store(compiled);
+        // Versions for every proxy whose snapshot changed, reserved before
+        // any is handed out, so the stored floor is above all of them.
+        loop {
+            let (next, due, ceiling) = {
+                let st = self.state.lock();
+                let due = st
+                    .sessions
+                    .values()
+                    .filter(|s| s.active() && differs(s, st.snapshots.body(&s.group)))
+                    .count() as u64;
+                (st.next_version, due, st.ceiling)
+            };
+            if next + due <= ceiling + 1 {
+                break;
+            }
+            // The rest of the current block is skipped: versions only need
+            // to rise.
+            let (first, ceiling) = self.floor.reserve(next, due).await?;
+            let mut st = self.state.lock();
+            st.next_version = st.next_version.max(first);
+            st.ceiling = st.ceiling.max(ceiling);
+        }
+        let mut st = self.state.lock();
+        let st = &mut *st;
+        st.rounds += 1;
+        let trust_generation = st.trust_generation;
+        for s in st.sessions.values_mut().filter(|s| s.active()) {
+            let Some(body) = st.snapshots.body(&s.group) else {
+                continue;
+            };
+            if !differs(s, Some(body)) || st.next_version > st.ceiling {
+                continue;
+            }
+            let version = st.next_version;
+            st.next_version += 1;
+            s.sent_version = version;
+            s.trust_sent = trust_generation;
+            s.sent_body = Some(body.clone());
+            if let Some(tx) = &s.tx {
+                tx.send_replace(Some(WireSnapshot {
+                    version,
+                    body: (**body).clone(),
+                }));
+            }
+        }
+        let in_use: HashSet<&Group> = st.sessions.values().map(|s| &s.group).collect();
+        st.snapshots.retain(&in_use);
+        Ok(())
+    }
+
     pub fn status(&self) -> Vec<ProxyStatus> {
-        let g = self.lock();
-        let mut out: Vec<ProxyStatus> = g
-            .proxies
+        let st = self.state.lock();
+        let mut out: Vec<ProxyStatus> = st
+            .sessions
             .values()
-            .map(|p| ProxyStatus {
-                namespace: p.hello.namespace.clone(),
-                service: p.hello.service.clone(),
-                instance: p.hello.instance.clone(),
-                inbound: p.hello.inbound_addr.clone(),
-                admin: p.hello.admin_addr.clone(),
-                http_proxy: p.hello.http_proxy_addr.clone(),
-                config_version: p.sent_version,
-                acked_version: p.acked_version,
-                config_acked: p.sent_version > 0 && p.acked_version == p.sent_version,
-                nack_reason: p.nack.clone(),
-                connected: p.tx.is_some(),
-                proxy_version: p.hello.proxy_version.clone(),
-                spiffe_id: p.certificate.as_ref().map(|c| c.spiffe_id.clone()),
-                cert_not_after: p.certificate.as_ref().map(|c| c.not_after),
-                cert_signer: p.certificate.as_ref().map(|c| c.signer.clone()),
-                cert_serial: p.certificate.as_ref().map(|c| c.serial.clone()),
+            .map(|s| ProxyStatus {
+                namespace: s.hello.namespace.clone(),
+                service: s.hello.service.clone(),
+                instance: s.hello.instance.clone(),
+                inbound: s.hello.inbound_addr.clone(),
+                admin: s.hello.admin_addr.clone(),
+                http_proxy: s.hello.http_proxy_addr.clone(),
+                config_version: s.sent_version,
+                acked_version: s.acked_version,
+                config_acked: s.sent_version > 0 && s.acked_version == s.sent_version,
+                nack_reason: s.nack.clone(),
+                connected: s.tx.is_some(),
+                proxy_version: s.hello.proxy_version.clone(),
+                spiffe_id: s.certificate.as_ref().map(|c| c.spiffe_id.clone()),
+                cert_not_after: s.certificate.as_ref().map(|c| c.not_after),
+                cert_signer: s.certificate.as_ref().map(|c| c.signer.clone()),
+                cert_serial: s.certificate.as_ref().map(|c| c.serial.clone()),
             })
             .collect();
         out.sort_by(|a, b| {
@@ -424,54 +559,53 @@ impl Mesh {
         out
     }
 
-    /// Sets the trust bundle carried by every snapshot and pushes it;
-    /// returns its generation.
-    pub async fn set_trust(self: &Arc<Self>, trust: Trust) -> u64 {
+    /// Sets the trust bundle carried by every snapshot; returns its
+    /// generation.
+    pub fn set_trust(&self, trust: Trust) -> u64 {
         let generation = {
-            let mut g = self.lock();
-            if g.trust.as_ref() == Some(&trust) {
-                return g.trust_generation;
+            let mut st = self.state.lock();
+            if st.trust.as_ref() == Some(&trust) {
+                return st.trust_generation;
             }
-            g.trust = Some(trust);
-            g.trust_generation += 1;
-            g.trust_generation
+            st.trust = Some(trust);
+            st.trust_generation += 1;
+            st.trust_generation
         };
-        self.push_all().await;
+        self.wake.notify_one();
         generation
     }
 
     /// Connected proxies that have not yet acknowledged a snapshot with
     /// trust generation `generation` (or a later one).
     pub fn trust_pending(&self, generation: u64) -> Vec<String> {
-        let g = self.lock();
-        g.proxies
+        let st = self.state.lock();
+        st.sessions
             .iter()
-            .filter(|(_, p)| p.tx.is_some() && !p.leaving && p.trust_acked < generation)
+            .filter(|(_, s)| s.tx.is_some() && s.trust_acked < generation)
             .map(|((ns, svc, inst), _)| format!("{ns}/{svc}/{inst}"))
             .collect()
     }
 
     /// Records a certificate issued to (or reported by) a proxy.
     pub fn set_certificate(&self, namespace: &str, service: &str, instance: &str, c: Certificate) {
-        let mut g = self.lock();
         let key = (
             namespace.to_string(),
             service.to_string(),
             instance.to_string(),
         );
-        if let Some(p) = g.proxies.get_mut(&key) {
-            p.certificate = Some(c);
+        if let Some(s) = self.state.lock().sessions.get_mut(&key) {
+            s.certificate = Some(c);
         }
     }
 
     /// Connected proxies whose certificate was signed by one of `roots`.
     pub fn certificates_signed_by(&self, roots: &[String]) -> Vec<String> {
-        let g = self.lock();
-        g.proxies
+        let st = self.state.lock();
+        st.sessions
             .iter()
-            .filter(|(_, p)| p.tx.is_some())
-            .filter(|(_, p)| {
-                p.certificate
+            .filter(|(_, s)| s.tx.is_some())
+            .filter(|(_, s)| {
+                s.certificate
                     .as_ref()
                     .is_some_and(|c| roots.contains(&c.signer))
             })
@@ -481,46 +615,221 @@ impl Mesh {
 
     /// Admin addresses of connected proxies, for stats collection.
     pub fn admin_targets(&self) -> Vec<(ProxyKey, String)> {
-        let g = self.lock();
-        g.proxies
+        let st = self.state.lock();
+        st.sessions
             .iter()
-            .filter(|(_, p)| p.tx.is_some() && !p.hello.admin_addr.is_empty())
-            .map(|(k, p)| (k.clone(), p.hello.admin_addr.clone()))
+            .filter(|(_, s)| s.tx.is_some() && !s.hello.admin_addr.is_empty())
+            .map(|(k, s)| (k.clone(), s.hello.admin_addr.clone()))
             .collect()
     }
 }
 
-fn endpoint_table(
-    proxies: &HashMap<ProxyKey, ProxyEntry>,
-) -> HashMap<(String, String), Vec<Endpoint>> {
-    // An address registered by proxies of two services: a connected proxy
-    // wins over one in its disconnect grace period (its port was reused).
-    let mut live_owner: HashMap<&str, (&str, &str)> = HashMap::new();
-    for ((ns, svc, _), p) in proxies {
-        if p.tx.is_some() && !p.leaving && !p.hello.inbound_addr.is_empty() {
-            live_owner.insert(p.hello.inbound_addr.as_str(), (ns.as_str(), svc.as_str()));
+/// Whether `body` is not what the session was last sent.
+fn differs(s: &Session, body: Option<&Arc<Vec<u8>>>) -> bool {
+    match (body, &s.sent_body) {
+        (None, _) => false,
+        (Some(_), None) => true,
+        (Some(b), Some(sent)) => !Arc::ptr_eq(b, sent) && b != sent,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_config::snapshot::Snapshot;
+    use tandem_store::{Memory, MemoryRegistry};
+
+    const CONFIG: &str = r#"
+apiVersion: tandem.dev/v1alpha1
+kind: Service
+metadata: {name: web}
+spec: {ports: [{port: 80, protocol: http}]}
+---
+apiVersion: tandem.dev/v1alpha1
+kind: Service
+metadata: {name: api}
+spec: {ports: [{port: 80, protocol: http}]}
+"#;
+
+    const GRACE: Duration = Duration::from_secs(2);
+
+    async fn mesh_on(kv: Arc<dyn Kv>) -> Arc<Mesh> {
+        let config = tandem_config::load_str("c.yaml", CONFIG).expect("config");
+        Mesh::start(config, Arc::new(MemoryRegistry::default()), kv, GRACE)
+            .await
+            .expect("mesh")
+    }
+
+    async fn mesh() -> Arc<Mesh> {
+        mesh_on(Arc::new(Memory::default())).await
+    }
+
+    fn hello(svc: &str, inst: &str, addr: &str, interest: &[&str], applied: u64) -> Hello {
+        Hello {
+            service: svc.into(),
+            instance: inst.into(),
+            namespace: "default".into(),
+            inbound_addr: addr.into(),
+            interest: interest.iter().map(|s| s.to_string()).collect(),
+            applied_version: applied,
+            ..Hello::default()
         }
     }
-    let mut table: HashMap<(String, String), Vec<Endpoint>> = HashMap::new();
-    for ((ns, svc, instance), p) in proxies {
-        if p.hello.inbound_addr.is_empty() || p.leaving {
-            continue;
-        }
-        if p.tx.is_none() {
-            if let Some(owner) = live_owner.get(p.hello.inbound_addr.as_str()) {
-                if *owner != (ns.as_str(), svc.as_str()) {
-                    continue;
+
+    type Rx = watch::Receiver<Option<WireSnapshot>>;
+
+    async fn join(mesh: &Arc<Mesh>, h: Hello) -> (ProxyKey, u64, Rx) {
+        let (tx, rx) = watch::channel(None);
+        let (key, conn) = mesh.connect(h, tx).await;
+        (key, conn, rx)
+    }
+
+    /// The next snapshot sent on `rx` whose `api` endpoints are `want`.
+    async fn until_api(rx: &mut Rx, want: &[&str]) -> u64 {
+        loop {
+            if let Some(s) = rx.borrow_and_update().clone() {
+                let snap = Snapshot::from_json(&s.body).expect("json");
+                let have: Vec<String> = snap
+                    .destinations
+                    .iter()
+                    .filter(|d| d.name == "api")
+                    .flat_map(|d| d.backends[0].endpoints.iter().map(|e| e.address.clone()))
+                    .collect();
+                if have == want {
+                    return s.version;
                 }
             }
+            tokio::time::timeout(Duration::from_secs(5), rx.changed())
+                .await
+                .expect("a snapshot in time")
+                .expect("open");
         }
-        table
-            .entry((ns.clone(), svc.clone()))
-            .or_default()
-            .push(Endpoint {
-                address: p.hello.inbound_addr.clone(),
-                instance: instance.clone(),
-                meshed: true,
-            });
     }
-    table
+
+    #[tokio::test]
+    async fn endpoints_reach_callers_and_versions_rise() {
+        let m = mesh().await;
+        let (_, _, mut web) = join(&m, hello("web", "w1", "10.0.0.1:80", &["api"], 0)).await;
+        let v1 = until_api(&mut web, &[]).await;
+        let (_, _, _api) = join(&m, hello("api", "a1", "10.0.0.2:80", &[], 0)).await;
+        let v2 = until_api(&mut web, &["10.0.0.2:80"]).await;
+        assert!(v2 > v1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_that_ends_stays_an_endpoint_for_the_grace_period() {
+        let m = mesh().await;
+        let (_, _, mut web) = join(&m, hello("web", "w1", "10.0.0.1:80", &["api"], 0)).await;
+        let (key, conn, _api) = join(&m, hello("api", "a1", "10.0.0.2:80", &[], 0)).await;
+        until_api(&mut web, &["10.0.0.2:80"]).await;
+        m.disconnect(key.clone(), conn).await;
+        tokio::time::sleep(GRACE / 2).await;
+        assert!(m
+            .status()
+            .iter()
+            .any(|s| s.instance == "a1" && !s.connected));
+        assert!(
+            !web.has_changed().expect("open"),
+            "no change within the grace period"
+        );
+        tokio::time::sleep(GRACE).await;
+        until_api(&mut web, &[]).await;
+        assert!(m.status().iter().all(|s| s.instance != "a1"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reconnect_within_the_grace_period_keeps_the_endpoint() {
+        let m = mesh().await;
+        let (_, _, mut web) = join(&m, hello("web", "w1", "10.0.0.1:80", &["api"], 0)).await;
+        let (key, conn, _old) = join(&m, hello("api", "a1", "10.0.0.2:80", &[], 0)).await;
+        until_api(&mut web, &["10.0.0.2:80"]).await;
+        m.disconnect(key, conn).await;
+        let (_, _, _new) = join(&m, hello("api", "a1", "10.0.0.2:80", &[], 7)).await;
+        tokio::time::sleep(GRACE * 2).await;
+        // The old stream's grace timer removed nothing: still listed (the
+        // latest snapshot has it, or waiting for one times out).
+        until_api(&mut web, &["10.0.0.2:80"]).await;
+        assert!(m.status().iter().any(|s| s.instance == "a1" && s.connected));
+    }
+
+    #[tokio::test]
+    async fn a_leaving_proxy_is_out_at_once_and_stays_out() {
+        let m = mesh().await;
+        let (_, _, mut web) = join(&m, hello("web", "w1", "10.0.0.1:80", &["api"], 0)).await;
+        let (key, conn, _api) = join(&m, hello("api", "a1", "10.0.0.2:80", &[], 0)).await;
+        let (_, _, _api2) = join(&m, hello("api", "a2", "10.0.0.3:80", &[], 0)).await;
+        until_api(&mut web, &["10.0.0.2:80", "10.0.0.3:80"]).await;
+        m.leave(&key, conn).await;
+        until_api(&mut web, &["10.0.0.3:80"]).await;
+        m.disconnect(key, conn).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        until_api(&mut web, &["10.0.0.3:80"]).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn during_warm_up_a_proxy_with_a_config_keeps_it() {
+        let m = mesh().await;
+        // A proxy that applied version 5000 from an earlier control plane.
+        let (key, conn, mut old) =
+            join(&m, hello("web", "w1", "10.0.0.1:80", &["api"], 5000)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(old.borrow().is_none(), "held during warm-up");
+        // A new destination needs an answer now.
+        m.subscribe(&key, conn, vec!["web".into()]);
+        tokio::time::timeout(Duration::from_secs(5), old.changed())
+            .await
+            .expect("sent")
+            .expect("open");
+        let v = old.borrow().as_ref().map(|s| s.version).unwrap_or(0);
+        assert!(v > 5000, "{v}");
+        // Another one waits for the end of the warm-up.
+        let (_, _, mut held) = join(&m, hello("web", "w2", "10.0.0.4:80", &["api"], 3)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(held.borrow().is_none());
+        m.end_warmup();
+        let v2 = until_api(&mut held, &[]).await;
+        assert!(v2 > v, "{v2} after {v}");
+    }
+
+    #[tokio::test]
+    async fn proxies_with_the_same_inputs_share_one_compile() {
+        let m = mesh().await;
+        let mut rxs = Vec::new();
+        for i in 0..300 {
+            let addr = format!("10.1.{}.{}:80", i / 250, i % 250);
+            rxs.push(
+                join(&m, hello("web", &format!("w{i}"), &addr, &["api"], 0))
+                    .await
+                    .2,
+            );
+        }
+        for rx in &mut rxs {
+            until_api(rx, &[]).await;
+        }
+        let s = m.push_status();
+        // web's own endpoints changed with every join, but no snapshot of
+        // this group lists web: one group, compiled once per config.
+        assert!(s.compiles <= 2, "{s:?}");
+        let versions: HashSet<u64> = rxs
+            .iter()
+            .map(|rx| rx.borrow().as_ref().map_or(0, |s| s.version))
+            .collect();
+        assert_eq!(versions.len(), 300, "every proxy its own version");
+    }
+
+    #[tokio::test]
+    async fn versions_keep_rising_across_a_restart() {
+        let kv: Arc<dyn Kv> = Arc::new(Memory::default());
+        let first = mesh_on(kv.clone()).await;
+        let (_, _, mut rx) = join(&first, hello("web", "w1", "10.0.0.1:80", &["api"], 0)).await;
+        let before = until_api(&mut rx, &[]).await;
+        let second = mesh_on(kv).await;
+        let (_, _, mut rx) = join(&second, hello("web", "w2", "10.0.0.9:80", &["api"], 0)).await;
+        second.end_warmup();
+        let after = until_api(&mut rx, &[]).await;
+        assert!(
+            after > before + crate::versions::BLOCK - 1,
+            "{after} after {before}"
+        );
+    }
 }

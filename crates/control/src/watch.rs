@@ -1,75 +1,86 @@
-//! Watching the config directory. Every change reloads and validates the
-//! whole set; a set with problems is refused (logged with its
-//! `file:line:col` messages) and the last good config stays in force.
+//! The config directory as a [`ConfigSource`]: every change reloads and
+//! validates the whole set. inotify events (debounced, so an editor or
+//! `git checkout` can finish writing) and a periodic rescan (for file
+//! systems without events) trigger a reload when the content fingerprint
+//! changed.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher};
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use tandem_config::{Diagnostic, ResourceSet};
 use tokio::sync::mpsc;
 
-use crate::mesh::Mesh;
+use crate::config::{Change, ConfigSource};
 
 /// Changes arriving within this window are applied together.
 const DEBOUNCE: Duration = Duration::from_millis(150);
 /// A periodic re-read as a safety net for file systems without events.
 const RESCAN: Duration = Duration::from_secs(5);
 
-pub async fn run(dir: PathBuf, mesh: Arc<Mesh>) -> anyhow::Result<()> {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        // Reading the files (ours included) produces access events; only
-        // changes matter.
-        if let Ok(e) = res {
-            if !matches!(e.kind, notify::EventKind::Access(_)) {
-                let _ = tx.send(());
-            }
-        }
-    })?;
-    watcher.watch(&dir, RecursiveMode::Recursive)?;
-    let mut last = fingerprint_async(&dir).await;
-    loop {
-        let event = tokio::time::timeout(RESCAN, rx.recv()).await;
-        if let Ok(None) = event {
-            return Ok(());
-        }
-        // Let an editor or `git checkout` finish writing.
-        tokio::time::sleep(DEBOUNCE).await;
-        while rx.try_recv().is_ok() {}
-        let now = fingerprint_async(&dir).await;
-        if now == last {
-            continue;
-        }
-        last = now;
-        reload(&dir, &mesh).await;
+pub struct DirSource {
+    dir: PathBuf,
+    events: mpsc::UnboundedReceiver<()>,
+    _watcher: RecommendedWatcher,
+    last: u64,
+}
+
+impl DirSource {
+    /// Loads the directory and starts watching it; a directory whose
+    /// config has problems is refused with them.
+    pub async fn open(
+        dir: PathBuf,
+    ) -> anyhow::Result<Result<(DirSource, ResourceSet), Vec<Diagnostic>>> {
+        let (tx, events) = mpsc::unbounded_channel();
+        let mut watcher =
+            notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+                // Reading the files (ours included) produces access events;
+                // only changes matter.
+                if let Ok(e) = res {
+                    if !matches!(e.kind, notify::EventKind::Access(_)) {
+                        let _ = tx.send(());
+                    }
+                }
+            })?;
+        watcher.watch(&dir, RecursiveMode::Recursive)?;
+        let last = fingerprint_async(&dir).await;
+        let d = dir.clone();
+        let loaded = tokio::task::spawn_blocking(move || tandem_config::load_dir(&d)).await?;
+        Ok(loaded.map(|set| {
+            (
+                DirSource {
+                    dir,
+                    events,
+                    _watcher: watcher,
+                    last,
+                },
+                set,
+            )
+        }))
     }
 }
 
-pub async fn reload(dir: &std::path::Path, mesh: &Arc<Mesh>) {
-    let d = dir.to_path_buf();
-    let loaded = tokio::task::spawn_blocking(move || tandem_config::load_dir(&d)).await;
-    match loaded {
-        Ok(Ok(set)) => {
-            tracing::info!(
-                services = set.services.len(),
-                routes = set.http_routes.len(),
-                "config reloaded"
-            );
-            mesh.set_config(set).await;
-        }
-        Ok(Err(diags)) => {
-            let msgs: Vec<String> = diags.iter().map(|d| d.to_string()).collect();
-            for m in &msgs {
-                tracing::error!("config refused: {m}");
+impl ConfigSource for DirSource {
+    async fn next(&mut self) -> Option<Change> {
+        loop {
+            let event = tokio::time::timeout(RESCAN, self.events.recv()).await;
+            if let Ok(None) = event {
+                return None;
             }
-            tracing::error!(
-                problems = msgs.len(),
-                "config change refused; the last good config stays in force"
-            );
-            mesh.config_refused(msgs);
+            tokio::time::sleep(DEBOUNCE).await;
+            while self.events.try_recv().is_ok() {}
+            let now = fingerprint_async(&self.dir).await;
+            if now == self.last {
+                continue;
+            }
+            self.last = now;
+            let d = self.dir.clone();
+            match tokio::task::spawn_blocking(move || tandem_config::load_dir(&d)).await {
+                Ok(Ok(set)) => return Some(Ok(set)),
+                Ok(Err(diags)) => return Some(Err(diags.iter().map(|d| d.to_string()).collect())),
+                Err(e) => tracing::error!(error = %e, "config reload failed"),
+            }
         }
-        Err(e) => tracing::error!(error = %e, "config reload failed"),
     }
 }
 
