@@ -29,8 +29,11 @@ pub fn token_create(
     if ttl.is_zero() {
         anyhow::bail!("--ttl must be more than zero");
     }
-    let ca = Authority::open(data, None, None)
-        .with_context(|| format!("certificate authority in {}", data.display()))?;
+    let ca = block_on(async {
+        let kv = tandem_store::LocalDir::open(data)?;
+        Ok(Authority::open(&kv, None, None).await?)
+    })
+    .with_context(|| format!("certificate authority in {}", data.display()))?;
     let (claims, token) = ca.mint_token(namespace, service, ttl)?;
     if json {
         println!(
@@ -57,9 +60,14 @@ pub fn token_create(
 }
 
 pub fn token_revoke(data: &Path, id: &str) -> anyhow::Result<()> {
-    let ca = Authority::open(data, None, None)
-        .with_context(|| format!("certificate authority in {}", data.display()))?;
-    ca.revoke(id)?;
+    block_on(async {
+        let kv = tandem_store::LocalDir::open(data)?;
+        // The CA must exist: a revocation in an empty directory would
+        // revoke nothing anyone uses.
+        Authority::load(&kv).await?;
+        Ok(Authority::revoke(&kv, id).await?)
+    })
+    .with_context(|| format!("certificate authority in {}", data.display()))?;
     eprintln!("token {id} revoked: it can no longer register a proxy or obtain a certificate");
     Ok(())
 }

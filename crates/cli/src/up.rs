@@ -243,7 +243,10 @@ async fn start_all(
     // The CA is created here (the control plane opens the same one) so that
     // each demo sidecar gets a join token for its service.
     let data = state.join("data");
-    let ca = tandem_identity::ca::Authority::open(&data, None, None)
+    let kv = tandem_store::LocalDir::open(&data)
+        .with_context(|| format!("data directory {}", data.display()))?;
+    let ca = tandem_identity::ca::Authority::open(&kv, None, None)
+        .await
         .with_context(|| format!("certificate authority in {}", data.display()))?;
     let tokens = state.join("tokens");
     std::fs::create_dir_all(&tokens)?;

@@ -60,7 +60,8 @@ impl Discovery for DiscoveryService {
         check_hello(&mut hello)?;
         // Only a holder of the service's join token may register as it.
         self.ca
-            .check_token(&hello.token, &hello.namespace, &hello.service)?;
+            .check_token(&hello.token, &hello.namespace, &hello.service)
+            .await?;
         hello.token.clear();
         let (tx, rx) = watch::channel(None);
         let mesh = self.mesh.clone();

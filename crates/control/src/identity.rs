@@ -9,6 +9,11 @@
 //!    and the snapshots say so; each proxy renews under it.
 //! 3. `retire` removes the old root once no proxy still uses a certificate
 //!    it signed.
+//!
+//! The rules of each step are [`crate::rotation`]'s; the CA's material and
+//! its changes go through the store (`tandem_store::Kv`), and the phase is
+//! read off the stored roots, so a restart in the middle of a rotation
+//! resumes it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -22,31 +27,28 @@ use tandem_identity::tls::TlsIdentity;
 use tandem_identity::token::{self, Claims};
 use tandem_identity::SpiffeId;
 use tandem_runtime::sync::{Mutex, MutexGuard};
+use tandem_store::Kv;
 use tonic::{Request, Response, Status};
 
 use crate::mesh::Mesh;
+use crate::rotation::{Phase, Rotation, Step};
 
 /// Longest wait for every proxy to learn a new root before it signs.
 pub const PROMOTE_WAIT: Duration = Duration::from_secs(30);
 
 pub struct Ca {
+    /// The CA as last read from the store; replaced after each change.
     authority: Mutex<Authority>,
+    kv: Arc<dyn Kv>,
     /// Lifetime of the certificates issued.
     pub lifetime: Duration,
     /// The control plane's own identity, for its gRPC port.
     pub tls: Arc<TlsIdentity>,
     mesh: Arc<Mesh>,
     rotation: Mutex<Rotation>,
-}
-
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Rotation {
-    /// `idle`, `distributing` (new root in the bundle, old one signs) or
-    /// `promoted` (new root signs; the old one can be retired).
-    pub phase: String,
-    pub new_root: Option<String>,
-    /// Proxies that have not acknowledged the new bundle yet.
-    pub pending: Vec<String>,
+    /// Held through each rotation step (rotate, promote, retire), so they
+    /// never interleave.
+    steps: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug, Serialize)]
@@ -62,22 +64,33 @@ pub struct CaInfo {
 impl Ca {
     pub fn new(
         authority: Authority,
+        kv: Arc<dyn Kv>,
         lifetime: Duration,
         mesh: Arc<Mesh>,
     ) -> anyhow::Result<Arc<Ca>> {
         let tls = TlsIdentity::new(authority.trust_domain(), authority.bundle())?;
+        let rotation = Rotation::of(&authority.root_ids(), authority.signer_id());
         let ca = Arc::new(Ca {
             authority: Mutex::new(authority),
+            kv,
             lifetime,
             tls,
             mesh,
-            rotation: Mutex::new(Rotation {
-                phase: "idle".into(),
-                ..Rotation::default()
-            }),
+            rotation: Mutex::new(rotation),
+            steps: tokio::sync::Mutex::new(()),
         });
         ca.issue_own()?;
         Ok(ca)
+    }
+
+    /// Carries on with a rotation that a restart interrupted.
+    pub fn resume(self: &Arc<Self>, generation: u64) {
+        let r = self.rotation().clone();
+        if let (Phase::Distributing, Some(root)) = (r.phase, r.new_root) {
+            tracing::info!(root = %root, "root rotation in progress: waiting for proxies to acknowledge the new bundle");
+            let me = self.clone();
+            tokio::spawn(async move { me.promote_when_distributed(root, generation).await });
+        }
     }
 
     fn authority(&self) -> MutexGuard<'_, Authority> {
@@ -149,16 +162,24 @@ impl Ca {
         }
     }
 
+    /// The ids of revoked tokens (the CLI may add some at any time).
+    async fn revoked(&self) -> Result<Vec<String>, Status> {
+        Authority::revoked(&*self.kv)
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot read revocations: {e}")))
+    }
+
     /// Checks a join token and that it names `namespace/service`.
-    pub fn check_token(
+    pub async fn check_token(
         &self,
         token: &str,
         namespace: &str,
         service: &str,
     ) -> Result<Claims, Status> {
+        let revoked = self.revoked().await?;
         let claims = self
             .authority()
-            .verify_token(token)
+            .verify_token(token, &revoked)
             .map_err(|e| Status::unauthenticated(format!("join token refused: {e}")))?;
         if claims.ns != namespace || claims.svc != service {
             return Err(Status::permission_denied(format!(
@@ -169,23 +190,21 @@ impl Ca {
         Ok(claims)
     }
 
-    /// Step 1 of a root rotation; steps 2 follows by itself.
+    /// Step 1 of a root rotation; step 2 follows by itself.
     pub async fn rotate(self: &Arc<Self>) -> Result<Rotation, String> {
-        let new_root = {
-            let mut r = self.rotation();
-            if r.phase == "distributing" {
-                return Err("a rotation is already in progress".into());
-            }
-            let id = self.authority().add_root().map_err(|e| e.to_string())?;
-            *r = Rotation {
-                phase: "distributing".into(),
-                new_root: Some(id.clone()),
-                pending: Vec::new(),
-            };
-            id
-        };
+        let _step = self.steps.lock().await;
+        self.rotation().can_start()?;
+        let current = Authority::load(&*self.kv)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (authority, new_root) = current
+            .add_root(&*self.kv)
+            .await
+            .map_err(|e| e.to_string())?;
+        *self.rotation() = Rotation::of(&authority.root_ids(), authority.signer_id());
+        let _ = self.tls.set_bundle(authority.bundle());
+        *self.authority() = authority;
         tracing::info!(root = %new_root, "root rotation: new root added to the trust bundle");
-        let _ = self.tls.set_bundle(self.authority().bundle());
         let generation = self.publish();
         let me = self.clone();
         tokio::spawn(async move { me.promote_when_distributed(new_root, generation).await });
@@ -196,29 +215,30 @@ impl Ca {
         let start = Instant::now();
         loop {
             let pending = self.mesh.trust_pending(generation);
-            self.rotation().pending = pending.clone();
-            if pending.is_empty() {
-                break;
+            let step = self.rotation().step(pending, start.elapsed(), PROMOTE_WAIT);
+            match step {
+                Step::Wait => tokio::time::sleep(Duration::from_millis(200)).await,
+                Step::Promote => break,
+                Step::PromoteAnyway(pending) => {
+                    tracing::warn!(?pending, "root rotation: proxies did not acknowledge the new bundle in time; promoting anyway");
+                    break;
+                }
             }
-            if start.elapsed() > PROMOTE_WAIT {
-                tracing::warn!(?pending, "root rotation: proxies did not acknowledge the new bundle in time; promoting anyway");
-                break;
+        }
+        let _step = self.steps.lock().await;
+        match Authority::promote(&*self.kv, &root).await {
+            Ok(authority) => {
+                // The control plane's own certificate stays under the
+                // oldest root until that one is retired, so proxies that
+                // missed the new bundle can still reach it and catch up.
+                *self.rotation() = Rotation::of(&authority.root_ids(), authority.signer_id());
+                *self.authority() = authority;
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        let promoted = self.authority().promote(&root);
-        if let Err(e) = promoted {
-            tracing::error!(error = %e, "root rotation: cannot promote the new root");
-            self.rotation().phase = "failed".into();
-            return;
-        }
-        // The control plane's own certificate stays under the oldest root
-        // until that one is retired, so proxies that missed the new bundle
-        // can still reach it and catch up.
-        {
-            let mut r = self.rotation();
-            r.phase = "promoted".into();
-            r.pending.clear();
+            Err(e) => {
+                tracing::error!(error = %e, "root rotation: cannot promote the new root");
+                self.rotation().phase = Phase::Failed;
+                return;
+            }
         }
         tracing::info!(root = %root, "root rotation: new root signs; proxies renew under it");
         self.publish();
@@ -226,38 +246,22 @@ impl Ca {
 
     /// Step 3: removes every root but the signing one.
     pub async fn retire(&self, force: bool) -> Result<Vec<String>, String> {
-        let retired = {
-            // The rotation lock is held throughout, so a rotation cannot
-            // start (and add a root) between the checks and the removal.
-            let mut rotation = self.rotation();
-            if rotation.phase == "distributing" {
-                return Err("a rotation is in progress; retire once the new root signs".into());
-            }
-            let others: Vec<String> = {
-                let a = self.authority();
-                let signer = a.signer_id().to_string();
-                a.root_ids().into_iter().filter(|r| *r != signer).collect()
-            };
-            if others.is_empty() {
-                return Ok(Vec::new());
-            }
-            let users = self.mesh.certificates_signed_by(&others);
-            if !users.is_empty() && !force {
-                return Err(format!(
-                    "proxies still use certificates signed by a root to retire: {}; wait for them to renew (or force)",
-                    users.join(", ")
-                ));
-            }
-            let retired = self
-                .authority()
-                .retire_others()
-                .map_err(|e| e.to_string())?;
-            *rotation = Rotation {
-                phase: "idle".into(),
-                ..Rotation::default()
-            };
-            retired
+        let _step = self.steps.lock().await;
+        let others: Vec<String> = {
+            let a = self.authority();
+            let signer = a.signer_id().to_string();
+            a.root_ids().into_iter().filter(|r| *r != signer).collect()
         };
+        if others.is_empty() {
+            return Ok(Vec::new());
+        }
+        let users = self.mesh.certificates_signed_by(&others);
+        self.rotation().can_retire(&users, force)?;
+        let (authority, retired) = Authority::retire_others(&*self.kv)
+            .await
+            .map_err(|e| e.to_string())?;
+        *self.rotation() = Rotation::of(&authority.root_ids(), authority.signer_id());
+        *self.authority() = authority;
         tracing::info!(?retired, "roots retired");
         // The oldest root is now the signing one: the control plane's own
         // certificate moves under it.
@@ -281,6 +285,7 @@ impl Identity for IdentityService {
         request: Request<BundleRequest>,
     ) -> Result<Response<BundleResponse>, Status> {
         let claims_part = request.into_inner().claims;
+        let revoked = self.ca.revoked().await?;
         let (roots, mac, td) = {
             let a = self.ca.authority();
             // Only the claims travel here: the channel is not yet verified
@@ -292,7 +297,7 @@ impl Identity for IdentityService {
                     "join token refused: the token expired",
                 ));
             }
-            if a.revoked().contains(&claims.id) {
+            if revoked.contains(&claims.id) {
                 return Err(Status::unauthenticated(
                     "join token refused: the token was revoked",
                 ));
@@ -316,9 +321,10 @@ impl Identity for IdentityService {
         request: Request<CertifyRequest>,
     ) -> Result<Response<CertifyResponse>, Status> {
         let req = request.into_inner();
+        let revoked = self.ca.revoked().await?;
         let claims = {
             let a = self.ca.authority();
-            a.verify_token(&req.token)
+            a.verify_token(&req.token, &revoked)
                 .map_err(|e| Status::unauthenticated(format!("join token refused: {e}")))?
         };
         let id = SpiffeId::new(&claims.td, &claims.ns, &claims.svc);

@@ -11,6 +11,7 @@ pub mod discovery;
 pub mod identity;
 pub mod mesh;
 mod registry;
+mod rotation;
 mod snapshots;
 pub mod stats;
 mod versions;
@@ -81,18 +82,20 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
     );
     let registry: Arc<dyn tandem_store::RegistryStore> =
         Arc::new(tandem_store::MemoryRegistry::default());
-    let mesh = mesh::Mesh::start(config, registry, kv, cfg.grace).await?;
+    let mesh = mesh::Mesh::start(config, registry, kv.clone(), cfg.grace).await?;
     let authority = tandem_identity::ca::Authority::open(
-        &cfg.data_dir,
+        &*kv,
         cfg.trust_domain.as_deref(),
         cfg.ca_import
             .as_ref()
             .map(|(c, k)| (c.as_path(), k.as_path())),
     )
+    .await
     .context("certificate authority")?;
     tracing::info!(trust_domain = %authority.trust_domain(), signer = %authority.signer_id(), roots = authority.root_ids().len(), "certificate authority ready");
-    let ca = identity::Ca::new(authority, cfg.cert_lifetime, mesh.clone())?;
-    ca.publish();
+    let ca = identity::Ca::new(authority, kv, cfg.cert_lifetime, mesh.clone())?;
+    let generation = ca.publish();
+    ca.resume(generation);
     tokio::spawn(ca.clone().renew_own());
     let stats = Arc::new(stats::Stats::default());
 

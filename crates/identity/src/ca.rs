@@ -1,18 +1,25 @@
 //! The certificate authority: its roots (the trust bundle), the one root
 //! that signs, issuance of SVIDs from CSRs, root rotation, and the join-token
-//! key. Everything lives in `<data>/ca/`; private keys are written mode 0600.
+//! key. Its material lives in a [`Kv`] store (the data directory by
+//! default, where every file is mode 0600):
 //!
 //! ```text
-//! <data>/ca/state.json      trust domain, bundle order, signing root
-//! <data>/ca/<id>.crt|.key   one root (PEM)
-//! <data>/ca/token.key       the HMAC key of join tokens
-//! <data>/ca/revoked-tokens  one revoked token id per line
+//! ca/state.json      trust domain, bundle order, signing root
+//! ca/<id>.crt|.key   one root (PEM)
+//! ca/token.key       the HMAC key of join tokens
+//! ca/revoked-tokens  one revoked token id per line
 //! ```
+//!
+//! An [`Authority`] is what was read from the store; every change (a new
+//! root, a promotion, a retirement, a revocation) is written with
+//! compare-and-swap on what it read, so two writers (two control planes,
+//! or the CLI beside one) never lose each other's change, and returns the
+//! authority as the store now has it.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tandem_store::Kv;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
@@ -30,11 +37,23 @@ const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Leaves start a minute in the past, for clocks that are slightly behind.
 pub const BACKDATE: Duration = Duration::from_secs(60);
 
+const STATE: &str = "ca/state.json";
+const TOKEN_KEY: &str = "ca/token.key";
+const REVOKED: &str = "ca/revoked-tokens";
+
+fn cert_key(id: &str) -> String {
+    format!("ca/{id}.crt")
+}
+
+fn key_key(id: &str) -> String {
+    format!("ca/{id}.key")
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
-    #[error("{path}: {source}")]
+    #[error("{what}: {source}")]
     Io {
-        path: PathBuf,
+        what: String,
         source: std::io::Error,
     },
     #[error("{0}")]
@@ -43,9 +62,9 @@ pub enum CaError {
     Cert(#[from] rcgen::Error),
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
+fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> CaError {
     move |source| CaError::Io {
-        path: path.to_path_buf(),
+        what: what.to_string(),
         source,
     }
 }
@@ -75,7 +94,6 @@ pub struct Issued {
 }
 
 pub struct Authority {
-    dir: PathBuf,
     state: State,
     roots: Vec<Root>,
     token_key: TokenKey,
@@ -92,26 +110,6 @@ pub fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-fn write_private(path: &Path, data: &[u8]) -> Result<(), CaError> {
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(data).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
-}
-
-fn write_public(path: &Path, data: &[u8]) -> Result<(), CaError> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, data).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
 }
 
 fn new_root(trust_domain: &str) -> Result<(CertificateDer<'static>, KeyPair), CaError> {
@@ -155,16 +153,14 @@ fn random_serial() -> Result<SerialNumber, CaError> {
 }
 
 impl Authority {
-    /// Opens the CA in `<data>/ca`, creating a root on first use (or
-    /// importing `import`, a PEM certificate and key, as the root).
-    /// `trust_domain` must match the stored one when given.
-    pub fn open(
-        data: &Path,
+    /// Opens the CA in `kv`, creating a root on first use (or importing
+    /// `import`, a PEM certificate and key, as the root). `trust_domain`
+    /// must match the stored one when given.
+    pub async fn open(
+        kv: &dyn Kv,
         trust_domain: Option<&str>,
         import: Option<(&Path, &Path)>,
     ) -> Result<Authority, CaError> {
-        let dir = data.join("ca");
-        let state_path = dir.join("state.json");
         if let Some(td) = trust_domain {
             if !valid_trust_domain(td) {
                 return Err(CaError::Invalid(format!(
@@ -172,56 +168,46 @@ impl Authority {
                 )));
             }
         }
-        if !state_path.exists() {
-            std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        if kv.get(STATE).await.map_err(io(STATE))?.is_none() {
             let td = trust_domain.unwrap_or(DEFAULT_TRUST_DOMAIN);
             let (der, key) = match import {
                 Some((cert, key)) => import_root(cert, key)?,
                 None => new_root(td)?,
             };
             let id = root_id(&der);
-            save_root(&dir, &id, &der, &key)?;
-            let token_path = dir.join("token.key");
-            if !token_path.exists() {
-                let secret: [u8; 32] = random_bytes()?;
-                write_private(&token_path, hex(&secret).as_bytes())?;
-            }
+            save_root(kv, &id, &der, &key).await?;
+            let secret: [u8; 32] = random_bytes()?;
+            // Another creator may have made the key already: theirs stays.
+            kv.put_if(TOKEN_KEY, None, hex(&secret).as_bytes())
+                .await
+                .map_err(io(TOKEN_KEY))?;
             let state = State {
                 trust_domain: td.to_string(),
                 roots: vec![id.clone()],
                 signer: id,
             };
-            // Two processes creating the CA at once: the first state wins and
-            // both load it.
-            let tmp = dir.join(format!("state.{}.tmp", std::process::id()));
-            std::fs::write(&tmp, serde_json::to_vec_pretty(&state).unwrap_or_default())
-                .map_err(io(&tmp))?;
-            if std::fs::hard_link(&tmp, &state_path).is_err() && !state_path.exists() {
-                return Err(CaError::Invalid(format!(
-                    "cannot create {}",
-                    state_path.display()
-                )));
-            }
-            let _ = std::fs::remove_file(&tmp);
+            // Two processes creating the CA at once: the first state wins
+            // and both load it.
+            kv.put_if(STATE, None, &state_json(&state))
+                .await
+                .map_err(io(STATE))?;
         }
-        let ca = Self::load(&dir)?;
+        let ca = Self::load(kv).await?;
         if let Some(td) = trust_domain {
             if td != ca.state.trust_domain {
                 return Err(CaError::Invalid(format!(
-                    "the CA in {} is for trust domain `{}`, not `{td}`; every identity would change (use another data directory)",
-                    dir.display(),
+                    "the CA is for trust domain `{}`, not `{td}`; every identity would change (use another data directory)",
                     ca.state.trust_domain
                 )));
             }
         }
         if let Some((cert, _)) = import {
-            let pem = std::fs::read(cert).map_err(io(cert))?;
+            let pem = std::fs::read(cert).map_err(io(cert.display()))?;
             let der = CertificateDer::from_pem_slice(&pem)
                 .map_err(|e| CaError::Invalid(format!("{}: {e}", cert.display())))?;
             if !ca.roots.iter().any(|r| r.der == der) {
                 return Err(CaError::Invalid(format!(
-                    "{} already holds a CA that does not include {}; use a new data directory to change CAs, or `tandem ca rotate`",
-                    dir.display(),
+                    "the data directory already holds a CA that does not include {}; use a new data directory to change CAs, or `tandem ca rotate`",
                     cert.display()
                 )));
             }
@@ -229,21 +215,32 @@ impl Authority {
         Ok(ca)
     }
 
-    fn load(dir: &Path) -> Result<Authority, CaError> {
-        let state_path = dir.join("state.json");
-        let text = std::fs::read(&state_path).map_err(io(&state_path))?;
-        let state: State = serde_json::from_slice(&text)
-            .map_err(|e| CaError::Invalid(format!("{}: {e}", state_path.display())))?;
+    /// Reads the CA from `kv`.
+    pub async fn load(kv: &dyn Kv) -> Result<Authority, CaError> {
+        let text = kv
+            .get(STATE)
+            .await
+            .map_err(io(STATE))?
+            .ok_or_else(|| CaError::Invalid(format!("{STATE}: no CA here")))?;
+        let state: State = serde_json::from_slice(&text.value)
+            .map_err(|e| CaError::Invalid(format!("{STATE}: {e}")))?;
         let mut roots = Vec::new();
         for id in &state.roots {
-            let cp = dir.join(format!("{id}.crt"));
-            let kp = dir.join(format!("{id}.key"));
-            let cert = std::fs::read(&cp).map_err(io(&cp))?;
+            let (ck, kk) = (cert_key(id), key_key(id));
+            let read = |k: String| async move {
+                kv.get(&k)
+                    .await
+                    .map_err(io(&k))?
+                    .map(|v| v.value)
+                    .ok_or_else(|| CaError::Invalid(format!("{k}: missing")))
+            };
+            let cert = read(ck.clone()).await?;
             let der = CertificateDer::from_pem_slice(&cert)
-                .map_err(|e| CaError::Invalid(format!("{}: {e}", cp.display())))?;
-            let key = std::fs::read_to_string(&kp).map_err(io(&kp))?;
-            let key = KeyPair::from_pem(&key)
-                .map_err(|e| CaError::Invalid(format!("{}: {e}", kp.display())))?;
+                .map_err(|e| CaError::Invalid(format!("{ck}: {e}")))?;
+            let key = String::from_utf8(read(kk.clone()).await?)
+                .map_err(|e| CaError::Invalid(format!("{kk}: {e}")))?;
+            let key =
+                KeyPair::from_pem(&key).map_err(|e| CaError::Invalid(format!("{kk}: {e}")))?;
             roots.push(Root {
                 id: id.clone(),
                 der,
@@ -252,19 +249,51 @@ impl Authority {
         }
         if !roots.iter().any(|r| r.id == state.signer) {
             return Err(CaError::Invalid(format!(
-                "{}: the signing root {} is not in the bundle",
-                state_path.display(),
+                "{STATE}: the signing root {} is not in the bundle",
                 state.signer
             )));
         }
-        let tp = dir.join("token.key");
-        let secret = std::fs::read_to_string(&tp).map_err(io(&tp))?;
+        let secret = kv
+            .get(TOKEN_KEY)
+            .await
+            .map_err(io(TOKEN_KEY))?
+            .ok_or_else(|| CaError::Invalid(format!("{TOKEN_KEY}: missing")))?;
         Ok(Authority {
-            dir: dir.to_path_buf(),
             state,
             roots,
-            token_key: TokenKey::from_bytes(secret.trim().as_bytes()),
+            token_key: TokenKey::from_bytes(
+                String::from_utf8_lossy(&secret.value).trim().as_bytes(),
+            ),
         })
+    }
+
+    /// Changes the stored state with compare-and-swap (again on what
+    /// another writer left, if one came between); returns the authority as
+    /// stored after the change.
+    async fn change(
+        kv: &dyn Kv,
+        mut f: impl FnMut(&mut State) -> Result<(), CaError>,
+    ) -> Result<Authority, CaError> {
+        for _ in 0..100 {
+            let current = kv
+                .get(STATE)
+                .await
+                .map_err(io(STATE))?
+                .ok_or_else(|| CaError::Invalid(format!("{STATE}: no CA here")))?;
+            let mut state: State = serde_json::from_slice(&current.value)
+                .map_err(|e| CaError::Invalid(format!("{STATE}: {e}")))?;
+            f(&mut state)?;
+            let written = kv
+                .put_if(STATE, Some(current.revision), &state_json(&state))
+                .await
+                .map_err(io(STATE))?;
+            if written.is_some() {
+                return Self::load(kv).await;
+            }
+        }
+        Err(CaError::Invalid(format!(
+            "{STATE}: too many writers at once"
+        )))
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -357,58 +386,59 @@ impl Authority {
         })
     }
 
-    /// Adds a new root to the bundle; it does not sign until [`promote`].
-    ///
-    /// [`promote`]: Authority::promote
-    pub fn add_root(&mut self) -> Result<String, CaError> {
+    /// Adds a new root to the bundle; it does not sign until
+    /// [`Authority::promote`]. Returns the CA with it, and its id.
+    pub async fn add_root(&self, kv: &dyn Kv) -> Result<(Authority, String), CaError> {
         let (der, key) = new_root(&self.state.trust_domain)?;
         let id = root_id(&der);
-        save_root(&self.dir, &id, &der, &key)?;
-        let mut state = self.state.clone();
-        state.roots.push(id.clone());
-        self.save_state(state)?;
-        Ok(id)
+        save_root(kv, &id, &der, &key).await?;
+        let ca = Self::change(kv, |state| {
+            if !state.roots.contains(&id) {
+                state.roots.push(id.clone());
+            }
+            Ok(())
+        })
+        .await?;
+        Ok((ca, id))
     }
 
     /// Makes `id` the signing root.
-    pub fn promote(&mut self, id: &str) -> Result<(), CaError> {
-        if !self.state.roots.iter().any(|r| r == id) {
-            return Err(CaError::Invalid(format!("no root {id} in the bundle")));
-        }
-        let mut state = self.state.clone();
-        state.signer = id.to_string();
-        self.save_state(state)
+    pub async fn promote(kv: &dyn Kv, id: &str) -> Result<Authority, CaError> {
+        Self::change(kv, |state| {
+            if !state.roots.iter().any(|r| r == id) {
+                return Err(CaError::Invalid(format!("no root {id} in the bundle")));
+            }
+            state.signer = id.to_string();
+            Ok(())
+        })
+        .await
     }
 
-    /// Removes every root but the signing one; returns the removed ids.
-    pub fn retire_others(&mut self) -> Result<Vec<String>, CaError> {
-        let mut state = self.state.clone();
-        let retired: Vec<String> = state
-            .roots
-            .iter()
-            .filter(|r| **r != state.signer)
-            .cloned()
-            .collect();
-        state.roots.retain(|r| *r == state.signer);
-        self.save_state(state)?;
+    /// Removes every root but the signing one; returns the CA without them
+    /// and the removed ids. Their keys are deleted; their certificates are
+    /// kept as `ca/<id>.crt.retired`.
+    pub async fn retire_others(kv: &dyn Kv) -> Result<(Authority, Vec<String>), CaError> {
+        let mut retired = Vec::new();
+        let ca = Self::change(kv, |state| {
+            let signer = state.signer.clone();
+            retired = state
+                .roots
+                .iter()
+                .filter(|r| **r != signer)
+                .cloned()
+                .collect();
+            state.roots.retain(|r| *r == signer);
+            Ok(())
+        })
+        .await?;
         for id in &retired {
-            let _ = std::fs::remove_file(self.dir.join(format!("{id}.key")));
-            let _ = std::fs::rename(
-                self.dir.join(format!("{id}.crt")),
-                self.dir.join(format!("{id}.crt.retired")),
-            );
+            let _ = kv.delete(&key_key(id)).await;
+            if let Ok(Some(c)) = kv.get(&cert_key(id)).await {
+                let _ = kv.put(&format!("{}.retired", cert_key(id)), &c.value).await;
+                let _ = kv.delete(&cert_key(id)).await;
+            }
         }
-        Ok(retired)
-    }
-
-    fn save_state(&mut self, state: State) -> Result<(), CaError> {
-        let path = self.dir.join("state.json");
-        write_public(
-            &path,
-            &serde_json::to_vec_pretty(&state).unwrap_or_default(),
-        )?;
-        *self = Self::load(&self.dir)?;
-        Ok(())
+        Ok((ca, retired))
     }
 
     /// Mints a join token for one service identity, valid for `ttl`. The
@@ -441,11 +471,12 @@ impl Authority {
         Ok((claims, t))
     }
 
-    /// Checks a token: signature, expiry, revocation, and that it names an
-    /// identity a token may grant (never the mesh's own namespace).
-    pub fn verify_token(&self, token: &str) -> Result<Claims, TokenError> {
+    /// Checks a token: signature, expiry, revocation (`revoked`: the ids
+    /// from [`Authority::revoked`]), and that it names an identity a token
+    /// may grant (never the mesh's own namespace).
+    pub fn verify_token(&self, token: &str, revoked: &[String]) -> Result<Claims, TokenError> {
         let claims = self.token_key.verify(token, unix_now())?;
-        if self.revoked().contains(&claims.id) {
+        if revoked.contains(&claims.id) {
             return Err(TokenError::Revoked);
         }
         if claims.ns == SYSTEM_NAMESPACE
@@ -462,26 +493,50 @@ impl Authority {
         &self.token_key
     }
 
-    pub fn revoked(&self) -> Vec<String> {
-        std::fs::read_to_string(self.dir.join("revoked-tokens"))
-            .unwrap_or_default()
-            .lines()
-            .map(|l| l.trim().to_string())
-            .filter(|l| !l.is_empty())
-            .collect()
+    /// The ids of revoked tokens.
+    pub async fn revoked(kv: &dyn Kv) -> Result<Vec<String>, CaError> {
+        let v = kv.get(REVOKED).await.map_err(io(REVOKED))?;
+        Ok(v.map(|v| revoked_ids(&v.value)).unwrap_or_default())
     }
 
     /// Revokes a token by id: it can no longer register a proxy or obtain a
     /// certificate.
-    pub fn revoke(&self, id: &str) -> Result<(), CaError> {
-        let path = self.dir.join("revoked-tokens");
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&path)
-            .map_err(io(&path))?;
-        writeln!(f, "{id}").map_err(io(&path))
+    pub async fn revoke(kv: &dyn Kv, id: &str) -> Result<(), CaError> {
+        for _ in 0..100 {
+            let current = kv.get(REVOKED).await.map_err(io(REVOKED))?;
+            let mut ids = current
+                .as_ref()
+                .map(|v| revoked_ids(&v.value))
+                .unwrap_or_default();
+            if ids.iter().any(|r| r == id) {
+                return Ok(());
+            }
+            ids.push(id.to_string());
+            let text: String = ids.iter().map(|i| format!("{i}\n")).collect();
+            let written = kv
+                .put_if(REVOKED, current.map(|v| v.revision), text.as_bytes())
+                .await
+                .map_err(io(REVOKED))?;
+            if written.is_some() {
+                return Ok(());
+            }
+        }
+        Err(CaError::Invalid(format!(
+            "{REVOKED}: too many writers at once"
+        )))
     }
+}
+
+fn revoked_ids(text: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(text)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+fn state_json(state: &State) -> Vec<u8> {
+    serde_json::to_vec_pretty(state).unwrap_or_default()
 }
 
 fn leaf_params(id: &SpiffeId, lifetime: Duration) -> Result<CertificateParams, CaError> {
@@ -523,10 +578,10 @@ pub fn new_csr(id: &SpiffeId) -> Result<(Vec<u8>, PrivateKeyDer<'static>), CaErr
 }
 
 fn import_root(cert: &Path, key: &Path) -> Result<(CertificateDer<'static>, KeyPair), CaError> {
-    let pem = std::fs::read(cert).map_err(io(cert))?;
+    let pem = std::fs::read(cert).map_err(io(cert.display()))?;
     let der = CertificateDer::from_pem_slice(&pem)
         .map_err(|e| CaError::Invalid(format!("{}: {e}", cert.display())))?;
-    let k = std::fs::read_to_string(key).map_err(io(key))?;
+    let k = std::fs::read_to_string(key).map_err(io(key.display()))?;
     let kp =
         KeyPair::from_pem(&k).map_err(|e| CaError::Invalid(format!("{}: {e}", key.display())))?;
     // Issuing with it must work: check now rather than at the first CSR.
@@ -539,15 +594,20 @@ fn import_root(cert: &Path, key: &Path) -> Result<(CertificateDer<'static>, KeyP
     Ok((der, kp))
 }
 
-fn save_root(dir: &Path, id: &str, der: &CertificateDer<'_>, key: &KeyPair) -> Result<(), CaError> {
-    write_private(
-        &dir.join(format!("{id}.key")),
-        key.serialize_pem().as_bytes(),
-    )?;
-    write_public(
-        &dir.join(format!("{id}.crt")),
-        pem("CERTIFICATE", der).as_bytes(),
-    )
+async fn save_root(
+    kv: &dyn Kv,
+    id: &str,
+    der: &CertificateDer<'_>,
+    key: &KeyPair,
+) -> Result<(), CaError> {
+    let (kk, ck) = (key_key(id), cert_key(id));
+    kv.put(&kk, key.serialize_pem().as_bytes())
+        .await
+        .map_err(io(&kk))?;
+    kv.put(&ck, pem("CERTIFICATE", der).as_bytes())
+        .await
+        .map_err(io(&ck))?;
+    Ok(())
 }
 
 pub fn pem(label: &str, der: &[u8]) -> String {
@@ -593,35 +653,43 @@ pub fn csr_requested_uris(csr: &[u8]) -> Result<Vec<String>, CaError> {
 mod tests {
     use super::*;
     use crate::spiffe::check_svid;
+    use tandem_store::{LocalDir, Memory};
 
-    #[test]
-    fn issued_certificates_are_svids() {
-        let dir = std::env::temp_dir().join(format!("tandem-ca-test-{}", std::process::id()));
+    fn scratch(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("tandem-ca-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let ca = Authority::open(&dir, None, None).expect("create");
+        dir
+    }
+
+    #[tokio::test]
+    async fn issued_certificates_are_svids() {
+        let dir = scratch("svid");
+        let kv = LocalDir::open(&dir).expect("dir");
+        let ca = Authority::open(&kv, None, None).await.expect("create");
         let id = SpiffeId::new(DEFAULT_TRUST_DOMAIN, "default", "orders");
         let (csr, _key) = new_csr(&id).expect("csr");
         let issued = ca
             .issue_csr(&csr, &id, Duration::from_secs(60))
             .expect("issue");
         assert_eq!(check_svid(&issued.chain[0], DEFAULT_TRUST_DOMAIN), Ok(id));
-        // Keys are private to the owner.
+        // Keys are private to the owner, where they always were.
         let meta = std::fs::metadata(dir.join("ca").join(format!("{}.key", ca.signer_id())))
             .expect("key file");
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         // A second open loads the same CA; another trust domain is refused.
-        let again = Authority::open(&dir, Some(DEFAULT_TRUST_DOMAIN), None).expect("reopen");
+        let again = Authority::open(&kv, Some(DEFAULT_TRUST_DOMAIN), None)
+            .await
+            .expect("reopen");
         assert_eq!(again.signer_id(), ca.signer_id());
-        assert!(Authority::open(&dir, Some("other.org"), None).is_err());
+        assert!(Authority::open(&kv, Some("other.org"), None).await.is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    #[test]
-    fn reserved_namespace_and_oldest_root_for_the_control_plane() {
-        let dir = std::env::temp_dir().join(format!("tandem-ca-rot-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let mut ca = Authority::open(&dir, None, None).expect("create");
+    #[tokio::test]
+    async fn reserved_namespace_and_oldest_root_for_the_control_plane() {
+        let kv = Memory::default();
+        let ca = Authority::open(&kv, None, None).await.expect("create");
         // No token for the mesh's own namespace, minted or forged with the key.
         assert!(ca
             .mint_token(SYSTEM_NAMESPACE, "control", Duration::from_secs(60))
@@ -633,16 +701,23 @@ mod tests {
             svc: "control".into(),
             exp: unix_now() + 60,
         });
-        assert_eq!(ca.verify_token(&forged), Err(TokenError::Malformed));
-        let (_, ok) = ca
+        assert_eq!(ca.verify_token(&forged, &[]), Err(TokenError::Malformed));
+        let (claims, ok) = ca
             .mint_token("default", "web", Duration::from_secs(60))
             .expect("mint");
-        assert_eq!(ca.verify_token(&ok).expect("valid").svc, "web");
+        assert_eq!(ca.verify_token(&ok, &[]).expect("valid").svc, "web");
+        // Revoked: refused.
+        Authority::revoke(&kv, &claims.id).await.expect("revoke");
+        Authority::revoke(&kv, &claims.id).await.expect("again");
+        let revoked = Authority::revoked(&kv).await.expect("list");
+        assert_eq!(revoked, vec![claims.id.clone()]);
+        assert_eq!(ca.verify_token(&ok, &revoked), Err(TokenError::Revoked));
         // After a rotation the new root signs proxies' certificates, while
         // the control plane's own stays under the oldest root until retire.
         let old = ca.signer_id().to_string();
-        let new = ca.add_root().expect("add");
-        ca.promote(&new).expect("promote");
+        let (ca, new) = ca.add_root(&kv).await.expect("add");
+        assert_eq!(ca.signer_id(), old, "a new root does not sign yet");
+        let ca = Authority::promote(&kv, &new).await.expect("promote");
         let id = SpiffeId::new(DEFAULT_TRUST_DOMAIN, "default", "web");
         let (csr, _) = new_csr(&id).expect("csr");
         assert_eq!(
@@ -656,25 +731,45 @@ mod tests {
             .issue_local(&control, Duration::from_secs(60))
             .expect("own");
         assert_eq!(own.signer, old);
-        assert_eq!(ca.retire_others().expect("retire"), vec![old]);
+        let (ca, retired) = Authority::retire_others(&kv).await.expect("retire");
+        assert_eq!(retired, vec![old.clone()]);
         let (own, _) = ca
             .issue_local(&control, Duration::from_secs(60))
             .expect("own");
         assert_eq!(own.signer, new);
-        let _ = std::fs::remove_dir_all(&dir);
+        assert!(kv.get(&key_key(&old)).await.expect("io").is_none());
+        assert!(kv
+            .get(&format!("{}.retired", cert_key(&old)))
+            .await
+            .expect("io")
+            .is_some());
     }
 
-    #[test]
-    fn an_imported_root_signs() {
-        let dir = std::env::temp_dir().join(format!("tandem-ca-import-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+    #[tokio::test]
+    async fn two_writers_adding_roots_keep_both() {
+        let kv = Memory::default();
+        let a = Authority::open(&kv, None, None).await.expect("create");
+        let b = Authority::load(&kv).await.expect("load");
+        // Both read the same state; each adds a root.
+        let (_, r1) = a.add_root(&kv).await.expect("a");
+        let (ca, r2) = b.add_root(&kv).await.expect("b");
+        let ids = ca.root_ids();
+        assert!(ids.contains(&r1) && ids.contains(&r2), "{ids:?}");
+        assert_eq!(ids.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn an_imported_root_signs() {
+        let dir = scratch("import");
         std::fs::create_dir_all(&dir).expect("dir");
         let (der, key) = new_root("example.org").expect("root");
         let (cp, kp) = (dir.join("given.crt"), dir.join("given.key"));
         std::fs::write(&cp, pem("CERTIFICATE", &der)).expect("write");
         std::fs::write(&kp, key.serialize_pem()).expect("write");
-        let data = dir.join("data");
-        let ca = Authority::open(&data, Some("example.org"), Some((&cp, &kp))).expect("import");
+        let kv = LocalDir::open(&dir.join("data")).expect("dir");
+        let ca = Authority::open(&kv, Some("example.org"), Some((&cp, &kp)))
+            .await
+            .expect("import");
         assert_eq!(ca.bundle(), vec![der.clone()]);
         let id = SpiffeId::new("example.org", "default", "web");
         let (csr, _) = new_csr(&id).expect("csr");
@@ -683,11 +778,11 @@ mod tests {
             .expect("issue");
         assert_eq!(issued.signer, root_id(&der));
         // Reopening with the same pair is fine; with another CA it is refused.
-        assert!(Authority::open(&data, None, Some((&cp, &kp))).is_ok());
+        assert!(Authority::open(&kv, None, Some((&cp, &kp))).await.is_ok());
         let (other, okey) = new_root("example.org").expect("root");
         std::fs::write(&cp, pem("CERTIFICATE", &other)).expect("write");
         std::fs::write(&kp, okey.serialize_pem()).expect("write");
-        assert!(Authority::open(&data, None, Some((&cp, &kp))).is_err());
+        assert!(Authority::open(&kv, None, Some((&cp, &kp))).await.is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

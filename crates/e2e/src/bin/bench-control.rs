@@ -1,0 +1,307 @@
+//! `bench-control`: how the control plane scales with the number of
+//! proxies. It starts the real `tandem control` (the binary of
+//! `TANDEM_BIN`, or a debug build), then N simulated proxies in this
+//! process: each holds a real Discovery stream over TLS (verifying the
+//! control plane's SPIFFE ID), registers with a join token of its service,
+//! and acknowledges every snapshot, as a sidecar does. It measures
+//!
+//! 1. the time from starting all N at once until every one has
+//!    acknowledged its first snapshot;
+//! 2. after a route edit (the config file rewritten, as `git checkout`
+//!    would), the time until each proxy acknowledged a snapshot with the
+//!    edit: p50, p99, max;
+//! 3. the control plane's resident memory with N proxies connected.
+//!
+//! ```text
+//! bench-control [--proxies 100,250,500,1000] [--services 50] [--markdown FILE]
+//! ```
+//!
+//! Proxy `i` is an instance of service `svc-(i mod S)` and calls the next
+//! two services, so each service's snapshot lists two destinations with
+//! N/S endpoints each; every service has an HTTPRoute, and the edit
+//! changes all of them.
+#![forbid(unsafe_code)]
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tandem_api::v1::discovery_client::DiscoveryClient;
+use tandem_api::v1::{control_message, proxy_message, Ack, Hello, ProxyMessage};
+use tandem_e2e::{api_json, Mesh};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// The trust domain of the control plane the harness starts.
+const TD: &str = "tandem.local";
+
+struct Args {
+    proxies: Vec<usize>,
+    services: usize,
+    markdown: Option<String>,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        proxies: vec![100, 250, 500, 1000],
+        services: 50,
+        markdown: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--proxies" => {
+                a.proxies = value
+                    .split(',')
+                    .map(|n| n.trim().parse().expect("--proxies: numbers"))
+                    .collect()
+            }
+            "--services" => a.services = value.parse().expect("--services: a number"),
+            "--markdown" => a.markdown = Some(value),
+            other => panic!("unknown flag {other}"),
+        }
+    }
+    a
+}
+
+fn config(services: usize, edition: &str) -> String {
+    let mut s = String::new();
+    for k in 0..services {
+        s.push_str(&tandem_e2e::service_yaml(&format!("svc-{k}"), "http"));
+        s.push_str(&format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: svc-{k}}}\nspec:\n  parentRefs: [{{kind: Service, name: svc-{k}, port: 8080}}]\n  rules:\n    - matches: [{{headers: [{{name: x-edition, value: \"{edition}\"}}]}}]\n      backendRefs: [{{name: svc-{k}, port: 8080}}]\n    - backendRefs: [{{name: svc-{k}, port: 8080}}]\n---\n"
+        ));
+    }
+    s
+}
+
+/// What the simulated proxies report.
+enum Event {
+    /// Proxy `i` acknowledged a snapshot; whether it had the edit.
+    Acked(usize, bool, Instant),
+    Failed(usize, String),
+}
+
+struct Row {
+    proxies: usize,
+    services: usize,
+    connect: Duration,
+    edit: [Duration; 3],
+    rss_mib: f64,
+    rounds: u64,
+    compiles: u64,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+async fn simulated_proxy(
+    i: usize,
+    grpc: String,
+    tls: Arc<rustls::ClientConfig>,
+    hello: Hello,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    let mut tries = 0;
+    let channel = loop {
+        match tandem_proxy::control_channel(&grpc, tls.clone()).await {
+            Ok(c) => break c,
+            Err(e) if tries < 20 => {
+                tries += 1;
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100 + fastrand_ms(i))).await;
+            }
+            Err(e) => {
+                let _ = events.send(Event::Failed(i, e.to_string()));
+                return;
+            }
+        }
+    };
+    let (tx, rx) = mpsc::channel::<ProxyMessage>(8);
+    let msg = |k| ProxyMessage { kind: Some(k) };
+    let _ = tx.send(msg(proxy_message::Kind::Hello(hello))).await;
+    let mut stream = match DiscoveryClient::new(channel)
+        .stream(ReceiverStream::new(rx))
+        .await
+    {
+        Ok(s) => s.into_inner(),
+        Err(e) => {
+            let _ = events.send(Event::Failed(i, e.to_string()));
+            return;
+        }
+    };
+    while let Ok(Some(m)) = stream.message().await {
+        let Some(control_message::Kind::Snapshot(s)) = m.kind else {
+            continue;
+        };
+        let edited = s.body.windows(9).any(|w| w == b"edition-2");
+        let _ = tx
+            .send(msg(proxy_message::Kind::Ack(Ack { version: s.version })))
+            .await;
+        let _ = events.send(Event::Acked(i, edited, Instant::now()));
+    }
+}
+
+/// A little spread for retries (no shared random state needed).
+fn fastrand_ms(i: usize) -> u64 {
+    (i as u64 * 7919) % 200
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+fn run(n: usize, services: usize) -> Row {
+    let mesh = Mesh::start(&config(services, "edition-1"));
+    let tokens: Vec<String> = (0..services)
+        .map(|k| mesh.token(&format!("svc-{k}")))
+        .collect();
+    let ca = mesh.data_dir().join("ca");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ca.join("state.json")).unwrap()).unwrap();
+    let signer = state["signer"].as_str().unwrap();
+    let bundle = {
+        use rustls_pki_types::pem::PemObject;
+        vec![
+            rustls_pki_types::CertificateDer::from_pem_file(ca.join(format!("{signer}.crt")))
+                .unwrap(),
+        ]
+    };
+    let tls = tandem_identity::tls::TlsIdentity::new(TD, bundle)
+        .unwrap()
+        .client_config_anonymous(&[tandem_identity::tls::ALPN_H2]);
+    let pid = mesh.control.as_ref().unwrap().pid();
+    let rt = tandem_e2e::rt();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let grpc = mesh.grpc.to_string();
+    let start = Instant::now();
+    for i in 0..n {
+        let k = i % services;
+        let hello = Hello {
+            service: format!("svc-{k}"),
+            instance: format!("p{i}"),
+            namespace: "default".into(),
+            inbound_addr: format!("10.{}.{}.{}:8080", i / 65536, (i / 256) % 256, i % 256),
+            interest: vec![
+                format!("svc-{}", (k + 1) % services),
+                format!("svc-{}", (k + 2) % services),
+            ],
+            proxy_version: "bench".into(),
+            token: tokens[k].clone(),
+            ..Hello::default()
+        };
+        rt.spawn(simulated_proxy(
+            i,
+            grpc.clone(),
+            tls.clone(),
+            hello,
+            tx.clone(),
+        ));
+    }
+    // 1. Everyone connected and acknowledged.
+    let mut first = vec![None::<Instant>; n];
+    let mut acked = 0;
+    rt.block_on(async {
+        while acked < n {
+            match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+                Ok(Some(Event::Acked(i, _, at))) => {
+                    if first[i].is_none() {
+                        first[i] = Some(at);
+                        acked += 1;
+                    }
+                }
+                Ok(Some(Event::Failed(i, e))) => panic!("proxy {i}: {e}"),
+                _ => panic!("only {acked} of {n} proxies acknowledged within 60 s"),
+            }
+        }
+    });
+    let connect = first
+        .iter()
+        .flatten()
+        .max()
+        .map_or(Duration::ZERO, |t| *t - start);
+    // Settle (late endpoint updates), then measure memory.
+    rt.block_on(async {
+        let quiet = Duration::from_millis(500);
+        while let Ok(Some(_)) = tokio::time::timeout(quiet, rx.recv()).await {}
+    });
+    let rss = rss_mib(pid);
+    // 2. A route edit reaches everyone.
+    let edit_at = Instant::now();
+    mesh.write_config("mesh.yaml", &config(services, "edition-2"));
+    let mut edited = vec![None::<Instant>; n];
+    let mut got = 0;
+    rt.block_on(async {
+        while got < n {
+            match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
+                Ok(Some(Event::Acked(i, true, at))) => {
+                    if edited[i].is_none() {
+                        edited[i] = Some(at);
+                        got += 1;
+                    }
+                }
+                Ok(Some(Event::Acked(..))) => {}
+                Ok(Some(Event::Failed(i, e))) => panic!("proxy {i}: {e}"),
+                _ => panic!("only {got} of {n} proxies acknowledged the edit within 30 s"),
+            }
+        }
+    });
+    let mut lat: Vec<Duration> = edited.iter().flatten().map(|t| *t - edit_at).collect();
+    lat.sort();
+    let push = api_json(mesh.api, "/api/v1/push").unwrap_or_default();
+    let row = Row {
+        proxies: n,
+        services,
+        connect,
+        edit: [
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+            *lat.last().unwrap_or(&Duration::ZERO),
+        ],
+        rss_mib: rss,
+        rounds: push["rounds"].as_u64().unwrap_or(0),
+        compiles: push["compiles"].as_u64().unwrap_or(0),
+    };
+    rt.shutdown_timeout(Duration::from_secs(1));
+    row
+}
+
+fn main() {
+    let a = args();
+    let mut table = String::from(
+        "| proxies | services | all connected and acked | edit acked p50 | edit p99 | edit max | control-plane RSS | push rounds | compiles |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1e3);
+    for &n in &a.proxies {
+        let r = run(n, a.services);
+        let line = format!(
+            "| {} | {} | {} | {} | {} | {} | {:.1} MiB | {} | {} |\n",
+            r.proxies,
+            r.services,
+            ms(r.connect),
+            ms(r.edit[0]),
+            ms(r.edit[1]),
+            ms(r.edit[2]),
+            r.rss_mib,
+            r.rounds,
+            r.compiles
+        );
+        eprint!("{line}");
+        table.push_str(&line);
+    }
+    println!("{table}");
+    if let Some(path) = a.markdown {
+        std::fs::write(&path, &table).unwrap();
+    }
+}
