@@ -91,7 +91,7 @@ pub fn stat_table(rows: &[StatRow]) -> String {
 pub async fn fetch_stats(api: SocketAddr, window: Duration) -> anyhow::Result<Vec<StatRow>> {
     let v = get_json(
         api,
-        &format!("/api/v1/stats?window={}", window.as_secs_f64()),
+        &format!("/api/v1/stats?window={}ms", window.as_millis().max(1)),
     )
     .await?;
     Ok(serde_json::from_value(v)?)
@@ -102,7 +102,7 @@ pub fn stat(api: SocketAddr, window: Duration, json: bool) -> anyhow::Result<()>
         if json {
             let v = get_json(
                 api,
-                &format!("/api/v1/stats?window={}", window.as_secs_f64()),
+                &format!("/api/v1/stats?window={}ms", window.as_millis().max(1)),
             )
             .await?;
             println!("{}", serde_json::to_string_pretty(&v)?);

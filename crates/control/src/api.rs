@@ -1,7 +1,7 @@
 //! The HTTP API for the CLI (and later the dashboard). All answers are JSON.
 //!
 //! - `GET /api/v1/proxies` — every known proxy and the config version it runs
-//! - `GET /api/v1/stats?window=SECONDS` — golden signals per service pair
+//! - `GET /api/v1/stats?window=DURATION` — golden signals per service pair
 //! - `GET /api/v1/config` — the config in force and the last refused change
 //! - `GET /api/v1/push` — the push loop: rounds, compiles, sessions
 //! - `GET /api/v1/ca` — trust domain, roots, signing root, rotation phase
@@ -61,16 +61,10 @@ impl Api {
         }
         let resp = match req.uri().path() {
             "/api/v1/proxies" => json(StatusCode::OK, &self.mesh.status()),
-            "/api/v1/stats" => {
-                let window = query_param(req.uri().query(), "window")
-                    .and_then(|w| w.trim_end_matches('s').parse::<f64>().ok())
-                    .filter(|w| *w > 0.0 && *w <= 300.0)
-                    .unwrap_or(10.0);
-                json(
-                    StatusCode::OK,
-                    &self.stats.query(Duration::from_secs_f64(window)),
-                )
-            }
+            "/api/v1/stats" => match stats_window(req.uri().query()) {
+                Ok(window) => json(StatusCode::OK, &self.stats.query(window)),
+                Err(e) => json(StatusCode::BAD_REQUEST, &serde_json::json!({ "error": e })),
+            },
             "/api/v1/config" => json(StatusCode::OK, &self.mesh.config_status()),
             "/api/v1/push" => json(StatusCode::OK, &self.mesh.push_status()),
             "/api/v1/ca" => json(StatusCode::OK, &self.ca.info()),
@@ -81,6 +75,20 @@ impl Api {
             ),
         };
         Ok(resp)
+    }
+}
+
+/// The `window` of `GET /api/v1/stats`: a duration (the config's grammar)
+/// from 1 ms to 5 minutes; 10 s when absent.
+fn stats_window(query: Option<&str>) -> Result<Duration, String> {
+    match query_param(query, "window") {
+        None => Ok(Duration::from_secs(10)),
+        Some(w) => tandem_config::duration::parse_within(
+            w,
+            Duration::from_millis(1),
+            Duration::from_secs(300),
+        )
+        .map_err(|e| format!("window: {e}")),
     }
 }
 
@@ -100,4 +108,21 @@ fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Response<Full<Bytes>>
         http::HeaderValue::from_static("application/json"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stats_window_is_a_duration() {
+        assert_eq!(stats_window(None), Ok(Duration::from_secs(10)));
+        assert_eq!(stats_window(Some("window=1m")), Ok(Duration::from_secs(60)));
+        assert_eq!(
+            stats_window(Some("x=1&window=500ms")),
+            Ok(Duration::from_millis(500))
+        );
+        assert!(stats_window(Some("window=60")).is_err());
+        assert!(stats_window(Some("window=1h")).is_err());
+    }
 }
