@@ -317,17 +317,26 @@ fn init_logging() {
         .try_init();
 }
 
-/// Runs `f` on a multi-threaded runtime. The runtime is shut down without
-/// waiting for blocking work (a pending read of stdin would otherwise keep
-/// the process alive after it has finished).
+/// Runs `f` on a runtime of `threads` worker threads; with one, every task
+/// runs on the calling thread (tokio's current-thread scheduler: no
+/// cross-thread wake-ups or work-stealing bookkeeping on the request path).
+/// The runtime is shut down without waiting for blocking work (a pending
+/// read of stdin would otherwise keep the process alive after it has
+/// finished).
 fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(
     threads: usize,
     f: F,
 ) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads.max(1))
-        .enable_all()
-        .build()?;
+    let rt = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()?
+    };
     let r = rt.block_on(f);
     rt.shutdown_background();
     r

@@ -19,7 +19,7 @@ pub(crate) enum Body {
     Stream(Incoming),
     Full(Full<Bytes>),
     Replay(Replay),
-    Collected(http_body_util::Collected<Bytes>),
+    Collected(Box<http_body_util::Collected<Bytes>>),
 }
 
 impl Body {
@@ -46,7 +46,7 @@ impl http_body::Body for Body {
             Body::Full(b) => Pin::new(b)
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(|never| match never {}))),
-            Body::Collected(b) => Pin::new(b)
+            Body::Collected(b) => Pin::new(&mut **b)
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(|never| match never {}))),
         }

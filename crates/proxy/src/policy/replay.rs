@@ -37,7 +37,7 @@ struct State<B> {
 }
 
 struct Shared<B> {
-    state: Mutex<Option<State<B>>>,
+    state: Mutex<Option<Box<State<B>>>>,
     released: tokio::sync::Notify,
     hint: SizeHint,
     empty: bool,
@@ -46,7 +46,7 @@ struct Shared<B> {
 /// The request body of one try.
 pub(crate) struct Replay<B = hyper::body::Incoming> {
     shared: Arc<Shared<B>>,
-    state: Option<State<B>>,
+    state: Option<Box<State<B>>>,
     /// How many frames of the copy this try has sent.
     pos: usize,
     trailers_sent: bool,
@@ -64,13 +64,13 @@ impl<B: http_body::Body> Replay<B> {
         });
         Replay {
             shared,
-            state: Some(State {
+            state: Some(Box::new(State {
                 copy: Vec::new(),
                 copied: 0,
                 trailers: None,
                 rest: (!empty).then_some(body),
                 capped: false,
-            }),
+            })),
             pos: 0,
             trailers_sent: false,
         }

@@ -191,7 +191,9 @@ impl<S: Service> Service for Retrying<S> {
                         dst_service: dest.name.clone(),
                     })
                     .inc();
-                tokio::time::sleep(wait).await;
+                // The rare paths of a retry are boxed, so that they do not
+                // grow the future of every request.
+                Box::pin(tokio::time::sleep(wait)).await;
             }
             let Some(req) = next.take() else {
                 break;
@@ -226,10 +228,12 @@ impl<S: Service> Service for Retrying<S> {
                 // Read the replaced answer first: left unread, it would
                 // hold its connection (and maybe the body) until the end.
                 let result = match result {
-                    Ok(r) => Ok(settle(r).await),
+                    Ok(r) => Ok(Box::pin(settle(r)).await),
                     Err(e) => Err(e),
                 };
-                next = h.next_try().await.map(|b| rebuild(parts, Body::Replay(b)));
+                next = Box::pin(h.next_try())
+                    .await
+                    .map(|b| rebuild(parts, Body::Replay(b)));
                 if next.is_none() {
                     return result;
                 }
@@ -277,7 +281,7 @@ async fn settle(resp: Response<Body>) -> Response<Body> {
     )
     .await;
     let body = match read {
-        Ok(Ok(collected)) => Body::Collected(collected),
+        Ok(Ok(collected)) => Body::Collected(Box::new(collected)),
         _ => {
             parts.headers.remove(http::header::CONTENT_LENGTH);
             Body::empty()

@@ -309,8 +309,10 @@ impl Pool {
         *sent = true;
         let sender = match go {
             Go::Send(s) => s,
-            Go::Open(opened, attempt) => self
-                .connect(connector, opened, attempt)
+            // Boxed: opening a connection (TCP, TLS handshake, HTTP
+            // handshake) needs a large future, and only a few requests
+            // open one; inline it would grow every request's future.
+            Go::Open(opened, attempt) => Box::pin(self.connect(connector, opened, attempt))
                 .await
                 .map_err(PoolError::Connect)?,
         };
