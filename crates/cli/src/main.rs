@@ -369,6 +369,13 @@ async fn shutdown_signal(stdin: bool) {
     }
 }
 
+/// jemalloc, with its background thread: freed memory goes back to the
+/// system within seconds (dirty pages decay over 10 s). With glibc's
+/// allocator a sidecar kept the peak a burst of stalled clients had
+/// caused; see bench/RESULTS.md, "Memory under stalled clients".
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {

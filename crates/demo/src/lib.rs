@@ -8,6 +8,8 @@
 //! - `/echo` — streams the request body back (any size, never buffered);
 //! - `/slow?ms=N` — answers after N milliseconds;
 //! - `/headers` — the request headers as JSON;
+//! - `/bytes?n=N` — a body of N bytes (at most 1 GiB), streamed in 16 KiB
+//!   chunks as the client reads them;
 //! - `/flaky?key=K&fails=N&code=C&pad=P` — fails the first N requests of
 //!   key K with status C (and P bytes of padding), then answers with the
 //!   attempt number and a hash of the body (for retry tests);
@@ -180,11 +182,18 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
                 .insert("x-served-by", header(&app.cfg.instance));
             r
         }
+        "/bytes" => {
+            let n = query_param(req.uri().query(), "n")
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+                .min(1 << 30);
+            let mut r = Response::new(Blocks { left: n }.boxed_unsync());
+            r.headers_mut()
+                .insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
+            r
+        }
         "/slow" => {
-            let ms: u64 = req
-                .uri()
-                .query()
-                .and_then(|q| q.strip_prefix("ms="))
+            let ms: u64 = query_param(req.uri().query(), "ms")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(1000);
             tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
@@ -411,6 +420,47 @@ impl Echo for EchoService {
 /// is given); later ones with 200 and JSON naming the attempt, the body's
 /// length and its FNV-1a hash, so a test can check that a replayed body
 /// arrived intact.
+/// The value of `name` in a query string.
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+}
+
+/// `/bytes`: N bytes of `x`, in chunks of one static block.
+struct Blocks {
+    left: u64,
+}
+
+static BLOCK: [u8; 16 * 1024] = [b'x'; 16 * 1024];
+
+impl http_body::Body for Blocks {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.left.min(BLOCK.len() as u64) as usize;
+        self.left -= n as u64;
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(
+            &BLOCK[..n],
+        )))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.left)
+    }
+}
+
 async fn flaky(app: &App, req: Request<Incoming>) -> Response<Body> {
     let q = req.uri().query().unwrap_or("").to_string();
     let param = |name: &str| {

@@ -612,3 +612,73 @@ pub fn rt() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
+
+/// HTTP/2 streams whose client never opens its flow-control window: the
+/// server can send their response heads but no byte of their bodies.
+/// Dropping it closes every connection.
+pub struct Stalled {
+    /// Streams that got their response head.
+    pub heads: usize,
+    _clients: Vec<h2::client::SendRequest<bytes::Bytes>>,
+    _bodies: Vec<h2::RecvStream>,
+    conns: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Stalled {
+    fn drop(&mut self) {
+        for c in &self.conns {
+            c.abort();
+        }
+    }
+}
+
+impl Stalled {
+    /// Opens `n` streams `GET path` (`Host: host`) to `addr` over h2c,
+    /// at most `per_conn` per connection, each advertising a stream window
+    /// of 0; returns once each has its response head or failed.
+    pub async fn open(
+        addr: SocketAddr,
+        host: &str,
+        path: &str,
+        n: usize,
+        per_conn: usize,
+    ) -> Stalled {
+        let mut s = Stalled {
+            heads: 0,
+            _clients: Vec::new(),
+            _bodies: Vec::new(),
+            conns: Vec::new(),
+        };
+        let mut pending = Vec::new();
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(per_conn.max(1));
+            left -= k;
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (mut client, conn) = h2::client::Builder::new()
+                .initial_window_size(0)
+                .handshake::<_, bytes::Bytes>(tcp)
+                .await
+                .unwrap();
+            s.conns.push(tokio::spawn(async move {
+                let _ = conn.await;
+            }));
+            for _ in 0..k {
+                client = client.ready().await.unwrap();
+                let req = http::Request::get(format!("http://{host}{path}"))
+                    .body(())
+                    .unwrap();
+                let (resp, _) = client.send_request(req, true).unwrap();
+                pending.push(resp);
+            }
+            s._clients.push(client);
+        }
+        for resp in pending {
+            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(60), resp).await {
+                s.heads += 1;
+                s._bodies.push(r.into_body());
+            }
+        }
+        s
+    }
+}

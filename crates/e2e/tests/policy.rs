@@ -661,6 +661,60 @@ fn a_streaming_response_keeps_its_place_until_it_ends() {
     );
 }
 
+/// Waits until both RSS stop growing (the same most for 2 s), up to 60 s.
+fn settled_rss(a: &Instance, b: &Instance) -> (u64, u64) {
+    let mut samples: Vec<(u64, u64)> = Vec::new();
+    wait_for("RSS to stop growing", Duration::from_secs(60), || {
+        std::thread::sleep(Duration::from_millis(250));
+        samples.push((a.proxy().rss_kib(), b.proxy().rss_kib()));
+        let n = samples.len();
+        if n < 9 {
+            return None;
+        }
+        let before = samples[..n - 8].iter().fold((0, 0), |m, s| (m.0.max(s.0), m.1.max(s.1)));
+        let all = samples.iter().fold((0, 0), |m, s| (m.0.max(s.0), m.1.max(s.1)));
+        (before == all).then_some(all)
+    })
+}
+
+#[test]
+fn stalled_http2_clients_cost_bounded_memory_that_goes_back() {
+    let mesh = Mesh::start(&common::config());
+    let web = mesh.instance("web", "web-1", &[], &[]);
+    let client = mesh.instance_with_upstreams("client", "client-1", &[], &[], &["web"]);
+    let up = client.upstream("web");
+    wait_for("web through the sidecars", Duration::from_secs(20), || {
+        let (s, body) = http_get(up, "web", "/bytes?n=10")?;
+        (s == 200 && body == "xxxxxxxxxx").then_some(())
+    });
+    let idle = (client.proxy().rss_kib(), web.proxy().rss_kib());
+    // 200 HTTP/2 streams ask for 1 MiB each and never open their window:
+    // nothing of any body can leave the client sidecar.
+    let n = 200;
+    let rt = tandem_e2e::rt();
+    let stalled = rt.block_on(tandem_e2e::Stalled::open(
+        up,
+        "web",
+        "/bytes?n=1048576",
+        n,
+        100,
+    ));
+    assert_eq!(stalled.heads, n);
+    let (c, w) = settled_rss(&client, &web);
+    // Each stream holds its connections' capped buffers, not its body
+    // (before the caps the web sidecar grew by 355 KiB a stream).
+    let per_stream = |now: u64, before: u64| now.saturating_sub(before) / n as u64;
+    assert!(per_stream(c, idle.0) <= 150, "client sidecar: {} KiB a stream", per_stream(c, idle.0));
+    assert!(per_stream(w, idle.1) <= 150, "web sidecar: {} KiB a stream", per_stream(w, idle.1));
+    // Closed: connections go, and the memory goes back to the system.
+    drop(stalled);
+    wait_for("RSS back near idle", Duration::from_secs(40), || {
+        std::thread::sleep(Duration::from_millis(250));
+        let (c, w) = (client.proxy().rss_kib(), web.proxy().rss_kib());
+        (c <= idle.0 + 5 * 1024 && w <= idle.1 + 5 * 1024).then_some(())
+    });
+}
+
 #[test]
 fn overload_is_shed_and_memory_stays_bounded() {
     let mesh = Mesh::start(&common::config());

@@ -23,6 +23,13 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
 use crate::spiffe::{check_svid, valid_label, SpiffeId, SvidError};
 
+/// Largest TLS record a sidecar sends to another (plaintext bytes). The
+/// receiver buffers a record until it is whole; with TLS's 16 KiB records
+/// that buffer grows to 32 KiB per connection, which a peer that stops
+/// reading (stalled streams, one connection each) multiplies. 4 KiB keeps
+/// it at 8 KiB, for one more record header and seal per 4 KiB of a large
+/// body.
+pub const SIDECAR_RECORD_SIZE: usize = 4096;
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
 
@@ -180,6 +187,7 @@ impl TlsIdentity {
     }
 
     /// Server side of a sidecar hop: requires a client SVID from the bundle.
+    /// Records between sidecars are at most [`SIDECAR_RECORD_SIZE`].
     pub fn server_config(self: &Arc<Self>, alpn: &[&[u8]]) -> Arc<ServerConfig> {
         let verifier = Arc::new(SpiffeClientVerifier(self.clone()));
         let mut cfg = ServerConfig::builder_with_provider(self.provider.clone())
@@ -188,6 +196,7 @@ impl TlsIdentity {
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(Arc::new(Resolver(self.clone())));
         finish_server(&mut cfg, alpn);
+        cfg.max_fragment_size = Some(SIDECAR_RECORD_SIZE);
         Arc::new(cfg)
     }
 
@@ -214,6 +223,7 @@ impl TlsIdentity {
             .with_custom_certificate_verifier(verifier)
             .with_client_cert_resolver(Arc::new(Resolver(self.clone())));
         finish_client(&mut cfg, alpn);
+        cfg.max_fragment_size = Some(SIDECAR_RECORD_SIZE);
         Arc::new(cfg)
     }
 

@@ -210,7 +210,7 @@ impl<S: Service> Inbound<S> {
                 tokio_rustls::TlsAcceptor::from(cfg).accept(sock),
             )
             .await;
-            let stream = match accepted {
+            let mut stream = match accepted {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     let reason = tandem_identity::tls::failure_reason(&e);
@@ -232,6 +232,10 @@ impl<S: Service> Inbound<S> {
                 return;
             };
             self.count_handshake("ok");
+            stream
+                .get_mut()
+                .1
+                .set_buffer_limit(Some(tls::TLS_SEND_BUFFER));
             (tls::Inbound::Right(Box::new(stream)), self.peers.get(&id))
         };
         let src = peer

@@ -64,6 +64,7 @@ pub(crate) async fn serve_http_conn<I, F, Fut, B, K>(
         .max_header_list_size(MAX_HEADER_BYTES as u32)
         .timer(TokioTimer::new())
         .max_concurrent_streams(100)
+        .max_send_buf_size(crate::transport::pool::H2_SEND_BUFFER)
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service_fn(handler));

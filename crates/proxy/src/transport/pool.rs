@@ -5,7 +5,9 @@
 //! - HTTP/1.1: a stack of idle connections. A request takes the most
 //!   recently used one that is still open, or opens a new one. After the
 //!   response body ends the connection goes back on the stack; idle ones
-//!   are closed after [`IDLE_TIMEOUT`].
+//!   are closed after [`IDLE_TIMEOUT`]; beyond the [`KEEP_IDLE`] most
+//!   recently used, after [`BURST_IDLE_TIMEOUT`] (what a burst of
+//!   concurrent requests left behind goes soon, with its buffers).
 //! - HTTP/2: one connection shared by every request, opened by the first
 //!   request that needs it while the others wait for it.
 //!
@@ -40,10 +42,28 @@ use crate::transport::tls::{BoxError, Connector};
 
 /// How long an idle HTTP/1.1 connection is kept.
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle HTTP/1.1 connections of an endpoint kept for [`IDLE_TIMEOUT`]; the
+/// ones used less recently than these are closed after
+/// [`BURST_IDLE_TIMEOUT`].
+pub(crate) const KEEP_IDLE: usize = 16;
+pub(crate) const BURST_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a request waits for a connection at the destination's cap.
 pub(crate) const PENDING_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often a request not yet written is sent again on a fresh connection.
 const UNSENT_RETRIES: usize = 3;
+
+// What one connection may hold in memory for a peer that does not read
+// (a stalled client must not grow the sidecar; see docs/policy/overload.md).
+// An HTTP/1.1 connection buffers at most a response head or this much of
+// a body; an HTTP/2 connection accepts at most these windows of data the
+// sidecar has not forwarded yet, and buffers at most this much per stream
+// for sending.
+/// Most bytes an HTTP/1.1 client connection reads ahead (also the largest
+/// response head it takes: 60 KiB, as for requests, plus a little).
+pub(crate) const H1_BUFFER: usize = 16 * 1024;
+const H2_CONN_WINDOW: u32 = 1024 * 1024;
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
+pub(crate) const H2_SEND_BUFFER: usize = 64 * 1024;
 
 /// Why a request got no response from the pool.
 pub(crate) enum PoolError {
@@ -443,12 +463,18 @@ impl Pool {
         if self.h2 {
             let (tx, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .initial_connection_window_size(H2_CONN_WINDOW)
+                .initial_stream_window_size(H2_STREAM_WINDOW)
+                .max_send_buf_size(H2_SEND_BUFFER)
                 .handshake(io)
                 .await?;
             tokio::spawn(run(conn, opened));
             Ok(Sender::H2(tx))
         } else {
-            let (tx, conn) = http1::Builder::new().handshake(io).await?;
+            let (tx, conn) = http1::Builder::new()
+                .max_buf_size(H1_BUFFER)
+                .handshake(io)
+                .await?;
             tokio::spawn(run(conn.with_upgrades(), opened));
             Ok(Sender::H1(tx))
         }
@@ -485,23 +511,57 @@ impl Pool {
     }
 }
 
+/// Drops the idle connections that have waited too long (`idle` is a
+/// stack, most recently used last): the [`KEEP_IDLE`] on top may wait
+/// [`IDLE_TIMEOUT`], the others [`BURST_IDLE_TIMEOUT`].
+fn sweep<T: Idle>(idle: &mut Vec<(T, Instant)>, now: Instant) {
+    let keep_from = idle.len().saturating_sub(KEEP_IDLE);
+    let mut i = 0;
+    idle.retain(|(tx, since)| {
+        let limit = if i < keep_from {
+            BURST_IDLE_TIMEOUT
+        } else {
+            IDLE_TIMEOUT
+        };
+        i += 1;
+        !tx.closed() && now.duration_since(*since) < limit
+    });
+}
+
+/// What the sweep needs of an idle connection.
+trait Idle {
+    fn closed(&self) -> bool;
+}
+
+impl Idle for http1::SendRequest<Body> {
+    fn closed(&self) -> bool {
+        self.is_closed()
+    }
+}
+
 /// Drives a connection; its place is given back when it ends.
 async fn run<F: Future>(conn: F, opened: Opened) {
     let _ = conn.await;
     drop(opened);
 }
 
-/// Closes connections idle longer than [`IDLE_TIMEOUT`], while there are any.
+/// Closes connections idle too long, while there are any: checks every
+/// second while a burst's leftovers are there, else every 15 s.
 async fn sweep_idle(pool: Weak<Pool>) {
+    let mut pause = IDLE_TIMEOUT / 4;
     loop {
-        tokio::time::sleep(IDLE_TIMEOUT / 4).await;
+        tokio::time::sleep(pause).await;
         let Some(pool) = pool.upgrade() else {
             return;
         };
         let mut st = pool.state();
         let now = Instant::now();
-        st.idle
-            .retain(|(tx, since)| !tx.is_closed() && now.duration_since(*since) < IDLE_TIMEOUT);
+        sweep(&mut st.idle, now);
+        pause = if st.idle.len() > KEEP_IDLE {
+            Duration::from_secs(1)
+        } else {
+            IDLE_TIMEOUT / 4
+        };
         // An HTTP/2 connection no request took for that long is let go; it
         // closes once the streams still on it end.
         if st
@@ -560,6 +620,32 @@ mod tests {
         // Without limits nothing is refused.
         let all: Vec<_> = (0..10).filter_map(|_| opened(a.next(None))).collect();
         assert_eq!(all.len(), 10);
+    }
+
+    impl Idle for bool {
+        fn closed(&self) -> bool {
+            *self
+        }
+    }
+
+    #[test]
+    fn a_bursts_leftovers_go_soon_the_working_set_stays() {
+        let t0 = Instant::now();
+        // 40 idle connections, the oldest first; one of the recent ones
+        // closed by its peer.
+        let mut idle: Vec<(bool, Instant)> = (0..40)
+            .map(|i| (i == 35, t0 + Duration::from_millis(i)))
+            .collect();
+        sweep(&mut idle, t0 + Duration::from_secs(1));
+        assert_eq!(idle.len(), 39, "only the closed one goes at first");
+        sweep(&mut idle, t0 + BURST_IDLE_TIMEOUT + Duration::from_secs(1));
+        // The 16 most recently used stay (the closed one is gone already).
+        assert_eq!(idle.len(), KEEP_IDLE);
+        assert!(idle
+            .iter()
+            .all(|(_, since)| *since >= t0 + Duration::from_millis(23)));
+        sweep(&mut idle, t0 + IDLE_TIMEOUT + Duration::from_secs(1));
+        assert!(idle.is_empty());
     }
 
     #[test]

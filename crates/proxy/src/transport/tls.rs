@@ -35,6 +35,10 @@ pub(crate) type PeerNames = std::collections::HashMap<Box<str>, ServerName<'stat
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest a TLS handshake may take before the connection is dropped.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most TLS records a connection keeps waiting for a peer that does not
+/// read: one full record (rustls' default is 64 KiB, which a thousand
+/// stalled streams would multiply).
+pub(crate) const TLS_SEND_BUFFER: usize = 16 * 1024 + 256;
 /// For a permissive TCP service: how long a silent new connection is given
 /// to start a TLS handshake before it is served as plaintext.
 pub(crate) const PLAINTEXT_SILENCE: Duration = Duration::from_millis(200);
@@ -66,6 +70,10 @@ impl MeshTls {
                 "TLS handshake timed out",
             ))
         });
+        let mut result = result;
+        if let Ok(s) = &mut result {
+            s.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
+        }
         let label = match &result {
             Ok(_) => "ok",
             Err(e) => failure_reason(e),
