@@ -671,8 +671,12 @@ fn settled_rss(a: &Instance, b: &Instance) -> (u64, u64) {
         if n < 9 {
             return None;
         }
-        let before = samples[..n - 8].iter().fold((0, 0), |m, s| (m.0.max(s.0), m.1.max(s.1)));
-        let all = samples.iter().fold((0, 0), |m, s| (m.0.max(s.0), m.1.max(s.1)));
+        let before = samples[..n - 8]
+            .iter()
+            .fold((0, 0), |m, s| (m.0.max(s.0), m.1.max(s.1)));
+        let all = samples
+            .iter()
+            .fold((0, 0), |m, s| (m.0.max(s.0), m.1.max(s.1)));
         (before == all).then_some(all)
     })
 }
@@ -704,8 +708,16 @@ fn stalled_http2_clients_cost_bounded_memory_that_goes_back() {
     // Each stream holds its connections' capped buffers, not its body
     // (before the caps the web sidecar grew by 355 KiB a stream).
     let per_stream = |now: u64, before: u64| now.saturating_sub(before) / n as u64;
-    assert!(per_stream(c, idle.0) <= 150, "client sidecar: {} KiB a stream", per_stream(c, idle.0));
-    assert!(per_stream(w, idle.1) <= 150, "web sidecar: {} KiB a stream", per_stream(w, idle.1));
+    assert!(
+        per_stream(c, idle.0) <= 150,
+        "client sidecar: {} KiB a stream",
+        per_stream(c, idle.0)
+    );
+    assert!(
+        per_stream(w, idle.1) <= 150,
+        "web sidecar: {} KiB a stream",
+        per_stream(w, idle.1)
+    );
     // Closed: connections go, and the memory goes back to the system.
     drop(stalled);
     wait_for("RSS back near idle", Duration::from_secs(40), || {

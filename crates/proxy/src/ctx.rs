@@ -76,10 +76,13 @@ pub(crate) struct RequestCtx {
     /// This sidecar may try the request more than once.
     pub(crate) retrying: bool,
     /// When the request must be answered: the sooner of the policy's
-    /// timeout and the caller's deadline; `own_deadline` only when the
-    /// policy's is the one (a try it cuts off counts against the endpoint).
+    /// timeout and the caller's deadline, and whether it is the caller's
+    /// (a try cut off by the policy's own counts against the endpoint; by
+    /// the caller's, it says nothing about it).
     pub(crate) deadline: Option<Instant>,
-    pub(crate) own_deadline: Option<Instant>,
+    pub(crate) deadline_is_callers: bool,
+    /// The current try was cut off by the caller's deadline.
+    pub(crate) cut_by_caller: bool,
     /// The current try has a connection (or is opening one): time from
     /// here on is the endpoint's, not this sidecar's queue.
     pub(crate) sent: bool,
@@ -113,7 +116,8 @@ impl RequestCtx {
             tries: 0,
             retrying: false,
             deadline: None,
-            own_deadline: None,
+            deadline_is_callers: false,
+            cut_by_caller: false,
             sent: false,
             flag: None,
             upstream_flag: None,

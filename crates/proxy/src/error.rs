@@ -9,11 +9,12 @@
 //! (retries out of attempts or budget) by putting the kind in the answer's
 //! extensions.
 
+use http::header::HeaderName;
 use http::{HeaderValue, Response, StatusCode};
 
 use crate::body::Body;
 
-pub(crate) const ERROR_HEADER: &str = "tandem-error";
+pub(crate) const ERROR_HEADER: HeaderName = HeaderName::from_static("tandem-error");
 
 /// Declares the table: one line per kind, with its reason (the header
 /// value and metric label) and the status of the answer the mesh makes.

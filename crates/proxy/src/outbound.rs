@@ -17,12 +17,12 @@
 //! | [`AdmitLayer`]: `--max-requests` | | `503 overloaded` |
 //! | [`DiscoverLayer`] | the destination (discovered on demand) | `404 unknown-service`, `503 discovery-unavailable`, `400 bad-request` |
 //! | [`RouteLayer`] | the route rule, backend, ring-hash key | `404 no-route` |
-//! | [`DeadlineLayer`] | the deadline: the policy's timeout or the caller's | `504 upstream-timeout` |
+//! | [`DeadlineLayer`] | the deadline: the policy's timeout or the caller's, counted from arrival | |
 //! | [`AdmissionLayer`]: `circuitBreaker.maxRequests` | | `503 overflow` |
 //! | [`RetryLayer`] | the tries: replay, backoff, budget | `retry-limit-exhausted`, `retry-budget-exhausted` |
 //! | [`StampLayer`], each try | the deadline left and no-retry for the next hop | |
 //! | [`OutlierLayer`], each try | the endpoint's outcome; ejections | |
-//! | [`PerTryTimeoutLayer`], each try | | `504 upstream-timeout` |
+//! | [`TryTimeoutLayer`], each try | cuts the try at its per-try timeout or the deadline | `504 upstream-timeout` |
 //! | [`BalanceLayer`], each try | the endpoint; its latency estimate | `503 no-endpoints` |
 //! | [`ToEndpoint`], each try | the connection (pool, mTLS, `maxConnections`) | `503 upstream-connect-failure`, `upstream-tls-failure`, `identity-expired`, `overflow`; `502 upstream-reset` |
 
@@ -46,7 +46,7 @@ use crate::policy::deadline::{DeadlineLayer, StampLayer};
 use crate::policy::outlier::OutlierLayer;
 use crate::policy::overload::{AdmitLayer, Limits};
 use crate::policy::retry::RetryLayer;
-use crate::policy::timeout::PerTryTimeoutLayer;
+use crate::policy::timeout::TryTimeoutLayer;
 use crate::routing::Routes;
 use crate::svc::Service;
 use crate::telemetry::metrics::{Direction, Metrics, Name, TcpLabels};
@@ -97,7 +97,7 @@ fn stack(p: &Parts, target: Listen) -> impl Service {
             metrics: p.metrics.clone(),
             service: p.service.clone(),
         })
-        .layer(PerTryTimeoutLayer {})
+        .layer(TryTimeoutLayer {})
         .layer(BalanceLayer {})
         .service(ToEndpoint {
             connectors: p.connectors.clone(),

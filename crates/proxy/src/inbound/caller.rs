@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use http::header::HeaderName;
 use http::{HeaderValue, Request, Response};
 use tandem_identity::SpiffeId;
 use tandem_runtime::sync::RwLock;
@@ -17,7 +18,7 @@ use crate::telemetry::metrics::Name;
 
 /// The header the inbound sidecar sets to the caller's verified SPIFFE ID
 /// (and removes from anything that arrives, so it cannot be spoofed).
-pub(crate) const CLIENT_ID_HEADER: &str = "tandem-client-id";
+pub(crate) const CLIENT_ID_HEADER: HeaderName = HeaderName::from_static("tandem-client-id");
 
 /// Most distinct callers remembered; further ones get a peer of their own
 /// per connection, labelled `unknown` in metrics.
@@ -84,7 +85,7 @@ impl<S: Service> Service for ClientId<S> {
         ctx: &mut RequestCtx,
     ) -> Result<Response<Body>, Error> {
         let headers = req.headers_mut();
-        headers.remove(CLIENT_ID_HEADER);
+        headers.remove(&CLIENT_ID_HEADER);
         if let Some(p) = &ctx.caller {
             headers.insert(CLIENT_ID_HEADER, p.client_id.clone());
         }

@@ -17,6 +17,7 @@
 
 use std::time::Duration;
 
+use http::header::HeaderName;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use tandem_config::snapshot::Protocol;
 use tokio::time::Instant;
@@ -26,10 +27,11 @@ use crate::ctx::RequestCtx;
 use crate::error::{Error, MeshError};
 use crate::svc::{layer, Service};
 
-pub(crate) const CTX_DEADLINE: &str = "tandem-ctx-deadline-ms";
-pub(crate) const CTX_DEADLINE_AT: &str = "tandem-ctx-deadline-at";
-pub(crate) const CTX_NO_RETRY: &str = "tandem-ctx-no-retry";
-const GRPC_TIMEOUT: &str = "grpc-timeout";
+// Names parsed once (a lookup by `&str` parses the name every time).
+pub(crate) const CTX_DEADLINE: HeaderName = HeaderName::from_static("tandem-ctx-deadline-ms");
+pub(crate) const CTX_DEADLINE_AT: HeaderName = HeaderName::from_static("tandem-ctx-deadline-at");
+pub(crate) const CTX_NO_RETRY: HeaderName = HeaderName::from_static("tandem-ctx-no-retry");
+const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
 /// What earlier hops sent along with the request.
 #[derive(Clone, Copy, Default, Debug)]
@@ -42,19 +44,20 @@ pub(crate) struct Propagated {
 
 impl Propagated {
     pub(crate) fn of(headers: &HeaderMap) -> Propagated {
-        let number =
-            |name: &str| -> Option<u64> { headers.get(name)?.to_str().ok()?.trim().parse().ok() };
-        let ms = number(CTX_DEADLINE).map(Duration::from_millis);
-        let at = number(CTX_DEADLINE_AT)
+        let number = |name: &HeaderName| -> Option<u64> {
+            headers.get(name)?.to_str().ok()?.trim().parse().ok()
+        };
+        let ms = number(&CTX_DEADLINE).map(Duration::from_millis);
+        let at = number(&CTX_DEADLINE_AT)
             .map(|at| Duration::from_millis(at.saturating_sub(unix_ms()).max(1)));
         let grpc = headers
-            .get(GRPC_TIMEOUT)
+            .get(&GRPC_TIMEOUT)
             .and_then(|v| v.to_str().ok())
             .and_then(grpc_timeout);
         let deadline = [ms, at, grpc].into_iter().flatten().min();
         Propagated {
             deadline,
-            no_retry: headers.contains_key(CTX_NO_RETRY),
+            no_retry: headers.contains_key(&CTX_NO_RETRY),
         }
     }
 }
@@ -88,18 +91,16 @@ pub(crate) fn grpc_timeout(v: &str) -> Option<Duration> {
 /// `grpc-timeout` towards gRPC services, when sooner), and that this
 /// sidecar retries, so that the next one does not.
 fn stamp(h: &mut HeaderMap, deadline: Option<Instant>, grpc: bool, retrying: bool) {
-    h.remove(CTX_DEADLINE_AT);
+    h.remove(&CTX_DEADLINE_AT);
     if let Some(d) = deadline {
         let left = d
             .saturating_duration_since(Instant::now())
             .as_millis()
             .max(1) as u64;
-        if let Ok(v) = HeaderValue::from_str(&left.to_string()) {
-            h.insert(CTX_DEADLINE, v);
-        }
+        h.insert(CTX_DEADLINE, HeaderValue::from(left));
         if grpc {
             let sooner = h
-                .get(GRPC_TIMEOUT)
+                .get(&GRPC_TIMEOUT)
                 .and_then(|v| v.to_str().ok())
                 .and_then(grpc_timeout)
                 .is_none_or(|t| t.as_millis() as u64 > left);
@@ -123,17 +124,19 @@ fn stamp(h: &mut HeaderMap, deadline: Option<Instant>, grpc: bool, retrying: boo
 
 /// Hands the caller's deadline to the local app in absolute form.
 fn hand_to_app(deadline: Option<Duration>, headers: &mut HeaderMap) {
-    headers.remove(CTX_DEADLINE);
-    if let Some(d) = deadline {
-        let at = unix_ms() + d.as_millis() as u64;
-        if let Ok(v) = HeaderValue::from_str(&at.to_string()) {
-            headers.insert(CTX_DEADLINE_AT, v);
-        }
-    }
+    let Some(d) = deadline else {
+        return;
+    };
+    headers.remove(&CTX_DEADLINE);
+    let at = unix_ms() + d.as_millis() as u64;
+    headers.insert(CTX_DEADLINE_AT, HeaderValue::from(at));
 }
 
 layer!(
-    /// Outbound: the request's deadline.
+    /// Outbound: decides the request's deadline. The tries enforce it
+    /// (`policy::timeout`: each try is cut off at the deadline at the
+    /// latest) and the retries respect it (no retry that could not start
+    /// before it), so one timer per try serves both.
     DeadlineLayer => Deadline {}
 );
 
@@ -143,38 +146,25 @@ impl<S: Service> Service for Deadline<S> {
         req: Request<Body>,
         ctx: &mut RequestCtx,
     ) -> Result<Response<Body>, Error> {
-        let dest = ctx.dest.clone();
-        let policy = dest.as_deref().and_then(|d| d.policy_for(ctx.rule));
-        let caller = ctx.propagated.deadline;
-        let (timeout, from_caller) = match (policy.and_then(|p| p.timeout), caller) {
-            (Some(p), Some(c)) if c < p => (c, true),
-            (Some(p), _) => (p, false),
-            (None, Some(c)) => (c, true),
-            (None, None) => return self.inner.call(req, ctx).await,
-        };
-        let at = ctx.timings.accepted + timeout;
-        ctx.deadline = Some(at);
-        ctx.own_deadline = (!from_caller).then_some(at);
-        // Dropping the try in flight cancels it upstream too.
-        match tokio::time::timeout_at(at, self.inner.call(req, ctx)).await {
-            Ok(r) => r,
-            Err(_) => {
-                let name = dest.as_ref().map_or("", |d| &*d.name.0);
-                Err(Error::new(
-                    MeshError::Timeout,
-                    if from_caller {
-                        format!(
-                            "the caller's deadline of {timeout:?} passed before `{name}` answered"
-                        )
-                    } else {
-                        format!(
-                            "no answer from `{name}` within the request timeout of {timeout:?} ({})",
-                            policy.map_or("", |p| &*p.source)
-                        )
-                    },
-                ))
-            }
+        let policy = ctx
+            .dest
+            .as_deref()
+            .and_then(|d| d.policy_for(ctx.rule))
+            .and_then(|p| p.timeout);
+        match (policy, ctx.propagated.deadline) {
+            (Some(p), Some(c)) if c < p => ctx.set_deadline(c, true),
+            (Some(p), _) => ctx.set_deadline(p, false),
+            (None, Some(c)) => ctx.set_deadline(c, true),
+            (None, None) => {}
         }
+        self.inner.call(req, ctx).await
+    }
+}
+
+impl RequestCtx {
+    fn set_deadline(&mut self, timeout: Duration, callers: bool) {
+        self.deadline = Some(self.timings.accepted + timeout);
+        self.deadline_is_callers = callers;
     }
 }
 
@@ -249,7 +239,7 @@ mod tests {
         // Handed to the app as an absolute time, read back by its sidecar.
         let mut app = HeaderMap::new();
         hand_to_app(Some(Duration::from_millis(400)), &mut app);
-        assert!(app.get(CTX_DEADLINE).is_none());
+        assert!(app.get(&CTX_DEADLINE).is_none());
         let back = Propagated::of(&app).deadline.expect("deadline");
         assert!(back <= Duration::from_millis(400) && back >= Duration::from_millis(350));
         let mut h = HeaderMap::new();
@@ -259,9 +249,9 @@ mod tests {
             true,
             true,
         );
-        let left: u64 = h[CTX_DEADLINE].to_str().expect("s").parse().expect("n");
+        let left: u64 = h[&CTX_DEADLINE].to_str().expect("s").parse().expect("n");
         assert!((250..=300).contains(&left), "{left}");
-        assert!(h[GRPC_TIMEOUT].to_str().expect("s").ends_with('m'));
-        assert_eq!(h[CTX_NO_RETRY], "1");
+        assert!(h[&GRPC_TIMEOUT].to_str().expect("s").ends_with('m'));
+        assert_eq!(h[&CTX_NO_RETRY], "1");
     }
 }

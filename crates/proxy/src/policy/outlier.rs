@@ -155,8 +155,9 @@ impl Backend {
 }
 
 /// What a try's result says about its endpoint. `sent`: the try had a
-/// connection (or was opening one) when it ended.
-fn outcome(result: &Result<Response<Body>, Error>, sent: bool) -> Outcome {
+/// connection (or was opening one) when it ended; `by_caller`: a timeout
+/// was the caller's deadline, not the mesh's own.
+fn outcome(result: &Result<Response<Body>, Error>, sent: bool, by_caller: bool) -> Outcome {
     match result {
         Ok(r) if matches!(r.status().as_u16(), 502..=504) => Outcome::GatewayError,
         Ok(r) if r.status().is_server_error() => Outcome::Error,
@@ -164,7 +165,7 @@ fn outcome(result: &Result<Response<Body>, Error>, sent: bool) -> Outcome {
         Err(e) => match e.kind {
             MeshError::ConnectFailure | MeshError::UpstreamTls => Outcome::GatewayError,
             // Cut off by a timeout of the mesh's own.
-            MeshError::Timeout if sent => Outcome::GatewayError,
+            MeshError::Timeout if sent && !by_caller => Outcome::GatewayError,
             // Still queued in this sidecar, or refused by its own limits:
             // nothing was asked of the endpoint.
             MeshError::Timeout | MeshError::Overflow | MeshError::IdentityExpired => {
@@ -206,7 +207,8 @@ impl<S: Service> Service for Outliers<S> {
         let Some(ep) = ctx.endpoint.and_then(|i| backend.endpoints.get(i)) else {
             return result;
         };
-        if let Some(len) = backend.record_outcome(ep, outcome(&result, ctx.sent), cb) {
+        let outcome = outcome(&result, ctx.sent, ctx.cut_by_caller);
+        if let Some(len) = backend.record_outcome(ep, outcome, cb) {
             tracing::warn!(endpoint = %ep.authority, backend = %backend.name.0, ejected_for = ?len, "endpoint ejected after consecutive failures");
             self.metrics
                 .ejections
@@ -306,27 +308,24 @@ mod tests {
             Ok(r)
         };
         let failed = |kind| -> Result<Response<Body>, Error> { Err(Error::new(kind, "x")) };
-        assert_eq!(outcome(&answer(200), true), Outcome::Success);
-        assert_eq!(outcome(&answer(500), true), Outcome::Error);
-        assert_eq!(outcome(&answer(503), true), Outcome::GatewayError);
+        let says = |r: &Result<Response<Body>, Error>, sent, by_caller| outcome(r, sent, by_caller);
+        assert_eq!(says(&answer(200), true, false), Outcome::Success);
+        assert_eq!(says(&answer(500), true, false), Outcome::Error);
+        assert_eq!(says(&answer(503), true, false), Outcome::GatewayError);
+        let connect = failed(MeshError::ConnectFailure);
+        assert_eq!(says(&connect, true, false), Outcome::GatewayError);
+        let timeout = failed(MeshError::Timeout);
+        assert_eq!(says(&timeout, true, false), Outcome::GatewayError);
+        // Still queued in this sidecar, or cut off by the caller's
+        // deadline: nothing about the endpoint.
+        assert_eq!(says(&timeout, false, false), Outcome::Skipped);
+        assert_eq!(says(&timeout, true, true), Outcome::Skipped);
         assert_eq!(
-            outcome(&failed(MeshError::ConnectFailure), true),
-            Outcome::GatewayError
-        );
-        assert_eq!(
-            outcome(&failed(MeshError::Timeout), true),
-            Outcome::GatewayError
-        );
-        assert_eq!(
-            outcome(&failed(MeshError::Timeout), false),
+            says(&failed(MeshError::Overflow), true, false),
             Outcome::Skipped
         );
         assert_eq!(
-            outcome(&failed(MeshError::Overflow), true),
-            Outcome::Skipped
-        );
-        assert_eq!(
-            outcome(&failed(MeshError::UpstreamReset), true),
+            says(&failed(MeshError::UpstreamReset), true, false),
             Outcome::Error
         );
     }

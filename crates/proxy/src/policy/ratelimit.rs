@@ -131,9 +131,8 @@ impl<S: Service> Service for RateLimited<S> {
             ctx.dst.0
         ));
         let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
-            r.headers_mut().insert(http::header::RETRY_AFTER, v);
-        }
+        r.headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
         Ok(r)
     }
 }

@@ -28,6 +28,7 @@ use crate::svc::{layer, Service};
 use crate::telemetry::metrics::{Metrics, Name, RetryLabels};
 use crate::transport::forward::is_upgrade;
 
+const GRPC_STATUS: http::header::HeaderName = http::header::HeaderName::from_static("grpc-status");
 /// Longest `Retry-After` honoured.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// Longest the body of an answer that a retry replaces is read for.
@@ -60,7 +61,7 @@ impl Retry {
     pub(crate) fn retriable_answer(&self, status: StatusCode, headers: &HeaderMap) -> bool {
         let code = status.as_u16();
         let grpc = headers
-            .get("grpc-status")
+            .get(&GRPC_STATUS)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u32>().ok());
         self.on.iter().any(|c| match *c {
@@ -228,7 +229,7 @@ impl<S: Service> Service for Retrying<S> {
                 // Read the replaced answer first: left unread, it would
                 // hold its connection (and maybe the body) until the end.
                 let result = match result {
-                    Ok(r) => Ok(Box::pin(settle(r)).await),
+                    Ok(r) => Ok(Box::pin(settle(r, ctx.deadline)).await),
                     Err(e) => Err(e),
                 };
                 next = Box::pin(h.next_try())
@@ -270,13 +271,14 @@ impl<S: Service> Service for Retrying<S> {
 }
 
 /// An answer that a retry replaces, read whole (up to 64 KiB, within a
-/// second) so that its connection is free again; kept in case it ends up
-/// the caller's answer. A larger or slower body is dropped (the answer
-/// then has an empty one).
-async fn settle(resp: Response<Body>) -> Response<Body> {
+/// second and before the deadline) so that its connection is free again;
+/// kept in case it ends up the caller's answer. A larger or slower body is
+/// dropped (the answer then has an empty one).
+async fn settle(resp: Response<Body>, deadline: Option<Instant>) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
-    let read = tokio::time::timeout(
-        SETTLE_WAIT,
+    let until = Instant::now() + SETTLE_WAIT;
+    let read = tokio::time::timeout_at(
+        deadline.map_or(until, |d| d.min(until)),
         http_body_util::BodyExt::collect(http_body_util::Limited::new(body, REPLAY_LIMIT)),
     )
     .await;

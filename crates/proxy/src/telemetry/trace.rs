@@ -2,7 +2,10 @@
 //! caller sent. It rides in the request's context; spans will be made from
 //! it by the tracing layer.
 
+use http::header::HeaderName;
 use http::HeaderMap;
+
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// `traceparent`: `00-<trace id>-<parent span id>-<flags>`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -15,7 +18,7 @@ pub(crate) struct TraceContext {
 impl TraceContext {
     /// The caller's trace, if it sent a well-formed `traceparent`.
     pub(crate) fn of(headers: &HeaderMap) -> Option<Self> {
-        Self::parse(headers.get("traceparent")?.as_bytes())
+        Self::parse(headers.get(&TRACEPARENT)?.as_bytes())
     }
 
     fn parse(v: &[u8]) -> Option<Self> {

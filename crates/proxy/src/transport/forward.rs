@@ -172,7 +172,7 @@ impl Service for ToApp {
 
 /// The flag of an answer made by another sidecar, if it names one of ours.
 fn flag_of(headers: &HeaderMap) -> Option<MeshError> {
-    MeshError::from_reason(headers.get(ERROR_HEADER)?.as_bytes())
+    MeshError::from_reason(headers.get(&ERROR_HEADER)?.as_bytes())
 }
 
 // `Trailer` is end-to-end (RFC 9110 §6.6.2) and hyper's HTTP/1.1 encoder only
