@@ -307,14 +307,38 @@ fn proxy_credentials(a: &ProxyArgs) -> anyhow::Result<Credentials> {
     Ok((token, bundle))
 }
 
+/// Logs to stderr at the levels `RUST_LOG` names (`info` by default):
+/// a level, and levels per module (`warn,tandem_proxy=debug`). The
+/// `Targets` filter parses that without compiling regular expressions, so
+/// a sidecar starts with less code and memory; a `RUST_LOG` it cannot
+/// parse is reported and `info` used.
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let spec = std::env::var("RUST_LOG").unwrap_or_default();
+    let (filter, bad) = match spec.trim() {
+        "" => (tracing_subscriber::filter::Targets::new(), None),
+        s => match s.parse::<tracing_subscriber::filter::Targets>() {
+            Ok(t) => (t, None),
+            Err(e) => (tracing_subscriber::filter::Targets::new(), Some(e)),
+        },
+    };
+    let filter = if spec.trim().is_empty() || bad.is_some() {
+        filter.with_default(tracing::Level::INFO)
+    } else {
+        filter
+    };
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .with(filter)
         .try_init();
+    if let Some(e) = bad {
+        tracing::warn!(error = %e, "RUST_LOG `{spec}` does not parse; logging at info");
+    }
 }
 
 /// Runs `f` on a runtime of `threads` worker threads; with one, every task

@@ -17,9 +17,14 @@
 //! - gRPC `tandem.v1.Echo` (unary and server-streaming); a unary message
 //!   `flaky:KEY:N:...` fails the first N calls of KEY with UNAVAILABLE.
 //!
+//! - `/hold`, `/open`, `/close`, `/held`, `/counters` — gates and counters
+//!   for deterministic tests (see [`gates`]).
+//!
 //! Knobs: added latency, failure rate, and a load generator (`--rps`).
 //! `--tcp-echo ADDR` adds a raw TCP echo listener.
 #![forbid(unsafe_code)]
+
+mod gates;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -69,6 +74,7 @@ struct App {
     grpc: tonic::service::Routes,
     /// Requests seen per `/flaky` key.
     flaky: tandem_runtime::sync::Mutex<std::collections::HashMap<String, u32>>,
+    gates: Arc<gates::Gates>,
 }
 
 pub async fn run(
@@ -101,6 +107,7 @@ pub async fn run(
         client,
         grpc,
         flaky: Default::default(),
+        gates: Default::default(),
     });
     if app.cfg.rps > 0.0 {
         tokio::spawn(load(app.clone()));
@@ -150,6 +157,59 @@ fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
 }
 
 async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let query = req.uri().query().unwrap_or("").to_string();
+    let key = query_param(Some(&query), "key").map(str::to_string);
+    let gate = |k: &Option<String>| k.clone().unwrap_or_default();
+    // The gates' own endpoints, before any latency or injected failure.
+    match req.uri().path() {
+        "/open" | "/close" => {
+            let open = req.uri().path() == "/open";
+            let n = app.gates.set_open(&gate(&key), open);
+            return Ok(json(StatusCode::OK, &serde_json::json!({ "waiting": n })));
+        }
+        "/held" => {
+            let v = serde_json::to_value(app.gates.held(&gate(&key))).unwrap_or_default();
+            return Ok(json(StatusCode::OK, &v));
+        }
+        "/counters" => {
+            let v = serde_json::to_value(app.gates.counters(&gate(&key))).unwrap_or_default();
+            return Ok(json(StatusCode::OK, &v));
+        }
+        _ => {}
+    }
+    let started = key.as_deref().map(|k| app.gates.start(k));
+    if req.uri().path() == "/hold" {
+        let max = query_param(Some(&query), "max_ms")
+            .and_then(|v| v.parse().ok())
+            .map_or(Duration::from_secs(60), Duration::from_millis);
+        let resp = match app.gates.hold(&gate(&key), max).await {
+            gates::Hold::Released => json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "service": app.cfg.service,
+                    "instance": app.cfg.instance,
+                    "key": gate(&key),
+                }),
+            ),
+            gates::Hold::TimedOut => full(
+                StatusCode::GATEWAY_TIMEOUT,
+                "text/plain",
+                "hold timed out\n",
+            ),
+        };
+        if let Some(s) = started {
+            s.complete();
+        }
+        return Ok(resp);
+    }
+    let resp = serve(app, req).await;
+    if let Some(s) = started {
+        s.complete();
+    }
+    resp
+}
+
+async fn serve(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let is_grpc = req
         .headers()
         .get(http::header::CONTENT_TYPE)
