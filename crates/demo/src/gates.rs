@@ -11,7 +11,8 @@
 //! - `/counters?key=K`: every request whose query has `key=K` (whatever
 //!   its path, `/slow` included) is counted: started, completed (its answer
 //!   was made), cancelled (dropped before), in flight, and the most in
-//!   flight at once.
+//!   flight at once. `/counters` without a key counts every request but
+//!   the gates' own.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -177,7 +177,18 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
         }
         _ => {}
     }
-    let started = key.as_deref().map(|k| app.gates.start(k));
+    // Every request is counted under the empty key, and under its own.
+    let started = [
+        Some(app.gates.start("")),
+        key.as_deref()
+            .filter(|k| !k.is_empty())
+            .map(|k| app.gates.start(k)),
+    ];
+    let complete = |started: [Option<gates::Started>; 2]| {
+        for s in started.into_iter().flatten() {
+            s.complete();
+        }
+    };
     if req.uri().path() == "/hold" {
         let max = query_param(Some(&query), "max_ms")
             .and_then(|v| v.parse().ok())
@@ -187,6 +198,7 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
                 StatusCode::OK,
                 &serde_json::json!({
                     "service": app.cfg.service,
+                    "version": app.cfg.version,
                     "instance": app.cfg.instance,
                     "key": gate(&key),
                 }),
@@ -197,15 +209,11 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
                 "hold timed out\n",
             ),
         };
-        if let Some(s) = started {
-            s.complete();
-        }
+        complete(started);
         return Ok(resp);
     }
     let resp = serve(app, req).await;
-    if let Some(s) = started {
-        s.complete();
-    }
+    complete(started);
     resp
 }
 

@@ -155,14 +155,33 @@ impl Proc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Resident memory in KiB, from /proc.
+    /// Resident memory in KiB, from /proc (the process must be alive).
     pub fn rss_kib(&self) -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        self.status_kib("VmRSS:")
+    }
+
+    /// The most resident memory the process has had, in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        self.status_kib("VmHWM:")
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_else(|e| panic!("{} (pid {}): {e}", self.name, self.pid()));
         s.lines()
-            .find(|l| l.starts_with("VmRSS:"))
+            .find(|l| l.starts_with(field))
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+            .unwrap_or_else(|| panic!("{}: no {field} in /proc status", self.name))
+    }
+
+    /// Waits until the log has a line containing `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        wait_for(
+            &format!("`{needle}` in {}'s log", self.name),
+            timeout,
+            || self.log_text().contains(needle).then_some(()),
+        );
     }
 }
 
@@ -185,8 +204,26 @@ fn tail(s: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// Polls `f` until it returns `Some` or `timeout` passes.
+/// How much longer than written a test waits before it fails: a busy
+/// machine (CI, a CPU hog beside the suite) slows everything down, and a
+/// longer wait only costs time when the test is failing anyway.
+/// `TANDEM_E2E_PATIENCE` sets the factor (3 by default).
+pub fn patience(d: Duration) -> Duration {
+    static FACTOR: OnceLock<f64> = OnceLock::new();
+    let f = *FACTOR.get_or_init(|| {
+        std::env::var("TANDEM_E2E_PATIENCE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|f: &f64| *f >= 1.0)
+            .unwrap_or(3.0)
+    });
+    d.mul_f64(f)
+}
+
+/// Polls `f` until it returns `Some` or `timeout` (times [`patience`])
+/// passes.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let timeout = patience(timeout);
     let end = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {
@@ -223,8 +260,10 @@ pub fn curl(args: &[&str]) -> CurlOut {
 /// `GET http://ADDR/PATH` over a fresh connection; status and body.
 pub fn http_get(addr: SocketAddr, host: &str, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr, patience(Duration::from_secs(2))).ok()?;
+    s.set_read_timeout(Some(patience(Duration::from_secs(20))))
+        .ok()?;
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
@@ -239,6 +278,131 @@ pub fn http_get(addr: SocketAddr, host: &str, path: &str) -> Option<(u16, String
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Some((status, body))
+}
+
+/// One HTTP/1.1 response: status, headers (names lower-case) and body.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    /// The first value of header `name`.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// An HTTP/1.1 client on one keep-alive connection: reads each response
+/// whole, by its framing (`Content-Length` or chunked), so a body written
+/// in several pieces is never taken for the next response.
+pub struct KeepAlive {
+    stream: std::io::BufReader<std::net::TcpStream>,
+}
+
+impl KeepAlive {
+    pub fn connect(addr: SocketAddr) -> Option<KeepAlive> {
+        let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+        s.set_read_timeout(Some(patience(Duration::from_secs(20))))
+            .ok()?;
+        Some(KeepAlive {
+            stream: std::io::BufReader::new(s),
+        })
+    }
+
+    /// Sends one request; the response, or `None` if the connection broke.
+    pub fn send(
+        &mut self,
+        method: &str,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Option<Resp> {
+        use std::io::{BufRead, Read, Write};
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n");
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if !body.is_empty() || method == "POST" || method == "PUT" {
+            head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        head.push_str("\r\n");
+        let s = self.stream.get_mut();
+        s.write_all(head.as_bytes()).ok()?;
+        s.write_all(body).ok()?;
+        let r = &mut self.stream;
+        let mut line = String::new();
+        r.read_line(&mut line).ok()?;
+        let status: u16 = line.split_whitespace().nth(1)?.parse().ok()?;
+        let mut headers = Vec::new();
+        loop {
+            line.clear();
+            r.read_line(&mut line).ok()?;
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            let (k, v) = l.split_once(':')?;
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+        let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+        let mut body = Vec::new();
+        if get("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+            loop {
+                line.clear();
+                r.read_line(&mut line).ok()?;
+                let size = usize::from_str_radix(line.trim().split(';').next()?, 16).ok()?;
+                if size == 0 {
+                    // Trailers, then the final empty line.
+                    loop {
+                        line.clear();
+                        r.read_line(&mut line).ok()?;
+                        if line.trim_end().is_empty() {
+                            break;
+                        }
+                    }
+                    break;
+                }
+                let mut chunk = vec![0; size + 2];
+                r.read_exact(&mut chunk).ok()?;
+                body.extend_from_slice(&chunk[..size]);
+            }
+        } else if let Some(n) = get("content-length").and_then(|v| v.parse::<usize>().ok()) {
+            body.resize(n, 0);
+            r.read_exact(&mut body).ok()?;
+        } else if status >= 200 && status != 204 && status != 304 && method != "HEAD" {
+            r.read_to_end(&mut body).ok()?;
+        }
+        Some(Resp {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
+/// One request over a fresh connection (see [`KeepAlive`]).
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Option<Resp> {
+    let mut h: Vec<(&str, &str)> = headers.to_vec();
+    h.push(("Connection", "close"));
+    KeepAlive::connect(addr)?.send(method, host, path, &h, body)
 }
 
 pub fn api_json(api: SocketAddr, path: &str) -> Option<serde_json::Value> {
@@ -490,11 +654,99 @@ impl Instance {
         self.proxy.as_mut().unwrap()
     }
 
-    /// The sidecar's `/metrics` text.
+    /// The sidecar's `/metrics` text, whole (it must answer 200 and end
+    /// with the OpenMetrics `# EOF` line, or the test fails: an empty text
+    /// would make every "this count is 0" check pass).
     pub fn metrics(&self) -> String {
-        http_get(self.admin, "admin", "/metrics")
-            .map(|(_, b)| b)
-            .unwrap_or_default()
+        let (status, body) = http_get(self.admin, "admin", "/metrics")
+            .unwrap_or_else(|| panic!("{}: no answer from /metrics", self.instance));
+        assert!(
+            status == 200 && body.ends_with("# EOF\n"),
+            "{}: /metrics answered {status} with an incomplete text",
+            self.instance
+        );
+        body
+    }
+
+    /// Waits until the value of `series` satisfies `ok`; returns it (a
+    /// missing series counts as 0).
+    pub fn wait_metric(&self, series: &str, timeout: Duration, ok: impl Fn(f64) -> bool) -> f64 {
+        wait_for(&format!("{series} on {}", self.instance), timeout, || {
+            let v = metric(&self.metrics(), series).unwrap_or(0.0);
+            ok(v).then_some(v)
+        })
+    }
+
+    /// The sidecar's `/config` document.
+    pub fn config(&self) -> serde_json::Value {
+        let (status, body) = http_get(self.admin, "admin", "/config")
+            .unwrap_or_else(|| panic!("{}: no answer from /config", self.instance));
+        assert_eq!(status, 200, "{}: /config", self.instance);
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// Destination `name` of the sidecar's snapshot, if it has it.
+    pub fn destination(&self, name: &str) -> Option<serde_json::Value> {
+        self.config()["snapshot"]["destinations"]
+            .as_array()?
+            .iter()
+            .find(|d| d["name"] == name)
+            .cloned()
+    }
+
+    /// Waits until the sidecar's snapshot has destination `name` and it
+    /// satisfies `ok`.
+    pub fn wait_destination(
+        &self,
+        name: &str,
+        timeout: Duration,
+        ok: impl Fn(&serde_json::Value) -> bool,
+    ) {
+        wait_for(
+            &format!("destination {name} on {}", self.instance),
+            timeout,
+            || self.destination(name).filter(|d| ok(d)).map(|_| ()),
+        );
+    }
+
+    /// The app's gate `key` (`/held`): arrived, waiting, released,
+    /// cancelled, max_waiting.
+    pub fn held(&self, key: &str) -> serde_json::Value {
+        app_json(self.app_addr, &format!("/held?key={key}"))
+    }
+
+    /// Waits until `n` requests wait at the app's gate `key`.
+    pub fn wait_held(&self, key: &str, n: u64, timeout: Duration) {
+        wait_for(
+            &format!("{n} requests held at {key} on {}", self.instance),
+            timeout,
+            || (self.held(key)["waiting"].as_u64() == Some(n)).then_some(()),
+        );
+    }
+
+    /// Opens the app's gate `key`: the requests held there go on.
+    pub fn open(&self, key: &str) {
+        app_json(self.app_addr, &format!("/open?key={key}"));
+    }
+
+    /// The app's counters for requests with `key=KEY` in their query
+    /// (every request for the empty key): started, completed, cancelled,
+    /// in_flight, max_in_flight.
+    pub fn counters(&self, key: &str) -> serde_json::Value {
+        app_json(self.app_addr, &format!("/counters?key={key}"))
+    }
+
+    /// Waits until no request of `key` is in progress at the app; its
+    /// counters then.
+    pub fn wait_settled(&self, key: &str, timeout: Duration) -> serde_json::Value {
+        wait_for(
+            &format!("requests of {key:?} to end at {}", self.instance),
+            timeout,
+            || {
+                let c = self.counters(key);
+                (c["in_flight"] == 0).then_some(c)
+            },
+        )
     }
 
     /// Instance names of the endpoints this sidecar's snapshot lists for
@@ -526,6 +778,14 @@ impl Instance {
     }
 }
 
+/// A JSON answer of a demo app, asked directly (not through a sidecar).
+fn app_json(app: SocketAddr, path: &str) -> serde_json::Value {
+    let (status, body) =
+        http_get(app, "app", path).unwrap_or_else(|| panic!("no answer from the app at {app}"));
+    assert_eq!(status, 200, "app {app}{path}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
 /// A Service resource.
 pub fn service_yaml(name: &str, protocol: &str) -> String {
     format!(
@@ -552,6 +812,7 @@ pub fn split_yaml(parent: &str, backends: &[(&str, u32)]) -> String {
 /// `Host: host` to `addr` over fresh connections, one after the other.
 pub struct Load {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicU64>,
     threads: Vec<std::thread::JoinHandle<(u64, Vec<String>)>>,
 }
 
@@ -564,14 +825,19 @@ impl Load {
         pause: Duration,
     ) -> Load {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let total = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let threads = (0..threads)
             .map(|_| {
                 let (stop, host, path) = (stop.clone(), host.to_string(), path.to_string());
+                let total = total.clone();
                 std::thread::spawn(move || {
                     let (mut ok, mut failed) = (0u64, Vec::new());
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                         match http_get(addr, &host, &path) {
-                            Some((200, _)) => ok += 1,
+                            Some((200, _)) => {
+                                ok += 1;
+                                total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
                             other => failed.push(format!("{other:?}")),
                         }
                         std::thread::sleep(pause);
@@ -580,7 +846,24 @@ impl Load {
                 })
             })
             .collect();
-        Load { stop, threads }
+        Load {
+            stop,
+            ok: total,
+            threads,
+        }
+    }
+
+    /// Requests answered 200 so far.
+    pub fn ok(&self) -> u64 {
+        self.ok.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until `more` further requests have been answered 200.
+    pub fn wait_progress(&self, more: u64, timeout: Duration) {
+        let target = self.ok() + more;
+        wait_for(&format!("{more} more requests answered"), timeout, || {
+            (self.ok() >= target).then_some(())
+        });
     }
 
     /// Stops; returns (answered 200, descriptions of the failures).
@@ -602,6 +885,29 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
         .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// The sum of every series of metric `name` whose labels include all of
+/// `labels` (each `(label, value)`).
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let (set, value) = match rest.strip_prefix('{') {
+                Some(r) => {
+                    let (set, v) = r.split_once("} ")?;
+                    (set, v)
+                }
+                None => ("", rest.strip_prefix(' ')?),
+            };
+            let has = |k: &str, v: &str| set.split(',').any(|kv| kv == format!("{k}=\"{v}\""));
+            labels
+                .iter()
+                .all(|(k, v)| has(k, v))
+                .then(|| value.trim().parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
 }
 
 /// A small multi-threaded runtime for async clients inside a test.

@@ -274,7 +274,6 @@ fn ten_megabyte_body_streams_both_ways() {
     }
     std::fs::write(&input, &data).expect("write");
     let before = (client.proxy().rss_kib(), web.proxy().rss_kib());
-    assert!(before.0 > 0 && before.1 > 0, "RSS readable from /proc");
     for url in [
         format!("http://{}/echo", client.upstream("web")),
         "http://web/echo".to_string(),
@@ -297,8 +296,9 @@ fn ten_megabyte_body_streams_both_ways() {
         assert_eq!(got.len(), data.len());
         assert!(got == data, "body changed in transit");
     }
-    // Streaming, not buffering: neither sidecar grew by anything like the body.
-    let after = (client.proxy().rss_kib(), web.proxy().rss_kib());
+    // Streaming, not buffering: neither sidecar ever grew by anything like
+    // the body (the most each has held, not a sample afterwards).
+    let after = (client.proxy().peak_rss_kib(), web.proxy().peak_rss_kib());
     assert!(
         after.0 < before.0 + 8 * 1024,
         "client sidecar RSS {before:?} -> {after:?} KiB"
@@ -421,5 +421,10 @@ fn malformed_traffic_gets_an_answer_not_a_crash() {
     // Both sidecars are still up and serving.
     let out = curl(&[&format!("http://{}/", client.upstream("web"))]);
     assert_eq!(json(&out.stdout)["service"], "web", "{}", out.stderr);
-    assert!(client.proxy.as_ref().is_some_and(|p| p.rss_kib() > 0));
+    for inst in [&client, &web] {
+        assert_eq!(
+            http_get(inst.admin, "admin", "/live").map(|r| r.0),
+            Some(200)
+        );
+    }
 }

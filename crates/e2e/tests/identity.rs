@@ -323,22 +323,29 @@ fn outbound_side_refuses_a_peer_with_another_identity() {
     );
 }
 
-/// A capture of loopback traffic on `port`, until dropped.
+/// A capture of loopback traffic on `port`, until stopped.
 struct Capture {
     child: std::process::Child,
     file: PathBuf,
+    /// A port of the test's own: a write to it marks the end of the
+    /// capture, so stopping waits for the mark instead of a guessed time.
+    mark: std::net::TcpListener,
 }
+
+const END_MARK: &[u8] = b"tandem-capture-ends-here";
 
 impl Capture {
     fn start(dir: &Path, port: u16) -> Capture {
         let file = dir.join(format!("cap-{port}.pcap"));
         let err = dir.join(format!("cap-{port}.err"));
+        let mark = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mark_port = mark.local_addr().unwrap().port();
         let child = Command::new("tcpdump")
             // Immediate mode: packets reach the file as they are seen, not
             // in blocks that an interrupt would lose.
             .args(["--immediate-mode", "-i", "lo", "-U", "-s", "0", "-w"])
             .arg(&file)
-            .arg(format!("tcp port {port}"))
+            .arg(format!("tcp port {port} or tcp port {mark_port}"))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&err).unwrap())
             .spawn()
@@ -348,12 +355,24 @@ impl Capture {
                 .ok()
                 .filter(|s| s.contains("listening on"))
         });
-        Capture { child, file }
+        Capture { child, file, mark }
     }
 
-    /// Stops the capture; the captured bytes.
+    /// Stops the capture once everything sent before the call is in the
+    /// file (tcpdump writes packets in the order it sees them, so the end
+    /// mark is last); the captured bytes.
     fn stop(mut self) -> Vec<u8> {
-        std::thread::sleep(Duration::from_millis(300));
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(self.mark.local_addr().unwrap()).unwrap();
+        s.write_all(END_MARK).unwrap();
+        wait_for(
+            "the end mark in the capture",
+            Duration::from_secs(10),
+            || {
+                let bytes = std::fs::read(&self.file).ok()?;
+                contains(&bytes, END_MARK).then_some(())
+            },
+        );
         let _ = Command::new("kill")
             .args(["-INT", &self.child.id().to_string()])
             .status();
@@ -575,8 +594,9 @@ fn join_tokens_grant_one_identity_and_can_be_refused() {
     assert!(e.message().contains("svc/orders"), "{}", e.message());
     // Expired.
     let short = mesh.token_with(&["--service", "orders", "--ttl", "1s"]);
-    std::thread::sleep(Duration::from_millis(2100));
-    let e = certify(&mesh, &short, "orders").unwrap_err();
+    let e = wait_for("the short token to expire", Duration::from_secs(10), || {
+        certify(&mesh, &short, "orders").err()
+    });
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
     assert!(e.message().contains("expired"), "{}", e.message());
     // Tampered: claims rewritten to payments, signature kept.
@@ -675,7 +695,8 @@ fn short_lived_certificates_renew_under_load_without_failures() {
         Duration::from_secs(60),
         || (renewals(&web) >= 3.0 && renewals(&client) >= 3.0).then_some(()),
     );
-    std::thread::sleep(Duration::from_secs(3));
+    // Traffic goes on over the renewed certificates.
+    load.wait_progress(50, Duration::from_secs(10));
     let (ok, failed) = load.finish();
     assert!(
         failed.is_empty(),
@@ -704,7 +725,7 @@ fn root_rotation_under_load_fails_no_request() {
     let before = api_json(mesh.api, "/api/v1/ca").unwrap();
     let old_root = before["signer"].as_str().unwrap().to_string();
     let load = Load::start(client.http_proxy, "web", "/", 2, Duration::from_millis(20));
-    std::thread::sleep(Duration::from_secs(1));
+    load.wait_progress(20, Duration::from_secs(10));
     let api = mesh.api.to_string();
     tandem_ok(&["ca", "rotate", "--api", &api]);
     let ca = api_json(mesh.api, "/api/v1/ca").unwrap();
@@ -725,13 +746,16 @@ fn root_rotation_under_load_fails_no_request() {
     tandem_ok(&["ca", "retire", "--api", &api]);
     let ca = api_json(mesh.api, "/api/v1/ca").unwrap();
     assert_eq!(ca["roots"], serde_json::json!([new_root]));
-    wait_for("proxies drop the old root", Duration::from_secs(10), || {
-        let (_, b) = http_get(web.admin, "a", "/certs")?;
-        let v: serde_json::Value = serde_json::from_str(&b).ok()?;
-        (v["bundle"].as_array()?.len() == 1).then_some(())
-    });
-    std::thread::sleep(Duration::from_secs(1));
-    // New connections (a new caller) work under the new root alone.
+    for inst in [&web, &client] {
+        wait_for("proxies drop the old root", Duration::from_secs(10), || {
+            let (_, b) = http_get(inst.admin, "a", "/certs")?;
+            let v: serde_json::Value = serde_json::from_str(&b).ok()?;
+            (v["bundle"].as_array()?.len() == 1).then_some(())
+        });
+    }
+    // Established connections go on under the new root alone...
+    load.wait_progress(20, Duration::from_secs(10));
+    // ...and so do new ones (a new caller).
     let late = mesh.instance("client", "client-2", &[], &[]);
     let (status, _) = http_get(late.http_proxy, "web", "/").unwrap();
     assert_eq!(status, 200);
@@ -743,7 +767,7 @@ fn root_rotation_under_load_fails_no_request() {
         ok + failed.len() as u64,
         &failed[..failed.len().min(5)]
     );
-    assert!(ok > 100, "only {ok} requests");
+    assert!(ok >= 40, "only {ok} requests");
 }
 
 #[test]
@@ -893,7 +917,9 @@ fn permissive_tcp_serves_a_server_speaks_first_protocol() {
     // the short silence, not after a detection timeout.
     let (took, line) = greeting(smtp.inbound);
     assert!(line.starts_with("220 tandem-test"), "{line:?}");
-    assert!(took < Duration::from_secs(2), "{took:?}");
+    // The silence is 200 ms; a connection taken for a stalled handshake
+    // would wait out the 10 s handshake timeout first.
+    assert!(took < Duration::from_secs(5), "{took:?}");
     assert_eq!(
         metric(
             &smtp.metrics(),
