@@ -613,8 +613,19 @@ def cmd_render(args: argparse.Namespace) -> None:
     w("```")
     w("")
 
-    Path(args.out).write_text("\n".join(out))
+    # Sections written by hand (other tools' tables, before/after runs)
+    # follow a marker line; a new run keeps them.
+    dest = Path(args.out)
+    if dest.exists():
+        kept = dest.read_text().split(HAND_WRITTEN, 1)
+        if len(kept) == 2:
+            out.append(HAND_WRITTEN + kept[1].rstrip("\n"))
+            out.append("")
+    dest.write_text("\n".join(out))
     print(f"wrote {args.out}")
+
+
+HAND_WRITTEN = "<!-- Sections below are kept by report.py when it rewrites this file. -->"
 
 
 # --------------------------------------------------------------------------
