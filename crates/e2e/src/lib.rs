@@ -296,10 +296,6 @@ impl Resp {
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
-
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
 }
 
 /// An HTTP/1.1 client on one keep-alive connection: reads each response
@@ -389,20 +385,6 @@ impl KeepAlive {
             body,
         })
     }
-}
-
-/// One request over a fresh connection (see [`KeepAlive`]).
-pub fn http_request(
-    addr: SocketAddr,
-    method: &str,
-    host: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Option<Resp> {
-    let mut h: Vec<(&str, &str)> = headers.to_vec();
-    h.push(("Connection", "close"));
-    KeepAlive::connect(addr)?.send(method, host, path, &h, body)
 }
 
 pub fn api_json(api: SocketAddr, path: &str) -> Option<serde_json::Value> {
@@ -675,38 +657,6 @@ impl Instance {
             let v = metric(&self.metrics(), series).unwrap_or(0.0);
             ok(v).then_some(v)
         })
-    }
-
-    /// The sidecar's `/config` document.
-    pub fn config(&self) -> serde_json::Value {
-        let (status, body) = http_get(self.admin, "admin", "/config")
-            .unwrap_or_else(|| panic!("{}: no answer from /config", self.instance));
-        assert_eq!(status, 200, "{}: /config", self.instance);
-        serde_json::from_str(&body).unwrap()
-    }
-
-    /// Destination `name` of the sidecar's snapshot, if it has it.
-    pub fn destination(&self, name: &str) -> Option<serde_json::Value> {
-        self.config()["snapshot"]["destinations"]
-            .as_array()?
-            .iter()
-            .find(|d| d["name"] == name)
-            .cloned()
-    }
-
-    /// Waits until the sidecar's snapshot has destination `name` and it
-    /// satisfies `ok`.
-    pub fn wait_destination(
-        &self,
-        name: &str,
-        timeout: Duration,
-        ok: impl Fn(&serde_json::Value) -> bool,
-    ) {
-        wait_for(
-            &format!("destination {name} on {}", self.instance),
-            timeout,
-            || self.destination(name).filter(|d| ok(d)).map(|_| ()),
-        );
     }
 
     /// The app's gate `key` (`/held`): arrived, waiting, released,
