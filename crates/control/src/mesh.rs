@@ -33,7 +33,7 @@ use tandem_store::{Kv, Presence, Registration, RegistryStore};
 use tokio::sync::{watch, Notify};
 
 use crate::registry::EndpointTable;
-use crate::snapshots::{compile_group, Group, Inputs, Snapshots};
+use crate::snapshots::{compile_groups, Group, Inputs, Snapshots};
 use crate::versions::Floor;
 
 pub type ProxyKey = (String, String, String); // namespace, service, instance
@@ -457,26 +457,12 @@ impl Mesh {
             (inputs, stale)
         };
         let compiled = if stale.len() <= COMPILE_INLINE {
-            stale
-                .into_iter()
-                .map(|g| {
-                    let c = compile_group(&g, &inputs);
-                    (g, c)
-                })
-                .collect()
+            compile_groups(stale, &inputs)
         } else {
             let inputs = inputs.clone();
-            tokio::task::spawn_blocking(move || {
-                stale
-                    .into_iter()
-                    .map(|g| {
-                        let c = compile_group(&g, &inputs);
-                        (g, c)
-                    })
-                    .collect()
-            })
-            .await
-            .map_err(std::io::Error::other)?
+            tokio::task::spawn_blocking(move || compile_groups(stale, &inputs))
+                .await
+                .map_err(std::io::Error::other)?
         };
         self.state.lock().snapshots.store(compiled);
         // Versions for every proxy whose snapshot changed, reserved before
@@ -752,7 +738,7 @@ spec: {ports: [{port: 80, protocol: http}]}
         assert!(m.status().iter().any(|s| s.instance == "a1" && s.connected));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_leaving_proxy_is_out_at_once_and_stays_out() {
         let m = mesh().await;
         let (_, _, mut web) = join(&m, hello("web", "w1", "10.0.0.1:80", &["api"], 0)).await;

@@ -65,7 +65,18 @@ pub struct Compiled {
 }
 
 /// Compiles the snapshot of `group` from `inputs`.
-pub fn compile_group(group: &Group, inputs: &Inputs) -> Compiled {
+/// Compiles each of `groups`; the pairs go to [`Snapshots::store`].
+pub fn compile_groups(groups: Vec<Group>, inputs: &Inputs) -> Vec<(Group, Compiled)> {
+    groups
+        .into_iter()
+        .map(|g| {
+            let c = compile_group(&g, inputs);
+            (g, c)
+        })
+        .collect()
+}
+
+fn compile_group(group: &Group, inputs: &Inputs) -> Compiled {
     let deps = RefCell::new(Vec::new());
     let lookup = |ns: &str, svc: &str| -> Vec<Endpoint> {
         let e = inputs.endpoints.get(ns, svc);

@@ -668,17 +668,18 @@ fn a_streaming_response_keeps_its_place_until_it_ends() {
     );
 }
 
-/// Waits until both RSS stop growing (the same most for 2 s), up to 60 s.
+/// Waits until both RSS stop growing: the most of both is the same over
+/// the last 40 samples (2 s of `wait_for`'s polls), up to 60 s.
 fn settled_rss(a: &Instance, b: &Instance) -> (u64, u64) {
+    const QUIET: usize = 40;
     let mut samples: Vec<(u64, u64)> = Vec::new();
     wait_for("RSS to stop growing", Duration::from_secs(60), || {
-        std::thread::sleep(Duration::from_millis(250));
         samples.push((a.proxy().rss_kib(), b.proxy().rss_kib()));
         let n = samples.len();
-        if n < 9 {
+        if n <= QUIET {
             return None;
         }
-        let before = samples[..n - 8]
+        let before = samples[..n - QUIET]
             .iter()
             .fold((0, 0), |m, s| (m.0.max(s.0), m.1.max(s.1)));
         let all = samples
@@ -728,7 +729,6 @@ fn stalled_http2_clients_cost_bounded_memory_that_goes_back() {
     // Closed: connections go, and the memory goes back to the system.
     drop(stalled);
     wait_for("RSS back near idle", Duration::from_secs(40), || {
-        std::thread::sleep(Duration::from_millis(250));
         let (c, w) = (client.proxy().rss_kib(), web.proxy().rss_kib());
         (c <= idle.0 + 5 * 1024 && w <= idle.1 + 5 * 1024).then_some(())
     });
