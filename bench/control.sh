@@ -15,9 +15,9 @@ TANDEM_BIN="${TANDEM_BIN:-$TARGET/release/tandem}"
 if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
   cargo build --release --bin tandem -p tandem
 fi
-cargo build --release -p tandem-e2e --bin bench-control
+cargo build --release -p tandem-e2e --example bench-control
 mkdir -p bench/work
 # Each simulated proxy holds one connection: the tool needs an fd each.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-TANDEM_BIN="$(realpath "$TANDEM_BIN")" "$TARGET/release/bench-control" \
+TANDEM_BIN="$(realpath "$TANDEM_BIN")" "$TARGET/release/examples/bench-control" \
   --proxies "$PROXIES" --services "$SERVICES" --markdown bench/work/control.md

@@ -15,9 +15,9 @@ TANDEM_BIN="${TANDEM_BIN:-$TARGET/release/tandem}"
 if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
   cargo build --release --bin tandem -p tandem
 fi
-cargo build --release -p tandem-e2e --bin bench-stall
+cargo build --release -p tandem-e2e --example bench-stall
 mkdir -p bench/work
 # Each stream's connections need file descriptors on both sidecars.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-TANDEM_BIN="$(realpath "$TANDEM_BIN")" "$TARGET/release/bench-stall" \
+TANDEM_BIN="$(realpath "$TANDEM_BIN")" "$TARGET/release/examples/bench-stall" \
   --streams "$STREAMS" --markdown bench/work/stall.md
