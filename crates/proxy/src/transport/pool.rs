@@ -58,8 +58,8 @@ const UNSENT_RETRIES: usize = 3;
 // a body; an HTTP/2 connection accepts at most these windows of data the
 // sidecar has not forwarded yet, and buffers at most this much per stream
 // for sending.
-/// Most bytes an HTTP/1.1 client connection reads ahead (also the largest
-/// response head it takes: 60 KiB, as for requests, plus a little).
+/// Most bytes an HTTP/1.1 client connection reads ahead, which is also the
+/// largest response head it takes.
 pub(crate) const H1_BUFFER: usize = 16 * 1024;
 const H2_CONN_WINDOW: u32 = 1024 * 1024;
 const H2_STREAM_WINDOW: u32 = 256 * 1024;
