@@ -99,10 +99,10 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
     tokio::spawn(ca.clone().renew_own());
     let stats = Arc::new(stats::Stats::default());
 
-    let grpc = TcpListener::bind(cfg.listen)
+    let grpc = tandem_runtime::listen(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {} (gRPC)", cfg.listen))?;
-    let api_listener = TcpListener::bind(cfg.api)
+    let api_listener = tandem_runtime::listen(cfg.api)
         .await
         .with_context(|| format!("cannot listen on {} (API)", cfg.api))?;
     tracing::info!(grpc = %cfg.listen, api = %cfg.api, "control plane listening");

@@ -81,9 +81,9 @@ pub async fn run(
     cfg: DemoConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(cfg.listen).await?;
+    let listener = tandem_runtime::listen(cfg.listen).await?;
     if let Some(addr) = cfg.tcp_echo {
-        let l = TcpListener::bind(addr).await?;
+        let l = tandem_runtime::listen(addr).await?;
         tokio::spawn(tcp_echo(l));
     }
     let proxy = cfg.proxy;

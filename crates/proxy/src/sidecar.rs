@@ -74,7 +74,7 @@ impl std::fmt::Debug for ProxyConfig {
 }
 
 async fn bind(addr: SocketAddr, what: &'static str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
+    tandem_runtime::listen(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} ({what})"))
 }

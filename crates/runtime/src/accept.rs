@@ -16,7 +16,27 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// Connections the kernel completes and queues for a listener before it
+/// takes them (it caps the figure at `net.core.somaxconn`, 4096 by default
+/// since Linux 5.4). Past the queue a connecting peer's SYN is dropped and
+/// it tries again only after a second; tokio's `TcpListener::bind` queues
+/// 128, which 150 proxies joining at once already overflowed.
+pub const BACKLOG: u32 = 4096;
+
+/// A listener on `addr` with a queue of [`BACKLOG`] (and `SO_REUSEADDR`,
+/// as tokio's `bind` sets it: a restarted process binds again at once).
+pub async fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
 
 /// The pause after the first failure of a streak.
 const FIRST_PAUSE: Duration = Duration::from_millis(5);
@@ -123,6 +143,34 @@ mod tests {
         )));
         // EMFILE: "Too many open files".
         assert!(!connection_only(&io::Error::from_raw_os_error(24)));
+    }
+
+    /// Connections beyond the queue would never complete while nobody
+    /// accepts: their SYNs are dropped and retried for minutes.
+    #[tokio::test]
+    async fn queues_a_burst_of_connections_nobody_has_taken_yet() {
+        let listener = listen("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("listen");
+        let addr = listener.local_addr().expect("addr");
+        // Well past tokio's default queue of 128, within the kernel's cap.
+        let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .unwrap_or(4096);
+        let burst = somaxconn.min(600);
+        let mut held = Vec::with_capacity(burst);
+        for i in 0..burst {
+            let conn = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+                .await
+                .unwrap_or_else(|_| panic!("connection {i} not queued"))
+                .expect("connect");
+            held.push(conn);
+        }
+        // And they are all there to take.
+        for _ in 0..burst {
+            listener.accept().await.expect("accept");
+        }
     }
 
     #[tokio::test]
