@@ -165,6 +165,40 @@ fn rss_mib(pid: u32) -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
+/// When each of the `n` proxies first acknowledged a snapshot that `wanted`
+/// (given whether it had the edit), and how many connection attempts were
+/// made again meanwhile. Panics if one fails, or if `patience` passes with
+/// no news while some have not acknowledged.
+async fn first_acks(
+    rx: &mut mpsc::UnboundedReceiver<Event>,
+    n: usize,
+    patience: Duration,
+    what: &str,
+    wanted: impl Fn(bool) -> bool,
+) -> (Vec<Instant>, usize) {
+    let mut first = vec![None::<Instant>; n];
+    let (mut acked, mut retried) = (0, 0);
+    while acked < n {
+        match tokio::time::timeout(patience, rx.recv()).await {
+            Ok(Some(Event::Acked(i, edited, at))) => {
+                if wanted(edited) && first[i].is_none() {
+                    first[i] = Some(at);
+                    acked += 1;
+                }
+            }
+            Ok(Some(Event::Retried(why))) => {
+                if retried == 0 {
+                    eprintln!("a connection attempt failed and is made again: {why}");
+                }
+                retried += 1;
+            }
+            Ok(Some(Event::Failed(i, e))) => panic!("proxy {i}: {e}"),
+            _ => panic!("only {acked} of {n} proxies acknowledged {what} within {patience:?}"),
+        }
+    }
+    (first.into_iter().flatten().collect(), retried)
+}
+
 fn run(n: usize, services: usize) -> Row {
     let mesh = Mesh::start(&config(services, "edition-1"));
     let tokens: Vec<String> = (0..services)
@@ -213,34 +247,14 @@ fn run(n: usize, services: usize) -> Row {
         ));
     }
     // 1. Everyone connected and acknowledged.
-    let mut first = vec![None::<Instant>; n];
-    let mut acked = 0;
-    let mut retried = 0;
-    rt.block_on(async {
-        while acked < n {
-            match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
-                Ok(Some(Event::Acked(i, _, at))) => {
-                    if first[i].is_none() {
-                        first[i] = Some(at);
-                        acked += 1;
-                    }
-                }
-                Ok(Some(Event::Retried(why))) => {
-                    if retried == 0 {
-                        eprintln!("a connection attempt failed and is made again: {why}");
-                    }
-                    retried += 1;
-                }
-                Ok(Some(Event::Failed(i, e))) => panic!("proxy {i}: {e}"),
-                _ => panic!("only {acked} of {n} proxies acknowledged within 60 s"),
-            }
-        }
-    });
-    let connect = first
-        .iter()
-        .flatten()
-        .max()
-        .map_or(Duration::ZERO, |t| *t - start);
+    let (first, retried) = rt.block_on(first_acks(
+        &mut rx,
+        n,
+        Duration::from_secs(60),
+        "a snapshot",
+        |_| true,
+    ));
+    let connect = first.iter().max().map_or(Duration::ZERO, |t| *t - start);
     // Settle (late endpoint updates), then measure memory.
     rt.block_on(async {
         let quiet = Duration::from_millis(500);
@@ -250,24 +264,14 @@ fn run(n: usize, services: usize) -> Row {
     // 2. A route edit reaches everyone.
     let edit_at = Instant::now();
     mesh.write_config("mesh.yaml", &config(services, "edition-2"));
-    let mut edited = vec![None::<Instant>; n];
-    let mut got = 0;
-    rt.block_on(async {
-        while got < n {
-            match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
-                Ok(Some(Event::Acked(i, true, at))) => {
-                    if edited[i].is_none() {
-                        edited[i] = Some(at);
-                        got += 1;
-                    }
-                }
-                Ok(Some(Event::Acked(..) | Event::Retried(_))) => {}
-                Ok(Some(Event::Failed(i, e))) => panic!("proxy {i}: {e}"),
-                _ => panic!("only {got} of {n} proxies acknowledged the edit within 30 s"),
-            }
-        }
-    });
-    let mut lat: Vec<Duration> = edited.iter().flatten().map(|t| *t - edit_at).collect();
+    let (edited, _) = rt.block_on(first_acks(
+        &mut rx,
+        n,
+        Duration::from_secs(30),
+        "the edit",
+        |edited| edited,
+    ));
+    let mut lat: Vec<Duration> = edited.iter().map(|t| *t - edit_at).collect();
     lat.sort();
     let push = api_json(mesh.api, "/api/v1/push").unwrap_or_default();
     let row = Row {

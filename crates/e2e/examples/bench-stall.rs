@@ -4,8 +4,9 @@
 //! streams (h2c to the client sidecar's upstream port) ask for a 1 MiB body
 //! each and never open their flow-control window, so nothing of any body
 //! can reach them. It prints each sidecar's RSS idle, once the streams
-//! stalled (the most of the samples over a few seconds), and from the
-//! moment they close, every second for 30 s.
+//! stalled (the most, once it stopped growing), and how long after they
+//! close it takes to come back within 5 MiB of idle (up to 30 s, sampled
+//! every 250 ms: that time is the measurement).
 //!
 //! ```text
 //! bench-stall [--streams 1000] [--hold SECONDS] [--markdown FILE]
@@ -15,7 +16,7 @@
 
 use std::time::{Duration, Instant};
 
-use tandem_e2e::{service_yaml, Mesh, Stalled};
+use tandem_e2e::{service_yaml, settled_rss, Mesh, Stalled};
 
 fn main() {
     let mut streams = 1000usize;
@@ -52,17 +53,12 @@ fn main() {
     );
     let mib = |kib: u64| kib as f64 / 1024.0;
     let rss = || (client.proxy().rss_kib(), web.proxy().rss_kib());
-    std::thread::sleep(Duration::from_secs(1));
-    let idle = rss();
+    let idle = settled_rss(&client, &web);
     let rt = tandem_e2e::rt();
     let stalled = rt.block_on(Stalled::open(up, "web", "/bytes?n=1048576", streams, 100));
-    // The buffers fill as far as the caps let them: the most over 3 s.
-    let mut peak = rss();
-    for _ in 0..30 {
-        std::thread::sleep(Duration::from_millis(100));
-        let (c, w) = rss();
-        peak = (peak.0.max(c), peak.1.max(w));
-    }
+    // The buffers fill as far as the caps let them: the most once it stops
+    // growing.
+    let peak = settled_rss(&client, &web);
     let heads = stalled.heads;
     eprintln!("{heads} streams stalled; holding them {hold} s");
     std::thread::sleep(Duration::from_secs(hold));

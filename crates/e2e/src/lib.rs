@@ -736,6 +736,27 @@ fn app_json(app: SocketAddr, path: &str) -> serde_json::Value {
     serde_json::from_str(&body).unwrap()
 }
 
+/// Waits until both RSS stop growing: the most of both is the same over
+/// the last 40 samples (2 s of `wait_for`'s polls), up to 60 s.
+pub fn settled_rss(a: &Instance, b: &Instance) -> (u64, u64) {
+    const QUIET: usize = 40;
+    let mut samples: Vec<(u64, u64)> = Vec::new();
+    wait_for("RSS to stop growing", Duration::from_secs(60), || {
+        samples.push((a.proxy().rss_kib(), b.proxy().rss_kib()));
+        let n = samples.len();
+        if n <= QUIET {
+            return None;
+        }
+        let before = samples[..n - QUIET]
+            .iter()
+            .fold((0, 0), |m, s| (m.0.max(s.0), m.1.max(s.1)));
+        let all = samples
+            .iter()
+            .fold((0, 0), |m, s| (m.0.max(s.0), m.1.max(s.1)));
+        (before == all).then_some(all)
+    })
+}
+
 /// A Service resource.
 pub fn service_yaml(name: &str, protocol: &str) -> String {
     format!(

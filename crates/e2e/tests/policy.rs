@@ -8,7 +8,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use tandem_e2e::{
-    curl, http_get, metric, metric_sum, patience, wait_for, Instance, KeepAlive, Mesh, TempDir,
+    curl, http_get, metric, metric_sum, patience, settled_rss, wait_for, Instance, KeepAlive, Mesh,
+    TempDir,
 };
 
 fn policy(service: &str, spec: &str) -> String {
@@ -666,27 +667,6 @@ fn a_streaming_response_keeps_its_place_until_it_ends() {
         Duration::from_secs(5),
         || (http_get(client.http_proxy, "web", "/headers").map(|r| r.0) == Some(200)).then_some(()),
     );
-}
-
-/// Waits until both RSS stop growing: the most of both is the same over
-/// the last 40 samples (2 s of `wait_for`'s polls), up to 60 s.
-fn settled_rss(a: &Instance, b: &Instance) -> (u64, u64) {
-    const QUIET: usize = 40;
-    let mut samples: Vec<(u64, u64)> = Vec::new();
-    wait_for("RSS to stop growing", Duration::from_secs(60), || {
-        samples.push((a.proxy().rss_kib(), b.proxy().rss_kib()));
-        let n = samples.len();
-        if n <= QUIET {
-            return None;
-        }
-        let before = samples[..n - QUIET]
-            .iter()
-            .fold((0, 0), |m, s| (m.0.max(s.0), m.1.max(s.1)));
-        let all = samples
-            .iter()
-            .fold((0, 0), |m, s| (m.0.max(s.0), m.1.max(s.1)));
-        (before == all).then_some(all)
-    })
 }
 
 #[test]
