@@ -311,9 +311,15 @@ fn timeouts_fire_on_time_with_a_504() {
     let tries = retries(&client) - retried + 1.0;
     assert!((3.0..=4.0).contains(&tries), "{tries} tries");
     // Every try given up on was cancelled at the app too: none answered.
+    // A fourth try that starts just before the deadline may be cut before
+    // it reaches the app, so the app saw three tries or all of them.
     let c = web.wait_settled("whole", Duration::from_secs(10));
-    assert_eq!(c["started"], tries as u64, "{c}");
-    assert_eq!(c["cancelled"], tries as u64, "{c}");
+    let started = c["started"].as_u64().unwrap_or(0);
+    assert!(
+        (3..=tries as u64).contains(&started),
+        "{c} for {tries} tries"
+    );
+    assert_eq!(c["cancelled"], started, "{c}");
     assert_eq!(c["completed"], 0, "{c}");
     // Per try only: two tries of 300 ms, then the timeout answers.
     let start = Instant::now();
@@ -712,6 +718,57 @@ fn stalled_http2_clients_cost_bounded_memory_that_goes_back() {
         let (c, w) = (client.proxy().rss_kib(), web.proxy().rss_kib());
         (c <= idle.0 + 5 * 1024 && w <= idle.1 + 5 * 1024).then_some(())
     });
+}
+
+/// Requests to an HTTP/2 destination share one connection between the
+/// sidecars. Streams whose client stopped reading must not hold that
+/// connection's flow-control window or its stream slots: other callers'
+/// requests still go through.
+#[test]
+fn stalled_http2_streams_do_not_starve_the_shared_connection() {
+    let mesh = Mesh::start(&common::config());
+    let h2 = mesh.instance("h2svc", "h2svc-1", &[], &[]);
+    let client = mesh.instance_with_upstreams("client", "client-1", &[], &[], &["h2svc"]);
+    let up = client.upstream("h2svc");
+    wait_for(
+        "h2svc through the sidecars",
+        Duration::from_secs(20),
+        || {
+            let (s, body) = http_get(up, "h2svc", "/bytes?n=10")?;
+            (s == 200 && body == "xxxxxxxxxx").then_some(())
+        },
+    );
+    let rt = tandem_e2e::rt();
+    let answered = |what: &str| {
+        let got = http_get(up, "h2svc", "/bytes?n=10");
+        assert_eq!(
+            got,
+            Some((200, "xxxxxxxxxx".to_string())),
+            "a request behind {what}"
+        );
+    };
+    // More unread response data than one connection window holds.
+    let a = rt.block_on(tandem_e2e::Stalled::open(
+        up,
+        "h2svc",
+        "/bytes?n=1048576",
+        8,
+        100,
+    ));
+    assert_eq!(a.heads, 8);
+    answered("8 stalled 1 MiB responses");
+    // More requests in flight than one HTTP/2 connection between the
+    // sidecars may carry (each sidecar allows a peer 100 streams).
+    let held: Vec<_> = (0..150)
+        .map(|_| std::thread::spawn(move || http_get(up, "h2svc", "/hold?key=many")))
+        .collect();
+    h2.wait_held("many", 150, Duration::from_secs(20));
+    answered("150 requests in flight");
+    h2.open("many");
+    for t in held {
+        assert_eq!(t.join().expect("thread").map(|r| r.0), Some(200));
+    }
+    drop(a);
 }
 
 #[test]

@@ -18,6 +18,7 @@ use crate::policy::deadline::Propagated;
 use crate::routing::Destination;
 use crate::telemetry::metrics::{Direction, Name};
 use crate::telemetry::trace::TraceContext;
+use crate::transport::pool::Stream;
 
 /// The verified caller of an inbound connection.
 pub(crate) struct Peer {
@@ -48,6 +49,8 @@ pub(crate) struct Held {
     pub(crate) permit: Option<OwnedSemaphorePermit>,
     /// In the destination's `circuitBreaker.maxRequests`.
     pub(crate) in_progress: Option<InProgress>,
+    /// A stream of an HTTP/2 connection to the endpoint or the app.
+    pub(crate) stream: Option<Stream>,
 }
 
 pub(crate) struct RequestCtx {

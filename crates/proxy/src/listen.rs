@@ -12,6 +12,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::sync::{mpsc, watch};
 
+use crate::transport::pool;
+
 /// Largest request head (request line and headers) a sidecar reads; a
 /// larger one is answered with 431.
 pub(crate) const MAX_HEADER_BYTES: usize = 60 * 1024;
@@ -59,12 +61,17 @@ pub(crate) async fn serve_http_conn<I, F, Fut, B, K>(
         .http1()
         .timer(TokioTimer::new())
         .max_buf_size(MAX_HEADER_BYTES);
+    // HTTP/2: a peer gets the streams and windows the pools use (see
+    // `transport/pool.rs`): every stream's window fits in the connection's,
+    // so a request body the app does not read holds up no other stream.
     builder
         .http2()
         .max_header_list_size(MAX_HEADER_BYTES as u32)
         .timer(TokioTimer::new())
-        .max_concurrent_streams(100)
-        .max_send_buf_size(crate::transport::pool::H2_SEND_BUFFER)
+        .max_concurrent_streams(pool::H2_MAX_STREAMS as u32)
+        .initial_stream_window_size(pool::H2_STREAM_WINDOW)
+        .initial_connection_window_size(pool::H2_CONN_WINDOW)
+        .max_send_buf_size(pool::H2_SEND_BUFFER)
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service_fn(handler));

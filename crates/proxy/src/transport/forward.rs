@@ -79,7 +79,7 @@ impl Service for ToEndpoint {
             &self.connectors.handshakes,
             dest.protocol,
             limits,
-            &mut ctx.sent,
+            ctx,
         )
         .await;
         match sent {
@@ -145,17 +145,7 @@ impl Service for ToApp {
         let pool = if protocol.is_h2() { &self.h2 } else { &self.h1 };
         let connector = self.connectors.for_protocol(protocol);
         let handshakes = &self.connectors.handshakes;
-        match forward(
-            req,
-            pool,
-            connector,
-            handshakes,
-            protocol,
-            None,
-            &mut ctx.sent,
-        )
-        .await
-        {
+        match forward(req, pool, connector, handshakes, protocol, None, ctx).await {
             Ok(resp) => {
                 ctx.timings.upstream_headers = Some(Instant::now());
                 // An app may pass on a flag it got from its own sidecar.
@@ -234,8 +224,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 }
 
 /// Sends a request on a connection of `pool` speaking `protocol`, and
-/// relays the response (and an upgraded connection, if any). `sent` is set
-/// once the request has a connection or is opening one.
+/// relays the response (and an upgraded connection, if any). `ctx.sent` is
+/// set once the request has a connection or is opening one; an HTTP/2
+/// stream is held in `ctx.held` until the response body ends.
 async fn forward(
     mut req: Request<Body>,
     pool: &Arc<Pool>,
@@ -243,7 +234,7 @@ async fn forward(
     handshakes: &Handshakes,
     protocol: Protocol,
     limits: Option<&ConnLimits>,
-    sent: &mut bool,
+    ctx: &mut RequestCtx,
 ) -> Result<Response<Body>, Error> {
     let upgrade = is_upgrade(&req);
     // An HTTP/1.1 hop needs a Host; a request that came in over HTTP/2 has
@@ -285,8 +276,8 @@ async fn forward(
         }
     }
     let req = Request::from_parts(parts, body);
-    let mut resp = pool
-        .send(connector, req, limits, sent)
+    let (mut resp, stream) = pool
+        .send(connector, req, limits, &mut ctx.sent)
         .await
         .map_err(|e| match e {
             PoolError::Overflow(why) => Error::new(MeshError::Overflow, why),
@@ -321,6 +312,7 @@ async fn forward(
                 Error::new(kind, error_chain(&e))
             }
         })?;
+    ctx.held.stream = stream;
     let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(resp.headers_mut(), upgrade && switching);
     if let (Some(down), true) = (downstream_upgrade, switching) {

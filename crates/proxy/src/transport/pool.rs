@@ -8,8 +8,13 @@
 //!   are closed after [`IDLE_TIMEOUT`]; beyond the [`KEEP_IDLE`] most
 //!   recently used, after [`BURST_IDLE_TIMEOUT`] (what a burst of
 //!   concurrent requests left behind goes soon, with its buffers).
-//! - HTTP/2: one connection shared by every request, opened by the first
-//!   request that needs it while the others wait for it.
+//! - HTTP/2: connections shared by up to [`H2_MAX_STREAMS`] requests each.
+//!   When every one is that busy, the next request opens another while
+//!   the ones after it wait for it. Each connection's window holds all its
+//!   streams' windows, so streams whose reader stopped reading take only
+//!   their own window, never the room of the other streams on the
+//!   connection; and requests held for long (long polls, streaming calls)
+//!   take only their own stream slot.
 //!
 //! A request that was never written (the connection closed just before)
 //! is sent again on another connection. A connection switched to another
@@ -17,9 +22,10 @@
 //! counts.
 //!
 //! A destination's `circuitBreaker.maxConnections` caps the connections
-//! this sidecar keeps open to its endpoints: at the cap, an HTTP/1.1
-//! request waits for one of the endpoint's connections to come back
-//! (`maxPendingRequests` of them may wait; more overflow at once). As in
+//! this sidecar keeps open to its endpoints: at the cap, a request waits
+//! for one of the endpoint's connections to come back (HTTP/1.1) or for a
+//! stream of one to end (HTTP/2); `maxPendingRequests` of them may wait,
+//! more overflow at once. As in
 //! Envoy, an endpoint without any connection may always open one, so idle
 //! connections to other endpoints never starve it: the cap can be passed
 //! by at most the number of endpoints.
@@ -61,8 +67,15 @@ const UNSENT_RETRIES: usize = 3;
 /// Most bytes an HTTP/1.1 client connection reads ahead, which is also the
 /// largest response head it takes.
 pub(crate) const H1_BUFFER: usize = 16 * 1024;
-const H2_CONN_WINDOW: u32 = 1024 * 1024;
-const H2_STREAM_WINDOW: u32 = 256 * 1024;
+/// Most streams one HTTP/2 connection carries: the pool opens another
+/// connection beyond, and the sidecar's listeners allow a peer this many.
+pub(crate) const H2_MAX_STREAMS: usize = 100;
+pub(crate) const H2_STREAM_WINDOW: u32 = 256 * 1024;
+/// Room for the windows of all the streams of a connection (25 MiB), so a
+/// stream whose data nobody reads cannot stop the others: the flow
+/// control of HTTP/2 counts unread data against the stream and the
+/// connection alike.
+pub(crate) const H2_CONN_WINDOW: u32 = H2_STREAM_WINDOW * H2_MAX_STREAMS as u32;
 pub(crate) const H2_SEND_BUFFER: usize = 64 * 1024;
 
 /// Why a request got no response from the pool.
@@ -111,8 +124,8 @@ pub(crate) struct Pool {
 #[derive(Default)]
 struct State {
     idle: Vec<(http1::SendRequest<Body>, Instant)>,
-    /// The shared HTTP/2 connection, and when a request last took it.
-    shared: Option<(http2::SendRequest<Body>, Instant)>,
+    /// The HTTP/2 connections, oldest first.
+    shared: Vec<Shared>,
     /// An HTTP/2 connect attempt is under way.
     connecting: bool,
     /// HTTP/2 connect attempts so far, and the last one that failed with
@@ -122,7 +135,55 @@ struct State {
     sweeping: bool,
 }
 
+/// An HTTP/2 connection of the pool.
+struct Shared {
+    tx: http2::SendRequest<Body>,
+    /// Its streams in flight (requests holding a [`Stream`]).
+    streams: Arc<AtomicUsize>,
+    /// When a request last took it.
+    used: Instant,
+}
+
+impl Shared {
+    fn take(&mut self, pool: &Arc<Pool>, now: Instant) -> Sender {
+        self.streams.fetch_add(1, Ordering::AcqRel);
+        self.used = now;
+        Sender::H2(
+            self.tx.clone(),
+            Stream {
+                streams: self.streams.clone(),
+                pool: Arc::downgrade(pool),
+            },
+        )
+    }
+}
+
+/// A request's stream on an HTTP/2 connection of the pool, held until its
+/// response body ends (it rides in the request's context).
+pub(crate) struct Stream {
+    streams: Arc<AtomicUsize>,
+    pool: Weak<Pool>,
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        // A connection that was full has room again: wake a request that
+        // waits at the destination's connection cap.
+        if self.streams.fetch_sub(1, Ordering::AcqRel) == H2_MAX_STREAMS {
+            if let Some(p) = self.pool.upgrade() {
+                p.returned.notify_one();
+            }
+        }
+    }
+}
+
 enum Sender {
+    H1(http1::SendRequest<Body>),
+    H2(http2::SendRequest<Body>, Stream),
+}
+
+/// A new connection, before the pool takes it.
+enum Handshaken {
     H1(http1::SendRequest<Body>),
     H2(http2::SendRequest<Body>),
 }
@@ -217,7 +278,7 @@ impl Pool {
         mut req: Request<Body>,
         limits: Option<&ConnLimits>,
         sent: &mut bool,
-    ) -> Result<Response<Incoming>, PoolError> {
+    ) -> Result<(Response<Incoming>, Option<Stream>), PoolError> {
         let mut unsent = 0;
         let mut waiting: Option<Waiting<'_>> = None;
         let mut waited_since: Option<Instant> = None;
@@ -323,7 +384,7 @@ impl Pool {
         req: Request<Body>,
         sent: &mut bool,
         unsent: usize,
-    ) -> Result<Response<Incoming>, PoolError> {
+    ) -> Result<(Response<Incoming>, Option<Stream>), PoolError> {
         // From here the endpoint has the request (a connect that hangs is
         // the endpoint's too).
         *sent = true;
@@ -340,12 +401,12 @@ impl Pool {
             Sender::H1(mut tx) => match tx.try_send_request(req).await {
                 Ok(resp) => {
                     self.give_back_when_ready(tx, &resp);
-                    return Ok(resp);
+                    return Ok((resp, None));
                 }
                 Err(e) => e,
             },
-            Sender::H2(mut tx) => match tx.try_send_request(req).await {
-                Ok(resp) => return Ok(resp),
+            Sender::H2(mut tx, stream) => match tx.try_send_request(req).await {
+                Ok(resp) => return Ok((resp, Some(stream))),
                 Err(e) => e,
             },
         };
@@ -357,33 +418,36 @@ impl Pool {
     }
 
     /// The next step of a request, decided under the lock: an idle HTTP/1.1
-    /// connection or the shared HTTP/2 one; else a new connection, unless
-    /// the destination is at its cap and this endpoint already has one.
+    /// connection or an HTTP/2 one with a stream free; else a new
+    /// connection, unless the destination is at its cap and this endpoint
+    /// already has one.
     fn next(self: &Arc<Self>, limits: Option<&ConnLimits>) -> Next {
         let mut st = self.state();
         let now = Instant::now();
-        if self.h2 {
-            if let Some((tx, used)) = &mut st.shared {
-                if !tx.is_closed() {
-                    *used = now;
-                    return Next::Go(Go::Send(Sender::H2(tx.clone())));
-                }
-                // Closed or draining (GOAWAY): a new one is needed, and the
-                // old one no longer counts as this endpoint's connection.
-                st.shared = None;
+        let has_one = if self.h2 {
+            // Closed or draining (GOAWAY) connections take no new streams
+            // and no longer count as this endpoint's connection.
+            st.shared.retain(|c| !c.tx.is_closed());
+            if let Some(c) = st
+                .shared
+                .iter_mut()
+                .find(|c| c.streams.load(Ordering::Acquire) < H2_MAX_STREAMS)
+            {
+                return Next::Go(Go::Send(c.take(self, now)));
             }
             if st.connecting {
                 return Next::WaitConnect(st.attempt);
             }
+            !st.shared.is_empty()
         } else {
             while let Some((tx, since)) = st.idle.pop() {
                 if tx.is_ready() && now.duration_since(since) < IDLE_TIMEOUT {
                     return Next::Go(Go::Send(Sender::H1(tx)));
                 }
             }
-        }
-        // HTTP/2: nothing usable here now. HTTP/1.1: every connection busy.
-        let has_one = !self.h2 && self.open.load(Ordering::Acquire) > 0;
+            self.open.load(Ordering::Acquire) > 0
+        };
+        // Every connection is busy (HTTP/2: full), or there is none.
         match self.reserve(limits, has_one) {
             Some(opened) => {
                 if self.h2 {
@@ -437,18 +501,24 @@ impl Pool {
         }
         let _connecting = Connecting(self);
         match self.handshake(connector, opened).await {
-            Ok(Sender::H2(tx)) => {
-                let sweep = {
+            Ok(Handshaken::H2(tx)) => {
+                let (sender, sweep) = {
                     let mut st = self.state();
-                    st.shared = Some((tx.clone(), Instant::now()));
-                    !std::mem::replace(&mut st.sweeping, true)
+                    let mut c = Shared {
+                        tx,
+                        streams: Arc::new(AtomicUsize::new(0)),
+                        used: Instant::now(),
+                    };
+                    let sender = c.take(self, Instant::now());
+                    st.shared.push(c);
+                    (sender, !std::mem::replace(&mut st.sweeping, true))
                 };
                 if sweep {
                     tokio::spawn(sweep_idle(Arc::downgrade(self)));
                 }
-                Ok(Sender::H2(tx))
+                Ok(sender)
             }
-            Ok(s) => Ok(s),
+            Ok(Handshaken::H1(tx)) => Ok(Sender::H1(tx)),
             Err(e) if self.h2 => {
                 let shared = SharedError(Arc::from(e));
                 self.state().failed = Some((attempt, shared.clone()));
@@ -458,7 +528,11 @@ impl Pool {
         }
     }
 
-    async fn handshake(&self, connector: &Connector, opened: Opened) -> Result<Sender, BoxError> {
+    async fn handshake(
+        &self,
+        connector: &Connector,
+        opened: Opened,
+    ) -> Result<Handshaken, BoxError> {
         let io = connector.open(&self.uri).await?;
         if self.h2 {
             let (tx, conn) = http2::Builder::new(TokioExecutor::new())
@@ -469,14 +543,14 @@ impl Pool {
                 .handshake(io)
                 .await?;
             tokio::spawn(run(conn, opened));
-            Ok(Sender::H2(tx))
+            Ok(Handshaken::H2(tx))
         } else {
             let (tx, conn) = http1::Builder::new()
                 .max_buf_size(H1_BUFFER)
                 .handshake(io)
                 .await?;
             tokio::spawn(run(conn.with_upgrades(), opened));
-            Ok(Sender::H1(tx))
+            Ok(Handshaken::H1(tx))
         }
     }
 
@@ -564,14 +638,9 @@ async fn sweep_idle(pool: Weak<Pool>) {
         };
         // An HTTP/2 connection no request took for that long is let go; it
         // closes once the streams still on it end.
-        if st
-            .shared
-            .as_ref()
-            .is_some_and(|(tx, used)| tx.is_closed() || now.duration_since(*used) >= IDLE_TIMEOUT)
-        {
-            st.shared = None;
-        }
-        if st.idle.is_empty() && st.shared.is_none() {
+        st.shared
+            .retain(|c| !c.tx.is_closed() && now.duration_since(c.used) < IDLE_TIMEOUT);
+        if st.idle.is_empty() && st.shared.is_empty() {
             st.sweeping = false;
             return;
         }
@@ -646,6 +715,61 @@ mod tests {
             .all(|(_, since)| *since >= t0 + Duration::from_millis(23)));
         sweep(&mut idle, t0 + IDLE_TIMEOUT + Duration::from_secs(1));
         assert!(idle.is_empty());
+    }
+
+    /// A pool holding one HTTP/2 connection (to an in-memory server) that
+    /// carries `streams` streams.
+    async fn h2_pool(streams: usize) -> Arc<Pool> {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(
+                hyper_util::rt::TokioIo::new(b),
+                hyper::service::service_fn(|_| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(Body::empty()))
+                }),
+            ),
+        );
+        let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(a))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        let p = Arc::new(Pool::new("http://127.0.0.1:1/".parse().expect("uri"), true));
+        p.state().shared.push(Shared {
+            tx,
+            streams: Arc::new(AtomicUsize::new(streams)),
+            used: Instant::now(),
+        });
+        p
+    }
+
+    #[tokio::test]
+    async fn a_full_http2_connection_makes_the_next_request_open_another() {
+        let p = h2_pool(H2_MAX_STREAMS - 1).await;
+        let Next::Go(Go::Send(Sender::H2(_, last))) = p.next(None) else {
+            panic!("room for one more stream");
+        };
+        // Full: the next request opens a second connection, and the ones
+        // after it wait for that.
+        assert!(matches!(p.next(None), Next::Go(Go::Open(_, 1))));
+        assert!(matches!(p.next(None), Next::WaitConnect(1)));
+        // A stream ends: the first connection has room again.
+        drop(last);
+        assert!(matches!(p.next(None), Next::Go(Go::Send(Sender::H2(..)))));
+    }
+
+    #[tokio::test]
+    async fn at_the_cap_a_full_http2_endpoint_waits() {
+        let p = h2_pool(H2_MAX_STREAMS).await;
+        let limits = ConnLimits {
+            max_connections: 1,
+            max_pending: 10,
+            conns: Arc::new(DestConns::default()),
+        };
+        limits.conns.open.store(1, Ordering::Release);
+        assert!(matches!(p.next(Some(&limits)), Next::AtCap));
+        // Without the cap it opens another.
+        assert!(matches!(p.next(None), Next::Go(Go::Open(..))));
     }
 
     #[test]
