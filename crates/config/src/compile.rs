@@ -62,6 +62,7 @@ pub fn compile(
         port: p.port.value,
         mtls,
         rate_limit,
+        authz: crate::authz::compile(set, target.namespace, target.service),
     });
     let mut destinations = Vec::new();
     let mut unknown = Vec::new();

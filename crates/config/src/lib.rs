@@ -6,6 +6,7 @@
 //! so the control plane and `tandem validate` share exactly the same code.
 #![forbid(unsafe_code)]
 
+pub mod authz;
 pub mod compile;
 pub mod diag;
 pub mod duration;

@@ -11,8 +11,8 @@ use serde_saphyr::Location;
 
 use crate::diag::Diagnostic;
 use crate::model::{
-    Document, Head, HttpRouteSpec, Loaded, Pos, ResourceSet, ServiceSpec, TrafficPolicySpec,
-    DEFAULT_NAMESPACE, GATEWAY_API, TANDEM_API,
+    AuthorizationPolicySpec, Document, Head, HttpRouteSpec, Loaded, MeshSpec, Pos, ResourceSet,
+    ServiceSpec, TrafficPolicySpec, DEFAULT_NAMESPACE, GATEWAY_API, TANDEM_API,
 };
 use crate::validate;
 
@@ -207,10 +207,20 @@ fn parse_document(ctx: &Ctx<'_>, doc: &str, set: &mut ResourceSet) -> Result<(),
             let d: Document<TrafficPolicySpec> = ctx.parse(doc)?;
             set.traffic_policies.push(loaded(ctx, d));
         }
+        "AuthorizationPolicy" => {
+            expect_api(TANDEM_API)?;
+            let d: Document<AuthorizationPolicySpec> = ctx.parse(doc)?;
+            set.authorization_policies.push(loaded(ctx, d));
+        }
+        "Mesh" => {
+            expect_api(TANDEM_API)?;
+            let d: Document<MeshSpec> = ctx.parse(doc)?;
+            set.meshes.push(loaded(ctx, d));
+        }
         other => {
             return Err(Diagnostic::at(
                 &ctx.pos(kind.referenced),
-                format!("unknown kind `{other}`; supported kinds: Service and TrafficPolicy ({TANDEM_API}), HTTPRoute ({GATEWAY_API})"),
+                format!("unknown kind `{other}`; supported kinds: Service, TrafficPolicy, AuthorizationPolicy and Mesh ({TANDEM_API}), HTTPRoute ({GATEWAY_API})"),
             ))
         }
     }

@@ -381,6 +381,109 @@ pub struct BudgetSpec {
     pub min_per_second: Option<Spanned<u32>>,
 }
 
+// ---- AuthorizationPolicy -------------------------------------------------------
+
+/// Who may call a Service, on which paths (see docs/access-policy.md).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthorizationPolicySpec {
+    pub target_ref: TargetRef,
+    /// Only requests to this port of the Service (default: every port).
+    #[serde(default)]
+    pub port: Option<Spanned<u16>>,
+    /// `allow` (the default), `deny` or `audit`.
+    #[serde(default)]
+    pub action: Option<Spanned<String>>,
+    /// A request matches the policy when it matches one of the rules.
+    #[serde(default)]
+    pub rules: Option<Spanned<Vec<AuthzRuleSpec>>>,
+}
+
+/// One rule: a request matches when it matches one `from` entry, one `to`
+/// entry and every `when` condition (an absent list matches everything).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthzRuleSpec {
+    #[serde(default)]
+    pub from: Option<Vec<AuthzFromSpec>>,
+    #[serde(default)]
+    pub to: Option<Vec<AuthzToSpec>>,
+    #[serde(default)]
+    pub when: Option<Vec<AuthzWhenSpec>>,
+}
+
+/// Callers, by verified identity; the fields of one entry must all match.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthzFromSpec {
+    /// Services: `name` (the policy's namespace) or `name.namespace`.
+    #[serde(default)]
+    pub services: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub not_services: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub namespaces: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub not_namespaces: Option<Vec<Spanned<String>>>,
+    /// SPIFFE IDs, exact or with a trailing `*`.
+    #[serde(default)]
+    pub identities: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub not_identities: Option<Vec<Spanned<String>>>,
+}
+
+/// What is called; the fields of one entry must all match.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthzToSpec {
+    /// `/exact`, `/prefix/*` (the prefix and everything under it), or a
+    /// glob where `*` matches within one segment and `**` across segments.
+    #[serde(default)]
+    pub paths: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub not_paths: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub methods: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub not_methods: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub ports: Option<Vec<Spanned<u16>>>,
+    #[serde(default)]
+    pub not_ports: Option<Vec<Spanned<u16>>>,
+}
+
+/// A condition on a request header.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthzWhenSpec {
+    pub header: Spanned<String>,
+    /// One of the header's values is one of these.
+    #[serde(default)]
+    pub values: Option<Vec<Spanned<String>>>,
+    /// None of the header's values is one of these.
+    #[serde(default)]
+    pub not_values: Option<Vec<Spanned<String>>>,
+}
+
+// ---- Mesh ----------------------------------------------------------------------
+
+/// Mesh-wide settings (at most one `Mesh` resource).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MeshSpec {
+    #[serde(default)]
+    pub authorization: Option<MeshAuthorizationSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MeshAuthorizationSpec {
+    /// For a service no allow policy targets: `allow-authenticated` (the
+    /// default) or `deny`.
+    #[serde(default)]
+    pub default: Option<Spanned<String>>,
+}
+
 // ---- The loaded set ----------------------------------------------------------
 
 /// A resource with its identity and where it was defined.
@@ -423,6 +526,8 @@ pub struct ResourceSet {
     pub services: Vec<Loaded<ServiceSpec>>,
     pub http_routes: Vec<Loaded<HttpRouteSpec>>,
     pub traffic_policies: Vec<Loaded<TrafficPolicySpec>>,
+    pub authorization_policies: Vec<Loaded<AuthorizationPolicySpec>>,
+    pub meshes: Vec<Loaded<MeshSpec>>,
 }
 
 impl ResourceSet {

@@ -401,7 +401,7 @@ pub fn rate_limit(
     }
 }
 
-fn http_header_name(s: &str) -> bool {
+pub(crate) fn http_header_name(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))

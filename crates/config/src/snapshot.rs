@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::authz::Authz;
 pub use crate::model::{MtlsMode, PathMatchType, Protocol};
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -42,6 +43,9 @@ pub struct Inbound {
     /// From the TrafficPolicy targeting this proxy's service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// Who may call this service (AuthorizationPolicy, the mesh default).
+    #[serde(default)]
+    pub authz: Authz,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -82,6 +82,22 @@ pub(crate) fn validate(set: &ResourceSet, diags: &mut Vec<Diagnostic>) {
         }
         crate::policy::compile_policy(set, p, diags);
     }
+    for p in &set.authorization_policies {
+        check_name(&p.name, &p.name_pos, diags);
+        check_name(&p.namespace, &p.namespace_pos, diags);
+        if let Some(first) = seen.insert(("AuthorizationPolicy", p.key()), &p.pos) {
+            diags.push(Diagnostic::at(
+                &p.name_pos,
+                format!(
+                    "duplicate AuthorizationPolicy `{}` (first defined at {}:{})",
+                    p.key(),
+                    first.file.display(),
+                    first.line
+                ),
+            ));
+        }
+    }
+    crate::authz::validate(set, diags);
 }
 
 fn check_name(name: &str, pos: &crate::model::Pos, diags: &mut Vec<Diagnostic>) {

@@ -26,6 +26,9 @@ pub(crate) struct Peer {
     /// policy keys on, so services of the same name in two namespaces are
     /// two callers.
     pub(crate) id: Arc<str>,
+    /// Its namespace and service, as the ID names them (access policy).
+    pub(crate) namespace: Arc<str>,
+    pub(crate) name: Arc<str>,
     /// Metric label: the calling service's name.
     pub(crate) service: Name,
     /// The `tandem-client-id` value handed to the app.

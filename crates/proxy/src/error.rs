@@ -74,6 +74,9 @@ mesh_errors! {
     RetryBudgetExhausted = "retry-budget-exhausted", SERVICE_UNAVAILABLE;
     /// Over the destination's rate limit.
     RateLimited = "rate-limited", TOO_MANY_REQUESTS;
+    /// The service's access policy does not let this caller make this
+    /// request.
+    Forbidden = "forbidden", FORBIDDEN;
     /// The sidecar is at its limit of requests in progress.
     Overloaded = "overloaded", SERVICE_UNAVAILABLE;
     /// The destination's `circuitBreaker.maxRequests` is reached.

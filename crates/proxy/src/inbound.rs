@@ -15,6 +15,7 @@
 //! | edge (`edge.rs`) | the flag header and the golden signals |
 //! | [`AdmitLayer`]: `--max-requests` | `503 overloaded` |
 //! | [`ReadyLayer`]: service declared, certificate valid | `503 not-configured`, `503 identity-expired` |
+//! | [`AuthorizeLayer`]: the access policy, by the caller's verified identity | `403 forbidden` (gRPC `PERMISSION_DENIED`) |
 //! | [`ClientIdLayer`]: `tandem-client-id` for the app | |
 //! | [`RateLimitLayer`]: the service's `rateLimit` | `429 rate-limited` |
 //! | [`InboundDeadlineLayer`]: the caller's deadline | `504 upstream-timeout` |
@@ -27,6 +28,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::uri::Authority;
+use tandem_config::authz::{AuthzRequest, Verdict};
 use tandem_config::snapshot::MtlsMode;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -36,6 +38,7 @@ use crate::control::identity::Identity;
 use crate::ctx::{Peer, RequestCtx};
 use crate::edge::Edge;
 use crate::listen::{serve_http_conn, stopped, Drain};
+use crate::policy::authz::{self, AuthorizeLayer};
 use crate::policy::deadline::InboundDeadlineLayer;
 use crate::policy::overload::{AdmitLayer, ConnSlot, Limits};
 use crate::policy::ratelimit::RateLimitLayer;
@@ -89,6 +92,10 @@ pub(crate) fn build(p: Parts) -> Arc<Inbound<impl Service>> {
         .layer(ReadyLayer {
             routes: p.routes.clone(),
             tls: p.identity.tls.clone(),
+        })
+        .layer(AuthorizeLayer {
+            routes: p.routes.clone(),
+            metrics: p.metrics.clone(),
         })
         .layer(ClientIdLayer {})
         .layer(RateLimitLayer {
@@ -251,6 +258,24 @@ impl<S: Service> Inbound<S> {
             };
             serve_http_conn(conn, stop, (drain, slot), svc).await;
         } else {
+            // Opaque TCP: the access policy's identity and port rules,
+            // once, when the connection opens.
+            let denied = {
+                let none = |_: &str| Vec::new();
+                let r = AuthzRequest {
+                    caller: peer.as_deref().map(authz::caller),
+                    port: inbound.port,
+                    method: "",
+                    path: "",
+                    header: &none,
+                };
+                let d = inbound.authz.decide(&r);
+                authz::report(&self.metrics, &d, peer.as_deref(), &r);
+                d.verdict == Verdict::Deny
+            };
+            if denied {
+                return;
+            }
             let _keep = (drain, slot);
             let labels = TcpLabels {
                 direction: Direction::inbound,

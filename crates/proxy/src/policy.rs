@@ -2,13 +2,15 @@
 //! policy's timeout ([`deadline`]), the per-try timeout ([`timeout`]),
 //! retries with replayed bodies and budgets ([`retry`], [`replay`],
 //! [`budget`]), the circuit breaker's admission and outlier detection
-//! ([`circuit`], [`outlier`]), the inbound rate limit ([`ratelimit`]), and
-//! the sidecar's own overload limits ([`overload`]).
+//! ([`circuit`], [`outlier`]), the inbound access policy ([`authz`]) and
+//! rate limit ([`ratelimit`]), and the sidecar's own overload limits
+//! ([`overload`]).
 //!
 //! [`RuntimePolicy`] is a destination's TrafficPolicy (or an HTTPRoute
 //! rule's overrides of it) made ready to use with the routing table: its
 //! counters and budgets are the ones earlier tables used.
 
+pub(crate) mod authz;
 pub(crate) mod budget;
 pub(crate) mod circuit;
 pub(crate) mod deadline;

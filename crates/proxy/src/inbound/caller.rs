@@ -55,6 +55,8 @@ impl Peers {
                 self.unknown.clone()
             },
             id: Arc::from(uri.as_str()),
+            namespace: Arc::from(id.namespace.as_str()),
+            name: Arc::from(id.service.as_str()),
             client_id,
         });
         if room {

@@ -84,6 +84,21 @@ pub(crate) struct HandshakeLabels {
     pub(crate) result: &'static str,
 }
 
+/// A request the access policy denied, or would deny (audit).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(crate) struct AuthzLabels {
+    /// `namespace/name` of the AuthorizationPolicy; empty when no policy
+    /// decided (`reason` says what did).
+    pub(crate) policy: String,
+    /// The index of the rule in the policy; empty with no policy.
+    pub(crate) rule: String,
+    /// `deny`, or `audit` (let through).
+    pub(crate) decision: &'static str,
+    /// `policy`, `no-allow-matched` (allow policies target the service and
+    /// none matched) or `mesh-default`.
+    pub(crate) reason: &'static str,
+}
+
 pub(crate) struct Metrics {
     pub(crate) requests: Family<RequestLabels, Counter>,
     pub(crate) latency: Family<RequestLabels, Histogram>,
@@ -102,6 +117,7 @@ pub(crate) struct Metrics {
     pub(crate) retries: Family<RetryLabels, Counter>,
     pub(crate) overload: Family<OverloadLabels, Counter>,
     pub(crate) ejections: Family<RetryLabels, Counter>,
+    pub(crate) authz: Family<AuthzLabels, Counter>,
     registry: Registry,
 }
 
@@ -132,6 +148,7 @@ impl Metrics {
         let retries = Family::<RetryLabels, Counter>::default();
         let overload = Family::<OverloadLabels, Counter>::default();
         let ejections = Family::<RetryLabels, Counter>::default();
+        let authz = Family::<AuthzLabels, Counter>::default();
         let mut r = Registry::with_prefix("tandem");
         r.register(
             "outlier_ejections",
@@ -204,6 +221,11 @@ impl Metrics {
             tcp_write.clone(),
         );
         r.register(
+            "authz_denials",
+            "Inbound requests and connections the access policy denied (decision=deny) or would deny (decision=audit, let through)",
+            authz.clone(),
+        );
+        r.register(
             "config_updates",
             "Snapshots received, by result (applied or rejected)",
             config_updates.clone(),
@@ -236,6 +258,7 @@ impl Metrics {
             retries,
             overload,
             ejections,
+            authz,
             registry: r,
         }
     }

@@ -1,0 +1,966 @@
+//! Access policy: `AuthorizationPolicy` and the mesh-wide default, checked
+//! and compiled into the [`Authz`] of a service's inbound snapshot, and the
+//! one decision function that the sidecar and `tandem authz` share.
+//!
+//! Evaluation, for one request to a service (docs/access-policy.md):
+//! 1. a matching `deny` policy denies;
+//! 2. a matching `audit` policy is reported (logged, counted) and the
+//!    evaluation goes on;
+//! 3. if any `allow` policy targets the service (and port), the request
+//!    must match one of them, else it is denied;
+//! 4. otherwise the mesh default decides: `allow-authenticated` lets any
+//!    caller with a verified identity in (and, on a service in permissive
+//!    mTLS mode, plaintext callers too); `deny` lets nobody in.
+
+use serde::{Deserialize, Serialize};
+use serde_saphyr::Spanned;
+
+use crate::compile::resolve_name;
+use crate::diag::Diagnostic;
+use crate::model::{
+    AuthorizationPolicySpec, AuthzFromSpec, AuthzToSpec, Loaded, MtlsMode, Protocol, ResourceSet,
+};
+
+/// The access policy of one service, as its sidecars enforce it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Authz {
+    #[serde(default)]
+    pub default: AuthzDefault,
+    /// Plaintext callers are served (permissive mTLS mode): the default
+    /// `allow-authenticated` lets them in.
+    #[serde(default)]
+    pub permissive: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<AuthzPolicy>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthzDefault {
+    #[default]
+    AllowAuthenticated,
+    Deny,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthzAction {
+    Allow,
+    Deny,
+    Audit,
+}
+
+impl AuthzAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthzAction::Allow => "allow",
+            AuthzAction::Deny => "deny",
+            AuthzAction::Audit => "audit",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuthzPolicy {
+    /// `namespace/name` of the AuthorizationPolicy.
+    pub name: String,
+    pub action: AuthzAction,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    pub rules: Vec<AuthzRule>,
+}
+
+/// Empty lists match everything.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AuthzRule {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<AuthzSource>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<AuthzOperation>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub when: Vec<AuthzCondition>,
+}
+
+/// Callers. Services are `namespace/name`; identities are SPIFFE IDs, a
+/// trailing `*` matching any suffix. Empty lists match everything.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AuthzSource {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_services: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_namespaces: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_identities: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AuthzOperation {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_ports: Vec<u16>,
+}
+
+/// A request header (lower-case name) with one of `values` and none of
+/// `not_values`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AuthzCondition {
+    pub header: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_values: Vec<String>,
+}
+
+/// The verified caller of a request.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller<'a> {
+    /// `spiffe://td/ns/NS/svc/NAME`
+    pub id: &'a str,
+    pub namespace: &'a str,
+    pub service: &'a str,
+}
+
+/// What a decision looks at. For an opaque TCP connection `method` and
+/// `path` are empty and no header is present.
+pub struct AuthzRequest<'a> {
+    pub caller: Option<Caller<'a>>,
+    pub port: u16,
+    pub method: &'a str,
+    pub path: &'a str,
+    /// The values of a request header (lower-case name).
+    pub header: &'a dyn Fn(&str) -> Vec<&'a str>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    Deny,
+}
+
+/// What decided, for logs, metrics and `tandem authz check`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum DecidedBy<'a> {
+    /// A rule of a policy: the policy, the index of the rule.
+    Rule(&'a AuthzPolicy, usize),
+    /// Allow policies target the service and none matched.
+    NoAllowMatched,
+    /// The mesh default.
+    Default(AuthzDefault),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision<'a> {
+    pub verdict: Verdict,
+    pub by: DecidedBy<'a>,
+    /// Audit policies that matched (policy, rule): what they would deny.
+    pub audited: Vec<(&'a AuthzPolicy, usize)>,
+}
+
+impl Authz {
+    /// Whether the access policy lets every request in (the default with
+    /// no policy, for a caller that has an identity): lets the sidecar
+    /// skip the evaluation.
+    pub fn is_open(&self) -> bool {
+        self.policies.is_empty() && self.default == AuthzDefault::AllowAuthenticated
+    }
+
+    pub fn decide<'a>(&'a self, req: &AuthzRequest<'_>) -> Decision<'a> {
+        let applies = |p: &&'a AuthzPolicy| p.port.is_none_or(|port| port == req.port);
+        let first_match = |p: &'a AuthzPolicy| p.rules.iter().position(|r| r.matches(req));
+        let mut audited = Vec::new();
+        for p in self.policies.iter().filter(applies) {
+            match p.action {
+                AuthzAction::Deny => {
+                    if let Some(i) = first_match(p) {
+                        return Decision {
+                            verdict: Verdict::Deny,
+                            by: DecidedBy::Rule(p, i),
+                            audited,
+                        };
+                    }
+                }
+                AuthzAction::Audit => {
+                    if let Some(i) = first_match(p) {
+                        audited.push((p, i));
+                    }
+                }
+                AuthzAction::Allow => {}
+            }
+        }
+        let mut any_allow = false;
+        for p in self
+            .policies
+            .iter()
+            .filter(applies)
+            .filter(|p| p.action == AuthzAction::Allow)
+        {
+            any_allow = true;
+            if let Some(i) = first_match(p) {
+                return Decision {
+                    verdict: Verdict::Allow,
+                    by: DecidedBy::Rule(p, i),
+                    audited,
+                };
+            }
+        }
+        if any_allow {
+            return Decision {
+                verdict: Verdict::Deny,
+                by: DecidedBy::NoAllowMatched,
+                audited,
+            };
+        }
+        let verdict = match self.default {
+            AuthzDefault::AllowAuthenticated if req.caller.is_some() || self.permissive => {
+                Verdict::Allow
+            }
+            _ => Verdict::Deny,
+        };
+        Decision {
+            verdict,
+            by: DecidedBy::Default(self.default),
+            audited,
+        }
+    }
+}
+
+impl AuthzRule {
+    fn matches(&self, req: &AuthzRequest<'_>) -> bool {
+        (self.from.is_empty() || self.from.iter().any(|f| f.matches(req.caller)))
+            && (self.to.is_empty() || self.to.iter().any(|t| t.matches(req)))
+            && self.when.iter().all(|w| w.matches(req))
+    }
+}
+
+impl AuthzSource {
+    fn matches(&self, caller: Option<Caller<'_>>) -> bool {
+        // Every field names identities: a caller without one matches none.
+        let Some(c) = caller else {
+            return false;
+        };
+        let service = |s: &String| {
+            s.split_once('/')
+                .is_some_and(|(ns, name)| ns == c.namespace && name == c.service)
+        };
+        let namespace = |n: &String| n == c.namespace;
+        let identity = |i: &String| match i.strip_suffix('*') {
+            Some(prefix) => c.id.starts_with(prefix),
+            None => i == c.id,
+        };
+        one_of(&self.services, service)
+            && none_of(&self.not_services, service)
+            && one_of(&self.namespaces, namespace)
+            && none_of(&self.not_namespaces, namespace)
+            && one_of(&self.identities, identity)
+            && none_of(&self.not_identities, identity)
+    }
+}
+
+impl AuthzOperation {
+    fn matches(&self, req: &AuthzRequest<'_>) -> bool {
+        let path = |p: &String| path_matches(p, req.path);
+        let method = |m: &String| m == req.method;
+        let port = |p: &u16| *p == req.port;
+        one_of(&self.paths, path)
+            && none_of(&self.not_paths, path)
+            && one_of(&self.methods, method)
+            && none_of(&self.not_methods, method)
+            && one_of(&self.ports, port)
+            && none_of(&self.not_ports, port)
+    }
+}
+
+impl AuthzCondition {
+    fn matches(&self, req: &AuthzRequest<'_>) -> bool {
+        let got = (req.header)(&self.header);
+        let listed = |set: &Vec<String>| got.iter().any(|v| set.iter().any(|s| s == v));
+        (self.values.is_empty() || listed(&self.values))
+            && (self.not_values.is_empty() || !listed(&self.not_values))
+    }
+}
+
+/// An empty list matches everything.
+fn one_of<T>(list: &[T], f: impl Fn(&T) -> bool) -> bool {
+    list.is_empty() || list.iter().any(f)
+}
+
+fn none_of<T>(list: &[T], f: impl Fn(&T) -> bool) -> bool {
+    !list.iter().any(f)
+}
+
+/// `/exact`; `/prefix/*`: the prefix itself and everything under it; else a
+/// glob where `*` matches within one segment and `**` across segments.
+pub fn path_matches(pattern: &str, path: &str) -> bool {
+    if let Some(prefix) = pattern.strip_suffix("/*") {
+        if !prefix.contains('*') {
+            return path == prefix
+                || path
+                    .strip_prefix(prefix)
+                    .is_some_and(|rest| rest.starts_with('/'));
+        }
+    }
+    if !pattern.contains('*') {
+        return pattern == path;
+    }
+    glob(pattern.as_bytes(), path.as_bytes())
+}
+
+fn glob(p: &[u8], s: &[u8]) -> bool {
+    match p.first() {
+        None => s.is_empty(),
+        Some(b'*') if p.get(1) == Some(&b'*') => {
+            let rest = &p[2..];
+            (0..=s.len()).any(|i| glob(rest, &s[i..]))
+        }
+        Some(b'*') => {
+            let rest = &p[1..];
+            let seg = s.iter().position(|&b| b == b'/').unwrap_or(s.len());
+            (0..=seg).any(|i| glob(rest, &s[i..]))
+        }
+        Some(&c) => s.first() == Some(&c) && glob(&p[1..], &s[1..]),
+    }
+}
+
+// ---- Checking and compiling ----------------------------------------------------
+
+const METHODS: &[&str] = &[
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+/// Checks every AuthorizationPolicy and the Mesh resource.
+pub(crate) fn validate(set: &ResourceSet, diags: &mut Vec<Diagnostic>) {
+    if let Some(extra) = set.meshes.get(1) {
+        let first = &set.meshes[0];
+        diags.push(Diagnostic::at(
+            &extra.pos,
+            format!(
+                "a second Mesh resource (the first is at {}:{}); the mesh has one",
+                first.file.display(),
+                first.pos.line
+            ),
+        ));
+    }
+    for m in &set.meshes {
+        mesh_default(m, diags);
+    }
+    for p in &set.authorization_policies {
+        compile_policy(set, p, diags);
+    }
+}
+
+fn mesh_default(m: &Loaded<crate::model::MeshSpec>, diags: &mut Vec<Diagnostic>) -> AuthzDefault {
+    match m
+        .spec
+        .authorization
+        .as_ref()
+        .and_then(|a| a.default.as_ref())
+    {
+        None => AuthzDefault::AllowAuthenticated,
+        Some(d) if d.value == "allow-authenticated" => AuthzDefault::AllowAuthenticated,
+        Some(d) if d.value == "deny" => AuthzDefault::Deny,
+        Some(d) => {
+            diags.push(Diagnostic::at(
+                &m.at(d),
+                format!(
+                    "default must be `allow-authenticated` or `deny`, not `{}`",
+                    d.value
+                ),
+            ));
+            AuthzDefault::AllowAuthenticated
+        }
+    }
+}
+
+/// The access policy of the service `namespace/name`.
+pub fn compile(set: &ResourceSet, namespace: &str, name: &str) -> Authz {
+    let mut ignored = Vec::new();
+    let default = set
+        .meshes
+        .first()
+        .map(|m| mesh_default(m, &mut ignored))
+        .unwrap_or_default();
+    let permissive = set
+        .service(namespace, name)
+        .and_then(|s| s.spec.mtls.as_ref())
+        .is_some_and(|m| m.value == MtlsMode::Permissive);
+    let policies = set
+        .authorization_policies
+        .iter()
+        .filter(|p| target(p) == (namespace, name))
+        .map(|p| compile_policy(set, p, &mut ignored))
+        .collect();
+    Authz {
+        default,
+        permissive,
+        policies,
+    }
+}
+
+fn target(p: &Loaded<AuthorizationPolicySpec>) -> (&str, &str) {
+    let t = &p.spec.target_ref;
+    let ns = t
+        .namespace
+        .as_ref()
+        .map(|n| n.value.as_str())
+        .unwrap_or(&p.namespace);
+    (ns, t.name.value.as_str())
+}
+
+/// One policy, checked against the set (unknown services, L7 fields on a
+/// TCP service, contradictions) and compiled.
+fn compile_policy(
+    set: &ResourceSet,
+    p: &Loaded<AuthorizationPolicySpec>,
+    diags: &mut Vec<Diagnostic>,
+) -> AuthzPolicy {
+    let spec = &p.spec;
+    let t = &spec.target_ref;
+    if let Some(k) = t
+        .group
+        .as_ref()
+        .filter(|g| !(g.value.is_empty() || g.value == "core"))
+    {
+        diags.push(Diagnostic::at(
+            &p.at(k),
+            format!("group `{}` is not supported; target a Service", k.value),
+        ));
+    }
+    if t.kind.value != "Service" {
+        diags.push(Diagnostic::at(
+            &p.at(&t.kind),
+            format!(
+                "kind `{}` is not supported here; only Service",
+                t.kind.value
+            ),
+        ));
+    }
+    let (ns, name) = target(p);
+    let service = set.service(ns, name);
+    if service.is_none() {
+        diags.push(Diagnostic::at(
+            &p.at(&t.name),
+            format!("no Service `{ns}/{name}` to apply this policy to"),
+        ));
+    }
+    let tcp = service.is_some_and(|s| {
+        s.spec
+            .ports
+            .first()
+            .is_some_and(|port| port.protocol.value == Protocol::Tcp)
+    });
+    if let (Some(port), Some(s)) = (&spec.port, service) {
+        if !s.spec.ports.iter().any(|sp| sp.port.value == port.value) {
+            diags.push(Diagnostic::at(
+                &p.at(port),
+                format!("Service `{ns}/{name}` has no port {}", port.value),
+            ));
+        }
+    }
+    let action = match &spec.action {
+        None => AuthzAction::Allow,
+        Some(a) => match a.value.as_str() {
+            "allow" => AuthzAction::Allow,
+            "deny" => AuthzAction::Deny,
+            "audit" => AuthzAction::Audit,
+            other => {
+                diags.push(Diagnostic::at(
+                    &p.at(a),
+                    format!("action must be `allow`, `deny` or `audit`, not `{other}`"),
+                ));
+                AuthzAction::Allow
+            }
+        },
+    };
+    let mut rules = Vec::new();
+    match &spec.rules {
+        Some(r) if !r.value.is_empty() => {
+            for rule in &r.value {
+                let from = rule
+                    .from
+                    .iter()
+                    .flatten()
+                    .map(|f| source(set, p, f, diags))
+                    .collect();
+                let to = rule
+                    .to
+                    .iter()
+                    .flatten()
+                    .map(|o| operation(p, o, tcp, diags))
+                    .collect();
+                let mut when = Vec::new();
+                for w in rule.when.iter().flatten() {
+                    if tcp {
+                        diags.push(Diagnostic::at(
+                            &p.at(&w.header),
+                            "`when` looks at HTTP headers: a TCP service gets identity and port rules only",
+                        ));
+                    }
+                    let header = w.header.value.to_ascii_lowercase();
+                    if !crate::policy::http_header_name(&header) {
+                        diags.push(Diagnostic::at(
+                            &p.at(&w.header),
+                            format!("`{}` is not a valid header name", w.header.value),
+                        ));
+                    }
+                    let values = strings(&w.values);
+                    let not_values = strings(&w.not_values);
+                    contradiction(p, &w.values, &w.not_values, "values", diags);
+                    if values.is_empty() && not_values.is_empty() {
+                        diags.push(Diagnostic::at(
+                            &p.at(&w.header),
+                            "a condition needs `values` or `notValues`",
+                        ));
+                    }
+                    when.push(AuthzCondition {
+                        header,
+                        values,
+                        not_values,
+                    });
+                }
+                rules.push(AuthzRule { from, to, when });
+            }
+        }
+        Some(r) => diags.push(Diagnostic::at(
+            &p.at(r),
+            "no rules: a policy matches requests through its rules (`- {}` matches every request)",
+        )),
+        None => diags.push(Diagnostic::at(
+            &p.pos,
+            "missing `rules`: a policy matches requests through its rules (`rules: [{}]` matches every request)",
+        )),
+    }
+    AuthzPolicy {
+        name: p.key(),
+        action,
+        port: spec.port.as_ref().map(|p| p.value),
+        rules,
+    }
+}
+
+fn strings(v: &Option<Vec<Spanned<String>>>) -> Vec<String> {
+    v.iter().flatten().map(|s| s.value.clone()).collect()
+}
+
+/// A value both in a list and in its `not` form never matches anything.
+fn contradiction(
+    p: &Loaded<AuthorizationPolicySpec>,
+    yes: &Option<Vec<Spanned<String>>>,
+    no: &Option<Vec<Spanned<String>>>,
+    field: &str,
+    diags: &mut Vec<Diagnostic>,
+) {
+    for n in no.iter().flatten() {
+        if yes.iter().flatten().any(|y| y.value == n.value) {
+            diags.push(Diagnostic::at(
+                &p.at(n),
+                format!(
+                    "`{}` is in both {field} and not{}{}: this entry can never match",
+                    n.value,
+                    field[..1].to_ascii_uppercase(),
+                    &field[1..]
+                ),
+            ));
+        }
+    }
+}
+
+fn source(
+    set: &ResourceSet,
+    p: &Loaded<AuthorizationPolicySpec>,
+    f: &AuthzFromSpec,
+    diags: &mut Vec<Diagnostic>,
+) -> AuthzSource {
+    let services = |list: &Option<Vec<Spanned<String>>>, diags: &mut Vec<Diagnostic>| {
+        let mut out = Vec::new();
+        for s in list.iter().flatten() {
+            let (ns, name) = resolve_name(&s.value, &p.namespace);
+            if set.service(ns, name).is_none() {
+                diags.push(Diagnostic::at(
+                    &p.at(s),
+                    format!("no Service `{ns}/{name}`"),
+                ));
+            }
+            out.push(format!("{ns}/{name}"));
+        }
+        out
+    };
+    let identities = |list: &Option<Vec<Spanned<String>>>, diags: &mut Vec<Diagnostic>| {
+        for i in list.iter().flatten() {
+            let star = i.value.find('*');
+            if !i.value.starts_with("spiffe://") || star.is_some_and(|at| at + 1 != i.value.len()) {
+                diags.push(Diagnostic::at(
+                    &p.at(i),
+                    format!(
+                        "`{}` is not a SPIFFE ID pattern: `spiffe://trust-domain/ns/NS/svc/NAME`, `*` only at the end",
+                        i.value
+                    ),
+                ));
+            }
+        }
+        strings(list)
+    };
+    contradiction(p, &f.services, &f.not_services, "services", diags);
+    contradiction(p, &f.namespaces, &f.not_namespaces, "namespaces", diags);
+    contradiction(p, &f.identities, &f.not_identities, "identities", diags);
+    AuthzSource {
+        services: services(&f.services, diags),
+        not_services: services(&f.not_services, diags),
+        namespaces: strings(&f.namespaces),
+        not_namespaces: strings(&f.not_namespaces),
+        identities: identities(&f.identities, diags),
+        not_identities: identities(&f.not_identities, diags),
+    }
+}
+
+fn operation(
+    p: &Loaded<AuthorizationPolicySpec>,
+    o: &AuthzToSpec,
+    tcp: bool,
+    diags: &mut Vec<Diagnostic>,
+) -> AuthzOperation {
+    for (list, field) in [
+        (&o.paths, "paths"),
+        (&o.not_paths, "notPaths"),
+        (&o.methods, "methods"),
+        (&o.not_methods, "notMethods"),
+    ] {
+        if let (true, Some(first)) = (tcp, list.iter().flatten().next()) {
+            diags.push(Diagnostic::at(
+                &p.at(first),
+                format!(
+                    "`{field}` is an HTTP field: a TCP service gets identity and port rules only"
+                ),
+            ));
+        }
+    }
+    for path in o.paths.iter().chain(&o.not_paths).flatten() {
+        let v = &path.value;
+        let bad = !v.starts_with('/')
+            || v.contains("***")
+            || v.bytes()
+                .any(|b| b.is_ascii_whitespace() || b == b'?' || b == b'#');
+        if bad {
+            diags.push(Diagnostic::at(
+                &p.at(path),
+                format!("`{v}` is not a path pattern: start with `/`; `/prefix/*`, `*` within a segment, `**` across segments; no query or fragment"),
+            ));
+        }
+    }
+    for m in o.methods.iter().chain(&o.not_methods).flatten() {
+        if !METHODS.contains(&m.value.as_str()) {
+            diags.push(Diagnostic::at(
+                &p.at(m),
+                format!(
+                    "`{}` is not a method; use one of {}",
+                    m.value,
+                    METHODS.join(", ")
+                ),
+            ));
+        }
+    }
+    for port in o.ports.iter().chain(&o.not_ports).flatten() {
+        if port.value == 0 {
+            diags.push(Diagnostic::at(&p.at(port), "port 0 is not a port"));
+        }
+    }
+    contradiction(p, &o.paths, &o.not_paths, "paths", diags);
+    contradiction(p, &o.methods, &o.not_methods, "methods", diags);
+    let ports = |l: &Option<Vec<Spanned<u16>>>| l.iter().flatten().map(|x| x.value).collect();
+    let (yes, no): (Vec<u16>, Vec<u16>) = (ports(&o.ports), ports(&o.not_ports));
+    for n in o.not_ports.iter().flatten() {
+        if yes.contains(&n.value) {
+            diags.push(Diagnostic::at(
+                &p.at(n),
+                format!(
+                    "port {} is in both ports and notPorts: this entry can never match",
+                    n.value
+                ),
+            ));
+        }
+    }
+    AuthzOperation {
+        paths: strings(&o.paths),
+        not_paths: strings(&o.not_paths),
+        methods: strings(&o.methods),
+        not_methods: strings(&o.not_methods),
+        ports: yes,
+        not_ports: no,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(yaml: &str) -> ResourceSet {
+        let base = "apiVersion: tandem.dev/v1alpha1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports: [{name: http, port: 8080, protocol: http}]\n---\napiVersion: tandem.dev/v1alpha1\nkind: Service\nmetadata: {name: api}\nspec:\n  ports: [{name: http, port: 8080, protocol: http}]\n---\napiVersion: tandem.dev/v1alpha1\nkind: Service\nmetadata: {name: db}\nspec:\n  ports: [{name: tcp, port: 5432, protocol: tcp}]\n---\n";
+        crate::load_str("t.yaml", &format!("{base}{yaml}")).unwrap_or_else(|d| {
+            panic!(
+                "{}",
+                d.iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        })
+    }
+
+    fn errors(yaml: &str) -> Vec<String> {
+        let base = "apiVersion: tandem.dev/v1alpha1\nkind: Service\nmetadata: {name: api}\nspec:\n  ports: [{name: http, port: 8080, protocol: http}]\n---\napiVersion: tandem.dev/v1alpha1\nkind: Service\nmetadata: {name: db}\nspec:\n  ports: [{name: tcp, port: 5432, protocol: tcp}]\n---\n";
+        match crate::load_str("t.yaml", &format!("{base}{yaml}")) {
+            Ok(_) => Vec::new(),
+            Err(d) => d.iter().map(|d| d.to_string()).collect(),
+        }
+    }
+
+    fn policy(name: &str, target: &str, body: &str) -> String {
+        format!("apiVersion: tandem.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}}}\nspec:\n  targetRef: {{kind: Service, name: {target}}}\n{body}---\n")
+    }
+
+    fn caller(svc: &'static str) -> Caller<'static> {
+        let id: &'static str =
+            Box::leak(format!("spiffe://td/ns/default/svc/{svc}").into_boxed_str());
+        Caller {
+            id,
+            namespace: "default",
+            service: svc,
+        }
+    }
+
+    fn verdict(a: &Authz, c: Option<Caller<'_>>, method: &str, path: &str) -> Verdict {
+        let none = |_: &str| Vec::new();
+        a.decide(&AuthzRequest {
+            caller: c,
+            port: 8080,
+            method,
+            path,
+            header: &none,
+        })
+        .verdict
+    }
+
+    #[test]
+    fn deny_wins_allow_lists_and_the_rest_is_denied() {
+        let s = set(&format!(
+            "{}{}",
+            policy("api-allow", "api", "  rules:\n    - from: [{services: [web]}]\n      to: [{paths: [\"/users/*\"], methods: [GET]}]\n"),
+            policy("api-deny", "api", "  action: deny\n  rules:\n    - to: [{paths: [\"/users/admin\"]}]\n"),
+        ));
+        let a = compile(&s, "default", "api");
+        assert_eq!(
+            verdict(&a, Some(caller("web")), "GET", "/users/7"),
+            Verdict::Allow
+        );
+        assert_eq!(
+            verdict(&a, Some(caller("web")), "GET", "/users"),
+            Verdict::Allow
+        );
+        assert_eq!(
+            verdict(&a, Some(caller("web")), "GET", "/usersx"),
+            Verdict::Deny
+        );
+        assert_eq!(
+            verdict(&a, Some(caller("web")), "POST", "/users/7"),
+            Verdict::Deny
+        );
+        assert_eq!(
+            verdict(&a, Some(caller("web")), "GET", "/users/admin"),
+            Verdict::Deny
+        );
+        assert_eq!(
+            verdict(&a, Some(caller("api")), "GET", "/users/7"),
+            Verdict::Deny
+        );
+        assert_eq!(verdict(&a, None, "GET", "/users/7"), Verdict::Deny);
+        let d = a.decide(&AuthzRequest {
+            caller: Some(caller("web")),
+            port: 8080,
+            method: "GET",
+            path: "/users/admin",
+            header: &|_| Vec::new(),
+        });
+        assert!(matches!(d.by, DecidedBy::Rule(p, 0) if p.name == "default/api-deny"));
+        // No policy on web: the default lets an identity in, not plaintext.
+        let w = compile(&s, "default", "web");
+        assert!(w.is_open());
+        assert_eq!(verdict(&w, Some(caller("api")), "GET", "/"), Verdict::Allow);
+        assert_eq!(verdict(&w, None, "GET", "/"), Verdict::Deny);
+    }
+
+    #[test]
+    fn audit_reports_and_lets_through_and_the_mesh_default_can_deny() {
+        let s = set(&format!(
+            "{}apiVersion: tandem.dev/v1alpha1\nkind: Mesh\nmetadata: {{name: default}}\nspec:\n  authorization: {{default: deny}}\n---\n",
+            policy("web-audit", "web", "  action: audit\n  rules:\n    - from: [{notServices: [api]}]\n"),
+        ));
+        let w = compile(&s, "default", "web");
+        let none = |_: &str| Vec::new();
+        let d = w.decide(&AuthzRequest {
+            caller: Some(caller("db")),
+            port: 8080,
+            method: "GET",
+            path: "/",
+            header: &none,
+        });
+        assert_eq!(d.verdict, Verdict::Deny, "the mesh default denies");
+        assert_eq!(d.by, DecidedBy::Default(AuthzDefault::Deny));
+        assert_eq!(d.audited.len(), 1);
+        let d = w.decide(&AuthzRequest {
+            caller: Some(caller("api")),
+            port: 8080,
+            method: "GET",
+            path: "/",
+            header: &none,
+        });
+        assert!(d.audited.is_empty());
+    }
+
+    #[test]
+    fn identities_namespaces_ports_and_headers() {
+        let s = set(&policy(
+            "p",
+            "api",
+            "  rules:\n    - from: [{identities: [\"spiffe://td/ns/default/*\"], notNamespaces: [blog]}]\n      to: [{notPorts: [9090]}]\n      when: [{header: X-Env, values: [prod]}]\n",
+        ));
+        let a = compile(&s, "default", "api");
+        let prod = |h: &str| {
+            if h == "x-env" {
+                vec!["prod"]
+            } else {
+                Vec::new()
+            }
+        };
+        let dev = |h: &str| {
+            if h == "x-env" {
+                vec!["dev"]
+            } else {
+                Vec::new()
+            }
+        };
+        let req = |c, port, header| AuthzRequest {
+            caller: Some(c),
+            port,
+            method: "GET",
+            path: "/",
+            header,
+        };
+        assert_eq!(
+            a.decide(&req(caller("web"), 8080, &prod)).verdict,
+            Verdict::Allow
+        );
+        assert_eq!(
+            a.decide(&req(caller("web"), 8080, &dev)).verdict,
+            Verdict::Deny
+        );
+        assert_eq!(
+            a.decide(&req(caller("web"), 9090, &prod)).verdict,
+            Verdict::Deny
+        );
+        let other = Caller {
+            id: "spiffe://td/ns/blog/svc/web",
+            namespace: "blog",
+            service: "web",
+        };
+        assert_eq!(a.decide(&req(other, 8080, &prod)).verdict, Verdict::Deny);
+    }
+
+    #[test]
+    fn path_patterns() {
+        assert!(path_matches("/health", "/health"));
+        assert!(!path_matches("/health", "/health/"));
+        assert!(path_matches("/api/*", "/api"));
+        assert!(path_matches("/api/*", "/api/v1/x"));
+        assert!(!path_matches("/api/*", "/apix"));
+        assert!(path_matches("/users/*/profile", "/users/7/profile"));
+        assert!(!path_matches("/users/*/profile", "/users/7/8/profile"));
+        assert!(path_matches("/static/**.css", "/static/a/b.css"));
+        assert!(path_matches("*.png", "x.png"));
+        assert!(!path_matches("/a*", "/a/b"));
+    }
+
+    #[test]
+    fn mistakes_are_refused_where_they_are_written() {
+        let e = errors(&policy("p", "nope", "  rules: [{}]\n"));
+        assert!(
+            e.iter()
+                .any(|e| e.starts_with("t.yaml:17:36: no Service `default/nope`")),
+            "{e:?}"
+        );
+        let e = errors(&policy(
+            "p",
+            "api",
+            "  rules:\n    - from: [{services: [ghost]}]\n",
+        ));
+        assert!(
+            e.iter().any(|e| e.contains("no Service `default/ghost`")),
+            "{e:?}"
+        );
+        let e = errors(&policy("p", "db", "  rules:\n    - to: [{paths: [/x]}]\n"));
+        assert!(
+            e.iter().any(|e| e.contains("`paths` is an HTTP field")),
+            "{e:?}"
+        );
+        let e = errors(&policy(
+            "p",
+            "db",
+            "  rules:\n    - when: [{header: x, values: [y]}]\n",
+        ));
+        assert!(
+            e.iter().any(|e| e.contains("`when` looks at HTTP headers")),
+            "{e:?}"
+        );
+        let e = errors(&policy(
+            "p",
+            "api",
+            "  rules:\n    - to: [{methods: [GET], notMethods: [GET]}]\n",
+        ));
+        assert!(
+            e.iter()
+                .any(|e| e.contains("in both methods and notMethods")),
+            "{e:?}"
+        );
+        let e = errors(&policy("p", "api", "  action: block\n  rules: [{}]\n"));
+        assert!(e.iter().any(|e| e.contains("action must be")), "{e:?}");
+        let e = errors(&policy("p", "api", "  rules: []\n"));
+        assert!(e.iter().any(|e| e.contains("no rules")), "{e:?}");
+        let e = errors(&policy(
+            "p",
+            "api",
+            "  rules:\n    - from: [{identities: [\"spiffe://td/*/x\"]}]\n",
+        ));
+        assert!(
+            e.iter().any(|e| e.contains("not a SPIFFE ID pattern")),
+            "{e:?}"
+        );
+        let e = errors(&policy("p", "api", "  port: 9999\n  rules: [{}]\n"));
+        assert!(e.iter().any(|e| e.contains("has no port 9999")), "{e:?}");
+        let e = errors(&policy(
+            "p",
+            "api",
+            "  rules:\n    - to: [{paths: [users]}]\n",
+        ));
+        assert!(e.iter().any(|e| e.contains("not a path pattern")), "{e:?}");
+        // L4 rules on a TCP service are fine.
+        assert!(errors(&policy(
+            "p",
+            "db",
+            "  rules:\n    - from: [{services: [api]}]\n      to: [{ports: [5432]}]\n"
+        ))
+        .is_empty());
+    }
+}

@@ -1,0 +1,257 @@
+//! Access policy end to end: AuthorizationPolicy and the mesh default,
+//! enforced by the destination's sidecar on the caller's certificate.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use tandem_api::v1::echo_client::EchoClient;
+use tandem_api::v1::EchoRequest;
+use tandem_e2e::*;
+
+fn authz(name: &str, target: &str, body: &str) -> String {
+    format!(
+        "apiVersion: tandem.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}}}\nspec:\n  targetRef: {{kind: Service, name: {target}}}\n{body}---\n"
+    )
+}
+
+/// `curl -x CALLER http://web<path>`: (status, headers, body).
+fn call(from: &Instance, target: &str, method: &str, path: &str, extra: &[&str]) -> Resp {
+    let proxy = format!("http://{}", from.http_proxy);
+    let url = format!("http://{target}{path}");
+    let mut args = vec!["-s", "-D", "-", "-X", method, "-x", proxy.as_str()];
+    args.extend_from_slice(extra);
+    args.push(url.as_str());
+    let out = curl(&args);
+    let (head, body) = out
+        .stdout
+        .split_once("\r\n\r\n")
+        .unwrap_or((out.stdout.as_str(), ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Resp {
+        status,
+        headers,
+        body: body.as_bytes().to_vec(),
+    }
+}
+
+fn denials(inst: &Instance, labels: &str) -> f64 {
+    metric(
+        &inst.metrics(),
+        &format!("tandem_authz_denials_total{{{labels}}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+/// Who may call `web`, on which paths and methods: decided by the caller's
+/// certificate, never by a header it sends, and a denied request never
+/// reaches the app.
+#[test]
+fn who_may_call_whom_on_which_paths() {
+    let mut config = common::config();
+    config.push_str(&authz(
+        "web-readers",
+        "web",
+        "  rules:\n    - from: [{services: [client]}]\n      to: [{paths: [\"/public/*\", \"/headers\"], methods: [GET, HEAD]}]\n    - from: [{services: [catalog]}]\n      to: [{paths: [/headers]}]\n",
+    ));
+    config.push_str(&authz(
+        "web-no-admin",
+        "web",
+        "  action: deny\n  rules:\n    - to: [{paths: [\"/public/admin/*\"]}]\n",
+    ));
+    config.push_str(&authz(
+        "web-watch",
+        "web",
+        "  action: audit\n  rules:\n    - from: [{services: [catalog]}]\n",
+    ));
+    let mesh = Mesh::start(&config);
+    let web = mesh.instance("web", "web-1", &[], &[]);
+    let client = mesh.instance("client", "client-1", &[], &[]);
+    let catalog = mesh.instance("catalog", "catalog-1", &[], &[]);
+    wait_for(
+        "web through client's sidecar",
+        Duration::from_secs(20),
+        || (call(&client, "web", "GET", "/headers", &[]).status == 200).then_some(()),
+    );
+
+    // The matrix: (caller, method, path) → status.
+    let cases: &[(&Instance, &str, &str, u16)] = &[
+        (&client, "GET", "/public/a?key=a1", 200),
+        (&client, "HEAD", "/public/a?key=a2", 200),
+        (&client, "GET", "/public?key=a3", 200),
+        (&client, "POST", "/public/a?key=d1", 403),
+        (&client, "GET", "/private?key=d2", 403),
+        (&client, "GET", "/public/admin/x?key=d3", 403),
+        (&catalog, "GET", "/headers?key=a4", 200),
+        (&catalog, "GET", "/public/a?key=d4", 403),
+    ];
+    for (from, method, path, want) in cases {
+        let r = call(from, "web", method, path, &[]);
+        assert_eq!(r.status, *want, "{method} {path}: {r:?}");
+        let key = path.split("key=").nth(1).expect("key");
+        if *want == 403 {
+            assert_eq!(r.header("tandem-error"), Some("forbidden"), "{r:?}");
+            let body = String::from_utf8_lossy(&r.body);
+            assert!(!body.contains("web-"), "no policy detail: {body}");
+            assert_eq!(web.counters(key)["started"], 0, "{method} {path}");
+        } else {
+            assert_eq!(web.counters(key)["started"], 1, "{method} {path}");
+        }
+    }
+    // A header cannot stand in for the certificate.
+    let r = call(
+        &catalog,
+        "web",
+        "GET",
+        "/public/a?key=spoof",
+        &[
+            "-H",
+            "tandem-client-id: spiffe://tandem.local/ns/default/svc/client",
+        ],
+    );
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(web.counters("spoof")["started"], 0);
+
+    // Counted by policy and rule; audit counts what it saw and let through.
+    assert_eq!(
+        denials(
+            &web,
+            r#"policy="default/web-no-admin",rule="0",decision="deny",reason="policy""#
+        ),
+        1.0
+    );
+    assert_eq!(
+        denials(
+            &web,
+            r#"policy="",rule="",decision="deny",reason="no-allow-matched""#
+        ),
+        4.0,
+        "POST /public, /private, catalog's /public and its spoofed one"
+    );
+    assert_eq!(
+        denials(
+            &web,
+            r#"policy="default/web-watch",rule="0",decision="audit",reason="policy""#
+        ),
+        3.0
+    );
+    // Logged with the caller's identity.
+    web.proxy().wait_log(
+        "caller=spiffe://tandem.local/ns/default/svc/catalog",
+        Duration::from_secs(5),
+    );
+}
+
+/// The mesh default `deny`: a service with no policy lets nobody in; an
+/// allow policy added to the config opens it without a restart; gRPC gets
+/// PERMISSION_DENIED; an opaque TCP service is closed to a caller its
+/// identity rules do not name.
+#[test]
+fn zero_trust_default_live_edits_grpc_and_tcp() {
+    let mut config = common::config();
+    config.push_str(
+        "apiVersion: tandem.dev/v1alpha1\nkind: Mesh\nmetadata: {name: default}\nspec:\n  authorization: {default: deny}\n---\n",
+    );
+    config.push_str(&authz(
+        "tcp-from-client",
+        "tcpecho",
+        "  rules:\n    - from: [{services: [client]}]\n",
+    ));
+    let mesh = Mesh::start(&config);
+    let web = mesh.instance("web", "web-1", &[], &[]);
+    let _grpc = mesh.instance("grpc-echo", "grpc-echo-1", &[], &[]);
+    let echo = free_port().to_string();
+    let _tcp = mesh.instance("tcpecho", "tcpecho-1", &["--tcp-echo", &echo], &[]);
+    let client =
+        mesh.instance_with_upstreams("client", "client-1", &[], &[], &["grpc-echo", "tcpecho"]);
+    let catalog = mesh.instance_with_upstreams("catalog", "catalog-1", &[], &[], &["tcpecho"]);
+
+    // Denied by the mesh default (once both sidecars are configured).
+    let r = wait_for("web answers the client", Duration::from_secs(20), || {
+        let r = call(&client, "web", "GET", "/headers?key=d", &[]);
+        (r.status != 0 && r.status != 503).then_some(r)
+    });
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(r.header("tandem-error"), Some("forbidden"));
+    assert_eq!(web.counters("d")["started"], 0);
+    assert_eq!(
+        denials(
+            &web,
+            r#"policy="",rule="",decision="deny",reason="mesh-default""#
+        ),
+        1.0
+    );
+
+    // gRPC: PERMISSION_DENIED, from the destination's sidecar.
+    let rt = rt();
+    rt.block_on(async {
+        let mut c = EchoClient::connect(format!("http://{}", client.upstream("grpc-echo")))
+            .await
+            .expect("connect");
+        let e = c
+            .unary(EchoRequest {
+                message: "hello".into(),
+                count: 0,
+            })
+            .await
+            .expect_err("denied");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    });
+
+    // Opaque TCP: identity rules only. The client gets its echo; catalog's
+    // connection is closed without a byte.
+    let echo_once = |from: &Instance| -> Vec<u8> {
+        let mut s = std::net::TcpStream::connect(from.upstream("tcpecho")).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let _ = s.write_all(b"ping");
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        got
+    };
+    let got = wait_for("tcp echo for the client", Duration::from_secs(20), || {
+        let got = echo_once(&client);
+        (!got.is_empty()).then_some(got)
+    });
+    assert_eq!(got, b"ping");
+    assert!(echo_once(&catalog).is_empty());
+    let tcp_denials = wait_for(
+        "the refused TCP connection counted",
+        Duration::from_secs(5),
+        || {
+            let n = denials(
+                &_tcp,
+                r#"policy="",rule="",decision="deny",reason="no-allow-matched""#,
+            );
+            (n >= 1.0).then_some(n)
+        },
+    );
+    assert_eq!(tcp_denials, 1.0);
+
+    // An allow policy for web, added to the config: applied without a
+    // restart.
+    config.push_str(&authz(
+        "web-from-client",
+        "web",
+        "  rules:\n    - from: [{services: [client]}]\n",
+    ));
+    mesh.write_config("mesh.yaml", &config);
+    wait_for("the new policy applied", Duration::from_secs(20), || {
+        (call(&client, "web", "GET", "/headers?key=a", &[]).status == 200).then_some(())
+    });
+    assert_eq!(web.counters("a")["started"], 1);
+    // Still nobody else.
+    assert_eq!(call(&catalog, "web", "GET", "/headers", &[]).status, 403);
+}
