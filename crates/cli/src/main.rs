@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod api;
+mod authz;
 mod identity;
 mod up;
 
@@ -84,6 +85,10 @@ enum Command {
     Proxy(Box<ProxyArgs>),
     /// Check a config directory; print every problem as `file:line:col: message`.
     Validate { dir: PathBuf },
+    /// Access policy: check a request, list who may reach a service
+    /// (offline, from a config directory).
+    #[command(subcommand)]
+    Authz(authz::AuthzCommand),
     /// Golden signals per (source, destination) service pair.
     Stat {
         /// Control-plane API address.
@@ -237,7 +242,8 @@ struct DemoArgs {
     version: String,
     #[arg(long)]
     instance: Option<String>,
-    /// Service to call on every request (repeatable).
+    /// Service to call on every request, `[METHOD ]NAME[/PATH]` (`GET /`
+    /// by default; repeatable).
     #[arg(long)]
     call: Vec<String>,
     /// The sidecar's HTTP proxy port, used for calls.
@@ -488,14 +494,16 @@ fn main() -> ExitCode {
                 tandem_demo::run(cfg, shutdown_signal(a.common.exit_on_stdin_close)),
             )
         }
+        Command::Authz(cmd) => return authz::run(cmd),
         Command::Validate { dir } => match tandem_config::load_dir(&dir) {
             Ok(set) => {
                 println!(
-                    "{}: ok ({} services, {} HTTP routes, {} traffic policies)",
+                    "{}: ok ({} services, {} HTTP routes, {} traffic policies, {} authorization policies)",
                     dir.display(),
                     set.services.len(),
                     set.http_routes.len(),
-                    set.traffic_policies.len()
+                    set.traffic_policies.len(),
+                    set.authorization_policies.len()
                 );
                 return ExitCode::SUCCESS;
             }

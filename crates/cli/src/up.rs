@@ -83,7 +83,7 @@ const SERVICES: &[DemoService] = &[
     DemoService {
         service: "orders",
         version: "v1",
-        calls: &["payments"],
+        calls: &["POST payments/charge"],
         latency: "2ms",
         failure_rate: 0.0,
         load: false,

@@ -239,6 +239,112 @@ impl Authz {
     }
 }
 
+/// What identity alone decides for one caller of a service: the
+/// compliance view of `tandem authz list`. Paths, methods, ports and
+/// headers may narrow it further; the rules listed say how.
+#[derive(Debug)]
+pub struct Reach<'a> {
+    /// `None`: no request of this caller gets in. `Some(rules)`: requests
+    /// that one of these allow rules matches get in (an empty list: any
+    /// request, by the mesh default).
+    pub allowed_by: Option<Vec<(&'a AuthzPolicy, usize)>>,
+    /// Deny rules that may apply to this caller.
+    pub denied_by: Vec<(&'a AuthzPolicy, usize)>,
+}
+
+impl Authz {
+    pub fn reach(&self, caller: Option<Caller<'_>>) -> Reach<'_> {
+        let names = |r: &AuthzRule| r.from.is_empty() || r.from.iter().any(|f| f.matches(caller));
+        let rules = |action: AuthzAction| -> Vec<(&AuthzPolicy, usize)> {
+            self.policies
+                .iter()
+                .filter(|p| p.action == action)
+                .flat_map(|p| {
+                    p.rules
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, r)| names(r))
+                        .map(move |(i, _)| (p, i))
+                })
+                .collect()
+        };
+        let denied_by = rules(AuthzAction::Deny);
+        // A deny rule with nothing but identities denies every request.
+        let all_denied = denied_by.iter().any(|(p, i)| {
+            let r = &p.rules[*i];
+            r.to.is_empty() && r.when.is_empty() && p.port.is_none()
+        });
+        let any_allow = self.policies.iter().any(|p| p.action == AuthzAction::Allow);
+        let allowed_by = if all_denied {
+            None
+        } else if any_allow {
+            Some(rules(AuthzAction::Allow)).filter(|r| !r.is_empty())
+        } else {
+            let by_default = match self.default {
+                AuthzDefault::AllowAuthenticated => caller.is_some() || self.permissive,
+                AuthzDefault::Deny => false,
+            };
+            by_default.then(Vec::new)
+        };
+        Reach {
+            allowed_by,
+            denied_by,
+        }
+    }
+}
+
+impl std::fmt::Display for AuthzRule {
+    /// `from services [a, b] to paths [/x] methods [GET] when x-env in [prod]`
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fn list<T: std::fmt::Display>(
+            f: &mut std::fmt::Formatter<'_>,
+            name: &str,
+            v: &[T],
+        ) -> std::fmt::Result {
+            if v.is_empty() {
+                return Ok(());
+            }
+            write!(f, " {name} [")?;
+            for (i, x) in v.iter().enumerate() {
+                write!(f, "{}{x}", if i > 0 { ", " } else { "" })?;
+            }
+            write!(f, "]")
+        }
+        let mut any = false;
+        for (i, s) in self.from.iter().enumerate() {
+            write!(f, "{}", if i == 0 { "from" } else { " or" })?;
+            list(f, "services", &s.services)?;
+            list(f, "notServices", &s.not_services)?;
+            list(f, "namespaces", &s.namespaces)?;
+            list(f, "notNamespaces", &s.not_namespaces)?;
+            list(f, "identities", &s.identities)?;
+            list(f, "notIdentities", &s.not_identities)?;
+            any = true;
+        }
+        for (i, o) in self.to.iter().enumerate() {
+            let sep = if any && i == 0 { " " } else { "" };
+            write!(f, "{sep}{}", if i == 0 { "to" } else { " or" })?;
+            list(f, "paths", &o.paths)?;
+            list(f, "notPaths", &o.not_paths)?;
+            list(f, "methods", &o.methods)?;
+            list(f, "notMethods", &o.not_methods)?;
+            list(f, "ports", &o.ports)?;
+            list(f, "notPorts", &o.not_ports)?;
+            any = true;
+        }
+        for w in &self.when {
+            write!(f, "{}when {}", if any { " " } else { "" }, w.header)?;
+            list(f, "in", &w.values)?;
+            list(f, "not in", &w.not_values)?;
+            any = true;
+        }
+        if !any {
+            write!(f, "every request")?;
+        }
+        Ok(())
+    }
+}
+
 impl AuthzRule {
     fn matches(&self, req: &AuthzRequest<'_>) -> bool {
         (self.from.is_empty() || self.from.iter().any(|f| f.matches(req.caller)))
@@ -305,17 +411,20 @@ fn none_of<T>(list: &[T], f: impl Fn(&T) -> bool) -> bool {
 
 /// `/exact`; `/prefix/*`: the prefix itself and everything under it; else a
 /// glob where `*` matches within one segment and `**` across segments.
+///
+/// Letters are compared without regard to ASCII case: servers differ in
+/// whether `/Admin` is `/admin`, and a rule must hold for both readings.
 pub fn path_matches(pattern: &str, path: &str) -> bool {
     if let Some(prefix) = pattern.strip_suffix("/*") {
         if !prefix.contains('*') {
-            return path == prefix
-                || path
-                    .strip_prefix(prefix)
-                    .is_some_and(|rest| rest.starts_with('/'));
+            let (p, rest) = (prefix.as_bytes(), path.as_bytes());
+            return rest.len() >= p.len()
+                && rest[..p.len()].eq_ignore_ascii_case(p)
+                && (rest.len() == p.len() || rest[p.len()] == b'/');
         }
     }
     if !pattern.contains('*') {
-        return pattern == path;
+        return pattern.eq_ignore_ascii_case(path);
     }
     glob(pattern.as_bytes(), path.as_bytes())
 }
@@ -332,8 +441,130 @@ fn glob(p: &[u8], s: &[u8]) -> bool {
             let seg = s.iter().position(|&b| b == b'/').unwrap_or(s.len());
             (0..=seg).any(|i| glob(rest, &s[i..]))
         }
-        Some(&c) => s.first() == Some(&c) && glob(&p[1..], &s[1..]),
+        Some(&c) => s.first().is_some_and(|x| x.eq_ignore_ascii_case(&c)) && glob(&p[1..], &s[1..]),
     }
+}
+
+// ---- Paths -------------------------------------------------------------------------
+
+/// Why a request path is refused (400) rather than normalized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathError {
+    /// `%` not followed by two hex digits.
+    BadEncoding,
+    /// `%2F`: servers disagree on whether it separates segments.
+    EncodedSlash,
+    /// `\` or `%5C`: some servers read it as `/`.
+    Backslash,
+    /// `%00`
+    Nul,
+    /// `;` (path parameters, which some servers strip before routing).
+    Parameters,
+    /// `#`, which has no place in a request.
+    Fragment,
+}
+
+impl PathError {
+    pub fn describe(self) -> &'static str {
+        match self {
+            PathError::BadEncoding => "a `%` not followed by two hex digits",
+            PathError::EncodedSlash => "an encoded `/` (%2F)",
+            PathError::Backslash => "a backslash (`\\` or %5C)",
+            PathError::Nul => "an encoded NUL (%00)",
+            PathError::Parameters => "a `;` (path parameters are not accepted)",
+            PathError::Fragment => "a `#` fragment",
+        }
+    }
+}
+
+/// The path a rule matches and the app receives: percent-encoded
+/// unreserved characters decoded (other encodings upper-cased), `.` and
+/// `..` segments resolved, runs of `/` merged. Paths a server could read
+/// two ways are refused instead: encoded `/`, backslashes, encoded NUL,
+/// `;` parameters, fragments. A path that does not start with `/`
+/// (`OPTIONS *`) is left as it is. Nothing is allocated when the path is
+/// already normal.
+pub fn normalize_path(path: &str) -> Result<std::borrow::Cow<'_, str>, PathError> {
+    use std::borrow::Cow;
+    let b = path.as_bytes();
+    if !path.starts_with('/') {
+        return Ok(Cow::Borrowed(path));
+    }
+    let mut plain = true;
+    for (i, &c) in b.iter().enumerate() {
+        match c {
+            b'#' => return Err(PathError::Fragment),
+            b';' => return Err(PathError::Parameters),
+            b'\\' => return Err(PathError::Backslash),
+            b'%' => plain = false,
+            b'/' if b.get(i + 1) == Some(&b'/') => plain = false,
+            b'.' if b[i - 1] == b'/'
+                && matches!(
+                    b.get(i + 1..),
+                    Some([] | [b'/', ..] | [b'.'] | [b'.', b'/', ..])
+                ) =>
+            {
+                plain = false
+            }
+            _ => {}
+        }
+    }
+    if plain {
+        return Ok(Cow::Borrowed(path));
+    }
+    // Decode what may be decoded.
+    let mut decoded = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] != b'%' {
+            decoded.push(b[i] as char);
+            i += 1;
+            continue;
+        }
+        let hex = |c: u8| (c as char).to_digit(16);
+        let (Some(h), Some(l)) = (
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) else {
+            return Err(PathError::BadEncoding);
+        };
+        let v = (h * 16 + l) as u8;
+        match v {
+            b'/' => return Err(PathError::EncodedSlash),
+            b'\\' => return Err(PathError::Backslash),
+            0 => return Err(PathError::Nul),
+            c if c.is_ascii_alphanumeric() || b"-._~".contains(&c) => decoded.push(c as char),
+            c => {
+                decoded.push('%');
+                decoded.push_str(&format!("{c:02X}"));
+            }
+        }
+        i += 3;
+    }
+    // Resolve dot segments and merge slashes.
+    let mut out: Vec<&str> = Vec::new();
+    let mut trailing = false;
+    for seg in decoded.split('/').skip(1) {
+        trailing = false;
+        match seg {
+            "" => trailing = true,
+            "." => trailing = true,
+            ".." => {
+                out.pop();
+                trailing = true;
+            }
+            s => out.push(s),
+        }
+    }
+    let mut norm = String::with_capacity(decoded.len());
+    for seg in &out {
+        norm.push('/');
+        norm.push_str(seg);
+    }
+    if trailing || out.is_empty() {
+        norm.push('/');
+    }
+    Ok(Cow::Owned(norm))
 }
 
 // ---- Checking and compiling ----------------------------------------------------
@@ -880,7 +1111,54 @@ mod tests {
     }
 
     #[test]
+    fn paths_are_normalized_or_refused() {
+        let n = |p: &str| normalize_path(p).map(|c| c.into_owned());
+        for (raw, want) in [
+            ("/", "/"),
+            ("/a/b", "/a/b"),
+            ("/a/b/", "/a/b/"),
+            ("//admin", "/admin"),
+            ("/./admin", "/admin"),
+            ("/x/../admin", "/admin"),
+            ("/%61dmin", "/admin"),
+            ("/%2e%2e/admin", "/admin"),
+            ("/a/%2E/b", "/a/b"),
+            ("/../../admin", "/admin"),
+            ("/a/b/..", "/a/"),
+            ("/a/.", "/a/"),
+            ("/a//b///c", "/a/b/c"),
+            ("/a%20b", "/a%20b"),
+            ("/a%7e%3b", "/a~%3B"),
+            ("/.well-known/x", "/.well-known/x"),
+            ("/a..b/c.", "/a..b/c."),
+            ("*", "*"),
+        ] {
+            assert_eq!(n(raw).as_deref(), Ok(want), "{raw}");
+        }
+        assert!(matches!(
+            normalize_path("/a/b"),
+            Ok(std::borrow::Cow::Borrowed(_))
+        ));
+        for (raw, e) in [
+            ("/admin%2F", PathError::EncodedSlash),
+            ("/admin%2fx", PathError::EncodedSlash),
+            ("/a%5Cb", PathError::Backslash),
+            ("/a\\b", PathError::Backslash),
+            ("/a%00", PathError::Nul),
+            ("/admin;x", PathError::Parameters),
+            ("/a#b", PathError::Fragment),
+            ("/a%2", PathError::BadEncoding),
+            ("/a%zz", PathError::BadEncoding),
+        ] {
+            assert_eq!(normalize_path(raw), Err(e), "{raw}");
+        }
+    }
+
+    #[test]
     fn path_patterns() {
+        assert!(path_matches("/admin", "/ADMIN"));
+        assert!(path_matches("/admin/*", "/Admin/x"));
+        assert!(path_matches("/a/*/c", "/A/b/C"));
         assert!(path_matches("/health", "/health"));
         assert!(!path_matches("/health", "/health/"));
         assert!(path_matches("/api/*", "/api"));

@@ -2,9 +2,10 @@
 //!
 //! It answers HTTP/1.1 and HTTP/2 (h2c) on one port:
 //! - `GET /` — JSON naming `service`, `version` and `instance`; with
-//!   `--call NAME` it first calls each named service through its sidecar's
-//!   HTTP proxy port and includes their answers (a failing call makes the
-//!   answer a 502, so failures travel up the call chain);
+//!   `--call [METHOD ]NAME[/PATH]` it first calls each named service through
+//!   its sidecar's HTTP proxy port (`GET /` by default) and includes their
+//!   answers (a failing call makes the answer a 502, so failures travel up
+//!   the call chain);
 //! - `/echo` — streams the request body back (any size, never buffered);
 //! - `/slow?ms=N` — answers after N milliseconds;
 //! - `/headers` — the request headers as JSON;
@@ -285,7 +286,8 @@ async fn serve(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, 
             let mut calls = Vec::new();
             let mut failed = false;
             for target in &app.cfg.calls {
-                let (status, body) = call(&app, target, "/", &ctx).await;
+                let (method, target, call_path) = parse_call(target);
+                let (status, body) = call(&app, method, target, call_path, &ctx).await;
                 failed |= status == 0 || status >= 500;
                 calls.push(serde_json::json!({"service": target, "status": status, "body": body}));
             }
@@ -313,8 +315,24 @@ fn header(s: &str) -> HeaderValue {
 /// and the JSON body (or the error text).
 /// Calls `target` through the sidecar, passing on the mesh's request
 /// context (`tandem-ctx-*` headers: deadline, no-retry) as an app should.
+/// A `--call` target: `[METHOD ]NAME[/PATH]` (`GET` and `/` by default).
+fn parse_call(spec: &str) -> (http::Method, &str, &str) {
+    let (method, rest) = match spec.split_once(' ') {
+        Some((m, rest)) => (
+            http::Method::from_bytes(m.as_bytes()).unwrap_or(http::Method::GET),
+            rest.trim(),
+        ),
+        None => (http::Method::GET, spec),
+    };
+    match rest.find('/') {
+        Some(i) => (method, &rest[..i], &rest[i..]),
+        None => (method, rest, "/"),
+    }
+}
+
 async fn call(
     app: &App,
+    method: http::Method,
     target: &str,
     path: &str,
     ctx: &http::HeaderMap,
@@ -325,6 +343,7 @@ async fn call(
     };
     let mut req = Request::new(Empty::new());
     *req.uri_mut() = uri;
+    *req.method_mut() = method;
     for (k, v) in ctx {
         if k.as_str().starts_with("tandem-ctx-") {
             req.headers_mut().append(k, v.clone());
@@ -365,7 +384,8 @@ async fn load(app: Arc<App>) {
             };
             let app = app.clone();
             tokio::spawn(async move {
-                let _ = call(&app, &target, "/", &http::HeaderMap::new()).await;
+                let (method, target, path) = parse_call(&target);
+                let _ = call(&app, method, target, path, &http::HeaderMap::new()).await;
                 drop(permit);
             });
         }

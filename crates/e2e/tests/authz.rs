@@ -255,3 +255,145 @@ fn zero_trust_default_live_edits_grpc_and_tcp() {
     // Still nobody else.
     assert_eq!(call(&catalog, "web", "GET", "/headers", &[]).status, 403);
 }
+
+/// A deny on `/admin/*` cannot be passed by spelling the path another
+/// way: the destination's sidecar matches the normalized path, hands the
+/// app that same path, and refuses paths that servers read two ways.
+#[test]
+fn a_denied_path_cannot_be_spelled_around() {
+    let mut config = common::config();
+    config.push_str(&authz(
+        "web-no-admin",
+        "web",
+        "  action: deny\n  rules:\n    - to: [{paths: [\"/admin/*\"]}]\n",
+    ));
+    let mesh = Mesh::start(&config);
+    let web = mesh.instance("web", "web-1", &[], &[]);
+    let client = mesh.instance("client", "client-1", &[], &[]);
+    wait_for(
+        "web through client's sidecar",
+        Duration::from_secs(20),
+        || (call(&client, "web", "GET", "/headers", &[]).status == 200).then_some(()),
+    );
+    for (path, want) in [
+        ("/admin?key=b1", 403),
+        ("//admin?key=b2", 403),
+        ("/./admin?key=b3", 403),
+        ("/x/../admin?key=b4", 403),
+        ("/%61dmin?key=b5", 403),
+        ("/ADMIN?key=b6", 403),
+        ("/admin/../admin/x?key=b7", 403),
+        ("/%2e%2e/admin?key=b8", 403),
+        ("//x/..//%61DMIN/./y?key=b9", 403),
+        ("/admin%2F?key=b10", 400),
+        ("/admin%2fx?key=b11", 400),
+        ("/admin;x?key=b12", 400),
+        ("/admin%00?key=b13", 400),
+        ("/adm%5Cin?key=b14", 400),
+        ("/adm%zzin?key=b15", 400),
+    ] {
+        // `--path-as-is`: curl sends the dots as written.
+        let r = call(&client, "web", "GET", path, &["--path-as-is"]);
+        assert_eq!(r.status, want, "{path}: {r:?}");
+        let key = path.split("key=").nth(1).expect("key");
+        assert_eq!(web.counters(key)["started"], 0, "{path} reached the app");
+    }
+    // An allowed path reaches the app as the policy saw it.
+    let r = call(
+        &client,
+        "web",
+        "GET",
+        "/x//y/./z/../%7Euser?key=ok",
+        &["--path-as-is"],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let body: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+    assert_eq!(body["path"], "/x/y/~user");
+}
+
+/// `tandem authz check` and `list` on the demo's config, as `tandem up`
+/// writes it: the verdict, the rule that decided, the exit status, and
+/// who may reach a service.
+#[test]
+fn authz_check_and_list_on_the_demo_config() {
+    let dir = TempDir::new("authz-cli");
+    let cfg = dir.0.join("demo");
+    let cfg_s = cfg.display().to_string();
+    tandem_ok(&["up", "--write-config", &cfg_s]);
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(bin())
+            .args(args)
+            .output()
+            .expect("run");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let check = |from: &str, to: &str, method: &str, path: &str| {
+        run(&[
+            "authz", "check", "--config", &cfg_s, "--from", from, "--to", to, method, path,
+        ])
+    };
+    // Every call the demo makes is allowed.
+    for (from, to, method, path) in [
+        ("loadgen", "web", "GET", "/"),
+        ("web", "catalog-v1", "GET", "/"),
+        ("web", "catalog-v2", "GET", "/"),
+        ("web", "orders", "GET", "/"),
+        ("orders", "payments", "POST", "/charge"),
+        ("orders", "payments", "GET", "/health"),
+    ] {
+        let (code, out) = check(from, to, method, path);
+        assert_eq!(code, Some(0), "{from} → {to} {method} {path}: {out}");
+        assert!(out.starts_with("allow:"), "{out}");
+    }
+    let (code, out) = check("orders", "payments", "POST", "/charge");
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("decided by default/payments (allow), rule 0: from services [default/orders]"),
+        "{out}"
+    );
+    // And nothing else.
+    for (from, to, method, path) in [
+        ("web", "payments", "POST", "/charge"),
+        ("orders", "payments", "GET", "/charge"),
+        ("orders", "payments", "POST", "/refund"),
+        ("loadgen", "orders", "GET", "/"),
+        ("catalog-v1", "web", "GET", "/"),
+    ] {
+        let (code, out) = check(from, to, method, path);
+        assert_eq!(code, Some(1), "{from} → {to} {method} {path}: {out}");
+        assert!(out.starts_with("deny:"), "{out}");
+    }
+    // A path spelled another way is the same path.
+    let (code, out) = check("orders", "payments", "POST", "/x/../%63harge");
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = check("orders", "payments", "POST", "/charge;x");
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("400"), "{out}");
+    // Who may reach payments: only orders.
+    let (code, out) = run(&["authz", "list", "--config", &cfg_s, "payments"]);
+    assert_eq!(code, Some(0), "{out}");
+    let line = |who: &str| {
+        out.lines()
+            .find(|l| l.trim_start().starts_with(who))
+            .unwrap_or_else(|| panic!("no line for {who} in {out}"))
+            .to_string()
+    };
+    assert!(
+        line("default/orders ").contains("may call through default/payments rule 0"),
+        "{out}"
+    );
+    for other in [
+        "default/web ",
+        "default/loadgen ",
+        "default/catalog-v1 ",
+        "(plaintext)",
+    ] {
+        assert!(line(other).contains("may not call"), "{out}");
+    }
+    // A broken directory: its problems, and status 2.
+    let (code, _) = run(&["authz", "list", "--config", "/nonexistent", "payments"]);
+    assert_eq!(code, Some(2));
+}

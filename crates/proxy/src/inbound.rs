@@ -15,6 +15,7 @@
 //! | edge (`edge.rs`) | the flag header and the golden signals |
 //! | [`AdmitLayer`]: `--max-requests` | `503 overloaded` |
 //! | [`ReadyLayer`]: service declared, certificate valid | `503 not-configured`, `503 identity-expired` |
+//! | [`NormalizePathLayer`]: the path the policy matches and the app gets | `400 bad-request` |
 //! | [`AuthorizeLayer`]: the access policy, by the caller's verified identity | `403 forbidden` (gRPC `PERMISSION_DENIED`) |
 //! | [`ClientIdLayer`]: `tandem-client-id` for the app | |
 //! | [`RateLimitLayer`]: the service's `rateLimit` | `429 rate-limited` |
@@ -22,6 +23,7 @@
 //! | [`ToApp`]: the app's connection pool | `503 upstream-connect-failure`, `502 upstream-reset` |
 
 pub(crate) mod caller;
+pub(crate) mod path;
 pub(crate) mod ready;
 
 use std::net::SocketAddr;
@@ -49,6 +51,7 @@ use crate::transport::forward::{Connectors, ToApp};
 use crate::transport::tcp::{relay, Target};
 use crate::transport::tls::{self, MeshTls, HANDSHAKE_TIMEOUT, PLAINTEXT_SILENCE};
 use caller::{ClientIdLayer, Peers};
+use path::NormalizePathLayer;
 use ready::ReadyLayer;
 
 /// The handles the inbound side works with.
@@ -93,6 +96,7 @@ pub(crate) fn build(p: Parts) -> Arc<Inbound<impl Service>> {
             routes: p.routes.clone(),
             tls: p.identity.tls.clone(),
         })
+        .layer(NormalizePathLayer {})
         .layer(AuthorizeLayer {
             routes: p.routes.clone(),
             metrics: p.metrics.clone(),
