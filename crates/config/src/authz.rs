@@ -643,13 +643,7 @@ pub fn compile(set: &ResourceSet, namespace: &str, name: &str) -> Authz {
 }
 
 fn target(p: &Loaded<AuthorizationPolicySpec>) -> (&str, &str) {
-    let t = &p.spec.target_ref;
-    let ns = t
-        .namespace
-        .as_ref()
-        .map(|n| n.value.as_str())
-        .unwrap_or(&p.namespace);
-    (ns, t.name.value.as_str())
+    p.spec.target_ref.resolve(&p.namespace)
 }
 
 /// One policy, checked against the set (unknown services, L7 fields on a
@@ -664,11 +658,14 @@ fn compile_policy(
     if let Some(k) = t
         .group
         .as_ref()
-        .filter(|g| !(g.value.is_empty() || g.value == "core"))
+        .filter(|g| !(g.value.is_empty() || g.value == "tandem.dev"))
     {
         diags.push(Diagnostic::at(
             &p.at(k),
-            format!("group `{}` is not supported; target a Service", k.value),
+            format!(
+                "targetRef group `{}` is not supported; use `tandem.dev` or leave it out",
+                k.value
+            ),
         ));
     }
     if t.kind.value != "Service" {

@@ -42,15 +42,7 @@ pub fn compile(
     let rate_limit = set
         .traffic_policies
         .iter()
-        .find(|tp| {
-            let t = &tp.spec.target_ref;
-            let ns = t
-                .namespace
-                .as_ref()
-                .map(|n| n.value.as_str())
-                .unwrap_or(&tp.namespace);
-            t.name.value == target.service && ns == target.namespace
-        })
+        .find(|tp| tp.spec.target_ref.resolve(&tp.namespace) == (target.namespace, target.service))
         .and_then(|tp| {
             tp.spec
                 .rate_limit
@@ -219,13 +211,8 @@ fn destination(
             .traffic_policies
             .iter()
             .find(|p| {
-                let t = &p.spec.target_ref;
-                let ns = t
-                    .namespace
-                    .as_ref()
-                    .map(|n| n.value.as_str())
-                    .unwrap_or(&p.namespace);
-                t.name.value == svc.name && ns == svc.namespace
+                p.spec.target_ref.resolve(&p.namespace)
+                    == (svc.namespace.as_str(), svc.name.as_str())
             })
             .map(|p| crate::policy::compile_policy(set, p, &mut Vec::new())),
     }

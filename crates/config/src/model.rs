@@ -343,6 +343,18 @@ pub struct TargetRef {
     pub namespace: Option<Spanned<String>>,
 }
 
+impl TargetRef {
+    /// `(namespace, name)` of the target; the namespace is `default_ns`
+    /// (the referring resource's) unless the reference names one.
+    pub fn resolve<'a>(&'a self, default_ns: &'a str) -> (&'a str, &'a str) {
+        let ns = self
+            .namespace
+            .as_ref()
+            .map_or(default_ns, |n| n.value.as_str());
+        (ns, self.name.value.as_str())
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RetrySpec {

@@ -95,11 +95,7 @@ pub fn compile_policy(
             ));
         }
     }
-    let ns = t
-        .namespace
-        .as_ref()
-        .map(|n| n.value.as_str())
-        .unwrap_or(&p.namespace);
+    let (ns, _) = t.resolve(&p.namespace);
     match set.service(ns, &t.name.value) {
         None => diags.push(Diagnostic::at(
             &p.at(&t.name),

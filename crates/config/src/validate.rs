@@ -62,14 +62,8 @@ pub(crate) fn validate(set: &ResourceSet, diags: &mut Vec<Diagnostic>) {
             ));
         }
         let t = &p.spec.target_ref;
-        let target = format!(
-            "{}/{}",
-            t.namespace
-                .as_ref()
-                .map(|n| n.value.as_str())
-                .unwrap_or(&p.namespace),
-            t.name.value
-        );
+        let (ns, name) = t.resolve(&p.namespace);
+        let target = format!("{ns}/{name}");
         if let Some(first) = targeted.insert(target.clone(), &p.pos) {
             diags.push(Diagnostic::at(
                 &p.at(&t.name),
