@@ -9,6 +9,7 @@
 //! - `/echo` — streams the request body back (any size, never buffered);
 //! - `/slow?ms=N` — answers after N milliseconds;
 //! - `/headers` — the request headers as JSON;
+//! - `/set-header?name=N&value=V` — answers with the response header `N: V`;
 //! - `/bytes?n=N` — a body of N bytes (at most 1 GiB), streamed in 16 KiB
 //!   chunks as the client reads them;
 //! - `/flaky?key=K&fails=N&code=C&pad=P` — fails the first N requests of
@@ -276,6 +277,21 @@ async fn serve(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, 
             json(StatusCode::OK, &serde_json::Value::Object(h))
         }
         "/ws" => websocket(req),
+        "/set-header" => {
+            // Answers 200 with the response header `name: value` (for tests
+            // of what a sidecar lets through from an app).
+            let q = req.uri().query();
+            let mut r = json(StatusCode::OK, &me);
+            if let (Some(n), Some(v)) = (query_param(q, "name"), query_param(q, "value")) {
+                if let (Ok(n), Ok(v)) = (
+                    http::header::HeaderName::from_bytes(n.as_bytes()),
+                    HeaderValue::from_str(v),
+                ) {
+                    r.headers_mut().insert(n, v);
+                }
+            }
+            r
+        }
         "/flaky" => flaky(&app, req).await,
         _ => {
             if app.cfg.failure_rate > 0.0 && fastrand::f64() < app.cfg.failure_rate {

@@ -103,6 +103,82 @@ fn leaf(dir: &Path, name: &str, l: Leaf<'_>) -> (String, String) {
     (c.display().to_string(), k.display().to_string())
 }
 
+/// What an app behind a sidecar may trust (docs/security.md): headers a
+/// caller sends cannot remove or stand in for the ones the sidecar sets,
+/// and an app's own `tandem-error` is not passed off as the mesh's.
+#[test]
+fn the_app_trusts_only_the_headers_its_sidecar_sets() {
+    let mesh = Mesh::start(&common::config());
+    let web = mesh.instance("web", "web-1", &[], &[]);
+    let client = mesh.instance("client", "client-1", &[], &[]);
+    let scratch = TempDir::new("certs");
+    let (ca_crt, ca_key) = mesh_ca(&mesh);
+    let (c, k) = leaf(
+        scratch.0.as_path(),
+        "tester",
+        Leaf {
+            uris: vec![spiffe("default", "tester")],
+            from: -60,
+            to: 600,
+            ca_flag: false,
+            issuer: (ca_crt.as_path(), ca_key.as_path()),
+        },
+    );
+    let url = format!("https://{}/headers", web.inbound);
+    // HTTP/1.1: HTTP/2 has no `Connection` header.
+    let out = curl(&[
+        "--http1.1",
+        "-k",
+        "--cert",
+        &c,
+        "--key",
+        &k,
+        "-H",
+        "Connection: tandem-client-id, host, x-forwarded-proto",
+        "-H",
+        "tandem_client_id: spiffe://tandem.local/ns/default/svc/root",
+        "-H",
+        "Tandem-Client-Id: spiffe://tandem.local/ns/default/svc/root",
+        "-H",
+        "X_Forwarded_For: 6.6.6.6",
+        "-H",
+        "x-forwarded-for: 9.9.9.9",
+        "-H",
+        "x-forwarded-proto: gopher",
+        &url,
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let h: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(h["tandem-client-id"], spiffe("default", "tester"), "{h}");
+    assert_eq!(h["host"], web.inbound.to_string(), "{h}");
+    assert_eq!(h["x-forwarded-proto"], "https", "{h}");
+    assert_eq!(h["x-forwarded-for"], "9.9.9.9, 127.0.0.1", "{h}");
+    let names: Vec<&String> = h.as_object().expect("object").keys().collect();
+    assert!(!names.iter().any(|n| n.contains('_')), "{h}");
+
+    // An app's `tandem-error` does not reach the caller; its other
+    // headers do.
+    let proxy = format!("http://{}", client.http_proxy);
+    for (name, shown) in [("tandem-error", false), ("x-app", true)] {
+        let out = curl(&[
+            "-s",
+            "-D",
+            "-",
+            "-x",
+            &proxy,
+            &format!("http://web/set-header?name={name}&value=no-endpoints"),
+        ]);
+        assert!(out.stdout.starts_with("HTTP/1.1 200"), "{}", out.stdout);
+        let head = out.stdout.to_ascii_lowercase();
+        assert_eq!(
+            head.contains(&format!("\r\n{name}: no-endpoints")),
+            shown,
+            "{head}"
+        );
+    }
+    assert!(!client.metrics().contains(r#"tandem_error="no-endpoints""#));
+}
+
 fn handshakes(inst: &Instance, direction: &str, result: &str) -> f64 {
     metric(
         &inst.metrics(),

@@ -65,6 +65,8 @@ pub(crate) struct RequestCtx {
     /// Inbound: the caller's verified identity (`None` for plaintext in
     /// permissive mode).
     pub(crate) caller: Option<Arc<Peer>>,
+    /// Inbound: the address of the connection's other end.
+    pub(crate) remote: Option<SocketAddr>,
     /// What earlier hops sent along (`tandem-ctx-*`, `grpc-timeout`).
     pub(crate) propagated: Propagated,
     /// Outbound: the destination, and the route rule, backend and ring-hash
@@ -111,6 +113,7 @@ impl RequestCtx {
             src,
             dst,
             caller: None,
+            remote: None,
             propagated: Propagated::default(),
             dest: None,
             port: None,

@@ -17,7 +17,7 @@
 //! | [`ReadyLayer`]: service declared, certificate valid | `503 not-configured`, `503 identity-expired` |
 //! | [`NormalizePathLayer`]: the path the policy matches and the app gets | `400 bad-request` |
 //! | [`AuthorizeLayer`]: the access policy, by the caller's verified identity | `403 forbidden` (gRPC `PERMISSION_DENIED`) |
-//! | [`ClientIdLayer`]: `tandem-client-id` for the app | |
+//! | [`ClientIdLayer`]: the headers the app may trust (`tandem-client-id`, `x-forwarded-*`) | |
 //! | [`RateLimitLayer`]: the service's `rateLimit` | `429 rate-limited` |
 //! | [`InboundDeadlineLayer`]: the caller's deadline | `504 upstream-timeout` |
 //! | [`ToApp`]: the app's connection pool | `503 upstream-connect-failure`, `502 upstream-reset` |
@@ -170,6 +170,7 @@ impl<S: Service> Inbound<S> {
         drain: Drain,
         slot: ConnSlot,
     ) {
+        let remote = sock.peer_addr().ok();
         let Some(inbound) = self.routes.load().inbound.clone() else {
             tracing::warn!(
                 "inbound connection refused: service `{}` is not declared in the config",
@@ -258,6 +259,7 @@ impl<S: Service> Inbound<S> {
                 let me = me.clone();
                 let mut ctx = RequestCtx::new(Direction::inbound, src.clone(), me.service.clone());
                 ctx.caller = peer.clone();
+                ctx.remote = remote;
                 async move { me.edge.serve(req, ctx).await }
             };
             serve_http_conn(conn, stop, (drain, slot), svc).await;

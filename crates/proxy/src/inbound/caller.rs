@@ -15,6 +15,7 @@ use crate::ctx::{Peer, RequestCtx};
 use crate::error::Error;
 use crate::svc::{layer, Service};
 use crate::telemetry::metrics::Name;
+use crate::transport::forward::{is_upgrade, strip_hop_by_hop};
 
 /// The header the inbound sidecar sets to the caller's verified SPIFFE ID
 /// (and removes from anything that arrives, so it cannot be spoofed).
@@ -75,10 +76,20 @@ fn is_label(s: &str) -> bool {
 }
 
 layer!(
-    /// Hands the caller's identity to the app in `tandem-client-id`,
-    /// replacing whatever came from outside.
+    /// The headers an app behind the sidecar may trust (docs/security.md).
+    /// Hop-by-hop headers go first, so that a `Connection` header cannot
+    /// name one the sidecar sets (or `Host`) to have it removed on the way
+    /// to the app; then every header that reads as one the sidecar sets
+    /// once `_` is taken for `-` (`tandem_client_id`), as CGI-style servers
+    /// do. Then `tandem-client-id` is the caller's verified SPIFFE ID (and
+    /// absent for a plaintext caller), `x-forwarded-proto` the scheme of
+    /// this hop, and the address of the connection's other end is appended
+    /// to `x-forwarded-for`.
     ClientIdLayer => ClientId {}
 );
+
+const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 impl<S: Service> Service for ClientId<S> {
     async fn call(
@@ -86,18 +97,93 @@ impl<S: Service> Service for ClientId<S> {
         mut req: Request<Body>,
         ctx: &mut RequestCtx,
     ) -> Result<Response<Body>, Error> {
+        let upgrade = is_upgrade(&req);
         let headers = req.headers_mut();
+        strip_hop_by_hop(headers, upgrade);
+        drop_look_alikes(headers);
         headers.remove(&CLIENT_ID_HEADER);
         if let Some(p) = &ctx.caller {
             headers.insert(CLIENT_ID_HEADER, p.client_id.clone());
         }
+        headers.insert(
+            XFP,
+            HeaderValue::from_static(if ctx.caller.is_some() {
+                "https"
+            } else {
+                "http"
+            }),
+        );
+        if let Some(addr) = ctx.remote {
+            if let Ok(v) = HeaderValue::from_str(&forwarded_for(headers, addr.ip())) {
+                headers.insert(XFF, v);
+            }
+        }
         self.inner.call(req, ctx).await
+    }
+}
+
+/// The `x-forwarded-for` list the caller sent (several lines read as one
+/// list), with `ip` appended: the last entry is the one the sidecar saw.
+fn forwarded_for(headers: &http::HeaderMap, ip: std::net::IpAddr) -> String {
+    let mut list = String::new();
+    for v in headers.get_all(&XFF) {
+        for item in v.to_str().unwrap_or("").split(',') {
+            let item = item.trim();
+            if !item.is_empty() {
+                list.push_str(item);
+                list.push_str(", ");
+            }
+        }
+    }
+    list.push_str(&ip.to_string());
+    list
+}
+
+/// Removes the headers whose names contain `_` and read, with `-` for
+/// `_`, as a header the sidecar sets. Nothing is allocated unless such a
+/// header came.
+fn drop_look_alikes(headers: &mut http::HeaderMap) {
+    let reads_as_ours = |name: &str| {
+        let dashed = name.replace('_', "-");
+        dashed.starts_with("tandem-") || dashed == XFF.as_str() || dashed == XFP.as_str()
+    };
+    let found: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().contains('_') && reads_as_ours(k.as_str()))
+        .cloned()
+        .collect();
+    for k in found {
+        headers.remove(k);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn look_alikes_go_and_the_forwarded_list_ends_with_the_peer() {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in [
+            ("tandem_client_id", "spiffe://evil"),
+            ("x_forwarded_for", "6.6.6.6"),
+            ("x_app_id", "kept"),
+            ("x-forwarded-for", "9.9.9.9, 8.8.8.8"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        h.append(XFF, HeaderValue::from_static(" ,7.7.7.7"));
+        drop_look_alikes(&mut h);
+        assert!(h.get("tandem_client_id").is_none());
+        assert!(h.get("x_forwarded_for").is_none());
+        assert_eq!(h.get("x_app_id").map(|v| v.as_bytes()), Some(&b"kept"[..]));
+        let ip = std::net::IpAddr::from([127, 0, 0, 1]);
+        assert_eq!(
+            forwarded_for(&h, ip),
+            "9.9.9.9, 8.8.8.8, 7.7.7.7, 127.0.0.1"
+        );
+        assert_eq!(forwarded_for(&http::HeaderMap::new(), ip), "127.0.0.1");
+    }
 
     #[test]
     fn one_peer_per_identity_with_the_namespace_kept() {

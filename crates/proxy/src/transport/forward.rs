@@ -146,10 +146,11 @@ impl Service for ToApp {
         let connector = self.connectors.for_protocol(protocol);
         let handshakes = &self.connectors.handshakes;
         match forward(req, pool, connector, handshakes, protocol, None, ctx).await {
-            Ok(resp) => {
+            Ok(mut resp) => {
                 ctx.timings.upstream_headers = Some(Instant::now());
-                // An app may pass on a flag it got from its own sidecar.
-                ctx.upstream_flag = flag_of(resp.headers());
+                // Only the mesh says `tandem-error`: an app's own (or one it
+                // passes on) never reaches the caller as the mesh's word.
+                resp.headers_mut().remove(&ERROR_HEADER);
                 Ok(resp)
             }
             Err(e) => Err(Error::new(
@@ -186,9 +187,10 @@ pub(crate) fn is_upgrade<B>(req: &Request<B>) -> bool {
         })
 }
 
-/// Removes hop-by-hop headers (and those the Connection header names);
-/// keeps `Connection: upgrade` + `Upgrade` on an upgrade.
-fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+/// Removes hop-by-hop headers (and those the Connection header names,
+/// except `Host`, which every request needs end to end); keeps
+/// `Connection: upgrade` + `Upgrade` on an upgrade.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     // Header names listed in `Connection` (rare beyond keep-alive/close, so
     // the list is usually empty and allocates nothing).
     let named: Vec<HeaderName> = headers
@@ -201,7 +203,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     for n in named {
-        if !(upgrade && n == UPGRADE) {
+        if !(upgrade && n == UPGRADE) && n != HOST {
             headers.remove(n);
         }
     }
@@ -375,13 +377,15 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert(CONNECTION, "keep-alive, x-custom".parse().expect("v"));
+        h.insert(CONNECTION, "keep-alive, x-custom, Host".parse().expect("v"));
+        h.insert(HOST, "web".parse().expect("v"));
         h.insert("x-custom", "1".parse().expect("v"));
         h.insert("keep-alive", "timeout=5".parse().expect("v"));
         h.insert("te", "trailers".parse().expect("v"));
         h.insert("x-app", "kept".parse().expect("v"));
         strip_hop_by_hop(&mut h, false);
         assert!(h.get("x-custom").is_none());
+        assert_eq!(h.get(HOST).map(|v| v.as_bytes()), Some(&b"web"[..]));
         assert!(h.get("keep-alive").is_none());
         assert!(h.get(CONNECTION).is_none());
         assert_eq!(h.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
