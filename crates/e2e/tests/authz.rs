@@ -397,3 +397,61 @@ fn authz_check_and_list_on_the_demo_config() {
     let (code, _) = run(&["authz", "list", "--config", "/nonexistent", "payments"]);
     assert_eq!(code, Some(2));
 }
+
+/// Policy edits reach the sidecars without restarts and drop none of the
+/// traffic they still allow: steady load from client to web while a deny
+/// for another caller, an allow for client and a deny for another path
+/// are applied in turn.
+#[test]
+fn policy_edits_drop_no_allowed_request() {
+    let base = common::config();
+    let mesh = Mesh::start(&base);
+    let web = mesh.instance("web", "web-1", &[], &[]);
+    let client = mesh.instance_with_upstreams("client", "client-1", &[], &[], &["web"]);
+    let catalog = mesh.instance("catalog", "catalog-1", &[], &[]);
+    let up = client.upstream("web");
+    wait_for("web through the sidecars", Duration::from_secs(20), || {
+        (http_get(up, "web", "/public/x").map(|r| r.0) == Some(200)).then_some(())
+    });
+    let load = Load::start(up, "web", "/public/x", 4, Duration::from_millis(5));
+    load.wait_progress(50, Duration::from_secs(20));
+    let mut config = base.clone();
+    for edit in [
+        authz(
+            "no-catalog",
+            "web",
+            "  action: deny\n  rules:\n    - from: [{services: [catalog]}]\n",
+        ),
+        authz(
+            "readers",
+            "web",
+            "  rules:\n    - from: [{services: [client]}]\n      to: [{paths: [\"/public/*\"]}]\n",
+        ),
+        authz(
+            "no-admin",
+            "web",
+            "  action: deny\n  rules:\n    - to: [{paths: [\"/admin/*\"]}]\n",
+        ),
+    ] {
+        config.push_str(&edit);
+        let before = web.config_version();
+        mesh.write_config("mesh.yaml", &config);
+        wait_for("web has the edit", Duration::from_secs(20), || {
+            (web.config_version() > before).then_some(())
+        });
+        load.wait_progress(50, Duration::from_secs(20));
+    }
+    // The edits are in force: catalog is refused, and so is client off
+    // its paths.
+    assert_eq!(call(&catalog, "web", "GET", "/public/x", &[]).status, 403);
+    assert_eq!(http_get(up, "web", "/private").map(|r| r.0), Some(403));
+    assert_eq!(http_get(up, "web", "/admin/x").map(|r| r.0), Some(403));
+    let (ok, failed) = load.finish();
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        ok
+    );
+    assert!(ok >= 200, "{ok}");
+}

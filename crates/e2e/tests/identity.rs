@@ -6,102 +6,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
-};
+use common::certs::{leaf, mesh_ca, other_ca, spiffe, Leaf, TD};
 use tandem_e2e::{
     api_json, bin, curl, free_port, http_get, metric, tandem_ok, wait_for, Instance, Load, Mesh,
     TempDir,
 };
-
-const TD: &str = "tandem.local";
-
-fn spiffe(ns: &str, svc: &str) -> String {
-    format!("spiffe://{TD}/ns/{ns}/svc/{svc}")
-}
-
-/// The mesh CA's signing root: (certificate PEM path, key PEM path).
-fn mesh_ca(mesh: &Mesh) -> (PathBuf, PathBuf) {
-    let ca = mesh.data_dir().join("ca");
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(ca.join("state.json")).unwrap()).unwrap();
-    let id = state["signer"].as_str().unwrap();
-    (ca.join(format!("{id}.crt")), ca.join(format!("{id}.key")))
-}
-
-/// A CA of our own, unknown to the mesh.
-fn other_ca(dir: &Path) -> (PathBuf, PathBuf) {
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::default();
-    p.distinguished_name = DistinguishedName::new();
-    p.distinguished_name.push(DnType::CommonName, "Other CA");
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let cert = p.self_signed(&key).unwrap();
-    let (c, k) = (dir.join("other-ca.crt"), dir.join("other-ca.key"));
-    std::fs::write(&c, cert.pem()).unwrap();
-    std::fs::write(&k, key.serialize_pem()).unwrap();
-    (c, k)
-}
-
-/// What a test certificate looks like.
-struct Leaf<'a> {
-    uris: Vec<String>,
-    /// Validity relative to now, in seconds.
-    from: i64,
-    to: i64,
-    ca_flag: bool,
-    issuer: (&'a Path, &'a Path),
-}
-
-/// Writes `<name>.crt` and `<name>.key`; returns their paths.
-fn leaf(dir: &Path, name: &str, l: Leaf<'_>) -> (String, String) {
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::default();
-    p.distinguished_name = DistinguishedName::new();
-    p.distinguished_name.push(DnType::CommonName, name);
-    p.subject_alt_names = l
-        .uris
-        .iter()
-        .map(|u| SanType::URI(u.clone().try_into().unwrap()))
-        .collect();
-    if l.ca_flag {
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyCertSign,
-        ];
-    } else {
-        p.is_ca = IsCa::ExplicitNoCa;
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    }
-    p.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let now = time::OffsetDateTime::now_utc();
-    p.not_before = now + time::Duration::seconds(l.from);
-    p.not_after = now + time::Duration::seconds(l.to);
-    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(l.issuer.1).unwrap()).unwrap();
-    let issuer =
-        Issuer::from_ca_cert_pem(&std::fs::read_to_string(l.issuer.0).unwrap(), ca_key).unwrap();
-    let cert = p.signed_by(&key, &issuer).unwrap();
-    let (c, k) = (
-        dir.join(format!("{name}.crt")),
-        dir.join(format!("{name}.key")),
-    );
-    std::fs::write(&c, cert.pem()).unwrap();
-    std::fs::write(&k, key.serialize_pem()).unwrap();
-    (c.display().to_string(), k.display().to_string())
-}
 
 /// What an app behind a sidecar may trust (docs/security.md): headers a
 /// caller sends cannot remove or stand in for the ones the sidecar sets,

@@ -1,6 +1,8 @@
 //! Config shared by the end-to-end tests.
 #![allow(dead_code)]
 
+pub mod certs;
+
 use tandem_e2e::{service_yaml, split_yaml};
 
 /// client -> web; client -> catalog (split over catalog-v1 / catalog-v2);

@@ -294,6 +294,12 @@ async fn forward(
                 };
                 Error::new(kind, format!("connect: {}", error_chain(&*e)))
             }
+            // The request's own body failed (the caller sent a malformed
+            // one or went away): the caller's fault, not the upstream's.
+            PoolError::Send(e) if e.is_user() => Error::new(
+                MeshError::BadRequest,
+                format!("the request body could not be read: {}", error_chain(&e)),
+            ),
             PoolError::Send(e) => {
                 let kind = match tls_error(&e) {
                     Some(reason) => {
