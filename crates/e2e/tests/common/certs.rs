@@ -2,6 +2,8 @@
 //! signed by the mesh's own CA (read from the control plane's data
 //! directory) or by a CA of the test's own.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 
 use rcgen::{
