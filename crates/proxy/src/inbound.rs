@@ -12,7 +12,7 @@
 //!
 //! | layer | answers |
 //! |---|---|
-//! | edge (`edge.rs`) | the flag header and the golden signals |
+//! | edge (`edge.rs`) | strict HTTP/1.1 heads (`400`), the flag header, the golden signals |
 //! | [`AdmitLayer`]: `--max-requests` | `503 overloaded` |
 //! | [`ReadyLayer`]: service declared, certificate valid | `503 not-configured`, `503 identity-expired` |
 //! | [`NormalizePathLayer`]: the path the policy matches and the app gets | `400 bad-request` |

@@ -13,7 +13,7 @@
 //!
 //! | layer | decides | answers |
 //! |---|---|---|
-//! | edge (`edge.rs`) | | the flag header and the golden signals |
+//! | edge (`edge.rs`) | the request head keeps RFC 9112 | `400 bad-request`; the flag header and the golden signals |
 //! | [`AdmitLayer`]: `--max-requests` | | `503 overloaded` |
 //! | [`DiscoverLayer`] | the destination (discovered on demand) | `404 unknown-service`, `503 discovery-unavailable`, `400 bad-request` |
 //! | [`RouteLayer`] | the route rule, backend, ring-hash key | `404 no-route` |
