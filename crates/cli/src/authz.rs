@@ -11,6 +11,7 @@ use tandem_config::compile::resolve_name;
 use tandem_config::model::DEFAULT_NAMESPACE;
 use tandem_config::ResourceSet;
 use tandem_identity::ca::DEFAULT_TRUST_DOMAIN;
+use tandem_identity::SpiffeId;
 
 #[derive(Subcommand)]
 pub(crate) enum AuthzCommand {
@@ -129,7 +130,7 @@ fn check(
         None => None,
         Some(f) => {
             let (cns, cname) = resolve_name(f, DEFAULT_NAMESPACE);
-            caller_id = format!("spiffe://{trust_domain}/ns/{cns}/svc/{cname}");
+            caller_id = SpiffeId::new(trust_domain, cns, cname).uri();
             Some(Caller {
                 id: &caller_id,
                 namespace: cns,
@@ -256,7 +257,7 @@ fn list(set: &ResourceSet, trust_domain: &str, target: &str) -> ExitCode {
             None => None,
             Some(cns) => {
                 let cname = label.rsplit('/').next().unwrap_or_default();
-                id = format!("spiffe://{trust_domain}/ns/{cns}/svc/{cname}");
+                id = SpiffeId::new(trust_domain, cns, cname).uri();
                 Some(Caller {
                     id: &id,
                     namespace: cns,

@@ -655,28 +655,7 @@ fn compile_policy(
 ) -> AuthzPolicy {
     let spec = &p.spec;
     let t = &spec.target_ref;
-    if let Some(k) = t
-        .group
-        .as_ref()
-        .filter(|g| !(g.value.is_empty() || g.value == "tandem.dev"))
-    {
-        diags.push(Diagnostic::at(
-            &p.at(k),
-            format!(
-                "targetRef group `{}` is not supported; use `tandem.dev` or leave it out",
-                k.value
-            ),
-        ));
-    }
-    if t.kind.value != "Service" {
-        diags.push(Diagnostic::at(
-            &p.at(&t.kind),
-            format!(
-                "kind `{}` is not supported here; only Service",
-                t.kind.value
-            ),
-        ));
-    }
+    crate::policy::check_target_kind(p, t, "an AuthorizationPolicy", diags);
     let (ns, name) = target(p);
     let service = set.service(ns, name);
     if service.is_none() {

@@ -75,26 +75,7 @@ pub fn compile_policy(
     diags: &mut Vec<Diagnostic>,
 ) -> Policy {
     let t = &p.spec.target_ref;
-    if t.kind.value != "Service" {
-        diags.push(Diagnostic::at(
-            &p.at(&t.kind),
-            format!(
-                "targetRef kind `{}` is not supported; a TrafficPolicy targets a Service",
-                t.kind.value
-            ),
-        ));
-    }
-    if let Some(g) = &t.group {
-        if !g.value.is_empty() && g.value != "tandem.dev" {
-            diags.push(Diagnostic::at(
-                &p.at(g),
-                format!(
-                    "targetRef group `{}` is not supported; use `tandem.dev` or leave it out",
-                    g.value
-                ),
-            ));
-        }
-    }
+    check_target_kind(p, t, "a TrafficPolicy", diags);
     let (ns, _) = t.resolve(&p.namespace);
     match set.service(ns, &t.name.value) {
         None => diags.push(Diagnostic::at(
@@ -355,6 +336,38 @@ pub fn route_overrides(
         o.backoff_ms = dur(&rt.backoff, diags);
     }
     Some(o)
+}
+
+/// A policy's `targetRef` names a Service: its kind is `Service` and its
+/// group `tandem.dev` or none. `what` names the policy (`a TrafficPolicy`).
+pub(crate) fn check_target_kind<S>(
+    p: &Loaded<S>,
+    t: &crate::model::TargetRef,
+    what: &str,
+    diags: &mut Vec<Diagnostic>,
+) {
+    if t.kind.value != "Service" {
+        diags.push(Diagnostic::at(
+            &p.at(&t.kind),
+            format!(
+                "targetRef kind `{}` is not supported; {what} targets a Service",
+                t.kind.value
+            ),
+        ));
+    }
+    if let Some(g) = t
+        .group
+        .as_ref()
+        .filter(|g| !(g.value.is_empty() || g.value == "tandem.dev"))
+    {
+        diags.push(Diagnostic::at(
+            &p.at(g),
+            format!(
+                "targetRef group `{}` is not supported; use `tandem.dev` or leave it out",
+                g.value
+            ),
+        ));
+    }
 }
 
 /// The rate limit of a TrafficPolicy, checked.

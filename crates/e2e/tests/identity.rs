@@ -25,18 +25,7 @@ fn the_app_trusts_only_the_headers_its_sidecar_sets() {
     let web = mesh.instance("web", "web-1", &[], &[]);
     let client = mesh.instance("client", "client-1", &[], &[]);
     let scratch = TempDir::new("certs");
-    let (ca_crt, ca_key) = mesh_ca(&mesh);
-    let (c, k) = leaf(
-        scratch.0.as_path(),
-        "tester",
-        Leaf {
-            uris: vec![spiffe("default", "tester")],
-            from: -60,
-            to: 600,
-            ca_flag: false,
-            issuer: (ca_crt.as_path(), ca_key.as_path()),
-        },
-    );
+    let (c, k) = common::certs::mesh_leaf(&mesh, &scratch.0, "tester");
     let url = format!("https://{}/headers", web.inbound);
     // HTTP/1.1: HTTP/2 has no `Connection` header.
     let out = curl(&[

@@ -15,7 +15,6 @@ use crate::ctx::{Peer, RequestCtx};
 use crate::error::Error;
 use crate::svc::{layer, Service};
 use crate::telemetry::metrics::Name;
-use crate::transport::forward::{is_upgrade, strip_hop_by_hop};
 
 /// The header the inbound sidecar sets to the caller's verified SPIFFE ID
 /// (and removes from anything that arrives, so it cannot be spoofed).
@@ -77,19 +76,18 @@ fn is_label(s: &str) -> bool {
 
 layer!(
     /// The headers an app behind the sidecar may trust (docs/security.md).
-    /// Hop-by-hop headers go first, so that a `Connection` header cannot
-    /// name one the sidecar sets (or `Host`) to have it removed on the way
-    /// to the app; then every header that reads as one the sidecar sets
-    /// once `_` is taken for `-` (`tandem_client_id`), as CGI-style servers
-    /// do. Then `tandem-client-id` is the caller's verified SPIFFE ID (and
+    /// Every header that reads as one the sidecar sets once `_` is taken
+    /// for `-` (`tandem_client_id`, as CGI-style servers read it) goes;
+    /// then `tandem-client-id` is the caller's verified SPIFFE ID (and
     /// absent for a plaintext caller), `x-forwarded-proto` the scheme of
     /// this hop, and the address of the connection's other end is appended
-    /// to `x-forwarded-for`.
+    /// to `x-forwarded-for`. A `Connection` header cannot make these
+    /// hop-by-hop: the hop to the app keeps them (`transport/forward.rs`).
     ClientIdLayer => ClientId {}
 );
 
-const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
-const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(crate) const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 impl<S: Service> Service for ClientId<S> {
     async fn call(
@@ -97,9 +95,7 @@ impl<S: Service> Service for ClientId<S> {
         mut req: Request<Body>,
         ctx: &mut RequestCtx,
     ) -> Result<Response<Body>, Error> {
-        let upgrade = is_upgrade(&req);
         let headers = req.headers_mut();
-        strip_hop_by_hop(headers, upgrade);
         drop_look_alikes(headers);
         headers.remove(&CLIENT_ID_HEADER);
         if let Some(p) = &ctx.caller {

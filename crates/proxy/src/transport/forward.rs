@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use crate::body::Body;
 use crate::ctx::RequestCtx;
 use crate::error::{Error, MeshError, ERROR_HEADER};
+use crate::inbound::caller::{CLIENT_ID_HEADER, XFF, XFP};
 use crate::routing::Routes;
 use crate::svc::Service;
 use crate::telemetry::metrics::{Direction, HandshakeLabels};
@@ -187,10 +188,15 @@ pub(crate) fn is_upgrade<B>(req: &Request<B>) -> bool {
         })
 }
 
+/// Headers a `Connection` header cannot make hop-by-hop: `Host`, which
+/// every request needs, and those the inbound sidecar sets for its app
+/// (docs/security.md).
+const END_TO_END: [HeaderName; 4] = [HOST, CLIENT_ID_HEADER, XFF, XFP];
+
 /// Removes hop-by-hop headers (and those the Connection header names,
-/// except `Host`, which every request needs end to end); keeps
-/// `Connection: upgrade` + `Upgrade` on an upgrade.
-pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+/// except [`END_TO_END`] ones); keeps `Connection: upgrade` + `Upgrade` on
+/// an upgrade.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     // Header names listed in `Connection` (rare beyond keep-alive/close, so
     // the list is usually empty and allocates nothing).
     let named: Vec<HeaderName> = headers
@@ -203,7 +209,8 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     for n in named {
-        if !(upgrade && n == UPGRADE) && n != HOST {
+        let kept = END_TO_END.contains(&n) || (upgrade && n == UPGRADE);
+        if !kept {
             headers.remove(n);
         }
     }
@@ -383,8 +390,17 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert(CONNECTION, "keep-alive, x-custom, Host".parse().expect("v"));
+        h.insert(
+            CONNECTION,
+            "keep-alive, x-custom, Host, tandem-client-id"
+                .parse()
+                .expect("v"),
+        );
         h.insert(HOST, "web".parse().expect("v"));
+        h.insert(
+            CLIENT_ID_HEADER,
+            "spiffe://td/ns/a/svc/b".parse().expect("v"),
+        );
         h.insert("x-custom", "1".parse().expect("v"));
         h.insert("keep-alive", "timeout=5".parse().expect("v"));
         h.insert("te", "trailers".parse().expect("v"));
@@ -392,6 +408,7 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert!(h.get("x-custom").is_none());
         assert_eq!(h.get(HOST).map(|v| v.as_bytes()), Some(&b"web"[..]));
+        assert!(h.get(CLIENT_ID_HEADER).is_some());
         assert!(h.get("keep-alive").is_none());
         assert!(h.get(CONNECTION).is_none());
         assert_eq!(h.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
