@@ -2,6 +2,7 @@
 //! control plane's HTTP API.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -9,27 +10,107 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-pub async fn get_json(api: SocketAddr, path: &str) -> anyhow::Result<serde_json::Value> {
+/// Where the control plane's API is and the admin credential it takes.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ApiArgs {
+    /// Control-plane API address.
+    #[arg(long, default_value = tandem_control::DEFAULT_API, env = "TANDEM_API")]
+    pub api: SocketAddr,
+    /// The control plane's data directory, where its admin credential is
+    /// (`admin.token`). Default: the one `tandem up` uses.
+    #[arg(long, env = "TANDEM_DATA")]
+    pub data: Option<PathBuf>,
+    /// A file holding the admin credential (instead of --data).
+    #[arg(long, env = "TANDEM_ADMIN_TOKEN_FILE", conflicts_with = "data")]
+    pub admin_token_file: Option<PathBuf>,
+}
+
+/// The API and the credential to present.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub api: SocketAddr,
+    /// The credential and the file it came from (for error messages).
+    credential: Option<(String, PathBuf)>,
+}
+
+impl ApiArgs {
+    /// Reads the credential: from --admin-token-file, else from --data's
+    /// `admin.token`, else from the data directory `tandem up` uses by
+    /// default, if there is one.
+    pub fn target(&self) -> anyhow::Result<Target> {
+        let file = match (&self.admin_token_file, &self.data) {
+            (Some(f), _) => Some(f.clone()),
+            (None, Some(d)) => Some(d.join(tandem_control::api::ADMIN_CREDENTIAL)),
+            (None, None) => {
+                let f = crate::up::default_state_dir()
+                    .join("data")
+                    .join(tandem_control::api::ADMIN_CREDENTIAL);
+                f.exists().then_some(f)
+            }
+        };
+        let credential = match file {
+            Some(f) => {
+                let text = std::fs::read_to_string(&f)
+                    .with_context(|| format!("cannot read the admin credential {}", f.display()))?;
+                Some((text.trim().to_string(), f))
+            }
+            None => None,
+        };
+        Ok(Target {
+            api: self.api,
+            credential,
+        })
+    }
+}
+
+impl Target {
+    /// The API of a control plane whose data directory is `data`.
+    pub fn local(api: SocketAddr, data: &Path) -> anyhow::Result<Target> {
+        ApiArgs {
+            api,
+            data: Some(data.to_path_buf()),
+            admin_token_file: None,
+        }
+        .target()
+    }
+}
+
+pub async fn get_json(api: &Target, path: &str) -> anyhow::Result<serde_json::Value> {
     call_json(api, hyper::Method::GET, path).await
 }
 
 pub async fn call_json(
-    api: SocketAddr,
+    target: &Target,
     method: hyper::Method,
     path: &str,
 ) -> anyhow::Result<serde_json::Value> {
+    let api = target.api;
     let client: Client<_, Empty<hyper::body::Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
-    let req = hyper::Request::builder()
+    let mut req = hyper::Request::builder()
         .method(method)
-        .uri(format!("http://{api}{path}"))
-        .body(Empty::new())?;
+        .uri(format!("http://{api}{path}"));
+    if let Some((credential, _)) = &target.credential {
+        req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {credential}"));
+    }
+    let req = req.body(Empty::new())?;
     let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
         .await
         .context("the control plane did not answer in 5s")?
         .with_context(|| format!("cannot reach the control plane API at {api} (is `tandem control` or `tandem up` running? set --api)"))?;
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();
+    if status == hyper::StatusCode::UNAUTHORIZED {
+        match &target.credential {
+            Some((_, f)) => anyhow::bail!(
+                "the control plane at {api} refused the admin credential in {} (is it this control plane's data directory?)",
+                f.display()
+            ),
+            None => anyhow::bail!(
+                "the control plane at {api} needs its admin credential: pass its data directory (--data or TANDEM_DATA) or --admin-token-file"
+            ),
+        }
+    }
     if !status.is_success() {
         let msg = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
@@ -88,7 +169,7 @@ pub fn stat_table(rows: &[StatRow]) -> String {
     out
 }
 
-pub async fn fetch_stats(api: SocketAddr, window: Duration) -> anyhow::Result<Vec<StatRow>> {
+pub async fn fetch_stats(api: &Target, window: Duration) -> anyhow::Result<Vec<StatRow>> {
     let v = get_json(
         api,
         &format!("/api/v1/stats?window={}ms", window.as_millis().max(1)),
@@ -97,7 +178,8 @@ pub async fn fetch_stats(api: SocketAddr, window: Duration) -> anyhow::Result<Ve
     Ok(serde_json::from_value(v)?)
 }
 
-pub fn stat(api: SocketAddr, window: Duration, json: bool) -> anyhow::Result<()> {
+pub fn stat(api: &ApiArgs, window: Duration, json: bool) -> anyhow::Result<()> {
+    let api = &api.target()?;
     block_on(async {
         if json {
             let v = get_json(
@@ -113,7 +195,8 @@ pub fn stat(api: SocketAddr, window: Duration, json: bool) -> anyhow::Result<()>
     })
 }
 
-pub fn status(api: SocketAddr, json: bool) -> anyhow::Result<()> {
+pub fn status(api: &ApiArgs, json: bool) -> anyhow::Result<()> {
+    let api = &api.target()?;
     block_on(async {
         let v = get_json(api, "/api/v1/proxies").await?;
         if json {

@@ -1,7 +1,6 @@
 //! `tandem token ...` (offline, with the control plane's data directory)
 //! and `tandem ca ...` (through the control plane's API).
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -9,13 +8,18 @@ use anyhow::Context;
 use tandem_identity::ca::Authority;
 use tandem_identity::spiffe::{valid_label, SYSTEM_NAMESPACE};
 
-use crate::api::{block_on, call_json, get_json, human};
+use crate::api::{block_on, call_json, get_json, human, ApiArgs};
+
+/// Longest lifetime of a reusable token: anyone who copies it can join
+/// until it expires.
+pub const MAX_REUSABLE_TTL: Duration = Duration::from_secs(24 * 3600);
 
 pub fn token_create(
     data: &Path,
     namespace: &str,
     service: &str,
     ttl: Duration,
+    reusable: bool,
     json: bool,
 ) -> anyhow::Result<()> {
     for (what, v) in [("namespace", namespace), ("service", service)] {
@@ -29,12 +33,18 @@ pub fn token_create(
     if ttl.is_zero() {
         anyhow::bail!("--ttl must be more than zero");
     }
+    if reusable && ttl > MAX_REUSABLE_TTL {
+        anyhow::bail!(
+            "a reusable token lives at most 24h (--ttl); for longer, mint one single-use token per proxy"
+        );
+    }
     let ca = block_on(async {
         let kv = tandem_store::LocalDir::open(data)?;
         Ok(Authority::open(&kv, None, None).await?)
     })
     .with_context(|| format!("certificate authority in {}", data.display()))?;
-    let (claims, token) = ca.mint_token(namespace, service, ttl)?;
+    let (claims, token) = ca.mint_token(namespace, service, ttl, reusable)?;
+    let kind = if reusable { "reusable" } else { "single-use" };
     if json {
         println!(
             "{}",
@@ -43,12 +53,18 @@ pub fn token_create(
                 "id": claims.id,
                 "spiffe_id": format!("spiffe://{}/ns/{}/svc/{}", claims.td, claims.ns, claims.svc),
                 "expires": claims.exp,
+                "use": kind,
             }))?
         );
     } else {
         println!("{token}");
+        let how = if reusable {
+            "any number of proxies may bootstrap with it until it expires"
+        } else {
+            "one proxy bootstraps with it, once; it renews with its certificate afterwards"
+        };
         eprintln!(
-            "token {} for spiffe://{}/ns/{}/svc/{}, valid for {}",
+            "{kind} token {} for spiffe://{}/ns/{}/svc/{}, valid for {}: {how}",
             claims.id,
             claims.td,
             claims.ns,
@@ -68,11 +84,12 @@ pub fn token_revoke(data: &Path, id: &str) -> anyhow::Result<()> {
         Ok(Authority::revoke(&kv, id).await?)
     })
     .with_context(|| format!("certificate authority in {}", data.display()))?;
-    eprintln!("token {id} revoked: it can no longer register a proxy or obtain a certificate");
+    eprintln!("token {id} revoked: proxies bootstrapped with it are expelled by the control plane within seconds, and neither it nor their certificates obtain new ones");
     Ok(())
 }
 
-pub fn ca_show(api: SocketAddr, json: bool) -> anyhow::Result<()> {
+pub fn ca_show(api: &ApiArgs, json: bool) -> anyhow::Result<()> {
+    let api = &api.target()?;
     block_on(async {
         let v = get_json(api, "/api/v1/ca").await?;
         if json {
@@ -98,7 +115,8 @@ pub fn ca_show(api: SocketAddr, json: bool) -> anyhow::Result<()> {
 }
 
 /// Starts a rotation and follows it until the new root signs.
-pub fn ca_rotate(api: SocketAddr, wait: bool) -> anyhow::Result<()> {
+pub fn ca_rotate(api: &ApiArgs, wait: bool) -> anyhow::Result<()> {
+    let api = &api.target()?;
     block_on(async {
         let r = call_json(api, hyper::Method::POST, "/api/v1/ca/rotate").await?;
         let root = r["new_root"].as_str().unwrap_or("").to_string();
@@ -123,7 +141,8 @@ pub fn ca_rotate(api: SocketAddr, wait: bool) -> anyhow::Result<()> {
     })
 }
 
-pub fn ca_retire(api: SocketAddr, force: bool) -> anyhow::Result<()> {
+pub fn ca_retire(api: &ApiArgs, force: bool) -> anyhow::Result<()> {
+    let api = &api.target()?;
     block_on(async {
         let path = if force {
             "/api/v1/ca/retire?force=true"

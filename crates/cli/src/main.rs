@@ -50,6 +50,10 @@ enum Command {
         /// HTTP API address (used by `tandem stat` and `tandem status`).
         #[arg(long, default_value = tandem_control::DEFAULT_API)]
         api: SocketAddr,
+        /// A host name the API may be reached by (repeatable). IP addresses
+        /// and `localhost` always are; any other `Host` is refused.
+        #[arg(long)]
+        api_host: Vec<String>,
         /// How long a disconnected proxy stays an endpoint.
         #[arg(long, default_value = "2s", value_parser = parse_duration)]
         grace: Duration,
@@ -63,9 +67,14 @@ enum Command {
         /// SPIFFE trust domain of the mesh (fixed when the CA is created).
         #[arg(long)]
         trust_domain: Option<String>,
-        /// Lifetime of the certificates issued to proxies.
+        /// Lifetime of the certificates issued to proxies (at most 7d, and
+        /// never past the signing root's own end).
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         cert_lifetime: Duration,
+        /// Accept peer certificates that chain to the trust bundle through
+        /// intermediate CAs (refused by default).
+        #[arg(long)]
+        allow_intermediates: bool,
         /// Use this root CA certificate (PEM) instead of generating one.
         #[arg(long, requires = "ca_key")]
         ca_cert: Option<PathBuf>,
@@ -91,9 +100,8 @@ enum Command {
     Authz(authz::AuthzCommand),
     /// Golden signals per (source, destination) service pair.
     Stat {
-        /// Control-plane API address.
-        #[arg(long, default_value = tandem_control::DEFAULT_API, env = "TANDEM_API")]
-        api: SocketAddr,
+        #[command(flatten)]
+        api: api::ApiArgs,
         /// Window the figures cover.
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         window: Duration,
@@ -102,8 +110,8 @@ enum Command {
     },
     /// Every proxy known to the control plane and the config version it runs.
     Status {
-        #[arg(long, default_value = tandem_control::DEFAULT_API, env = "TANDEM_API")]
-        api: SocketAddr,
+        #[command(flatten)]
+        api: api::ApiArgs,
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
@@ -120,9 +128,14 @@ enum TokenCommand {
         service: String,
         #[arg(long, default_value = tandem_config::model::DEFAULT_NAMESPACE)]
         namespace: String,
-        /// How long the token may be used to register and obtain certificates.
-        #[arg(long, default_value = "365d", value_parser = parse_duration)]
+        /// How long the token may be used to bootstrap a proxy.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
         ttl: Duration,
+        /// Let any number of proxies bootstrap with the token until it
+        /// expires (at most 24h). By default a token is single-use: it
+        /// certifies one proxy's key, once.
+        #[arg(long)]
+        reusable: bool,
         /// The control plane's data directory.
         #[arg(long)]
         data: PathBuf,
@@ -141,24 +154,24 @@ enum TokenCommand {
 enum CaCommand {
     /// Trust domain, roots in the bundle, the signing root, rotation phase.
     Show {
-        #[arg(long, default_value = tandem_control::DEFAULT_API, env = "TANDEM_API")]
-        api: SocketAddr,
+        #[command(flatten)]
+        api: api::ApiArgs,
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
     /// Introduce a new root: it joins the trust bundle, then signs once
     /// every proxy knows it; proxies renew under it.
     Rotate {
-        #[arg(long, default_value = tandem_control::DEFAULT_API, env = "TANDEM_API")]
-        api: SocketAddr,
+        #[command(flatten)]
+        api: api::ApiArgs,
         /// Return once the rotation started instead of following it.
         #[arg(long)]
         no_wait: bool,
     },
     /// Remove every root but the signing one from the trust bundle.
     Retire {
-        #[arg(long, default_value = tandem_control::DEFAULT_API, env = "TANDEM_API")]
-        api: SocketAddr,
+        #[command(flatten)]
+        api: api::ApiArgs,
         /// Retire even if some proxy still uses a certificate the old root signed.
         #[arg(long)]
         force: bool,
@@ -415,11 +428,13 @@ fn main() -> ExitCode {
             data,
             listen,
             api,
+            api_host,
             grace,
             scrape_interval,
             warmup,
             trust_domain,
             cert_lifetime,
+            allow_intermediates,
             ca_cert,
             ca_key,
             common,
@@ -436,6 +451,8 @@ fn main() -> ExitCode {
                 trust_domain,
                 cert_lifetime,
                 ca_import: ca_cert.zip(ca_key),
+                api_hosts: api_host,
+                allow_intermediates,
             };
             block_on(
                 common.threads.max(2),
@@ -519,21 +536,29 @@ fn main() -> ExitCode {
             api,
             window,
             output,
-        } => api::stat(api, window, output == Output::Json),
-        Command::Status { api, output } => api::status(api, output == Output::Json),
+        } => api::stat(&api, window, output == Output::Json),
+        Command::Status { api, output } => api::status(&api, output == Output::Json),
         Command::Token(TokenCommand::Create {
             service,
             namespace,
             ttl,
+            reusable,
             data,
             output,
-        }) => identity::token_create(&data, &namespace, &service, ttl, output == Output::Json),
+        }) => identity::token_create(
+            &data,
+            &namespace,
+            &service,
+            ttl,
+            reusable,
+            output == Output::Json,
+        ),
         Command::Token(TokenCommand::Revoke { id, data }) => identity::token_revoke(&data, &id),
         Command::Ca(CaCommand::Show { api, output }) => {
-            identity::ca_show(api, output == Output::Json)
+            identity::ca_show(&api, output == Output::Json)
         }
-        Command::Ca(CaCommand::Rotate { api, no_wait }) => identity::ca_rotate(api, !no_wait),
-        Command::Ca(CaCommand::Retire { api, force }) => identity::ca_retire(api, force),
+        Command::Ca(CaCommand::Rotate { api, no_wait }) => identity::ca_rotate(&api, !no_wait),
+        Command::Ca(CaCommand::Retire { api, force }) => identity::ca_retire(&api, force),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -131,6 +131,12 @@ impl Ports {
     }
 }
 
+/// Where `tandem up` keeps its state unless told otherwise (the CLI looks
+/// for the demo control plane's admin credential there).
+pub fn default_state_dir() -> PathBuf {
+    std::env::temp_dir().join("tandem-up")
+}
+
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
     if let Some(dir) = &args.write_config {
         std::fs::create_dir_all(dir)?;
@@ -146,10 +152,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
 }
 
 async fn up(args: UpArgs) -> anyhow::Result<()> {
-    let state = args
-        .state_dir
-        .clone()
-        .unwrap_or_else(|| std::env::temp_dir().join("tandem-up"));
+    let state = args.state_dir.clone().unwrap_or_else(default_state_dir);
     let logs = state.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
     let config_dir = match &args.dir {
@@ -187,10 +190,19 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         return Err(e);
     }
     println!();
-    println!(
-        "  from another terminal:  tandem stat    tandem status    (API {})",
-        args.api
-    );
+    // The CLI finds the admin credential in the default state directory
+    // by itself; elsewhere it must be told.
+    let data_flag = if args.state_dir.is_some() {
+        format!(" --data {}", state.join("data").display())
+    } else {
+        String::new()
+    };
+    let api_flag = if args.api.to_string() != tandem_control::DEFAULT_API {
+        format!(" --api {}", args.api)
+    } else {
+        String::new()
+    };
+    println!("  from another terminal:  tandem stat{api_flag}{data_flag}    tandem status{api_flag}{data_flag}");
     println!("  Ctrl-C stops everything.");
     println!();
 
@@ -199,7 +211,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         config_dir.display(),
         logs.display()
     );
-    let outcome = watch(&args, &header, &mut procs).await;
+    let outcome = watch(&args, &header, &state.join("data"), &mut procs).await;
     stop_all(&mut procs).await;
     println!("tandem up: stopped all {} processes", procs.len());
     outcome
@@ -245,6 +257,13 @@ async fn start_all(
     let data = state.join("data");
     let kv = tandem_store::LocalDir::open(&data)
         .with_context(|| format!("data directory {}", data.display()))?;
+    // A state directory from an older release may have an open `ca/`;
+    // the control plane refuses that, and this one is ours to fix.
+    let ca_dir = data.join("ca");
+    if ca_dir.is_dir() {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&ca_dir, std::fs::Permissions::from_mode(0o700))?;
+    }
     let ca = tandem_identity::ca::Authority::open(&kv, None, None)
         .await
         .with_context(|| format!("certificate authority in {}", data.display()))?;
@@ -277,10 +296,13 @@ async fn start_all(
     ports.release();
     for (svc, (inbound, app, admin, proxy)) in SERVICES.iter().zip(plan) {
         let instance = format!("{}-1", svc.service);
+        // Single-use: each sidecar spends its token on its first
+        // certificate and renews with that certificate afterwards.
         let (_, token) = ca.mint_token(
             tandem_config::model::DEFAULT_NAMESPACE,
             svc.service,
-            Duration::from_secs(30 * 86400),
+            Duration::from_secs(3600),
+            false,
         )?;
         let token_file = tokens.join(format!("{}.token", svc.service));
         write_secret(&token_file, &token)?;
@@ -387,7 +409,7 @@ async fn ready(admin: SocketAddr) -> bool {
 
 /// Shows the live view until Ctrl-C / SIGTERM. A child that dies is
 /// reported; the rest keep running.
-async fn watch(args: &UpArgs, header: &str, procs: &mut [Proc]) -> anyhow::Result<()> {
+async fn watch(args: &UpArgs, header: &str, data: &Path, procs: &mut [Proc]) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -424,7 +446,12 @@ async fn watch(args: &UpArgs, header: &str, procs: &mut [Proc]) -> anyhow::Resul
                 ));
             }
         }
-        let table = match api::fetch_stats(args.api, Duration::from_secs(10)).await {
+        let target = api::Target::local(args.api, data);
+        let stats = match &target {
+            Ok(t) => api::fetch_stats(t, Duration::from_secs(10)).await,
+            Err(e) => Err(anyhow::anyhow!("{e:#}")),
+        };
+        let table = match stats {
             Ok(rows) => api::stat_table(&rows),
             Err(e) => format!("(no stats: {e:#})\n"),
         };

@@ -32,6 +32,10 @@ pub struct Trust {
     /// Id of the root that signs new certificates: a proxy whose
     /// certificate was signed by another one renews it.
     pub signer: String,
+    /// Peers' chains may pass through intermediate CAs (off: leaves are
+    /// signed by a root of the bundle directly).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub intermediates: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

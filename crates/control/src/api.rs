@@ -7,7 +7,14 @@
 //! - `GET /api/v1/ca` — trust domain, roots, signing root, rotation phase
 //! - `POST /api/v1/ca/rotate` — start a root rotation
 //! - `POST /api/v1/ca/retire[?force=true]` — remove roots that no longer sign
-//! - `GET /healthz`
+//! - `GET /healthz`, `GET /readyz` — liveness and readiness
+//!
+//! Every endpoint but the last two needs the admin credential
+//! (`Authorization: Bearer <credential>`, the contents of
+//! `<data>/admin.token`); without it the answer is 401 and nothing
+//! changes. Before that, a request whose `Host` is not an IP address,
+//! `localhost` or a name given with `--api-host` is refused (DNS
+//! rebinding), and so is one whose `Origin` is another site (CSRF).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -26,6 +33,120 @@ pub struct Api {
     pub mesh: Arc<Mesh>,
     pub stats: Arc<Stats>,
     pub ca: Arc<Ca>,
+    pub access: Access,
+}
+
+/// The key of the admin credential in the data directory's store.
+pub const ADMIN_CREDENTIAL: &str = "admin.token";
+
+/// The admin credential: read from the store, or made (32 random bytes,
+/// hex) on first start. Written once with compare-and-swap, so two
+/// processes starting on one directory agree on it.
+pub async fn admin_credential(kv: &dyn tandem_store::Kv) -> std::io::Result<String> {
+    if let Some(v) = kv.get(ADMIN_CREDENTIAL).await? {
+        let t = String::from_utf8_lossy(&v.value).trim().to_string();
+        if t.len() >= 32 {
+            return Ok(t);
+        }
+        return Err(std::io::Error::other(format!(
+            "{ADMIN_CREDENTIAL} in the data directory is too short; delete it to make a new one"
+        )));
+    }
+    let t = tandem_identity::ca::random_secret().map_err(std::io::Error::other)?;
+    kv.put_if(ADMIN_CREDENTIAL, None, format!("{t}\n").as_bytes())
+        .await?;
+    // Another process may have written first: theirs stands.
+    let v = kv
+        .get(ADMIN_CREDENTIAL)
+        .await?
+        .ok_or_else(|| std::io::Error::other("the admin credential vanished"))?;
+    Ok(String::from_utf8_lossy(&v.value).trim().to_string())
+}
+
+/// Who may use the API: the credential, and the names it may be reached by.
+pub struct Access {
+    pub credential: String,
+    /// Host names accepted besides IP addresses and `localhost`.
+    pub hosts: Vec<String>,
+}
+
+/// Why a request was refused before it was served.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// No `Host`, or one the API is not known by.
+    Host(String),
+    /// An `Origin` (or `Sec-Fetch-Site`) of another site.
+    Origin(String),
+    /// No credential, or a wrong one.
+    Credential,
+}
+
+impl Access {
+    /// Checks a request's head: Host, Origin, then (unless `open`) the
+    /// credential.
+    pub fn check(&self, head: &http::request::Parts, open: bool) -> Result<(), Refusal> {
+        let host = head
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| head.uri.authority().map(|a| a.to_string()))
+            .ok_or_else(|| Refusal::Host("a Host header is required".into()))?;
+        if !self.host_allowed(&host) {
+            return Err(Refusal::Host(format!(
+                "Host `{host}` is not a name of this API (IP addresses, localhost, --api-host)"
+            )));
+        }
+        if let Some(origin) = head.headers.get(http::header::ORIGIN) {
+            let origin = origin.to_str().unwrap_or("");
+            let same = ["http://", "https://"]
+                .iter()
+                .any(|s| origin.strip_prefix(s) == Some(host.as_str()));
+            if !same {
+                return Err(Refusal::Origin(format!(
+                    "cross-origin request from `{origin}` refused"
+                )));
+            }
+        }
+        if let Some(site) = head.headers.get("sec-fetch-site") {
+            if !matches!(site.as_bytes(), b"same-origin" | b"none") {
+                return Err(Refusal::Origin("cross-site request refused".into()));
+            }
+        }
+        if open {
+            return Ok(());
+        }
+        let given = head
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .unwrap_or("");
+        if constant_time_eq(given.as_bytes(), self.credential.as_bytes()) {
+            Ok(())
+        } else {
+            Err(Refusal::Credential)
+        }
+    }
+
+    fn host_allowed(&self, host: &str) -> bool {
+        let name = match host.parse::<http::uri::Authority>() {
+            Ok(a) => a.host().to_string(),
+            Err(_) => return false,
+        };
+        let bare = name.trim_start_matches('[').trim_end_matches(']');
+        bare.parse::<std::net::IpAddr>().is_ok()
+            || name.eq_ignore_ascii_case("localhost")
+            || self.hosts.iter().any(|h| h.eq_ignore_ascii_case(&name))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl Api {
@@ -33,6 +154,30 @@ impl Api {
         self: Arc<Self>,
         req: Request<Incoming>,
     ) -> Result<Response<Full<Bytes>>, Infallible> {
+        let (head, _body) = req.into_parts();
+        let open = matches!(head.uri.path(), "/healthz" | "/readyz");
+        match self.access.check(&head, open) {
+            Ok(()) => {}
+            Err(Refusal::Credential) => {
+                let mut r = json(
+                    StatusCode::UNAUTHORIZED,
+                    &serde_json::json!({"error": "the admin credential is missing or wrong (the CLI reads it from the control plane's data directory: --data or TANDEM_DATA, or --admin-token-file)"}),
+                );
+                r.headers_mut().insert(
+                    http::header::WWW_AUTHENTICATE,
+                    http::HeaderValue::from_static("Bearer realm=\"tandem\""),
+                );
+                return Ok(r);
+            }
+            Err(Refusal::Host(e) | Refusal::Origin(e)) => {
+                tracing::warn!(error = %e, "API request refused");
+                return Ok(json(
+                    StatusCode::FORBIDDEN,
+                    &serde_json::json!({ "error": e }),
+                ));
+            }
+        }
+        let req = Request::from_parts(head, ());
         if req.method() == http::Method::POST {
             let resp = match req.uri().path() {
                 "/api/v1/ca/rotate" => match self.ca.rotate().await {
@@ -68,7 +213,7 @@ impl Api {
             "/api/v1/config" => json(StatusCode::OK, &self.mesh.config_status()),
             "/api/v1/push" => json(StatusCode::OK, &self.mesh.push_status()),
             "/api/v1/ca" => json(StatusCode::OK, &self.ca.info()),
-            "/healthz" => json(StatusCode::OK, &serde_json::json!({"ok": true})),
+            "/healthz" | "/readyz" => json(StatusCode::OK, &serde_json::json!({"ok": true})),
             _ => json(
                 StatusCode::NOT_FOUND,
                 &serde_json::json!({"error": "not found"}),
@@ -113,6 +258,95 @@ fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Response<Full<Bytes>>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn head(headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut b = Request::builder().uri("/api/v1/ca");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).expect("request").into_parts().0
+    }
+
+    #[test]
+    fn hosts_origins_and_the_credential() {
+        let access = Access {
+            credential: "s3cret-s3cret-s3cret-s3cret-s3cret".into(),
+            hosts: vec!["tandem.internal".into()],
+        };
+        let auth = "Bearer s3cret-s3cret-s3cret-s3cret-s3cret";
+        for host in [
+            "127.0.0.1:7701",
+            "[::1]:7701",
+            "10.1.2.3",
+            "localhost:7701",
+            "LOCALHOST",
+            "tandem.internal:7701",
+        ] {
+            assert_eq!(
+                access.check(&head(&[("host", host), ("authorization", auth)]), false),
+                Ok(()),
+                "{host}"
+            );
+        }
+        // DNS rebinding: a name that resolves here but is not ours.
+        for host in ["evil.example:7701", "127.0.0.1.nip.io", "", "a b"] {
+            assert!(matches!(
+                access.check(&head(&[("host", host), ("authorization", auth)]), false),
+                Err(Refusal::Host(_))
+            ));
+        }
+        assert!(matches!(
+            access.check(&head(&[]), true),
+            Err(Refusal::Host(_))
+        ));
+        // CSRF: another site's page posting here.
+        let h = "127.0.0.1:7701";
+        for origin in ["http://evil.example", "null", "http://127.0.0.1:9999"] {
+            assert!(matches!(
+                access.check(
+                    &head(&[("host", h), ("origin", origin), ("authorization", auth)]),
+                    false
+                ),
+                Err(Refusal::Origin(_))
+            ));
+        }
+        assert_eq!(
+            access.check(
+                &head(&[
+                    ("host", h),
+                    ("origin", "http://127.0.0.1:7701"),
+                    ("authorization", auth)
+                ]),
+                false
+            ),
+            Ok(())
+        );
+        assert!(matches!(
+            access.check(
+                &head(&[
+                    ("host", h),
+                    ("sec-fetch-site", "cross-site"),
+                    ("authorization", auth)
+                ]),
+                false
+            ),
+            Err(Refusal::Origin(_))
+        ));
+        // The credential: missing, wrong, another scheme; not needed when open.
+        for a in [
+            "",
+            "Bearer wrong",
+            "Basic czNjcmV0",
+            "Bearer s3cret-s3cret-s3cret-s3cret-s3cre",
+        ] {
+            assert_eq!(
+                access.check(&head(&[("host", h), ("authorization", a)]), false),
+                Err(Refusal::Credential),
+                "{a}"
+            );
+        }
+        assert_eq!(access.check(&head(&[("host", h)]), true), Ok(()));
+    }
 
     #[test]
     fn the_stats_window_is_a_duration() {

@@ -22,9 +22,9 @@ use serde::Serialize;
 use tandem_api::v1::identity_server::Identity;
 use tandem_api::v1::{BundleRequest, BundleResponse, Certificate, CertifyRequest, CertifyResponse};
 use tandem_config::snapshot::Trust;
-use tandem_identity::ca::{csr_requested_uris, pem, unix_now, Authority};
+use tandem_identity::ca::{csr_requested_uris, pem, unix_now, Authority, SpendError};
 use tandem_identity::tls::TlsIdentity;
-use tandem_identity::token::{self, Claims};
+use tandem_identity::token;
 use tandem_identity::SpiffeId;
 use tandem_runtime::sync::{Mutex, MutexGuard};
 use tandem_store::Kv;
@@ -49,6 +49,9 @@ pub struct Ca {
     /// Held through each rotation step (rotate, promote, retire), so they
     /// never interleave.
     steps: tokio::sync::Mutex<()>,
+    /// Peers' chains may pass through intermediate CAs (told to proxies in
+    /// every snapshot's trust).
+    intermediates: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -66,9 +69,11 @@ impl Ca {
         authority: Authority,
         kv: Arc<dyn Kv>,
         lifetime: Duration,
+        intermediates: bool,
         mesh: Arc<Mesh>,
     ) -> anyhow::Result<Arc<Ca>> {
         let tls = TlsIdentity::new(authority.trust_domain(), authority.bundle())?;
+        tls.set_allow_intermediates(intermediates);
         let rotation = Rotation::of(&authority.root_ids(), authority.signer_id());
         let ca = Arc::new(Ca {
             authority: Mutex::new(authority),
@@ -78,6 +83,7 @@ impl Ca {
             mesh,
             rotation: Mutex::new(rotation),
             steps: tokio::sync::Mutex::new(()),
+            intermediates,
         });
         ca.issue_own()?;
         Ok(ca)
@@ -106,6 +112,7 @@ impl Ca {
         Trust {
             roots: a.bundle().iter().map(|d| pem("CERTIFICATE", d)).collect(),
             signer: a.signer_id().to_string(),
+            intermediates: self.intermediates,
         }
     }
 
@@ -169,25 +176,38 @@ impl Ca {
             .map_err(|e| Status::unavailable(format!("cannot read revocations: {e}")))
     }
 
-    /// Checks a join token and that it names `namespace/service`.
-    pub async fn check_token(
-        &self,
-        token: &str,
-        namespace: &str,
-        service: &str,
-    ) -> Result<Claims, Status> {
-        let revoked = self.revoked().await?;
-        let claims = self
-            .authority()
-            .verify_token(token, &revoked)
-            .map_err(|e| Status::unauthenticated(format!("join token refused: {e}")))?;
-        if claims.ns != namespace || claims.svc != service {
-            return Err(Status::permission_denied(format!(
-                "join token refused: it is for {}/{}, not {namespace}/{service}",
-                claims.ns, claims.svc
-            )));
+    /// Checks that the join token a certificate descends from is not
+    /// revoked (the control plane's own lineage never registers).
+    pub async fn check_lineage(&self, lineage: &str) -> Result<(), Status> {
+        if lineage == tandem_identity::ca::CONTROL_LINEAGE {
+            return Err(Status::permission_denied(
+                "the control plane's certificate does not register proxies",
+            ));
         }
-        Ok(claims)
+        if self.revoked().await?.iter().any(|r| r == lineage) {
+            return Err(Status::unauthenticated(
+                "certificate refused: the join token it was issued under was revoked",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Follows the revocation list (the CLI writes it, beside a running
+    /// control plane): proxies whose join token is revoked are expelled
+    /// within `every`.
+    pub async fn follow_revocations(self: Arc<Self>, every: Duration) {
+        let mut seen: Vec<String> = Vec::new();
+        loop {
+            match self.revoked().await {
+                Ok(revoked) if revoked != seen => {
+                    self.mesh.expel(&revoked).await;
+                    seen = revoked;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e.message(), "cannot read revocations"),
+            }
+            tokio::time::sleep(every).await;
+        }
     }
 
     /// Step 1 of a root rotation; step 2 follows by itself.
@@ -273,6 +293,18 @@ impl Ca {
     }
 }
 
+/// A CSR may ask for nothing but the identity it gets (a clear refusal;
+/// the certificate never carries what it asks anyway).
+fn check_asks(csr: &[u8], id: &SpiffeId) -> Result<(), Status> {
+    let asked = csr_requested_uris(csr).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if let Some(other) = asked.iter().find(|u| **u != id.uri()) {
+        return Err(Status::permission_denied(format!(
+            "join token refused: it is for {id}, the CSR asks for {other}"
+        )));
+    }
+    Ok(())
+}
+
 pub struct IdentityService {
     pub ca: Arc<Ca>,
     pub mesh: Arc<Mesh>,
@@ -320,25 +352,46 @@ impl Identity for IdentityService {
         &self,
         request: Request<CertifyRequest>,
     ) -> Result<Response<CertifyResponse>, Status> {
+        let peer = crate::discovery::peer_of(&request);
         let req = request.into_inner();
-        let revoked = self.ca.revoked().await?;
-        let claims = {
-            let a = self.ca.authority();
-            a.verify_token(&req.token, &revoked)
-                .map_err(|e| Status::unauthenticated(format!("join token refused: {e}")))?
+        // Who the certificate is for, and the token it descends from: a
+        // join token on first use, the current certificate afterwards.
+        let (id, lineage) = if !req.token.is_empty() {
+            let revoked = self.ca.revoked().await?;
+            let claims = {
+                let a = self.ca.authority();
+                a.verify_token(&req.token, &revoked)
+                    .map_err(|e| Status::unauthenticated(format!("join token refused: {e}")))?
+            };
+            let id = SpiffeId::new(&claims.td, &claims.ns, &claims.svc);
+            check_asks(&req.csr, &id)?;
+            if !claims.reusable {
+                let key = tandem_identity::ca::csr_key_digest(&req.csr)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                Authority::spend(&*self.ca.kv, &claims.id, &key)
+                    .await
+                    .map_err(|e| match e {
+                        SpendError::Spent => {
+                            tracing::warn!(token = %claims.id, "a spent single-use join token was presented again");
+                            Status::unauthenticated(format!("join token refused: {e}"))
+                        }
+                        SpendError::Store(e) => Status::unavailable(e.to_string()),
+                    })?;
+            }
+            (id, claims.id)
+        } else if let Some(peer) = peer {
+            self.ca.check_lineage(&peer.lineage).await?;
+            check_asks(&req.csr, &peer.id)?;
+            (peer.id, peer.lineage)
+        } else {
+            return Err(Status::unauthenticated(
+                "a join token or a current certificate is needed",
+            ));
         };
-        let id = SpiffeId::new(&claims.td, &claims.ns, &claims.svc);
-        let asked =
-            csr_requested_uris(&req.csr).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if let Some(other) = asked.iter().find(|u| **u != id.uri()) {
-            return Err(Status::permission_denied(format!(
-                "join token refused: it is for {id}, the CSR asks for {other}"
-            )));
-        }
         let (issued, roots) = {
             let a = self.ca.authority();
             let issued = a
-                .issue_csr(&req.csr, &id, self.ca.lifetime)
+                .issue_csr(&req.csr, &id, &lineage, self.ca.lifetime)
                 .map_err(|e| match e {
                     // A CSR that does not parse or verify: the caller's fault.
                     tandem_identity::ca::CaError::Invalid(m) => Status::invalid_argument(m),
@@ -350,8 +403,8 @@ impl Identity for IdentityService {
         let serial = tandem_identity::tls::serial(leaf);
         if !req.instance.is_empty() {
             self.mesh.set_certificate(
-                &claims.ns,
-                &claims.svc,
+                &id.namespace,
+                &id.service,
                 &req.instance,
                 Certificate {
                     spiffe_id: id.uri(),

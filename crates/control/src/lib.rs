@@ -55,6 +55,12 @@ pub struct ControlConfig {
     pub cert_lifetime: Duration,
     /// A root CA (PEM certificate and key) to use instead of generating one.
     pub ca_import: Option<(PathBuf, PathBuf)>,
+    /// Host names the HTTP API answers to besides IP addresses and
+    /// `localhost`.
+    pub api_hosts: Vec<String>,
+    /// Accept peer certificates that chain to the bundle through
+    /// intermediate CAs.
+    pub allow_intermediates: bool,
 }
 
 /// Default lifetime of issued certificates.
@@ -62,6 +68,13 @@ pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// Runs the control plane until `shutdown` resolves.
 pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let most = tandem_identity::ca::MAX_CERT_LIFETIME;
+    if cfg.cert_lifetime > most || cfg.cert_lifetime < Duration::from_secs(1) {
+        anyhow::bail!(
+            "--cert-lifetime must be from 1s to {}d: a stolen certificate is good until it expires",
+            most.as_secs() / 86400
+        );
+    }
     let (source, config) = match watch::DirSource::open(cfg.config_dir.clone()).await? {
         Ok(loaded) => loaded,
         Err(diags) => {
@@ -76,10 +89,18 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
         }
     };
     tracing::info!(services = config.services.len(), routes = config.http_routes.len(), dir = %cfg.config_dir.display(), "config loaded");
-    let kv: Arc<dyn tandem_store::Kv> = Arc::new(
-        tandem_store::LocalDir::open(&cfg.data_dir)
-            .with_context(|| format!("cannot use data directory {}", cfg.data_dir.display()))?,
-    );
+    let dir = tandem_store::LocalDir::open(&cfg.data_dir)
+        .with_context(|| format!("cannot use data directory {}", cfg.data_dir.display()))?;
+    // The CA's keys and the admin credential are the mesh's secrets: a
+    // copy another user can read is refused, not used.
+    for private in ["ca", api::ADMIN_CREDENTIAL] {
+        dir.check_private(private)
+            .context("refusing to start: the data directory must be private")?;
+    }
+    let kv: Arc<dyn tandem_store::Kv> = Arc::new(dir);
+    let credential = api::admin_credential(&*kv)
+        .await
+        .context("admin credential")?;
     let registry: Arc<dyn tandem_store::RegistryStore> =
         Arc::new(tandem_store::MemoryRegistry::default());
     let mesh = mesh::Mesh::start(config, registry, kv.clone(), cfg.grace).await?;
@@ -93,10 +114,17 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
     .await
     .context("certificate authority")?;
     tracing::info!(trust_domain = %authority.trust_domain(), signer = %authority.signer_id(), roots = authority.root_ids().len(), "certificate authority ready");
-    let ca = identity::Ca::new(authority, kv, cfg.cert_lifetime, mesh.clone())?;
+    let ca = identity::Ca::new(
+        authority,
+        kv,
+        cfg.cert_lifetime,
+        cfg.allow_intermediates,
+        mesh.clone(),
+    )?;
     let generation = ca.publish();
     ca.resume(generation);
     tokio::spawn(ca.clone().renew_own());
+    tokio::spawn(ca.clone().follow_revocations(REVOCATION_CHECK));
     let stats = Arc::new(stats::Stats::default());
 
     let grpc = tandem_runtime::listen(cfg.listen)
@@ -105,7 +133,7 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
     let api_listener = tandem_runtime::listen(cfg.api)
         .await
         .with_context(|| format!("cannot listen on {} (API)", cfg.api))?;
-    tracing::info!(grpc = %cfg.listen, api = %cfg.api, "control plane listening");
+    tracing::info!(grpc = %cfg.listen, api = %cfg.api, credential = %cfg.data_dir.join(api::ADMIN_CREDENTIAL).display(), "control plane listening");
 
     tokio::spawn(config::follow(source, mesh.clone()));
     tokio::spawn(stats::collect(
@@ -125,6 +153,10 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
         mesh: mesh.clone(),
         stats,
         ca: ca.clone(),
+        access: api::Access {
+            credential,
+            hosts: cfg.api_hosts.clone(),
+        },
     });
     let (accept_stop, accept_stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(tandem_runtime::accept_loop(
@@ -176,6 +208,10 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
     Ok(())
 }
 
+/// How often the revocation list is read (a revoked token's proxies are
+/// expelled within this).
+const REVOCATION_CHECK: Duration = Duration::from_secs(1);
+
 /// Most TLS handshakes in progress on the gRPC port at once.
 const MAX_HANDSHAKES: usize = 256;
 
@@ -183,16 +219,23 @@ async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// TLS connections on the gRPC port, handshaken off the accept loop (a slow
-/// or hostile client cannot hold up others; at most [`MAX_HANDSHAKES`] at
-/// once, the others wait their turn), until `stop`.
+/// How long a new connection on the gRPC port may stay silent before its
+/// TLS handshake starts, and how long the handshake may then take.
+const FIRST_BYTE_WAIT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIME: Duration = Duration::from_secs(5);
+
+/// TLS connections on the gRPC port, handshaken off the accept loop, until
+/// `stop`. A connection takes one of [`MAX_HANDSHAKES`] places only once
+/// its first bytes arrived, so sockets held open and silent never keep a
+/// proxy from bootstrapping; a slow handshake loses its place after
+/// [`HANDSHAKE_TIME`].
 fn tls_incoming(
     listener: TcpListener,
     tls: Arc<tandem_identity::tls::TlsIdentity>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsConn>> {
     let acceptor = tokio_rustls::TlsAcceptor::from(
-        tls.server_config_no_client_auth(&[tandem_identity::tls::ALPN_H2]),
+        tls.server_config_optional_client_auth(&[tandem_identity::tls::ALPN_H2]),
     );
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
@@ -202,13 +245,24 @@ fn tls_incoming(
         stopped(stop),
         move |sock, _| {
             let (acceptor, tx, permits) = (acceptor.clone(), tx.clone(), permits.clone());
+            let trust_domain = tls.trust_domain().to_string();
             tokio::spawn(async move {
+                let mut first = [0u8; 1];
+                if !matches!(
+                    tokio::time::timeout(FIRST_BYTE_WAIT, sock.peek(&mut first)).await,
+                    Ok(Ok(1))
+                ) {
+                    tracing::debug!("connection on the gRPC port sent nothing; closed");
+                    return;
+                }
                 let Ok(_permit) = permits.acquire_owned().await else {
                     return;
                 };
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(sock)).await {
+                match tokio::time::timeout(HANDSHAKE_TIME, acceptor.accept(sock)).await {
                     Ok(Ok(s)) => {
-                        let _ = tx.send(Ok(TlsConn(s))).await;
+                        let peer =
+                            discovery::Peer::of(s.get_ref().1.peer_certificates(), &trust_domain);
+                        let _ = tx.send(Ok(TlsConn(s, peer))).await;
                     }
                     Ok(Err(e)) => {
                         tracing::debug!(error = %e, "TLS handshake on the gRPC port failed")
@@ -221,12 +275,18 @@ fn tls_incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// A TLS connection to the gRPC port.
-pub struct TlsConn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+/// A TLS connection to the gRPC port, and the certificate its client
+/// presented.
+pub struct TlsConn(
+    tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    Option<discovery::Peer>,
+);
 
 impl tonic::transport::server::Connected for TlsConn {
-    type ConnectInfo = ();
-    fn connect_info(&self) -> Self::ConnectInfo {}
+    type ConnectInfo = Option<discovery::Peer>;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.1.clone()
+    }
 }
 
 impl tokio::io::AsyncRead for TlsConn {

@@ -30,7 +30,7 @@ use tandem_config::snapshot::Trust;
 use tandem_config::ResourceSet;
 use tandem_runtime::sync::Mutex;
 use tandem_store::{Kv, Presence, Registration, RegistryStore};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{oneshot, watch, Notify};
 
 use crate::registry::EndpointTable;
 use crate::snapshots::{compile_groups, Group, Inputs, Snapshots};
@@ -40,6 +40,22 @@ pub type ProxyKey = (String, String, String); // namespace, service, instance
 
 /// The newest snapshot for one proxy.
 pub type SnapshotTx = watch::Sender<Option<WireSnapshot>>;
+
+/// What the mesh holds of a proxy's stream: where its snapshots go, and
+/// how to end it with a status.
+pub struct StreamEnds {
+    pub snapshots: SnapshotTx,
+    pub end: oneshot::Sender<tonic::Status>,
+}
+
+/// Highest config version a proxy may say it applied: versions stay exact
+/// in JSON (2^53) and far from wrapping.
+pub const MAX_VERSION: u64 = 1 << 53;
+/// How far above the versions this mesh has reserved a reconnecting
+/// proxy's applied version may be (it may come from a control plane whose
+/// data directory was lost); beyond, the Hello is refused instead of
+/// lifting every proxy's versions.
+pub const MAX_VERSION_AHEAD: u64 = 1 << 32;
 
 /// Groups compiled in one round beyond which compiling moves off the
 /// async runtime's threads.
@@ -81,8 +97,12 @@ struct State {
 struct Session {
     hello: Hello,
     conn: u64,
+    /// The join token the proxy's certificate descends from.
+    lineage: String,
     /// `None` once the stream ended (the grace period).
     tx: Option<SnapshotTx>,
+    /// Ends the stream with a status (taken when used).
+    end: Option<oneshot::Sender<tonic::Status>>,
     /// Reconnected during warm-up with a config of its own: it keeps that
     /// config until the warm-up ends or it asks for something new.
     held: bool,
@@ -236,8 +256,16 @@ impl Mesh {
     }
 
     /// Registers a proxy's stream; returns its connection id. Its first
-    /// snapshot follows from the push task.
-    pub async fn connect(&self, hello: Hello, tx: SnapshotTx) -> (ProxyKey, u64) {
+    /// snapshot follows from the push task. Refused: an applied version out
+    /// of bounds, an instance name a live proxy of another lineage holds,
+    /// an inbound address a live proxy of another service holds. The same
+    /// proxy reconnecting (same lineage) replaces its old stream.
+    pub async fn connect(
+        &self,
+        hello: Hello,
+        lineage: String,
+        ends: StreamEnds,
+    ) -> Result<(ProxyKey, u64), tonic::Status> {
         let key = (
             hello.namespace.clone(),
             hello.service.clone(),
@@ -253,6 +281,37 @@ impl Mesh {
         };
         let conn = {
             let mut st = self.state.lock();
+            let bound = MAX_VERSION.min(st.ceiling.saturating_add(MAX_VERSION_AHEAD));
+            if hello.applied_version > bound {
+                return Err(tonic::Status::invalid_argument(format!(
+                    "applied version {} is beyond any this mesh handed out (at most {bound})",
+                    hello.applied_version
+                )));
+            }
+            if let Some(live) = st.sessions.get(&key).filter(|s| s.tx.is_some()) {
+                if live.lineage != lineage {
+                    return Err(tonic::Status::already_exists(format!(
+                        "instance `{}` of {}/{} is connected already; give this proxy another --instance",
+                        key.2, key.0, key.1
+                    )));
+                }
+            }
+            if !hello.inbound_addr.is_empty() {
+                if let Some(other) = st.sessions.values().find(|s| {
+                    s.tx.is_some()
+                        && s.hello.inbound_addr == hello.inbound_addr
+                        && (s.hello.namespace != hello.namespace
+                            || s.hello.service != hello.service)
+                }) {
+                    return Err(tonic::Status::already_exists(format!(
+                        "inbound address {} is held by {}/{} instance `{}`",
+                        hello.inbound_addr,
+                        other.hello.namespace,
+                        other.hello.service,
+                        other.hello.instance
+                    )));
+                }
+            }
             let conn = st.next_conn;
             st.next_conn += 1;
             // A proxy that has applied a version from an earlier control
@@ -274,7 +333,9 @@ impl Mesh {
                 Session {
                     hello,
                     conn,
-                    tx: Some(tx),
+                    lineage,
+                    tx: Some(ends.snapshots),
+                    end: Some(ends.end),
                     held,
                     leaving: false,
                     group,
@@ -298,7 +359,50 @@ impl Mesh {
             tracing::error!(error = %e, "cannot register the proxy");
         }
         self.wake.notify_one();
-        (key, conn)
+        Ok((key, conn))
+    }
+
+    /// Ends a proxy's stream with `status`.
+    pub fn end_stream(&self, key: &ProxyKey, conn: u64, status: tonic::Status) {
+        let mut st = self.state.lock();
+        if let Some(s) = st.sessions.get_mut(key).filter(|s| s.conn == conn) {
+            if let Some(end) = s.end.take() {
+                tracing::warn!(service = %key.1, instance = %key.2, status = %status.message(), "ending the proxy's stream");
+                let _ = end.send(status);
+            }
+        }
+    }
+
+    /// The proxies whose join tokens were revoked: their streams end and
+    /// they stop being endpoints at once (not after the grace period).
+    pub async fn expel(&self, revoked: &[String]) {
+        let expelled: Vec<(ProxyKey, u64)> = {
+            let mut st = self.state.lock();
+            let mut out = Vec::new();
+            for (key, s) in st.sessions.iter_mut() {
+                if s.leaving || !revoked.contains(&s.lineage) {
+                    continue;
+                }
+                s.leaving = true;
+                if let Some(end) = s.end.take() {
+                    let _ = end.send(tonic::Status::unauthenticated(
+                        "join token revoked: this proxy's certificate is no longer accepted",
+                    ));
+                }
+                out.push((key.clone(), s.conn));
+            }
+            out
+        };
+        for (key, conn) in expelled {
+            tracing::warn!(namespace = %key.0, service = %key.1, instance = %key.2, "join token revoked: proxy expelled");
+            if let Err(e) = self
+                .registry
+                .set_presence(&key, &self.holder(conn), Presence::Leaving)
+                .await
+            {
+                tracing::error!(error = %e, "cannot remove the expelled proxy");
+            }
+        }
     }
 
     pub fn ack(&self, key: &ProxyKey, conn: u64, version: u64) {
@@ -339,11 +443,27 @@ impl Mesh {
         }
     }
 
-    pub fn subscribe(&self, key: &ProxyKey, conn: u64, names: Vec<String>) {
+    /// Adds destinations to a proxy's interest; refused beyond
+    /// [`crate::discovery::MAX_INTEREST`] or for a name that is not one.
+    pub fn subscribe(
+        &self,
+        key: &ProxyKey,
+        conn: u64,
+        names: Vec<String>,
+    ) -> Result<(), tonic::Status> {
+        if let Some(bad) = names
+            .iter()
+            .find(|n| !tandem_identity::spiffe::valid_label(n))
+        {
+            return Err(tonic::Status::invalid_argument(format!(
+                "`{}` is not a service name",
+                bad.chars().take(64).collect::<String>()
+            )));
+        }
         {
             let mut st = self.state.lock();
             let Some(s) = st.sessions.get_mut(key).filter(|s| s.conn == conn) else {
-                return;
+                return Ok(());
             };
             // A proxy re-sends subscriptions it queued while disconnected;
             // names its hello already listed change nothing.
@@ -351,7 +471,13 @@ impl Mesh {
             let before = interest.len();
             interest.extend(names);
             if interest.len() == before {
-                return;
+                return Ok(());
+            }
+            if interest.len() > crate::discovery::MAX_INTEREST {
+                return Err(tonic::Status::resource_exhausted(format!(
+                    "at most {} destinations per proxy",
+                    crate::discovery::MAX_INTEREST
+                )));
             }
             s.group.interest = Arc::new(interest);
             // A new destination needs an answer now, even if not every
@@ -359,6 +485,7 @@ impl Mesh {
             s.held = false;
         }
         self.wake.notify_one();
+        Ok(())
     }
 
     /// The stream ended. The instance stays an endpoint for the grace
@@ -665,9 +792,116 @@ spec: {ports: [{port: 80, protocol: http}]}
     type Rx = watch::Receiver<Option<WireSnapshot>>;
 
     async fn join(mesh: &Arc<Mesh>, h: Hello) -> (ProxyKey, u64, Rx) {
-        let (tx, rx) = watch::channel(None);
-        let (key, conn) = mesh.connect(h, tx).await;
+        let lineage = format!("token-of-{}", h.instance);
+        let (key, conn, rx, _) = join_as(mesh, h, &lineage).await.expect("connect");
         (key, conn, rx)
+    }
+
+    type Ended = oneshot::Receiver<tonic::Status>;
+
+    async fn join_as(
+        mesh: &Arc<Mesh>,
+        h: Hello,
+        lineage: &str,
+    ) -> Result<(ProxyKey, u64, Rx, Ended), tonic::Status> {
+        let (tx, rx) = watch::channel(None);
+        let (end, ended) = oneshot::channel();
+        let ends = StreamEnds { snapshots: tx, end };
+        let (key, conn) = mesh.connect(h, lineage.to_string(), ends).await?;
+        Ok((key, conn, rx, ended))
+    }
+
+    #[tokio::test]
+    async fn hellos_that_take_what_others_hold_are_refused() {
+        let m = mesh().await;
+        let (key, conn, _rx, _e) = join_as(&m, hello("api", "a1", "10.0.0.2:80", &[], 0), "t1")
+            .await
+            .expect("first");
+        // The same instance name from another token: refused while live.
+        let e = join_as(&m, hello("api", "a1", "10.0.0.9:80", &[], 0), "t2")
+            .await
+            .expect_err("name taken");
+        assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+        // Another service claiming the same inbound address: refused.
+        let e = join_as(&m, hello("web", "w1", "10.0.0.2:80", &[], 0), "t3")
+            .await
+            .expect_err("address taken");
+        assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+        assert!(e.message().contains("default/api"), "{}", e.message());
+        // The same proxy reconnecting before its old stream was noticed
+        // dead: replaces it.
+        let (_, conn2, _rx2, _e2) = join_as(&m, hello("api", "a1", "10.0.0.2:80", &[], 0), "t1")
+            .await
+            .expect("same lineage");
+        assert_ne!(conn, conn2);
+        // Once the stream is gone the name is free again.
+        m.disconnect(key, conn2).await;
+        join_as(&m, hello("api", "a1", "10.0.0.9:80", &[], 0), "t2")
+            .await
+            .expect("free");
+    }
+
+    #[tokio::test]
+    async fn a_huge_applied_version_does_not_lift_everyone() {
+        let m = mesh().await;
+        for v in [u64::MAX, MAX_VERSION + 1, MAX_VERSION_AHEAD * 2] {
+            let e = join_as(&m, hello("web", "w1", "", &[], v), "t")
+                .await
+                .expect_err("out of bounds");
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{v}");
+        }
+        // Within bounds it is honoured: versions handed out rise above it.
+        let (_, _, mut rx, _) = join_as(&m, hello("web", "w1", "", &[], 5000), "t")
+            .await
+            .expect("within bounds");
+        m.end_warmup();
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .expect("sent")
+            .expect("open");
+        let v = rx.borrow().as_ref().map(|s| s.version).unwrap_or(0);
+        assert!(v > 5000 && v < 6000, "{v}");
+    }
+
+    #[tokio::test]
+    async fn subscriptions_are_capped() {
+        let m = mesh().await;
+        let (key, conn, _rx, _e) = join_as(&m, hello("web", "w1", "", &[], 0), "t")
+            .await
+            .expect("join");
+        let names: Vec<String> = (0..crate::discovery::MAX_INTEREST)
+            .map(|i| format!("s{i}"))
+            .collect();
+        m.subscribe(&key, conn, names).expect("up to the cap");
+        let e = m
+            .subscribe(&key, conn, vec!["one-more".into()])
+            .expect_err("over the cap");
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        let e = m
+            .subscribe(&key, conn, vec!["Not A Name".into()])
+            .expect_err("not a name");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[tokio::test]
+    async fn a_revoked_lineage_is_expelled_and_stops_being_an_endpoint() {
+        let m = mesh().await;
+        m.end_warmup();
+        let (_, _, mut web) = join(&m, hello("web", "w1", "10.0.0.1:80", &["api"], 0)).await;
+        let (_, _, _a1, ended) = join_as(&m, hello("api", "a1", "10.0.0.2:80", &[], 0), "bad")
+            .await
+            .expect("a1");
+        let (_, _, _a2, _) = join_as(&m, hello("api", "a2", "10.0.0.3:80", &[], 0), "good")
+            .await
+            .expect("a2");
+        until_api(&mut web, &["10.0.0.2:80", "10.0.0.3:80"]).await;
+        m.expel(&["bad".to_string()]).await;
+        let status = tokio::time::timeout(Duration::from_secs(5), ended)
+            .await
+            .expect("ended in time")
+            .expect("a status");
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        until_api(&mut web, &["10.0.0.3:80"]).await;
     }
 
     /// The next snapshot sent on `rx` whose `api` endpoints are `want`.
@@ -761,7 +995,8 @@ spec: {ports: [{port: 80, protocol: http}]}
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(old.borrow().is_none(), "held during warm-up");
         // A new destination needs an answer now.
-        m.subscribe(&key, conn, vec!["web".into()]);
+        m.subscribe(&key, conn, vec!["web".into()])
+            .expect("subscribe");
         tokio::time::timeout(Duration::from_secs(5), old.changed())
             .await
             .expect("sent")

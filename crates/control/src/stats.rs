@@ -341,6 +341,10 @@ fn parse_labels(s: &str) -> Vec<(String, String)> {
     out
 }
 
+/// Largest metrics page read from a proxy; a longer one is dropped (and
+/// its connection closed) instead of filling the control plane's memory.
+pub const MAX_STATS_BODY: usize = 8 << 20;
+
 /// Scrapes every connected proxy each `interval`.
 pub async fn collect(mesh: Arc<Mesh>, stats: Arc<Stats>, interval: Duration) {
     let client: Client<_, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
@@ -356,7 +360,14 @@ pub async fn collect(mesh: Arc<Mesh>, stats: Arc<Stats>, interval: Duration) {
                 let uri: hyper::Uri = format!("http://{admin}/metrics").parse().ok()?;
                 let fut = async {
                     let resp = client.get(uri).await.ok()?;
-                    let body = resp.into_body().collect().await.ok()?.to_bytes();
+                    let body = http_body_util::Limited::new(resp.into_body(), MAX_STATS_BODY);
+                    let body = match body.collect().await {
+                        Ok(b) => b.to_bytes(),
+                        Err(e) => {
+                            tracing::warn!(proxy = %key.2, error = %e, "metrics page refused");
+                            return None;
+                        }
+                    };
                     Some(String::from_utf8_lossy(&body).into_owned())
                 };
                 let text = tokio::time::timeout(Duration::from_secs(2), fut)

@@ -2,7 +2,7 @@
 //! proxies. It starts the real `tandem control` (the binary of
 //! `TANDEM_BIN`, or a debug build), then N simulated proxies in this
 //! process: each holds a real Discovery stream over TLS (verifying the
-//! control plane's SPIFFE ID), registers with a join token of its service,
+//! control plane's SPIFFE ID), registers with a certificate of its service,
 //! and acknowledges every snapshot, as a sidecar does. It measures
 //!
 //! 1. the time from starting all N at once until every one has
@@ -28,12 +28,9 @@ use std::time::{Duration, Instant};
 
 use tandem_api::v1::discovery_client::DiscoveryClient;
 use tandem_api::v1::{control_message, proxy_message, Ack, Hello, ProxyMessage};
-use tandem_e2e::{api_json, Mesh};
+use tandem_e2e::Mesh;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-
-/// The trust domain of the control plane the harness starts.
-const TD: &str = "tandem.local";
 
 struct Args {
     proxies: Vec<usize>,
@@ -201,23 +198,14 @@ async fn first_acks(
 
 fn run(n: usize, services: usize) -> Row {
     let mesh = Mesh::start(&config(services, "edition-1"));
-    let tokens: Vec<String> = (0..services)
-        .map(|k| mesh.token(&format!("svc-{k}")))
+    // One certificate per service, as its proxies hold after bootstrap:
+    // the stream registers with it.
+    let tls: Vec<_> = (0..services)
+        .map(|k| {
+            mesh.identity_for(&format!("svc-{k}"))
+                .client_config(&[tandem_identity::tls::ALPN_H2])
+        })
         .collect();
-    let ca = mesh.data_dir().join("ca");
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(ca.join("state.json")).unwrap()).unwrap();
-    let signer = state["signer"].as_str().unwrap();
-    let bundle = {
-        use rustls_pki_types::pem::PemObject;
-        vec![
-            rustls_pki_types::CertificateDer::from_pem_file(ca.join(format!("{signer}.crt")))
-                .unwrap(),
-        ]
-    };
-    let tls = tandem_identity::tls::TlsIdentity::new(TD, bundle)
-        .unwrap()
-        .client_config_anonymous(&[tandem_identity::tls::ALPN_H2]);
     let pid = mesh.control.as_ref().unwrap().pid();
     let rt = tandem_e2e::rt();
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -235,13 +223,12 @@ fn run(n: usize, services: usize) -> Row {
                 format!("svc-{}", (k + 2) % services),
             ],
             proxy_version: "bench".into(),
-            token: tokens[k].clone(),
             ..Hello::default()
         };
         rt.spawn(simulated_proxy(
             i,
             grpc.clone(),
-            tls.clone(),
+            tls[k].clone(),
             hello,
             tx.clone(),
         ));
@@ -273,7 +260,7 @@ fn run(n: usize, services: usize) -> Row {
     ));
     let mut lat: Vec<Duration> = edited.iter().map(|t| *t - edit_at).collect();
     lat.sort();
-    let push = api_json(mesh.api, "/api/v1/push").unwrap_or_default();
+    let push = mesh.api_json("/api/v1/push").unwrap_or_default();
     let row = Row {
         proxies: n,
         retried,

@@ -259,16 +259,31 @@ pub fn curl(args: &[&str]) -> CurlOut {
 
 /// `GET http://ADDR/PATH` over a fresh connection; status and body.
 pub fn http_get(addr: SocketAddr, host: &str, path: &str) -> Option<(u16, String)> {
+    http_request(addr, "GET", path, &[("Host", host)])
+}
+
+/// `METHOD http://ADDR/PATH` with these headers (Host among them) over a
+/// fresh connection; status and body.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut s =
         std::net::TcpStream::connect_timeout(&addr, patience(Duration::from_secs(2))).ok()?;
     s.set_read_timeout(Some(patience(Duration::from_secs(20))))
         .ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if method == "POST" {
+        head.push_str("Content-Length: 0\r\n");
+    }
+    head.push_str("Connection: close\r\n\r\n");
+    s.write_all(head.as_bytes()).ok()?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).ok()?;
     let text = String::from_utf8_lossy(&buf).into_owned();
@@ -387,8 +402,13 @@ impl KeepAlive {
     }
 }
 
-pub fn api_json(api: SocketAddr, path: &str) -> Option<serde_json::Value> {
-    let (status, body) = http_get(api, "api", path)?;
+fn anyhow_status(s: tonic::Status) -> Box<dyn std::error::Error + Send + Sync> {
+    format!("{:?}: {}", s.code(), s.message()).into()
+}
+
+/// `GET` an open endpoint of the control plane's API (`/healthz`).
+fn api_open(api: SocketAddr, path: &str) -> Option<serde_json::Value> {
+    let (status, body) = http_get(api, &api.to_string(), path)?;
     if status != 200 {
         return None;
     }
@@ -465,8 +485,92 @@ impl Mesh {
         self.control = Some(Proc::spawn(&format!("control-{n}"), &args, &self.dir.0));
         let api = self.api;
         wait_for("control plane API", Duration::from_secs(20), || {
-            api_json(api, "/healthz")
+            api_open(api, "/healthz")
         });
+    }
+
+    /// The admin credential of the control plane (`<data>/admin.token`).
+    pub fn credential(&self) -> String {
+        std::fs::read_to_string(self.data_dir().join("admin.token"))
+            .expect("admin credential")
+            .trim()
+            .to_string()
+    }
+
+    /// The trust domain and the roots of the mesh's CA, as stored.
+    pub fn trust(&self) -> (String, Vec<rustls_pki_types::CertificateDer<'static>>) {
+        use rustls_pki_types::pem::PemObject;
+        let ca = self.data_dir().join("ca");
+        let state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(ca.join("state.json")).expect("CA state"))
+                .expect("CA state JSON");
+        let roots = state["roots"]
+            .as_array()
+            .expect("roots")
+            .iter()
+            .map(|r| {
+                let f = ca.join(format!("{}.crt", r.as_str().expect("root id")));
+                rustls_pki_types::CertificateDer::from_pem_file(f).expect("root")
+            })
+            .collect();
+        let td = state["trust_domain"].as_str().expect("td").to_string();
+        (td, roots)
+    }
+
+    /// What a proxy of `service` holds after bootstrap: the bundle, and a
+    /// certificate obtained with a fresh join token.
+    pub fn identity_for(&self, service: &str) -> std::sync::Arc<tandem_identity::tls::TlsIdentity> {
+        use tandem_api::v1::identity_client::IdentityClient;
+        use tandem_api::v1::CertifyRequest;
+        let (td, roots) = self.trust();
+        let tls = tandem_identity::tls::TlsIdentity::new(&td, roots).expect("bundle");
+        let id = tandem_identity::SpiffeId::new(&td, "default", service);
+        let (csr, key) = tandem_identity::ca::new_csr(&id).expect("csr");
+        let token = self.token(service);
+        let grpc = self.grpc.to_string();
+        let cfg = tls.client_config(&[tandem_identity::tls::ALPN_H2]);
+        let resp = rt()
+            .block_on(async move {
+                let ch = tandem_proxy::control_channel(&grpc, cfg).await?;
+                IdentityClient::new(ch)
+                    .certify(CertifyRequest {
+                        token,
+                        csr,
+                        instance: String::new(),
+                    })
+                    .await
+                    .map_err(anyhow_status)
+            })
+            .expect("certificate");
+        let resp = resp.into_inner();
+        let chain = resp
+            .chain
+            .into_iter()
+            .map(rustls_pki_types::CertificateDer::from)
+            .collect();
+        tls.set_cert(chain, key, resp.signer).expect("install");
+        tls
+    }
+
+    /// `METHOD path` on the control plane's API with the admin credential.
+    pub fn api_call(&self, method: &str, path: &str) -> Option<(u16, String)> {
+        let host = self.api.to_string();
+        let auth = format!("Bearer {}", self.credential());
+        http_request(
+            self.api,
+            method,
+            path,
+            &[("Host", host.as_str()), ("Authorization", auth.as_str())],
+        )
+    }
+
+    /// `GET path` on the control plane's API, as JSON (`None` unless 200).
+    pub fn api_json(&self, path: &str) -> Option<serde_json::Value> {
+        let (status, body) = self.api_call("GET", path)?;
+        if status != 200 {
+            return None;
+        }
+        serde_json::from_str(&body).ok()
     }
 
     /// The control plane's data directory.
@@ -600,7 +704,7 @@ impl Mesh {
 
     /// Proxy rows from `/api/v1/proxies`.
     pub fn proxies(&self) -> Vec<serde_json::Value> {
-        api_json(self.api, "/api/v1/proxies")
+        self.api_json("/api/v1/proxies")
             .and_then(|v| v.as_array().cloned())
             .unwrap_or_default()
     }

@@ -12,8 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use common::certs::{leaf, mesh_ca, other_ca, spiffe, Leaf, TD};
 use tandem_e2e::{
-    api_json, bin, curl, free_port, http_get, metric, tandem_ok, wait_for, Instance, Load, Mesh,
-    TempDir,
+    bin, curl, free_port, http_get, metric, tandem_ok, wait_for, Instance, Load, Mesh, TempDir,
 };
 
 /// What an app behind a sidecar may trust (docs/security.md): headers a
@@ -278,9 +277,16 @@ fn outbound_side_refuses_a_peer_with_another_identity() {
     let mesh = Mesh::start(&common::config());
     // A real `lonely` sidecar, and a `web` registration that points at it: the
     // endpoint answers with a valid mesh certificate, but not web's.
-    let lonely = mesh.instance("lonely", "lonely-1", &[], &[]);
-    let advertise = lonely.inbound.to_string();
-    let _web = mesh.instance("web", "web-1", &[], &["--advertise", &advertise]);
+    // (An address a live proxy of another service registered is refused,
+    // so web registers it first and lonely then listens there while
+    // registering another.)
+    let taken = free_port();
+    let _web = mesh.instance("web", "web-1", &[], &["--advertise", &taken.to_string()]);
+    let mut lonely = mesh.instance("lonely", "lonely-1", &[], &[]);
+    lonely.proxy_mut().kill();
+    lonely.inbound = taken;
+    let elsewhere = free_port().to_string();
+    mesh.start_proxy(&mut lonely, &["--advertise", &elsewhere]);
     let client = mesh.instance_with_upstreams("client", "client-1", &[], &[], &["web"]);
     let out = curl(&["-D", "-", &format!("http://{}/", client.upstream("web"))]);
     assert!(out.stdout.starts_with("HTTP/1.1 503"), "{}", out.stdout);
@@ -700,13 +706,14 @@ fn root_rotation_under_load_fails_no_request() {
     let mesh = Mesh::start(&common::config());
     let web = mesh.instance("web", "web-1", &[], &[]);
     let client = mesh.instance("client", "client-1", &[], &[]);
-    let before = api_json(mesh.api, "/api/v1/ca").unwrap();
+    let before = mesh.api_json("/api/v1/ca").unwrap();
     let old_root = before["signer"].as_str().unwrap().to_string();
     let load = Load::start(client.http_proxy, "web", "/", 2, Duration::from_millis(20));
     load.wait_progress(20, Duration::from_secs(10));
     let api = mesh.api.to_string();
-    tandem_ok(&["ca", "rotate", "--api", &api]);
-    let ca = api_json(mesh.api, "/api/v1/ca").unwrap();
+    let data = mesh.data_dir().display().to_string();
+    tandem_ok(&["ca", "rotate", "--api", &api, "--data", &data]);
+    let ca = mesh.api_json("/api/v1/ca").unwrap();
     let new_root = ca["signer"].as_str().unwrap().to_string();
     assert_ne!(new_root, old_root);
     assert_eq!(ca["roots"].as_array().unwrap().len(), 2);
@@ -721,8 +728,8 @@ fn root_rotation_under_load_fails_no_request() {
         },
     );
     // Retiring is refused while... nothing uses the old root any more: it goes.
-    tandem_ok(&["ca", "retire", "--api", &api]);
-    let ca = api_json(mesh.api, "/api/v1/ca").unwrap();
+    tandem_ok(&["ca", "retire", "--api", &api, "--data", &data]);
+    let ca = mesh.api_json("/api/v1/ca").unwrap();
     assert_eq!(ca["roots"], serde_json::json!([new_root]));
     for inst in [&web, &client] {
         wait_for("proxies drop the old root", Duration::from_secs(10), || {
@@ -751,8 +758,12 @@ fn root_rotation_under_load_fails_no_request() {
 #[test]
 fn without_the_control_plane_proxies_serve_until_expiry_then_fail_closed() {
     let mut mesh = Mesh::start_with(&common::config(), &["--cert-lifetime", "20s"]);
-    let web = mesh.instance("web", "web-1", &[], &[]);
-    let client = mesh.instance("client", "client-1", &[], &[]);
+    // A proxy whose certificate expired bootstraps again with its token:
+    // that takes a reusable one (a single-use token was spent on the first
+    // certificate).
+    let reusable = |svc: &str| mesh.token_with(&["--service", svc, "--reusable", "--ttl", "1h"]);
+    let web = mesh.instance("web", "web-1", &[], &["--token", &reusable("web")]);
+    let client = mesh.instance("client", "client-1", &[], &["--token", &reusable("client")]);
     let get = || http_get(client.http_proxy, "web", "/");
     assert_eq!(get().map(|r| r.0), Some(200));
     // Kill the control plane right after the client renewed, so both

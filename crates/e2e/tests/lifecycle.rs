@@ -209,9 +209,17 @@ fn start_up(dir: &TempDir, api: std::net::SocketAddr) -> std::process::Child {
         .expect("tandem up")
 }
 
-fn stat_json(api: std::net::SocketAddr) -> Option<serde_json::Value> {
+fn stat_json(api: std::net::SocketAddr, data: &str) -> Option<serde_json::Value> {
     let out = Command::new(bin())
-        .args(["stat", "-o", "json", "--api", &api.to_string()])
+        .args([
+            "stat",
+            "-o",
+            "json",
+            "--api",
+            &api.to_string(),
+            "--data",
+            data,
+        ])
         .output()
         .ok()?;
     serde_json::from_slice(&out.stdout).ok()
@@ -223,8 +231,9 @@ fn tandem_up_runs_the_demo_and_cleans_up() {
     let api = free_port();
     let mut up = start_up(&dir, api);
     let up_out = dir.0.join("up.out");
+    let data = dir.0.join("state/data").display().to_string();
     let rows = wait_for("traffic in tandem stat", Duration::from_secs(60), || {
-        let v = stat_json(api)?;
+        let v = stat_json(api, &data)?;
         let rows = v.as_array()?.clone();
         let pairs: Vec<String> = rows
             .iter()
@@ -277,7 +286,15 @@ fn tandem_up_runs_the_demo_and_cleans_up() {
     assert!(p50("web", "orders") >= 4.0, "{rows:?}");
     assert!(p50("orders", "payments") >= 2.0, "{rows:?}");
     let status = Command::new(bin())
-        .args(["status", "-o", "json", "--api", &api.to_string()])
+        .args([
+            "status",
+            "-o",
+            "json",
+            "--api",
+            &api.to_string(),
+            "--data",
+            &data,
+        ])
         .output()
         .expect("status");
     let v: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status JSON");
@@ -321,7 +338,7 @@ fn tandem_up_runs_the_demo_and_cleans_up() {
         );
     }
     let table = Command::new(bin())
-        .args(["stat", "--api", &api.to_string()])
+        .args(["stat", "--api", &api.to_string(), "--data", &data])
         .output()
         .expect("stat");
     assert!(
@@ -331,7 +348,11 @@ fn tandem_up_runs_the_demo_and_cleans_up() {
     );
     let shown = std::fs::read_to_string(&up_out).unwrap_or_default();
     assert!(shown.contains("state directory"), "{shown}");
-    assert!(shown.contains("tandem stat"), "{shown}");
+    // The hint names the state directory's credential.
+    assert!(
+        shown.contains(&format!("tandem stat --api {api} --data {data}")),
+        "{shown}"
+    );
 
     // Ctrl-C: everything stops, nothing is left behind.
     let kids = children(up.id());
@@ -353,7 +374,7 @@ fn tandem_up_runs_the_demo_and_cleans_up() {
     let api = free_port();
     let mut up = start_up(&dir, api);
     wait_for("traffic again", Duration::from_secs(60), || {
-        stat_json(api)?
+        stat_json(api, &data)?
             .as_array()?
             .iter()
             .any(|r| r["source"] == "loadgen")

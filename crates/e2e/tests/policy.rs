@@ -80,7 +80,7 @@ fn retries_turn_a_flaky_upstream_into_success() {
     // `tandem stat` shows both sides: what the caller got, and the raw
     // answers of the two instances.
     let row = wait_for("client->web stats", Duration::from_secs(10), || {
-        let rows = tandem_e2e::api_json(mesh.api, "/api/v1/stats?window=60s")?;
+        let rows = mesh.api_json("/api/v1/stats?window=60s")?;
         let row = rows
             .as_array()?
             .iter()

@@ -219,7 +219,7 @@ fn broken_config_is_refused_and_traffic_keeps_flowing() {
         "the control plane to refuse the edit",
         Duration::from_secs(10),
         || {
-            let v = api_json(mesh.api, "/api/v1/config")?;
+            let v = mesh.api_json("/api/v1/config")?;
             let e = v["errors"].as_array()?.clone();
             (!e.is_empty()).then_some(e)
         },
@@ -244,7 +244,7 @@ fn broken_config_is_refused_and_traffic_keeps_flowing() {
         "apiVersion: tandem.dev/v1alpha1\nkind: Service\nmetadata: {name: broken}\nspec:\n  ports: [{port: 80, protocol: http}]\n",
     );
     wait_for("the fix to be accepted", Duration::from_secs(10), || {
-        let v = api_json(mesh.api, "/api/v1/config")?;
+        let v = mesh.api_json("/api/v1/config")?;
         (v["errors"].as_array()?.is_empty() && v["services"] == 10).then_some(())
     });
 }

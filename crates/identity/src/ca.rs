@@ -8,7 +8,12 @@
 //! ca/<id>.crt|.key   one root (PEM)
 //! ca/token.key       the HMAC key of join tokens
 //! ca/revoked-tokens  one revoked token id per line
+//! ca/used-tokens     single-use tokens spent: id and the key they certified
 //! ```
+//!
+//! Every leaf names the join token it descends from (its *lineage*) in an
+//! `OU=join-token <id>` attribute of its subject. A renewal keeps the
+//! lineage, so revoking a token reaches every certificate issued under it.
 //!
 //! An [`Authority`] is what was read from the store; every change (a new
 //! root, a promotion, a retirement, a revocation) is written with
@@ -40,6 +45,12 @@ pub const BACKDATE: Duration = Duration::from_secs(60);
 const STATE: &str = "ca/state.json";
 const TOKEN_KEY: &str = "ca/token.key";
 const REVOKED: &str = "ca/revoked-tokens";
+const USED: &str = "ca/used-tokens";
+/// The longest lifetime of an issued certificate.
+pub const MAX_CERT_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The lineage of the control plane's own certificate.
+pub const CONTROL_LINEAGE: &str = "control-plane";
+const LINEAGE_PREFIX: &str = "join-token ";
 
 fn cert_key(id: &str) -> String {
     format!("ca/{id}.crt")
@@ -113,6 +124,13 @@ pub fn unix_now() -> u64 {
 }
 
 fn new_root(trust_domain: &str) -> Result<(CertificateDer<'static>, KeyPair), CaError> {
+    root_for(trust_domain, ROOT_LIFETIME)
+}
+
+fn root_for(
+    trust_domain: &str,
+    lifetime: Duration,
+) -> Result<(CertificateDer<'static>, KeyPair), CaError> {
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -130,7 +148,7 @@ fn new_root(trust_domain: &str) -> Result<(CertificateDer<'static>, KeyPair), Ca
     ];
     let now = SystemTime::now();
     params.not_before = (now - BACKDATE).into();
-    params.not_after = (now + ROOT_LIFETIME).into();
+    params.not_after = (now + lifetime).into();
     params.serial_number = Some(random_serial()?);
     let cert = params.self_signed(&key)?;
     Ok((cert.der().clone(), key))
@@ -143,6 +161,11 @@ fn random_bytes<const N: usize>() -> Result<[u8; N], CaError> {
     aws_lc_rs::rand::fill(&mut b)
         .map_err(|_| CaError::Invalid("the system random generator failed".into()))?;
     Ok(b)
+}
+
+/// A secret of 32 random bytes, as 64 hex digits (the admin credential).
+pub fn random_secret() -> Result<String, CaError> {
+    Ok(hex(&random_bytes::<32>()?))
 }
 
 fn random_serial() -> Result<SerialNumber, CaError> {
@@ -333,13 +356,14 @@ impl Authority {
         &self,
         csr: &[u8],
         id: &SpiffeId,
+        lineage: &str,
         lifetime: Duration,
     ) -> Result<Issued, CaError> {
         let csr = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(
             csr.to_vec(),
         ))
         .map_err(|e| CaError::Invalid(format!("the CSR is not valid: {e}")))?;
-        self.issue_for_key(&csr.public_key, id, lifetime)
+        self.issue_with(self.signer(), &csr.public_key, id, lineage, lifetime)
     }
 
     /// Issues a certificate and key for `id` here: the control plane's own.
@@ -353,31 +377,40 @@ impl Authority {
         lifetime: Duration,
     ) -> Result<(Issued, PrivateKeyDer<'static>), CaError> {
         let key = KeyPair::generate()?;
-        let issued = self.issue_with(&self.roots[0], &key, id, lifetime)?;
+        let issued = self.issue_with(&self.roots[0], &key, id, CONTROL_LINEAGE, lifetime)?;
         let der = PrivateKeyDer::try_from(key.serialize_der())
             .map_err(|e| CaError::Invalid(e.to_string()))?;
         Ok((issued, der))
     }
 
-    fn issue_for_key(
-        &self,
-        public_key: &impl rcgen::PublicKeyData,
-        id: &SpiffeId,
-        lifetime: Duration,
-    ) -> Result<Issued, CaError> {
-        self.issue_with(self.signer(), public_key, id, lifetime)
-    }
-
+    /// Signs a leaf: at most [`MAX_CERT_LIFETIME`], and never past the
+    /// signing root's own end.
     fn issue_with(
         &self,
         signer: &Root,
         public_key: &impl rcgen::PublicKeyData,
         id: &SpiffeId,
+        lineage: &str,
         lifetime: Duration,
     ) -> Result<Issued, CaError> {
         let issuer = Issuer::from_ca_cert_der(&signer.der, &signer.key)?;
-        let params = leaf_params(id, lifetime)?;
-        let not_after = SystemTime::now() + lifetime;
+        let now = SystemTime::now();
+        let root_end = crate::tls::validity(&signer.der)
+            .map(|(_, end)| end)
+            .ok_or_else(|| CaError::Invalid(format!("root {}: no validity", signer.id)))?;
+        let not_after = (now + lifetime.min(MAX_CERT_LIFETIME)).min(root_end);
+        if not_after <= now {
+            return Err(CaError::Invalid(format!(
+                "root {} has expired: rotate the root (`tandem ca rotate`)",
+                signer.id
+            )));
+        }
+        let mut params = leaf_params(id, Duration::ZERO)?;
+        params.distinguished_name.push(
+            DnType::OrganizationalUnitName,
+            format!("{LINEAGE_PREFIX}{lineage}"),
+        );
+        params.not_after = not_after.into();
         let cert = params.signed_by(public_key, &issuer)?;
         Ok(Issued {
             chain: vec![cert.der().clone()],
@@ -448,6 +481,7 @@ impl Authority {
         namespace: &str,
         service: &str,
         ttl: Duration,
+        reusable: bool,
     ) -> Result<(Claims, String), CaError> {
         if namespace == SYSTEM_NAMESPACE {
             return Err(CaError::Invalid(format!(
@@ -466,6 +500,7 @@ impl Authority {
             ns: namespace.to_string(),
             svc: service.to_string(),
             exp: unix_now() + ttl.as_secs(),
+            reusable,
         };
         let t = self.token_key.mint(&claims);
         Ok((claims, t))
@@ -525,6 +560,78 @@ impl Authority {
             "{REVOKED}: too many writers at once"
         )))
     }
+}
+
+impl Authority {
+    /// Spends a single-use token on the key it certifies (`key`: a digest
+    /// of the CSR's public key). The same key again is a retry and passes;
+    /// any other key is a replay and is refused.
+    pub async fn spend(kv: &dyn Kv, id: &str, key: &str) -> Result<(), SpendError> {
+        for _ in 0..100 {
+            let current = kv.get(USED).await.map_err(io(USED))?;
+            let text = current
+                .as_ref()
+                .map(|v| String::from_utf8_lossy(&v.value).into_owned())
+                .unwrap_or_default();
+            for line in text.lines() {
+                if let Some((used, with)) = line.split_once(' ') {
+                    if used == id {
+                        return if with == key {
+                            Ok(())
+                        } else {
+                            Err(SpendError::Spent)
+                        };
+                    }
+                }
+            }
+            let text = format!("{text}{id} {key}\n");
+            let written = kv
+                .put_if(USED, current.map(|v| v.revision), text.as_bytes())
+                .await
+                .map_err(io(USED))?;
+            if written.is_some() {
+                return Ok(());
+            }
+        }
+        Err(CaError::Invalid(format!("{USED}: too many writers at once")).into())
+    }
+}
+
+/// Why a single-use token could not be spent.
+#[derive(Debug, thiserror::Error)]
+pub enum SpendError {
+    #[error("the token was already used (it is single-use: mint another, or a reusable one with `tandem token create --reusable`)")]
+    Spent,
+    #[error(transparent)]
+    Store(#[from] CaError),
+}
+
+/// The lineage of a leaf: the join token it descends from
+/// ([`CONTROL_LINEAGE`] for the control plane's own), read from its
+/// subject. Only meaningful on a certificate whose chain was verified.
+pub fn lineage(leaf: &[u8]) -> Option<String> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, c) = X509Certificate::from_der(leaf).ok()?;
+    let ou = c.subject().iter_organizational_unit().next()?;
+    ou.as_str()
+        .ok()?
+        .strip_prefix(LINEAGE_PREFIX)
+        .map(String::from)
+}
+
+/// A digest of a CSR's public key (hex SHA-256), what a single-use token is
+/// bound to.
+pub fn csr_key_digest(csr: &[u8]) -> Result<String, CaError> {
+    use x509_parser::certification_request::X509CertificationRequest;
+    use x509_parser::prelude::FromDer;
+    let (_, req) = X509CertificationRequest::from_der(csr)
+        .map_err(|e| CaError::Invalid(format!("the CSR is not valid: {e}")))?;
+    let spki = req.certification_request_info.subject_pki.raw;
+    Ok(hex(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        spki,
+    )
+    .as_ref()))
 }
 
 fn revoked_ids(text: &[u8]) -> Vec<String> {
@@ -669,7 +776,7 @@ mod tests {
         let id = SpiffeId::new(DEFAULT_TRUST_DOMAIN, "default", "orders");
         let (csr, _key) = new_csr(&id).expect("csr");
         let issued = ca
-            .issue_csr(&csr, &id, Duration::from_secs(60))
+            .issue_csr(&csr, &id, "t1", Duration::from_secs(60))
             .expect("issue");
         assert_eq!(check_svid(&issued.chain[0], DEFAULT_TRUST_DOMAIN), Ok(id));
         // Keys are private to the owner, where they always were.
@@ -692,7 +799,7 @@ mod tests {
         let ca = Authority::open(&kv, None, None).await.expect("create");
         // No token for the mesh's own namespace, minted or forged with the key.
         assert!(ca
-            .mint_token(SYSTEM_NAMESPACE, "control", Duration::from_secs(60))
+            .mint_token(SYSTEM_NAMESPACE, "control", Duration::from_secs(60), false)
             .is_err());
         let forged = ca.token_key().mint(&Claims {
             id: "x".into(),
@@ -700,10 +807,11 @@ mod tests {
             ns: SYSTEM_NAMESPACE.into(),
             svc: "control".into(),
             exp: unix_now() + 60,
+            reusable: false,
         });
         assert_eq!(ca.verify_token(&forged, &[]), Err(TokenError::Malformed));
         let (claims, ok) = ca
-            .mint_token("default", "web", Duration::from_secs(60))
+            .mint_token("default", "web", Duration::from_secs(60), false)
             .expect("mint");
         assert_eq!(ca.verify_token(&ok, &[]).expect("valid").svc, "web");
         // Revoked: refused.
@@ -721,7 +829,7 @@ mod tests {
         let id = SpiffeId::new(DEFAULT_TRUST_DOMAIN, "default", "web");
         let (csr, _) = new_csr(&id).expect("csr");
         assert_eq!(
-            ca.issue_csr(&csr, &id, Duration::from_secs(60))
+            ca.issue_csr(&csr, &id, "t1", Duration::from_secs(60))
                 .expect("issue")
                 .signer,
             new
@@ -743,6 +851,77 @@ mod tests {
             .await
             .expect("io")
             .is_some());
+    }
+
+    #[tokio::test]
+    async fn leaves_carry_their_lineage_and_a_capped_lifetime() {
+        let kv = Memory::default();
+        let ca = Authority::open(&kv, None, None).await.expect("create");
+        let id = SpiffeId::new(DEFAULT_TRUST_DOMAIN, "default", "web");
+        let (csr, _) = new_csr(&id).expect("csr");
+        let week = MAX_CERT_LIFETIME.as_secs();
+        let issued = ca
+            .issue_csr(&csr, &id, "abc123", Duration::from_secs(30 * 86400))
+            .expect("issue");
+        assert_eq!(lineage(&issued.chain[0]).as_deref(), Some("abc123"));
+        let (from, to) = crate::tls::validity(&issued.chain[0]).expect("validity");
+        let life = to.duration_since(from).expect("order").as_secs();
+        assert!(life <= week + BACKDATE.as_secs(), "{life}");
+        let (own, _) = ca
+            .issue_local(
+                &SpiffeId::control(DEFAULT_TRUST_DOMAIN),
+                Duration::from_secs(60),
+            )
+            .expect("own");
+        assert_eq!(lineage(&own.chain[0]).as_deref(), Some(CONTROL_LINEAGE));
+        // Never past the root: an imported root with two hours left.
+        let dir = scratch("short-root");
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (der, key) = root_for("short.org", Duration::from_secs(7200)).expect("root");
+        let (cp, kp) = (dir.join("r.crt"), dir.join("r.key"));
+        std::fs::write(&cp, pem("CERTIFICATE", &der)).expect("write");
+        std::fs::write(&kp, key.serialize_pem()).expect("write");
+        let kv = LocalDir::open(&dir.join("data")).expect("dir");
+        let ca = Authority::open(&kv, Some("short.org"), Some((&cp, &kp)))
+            .await
+            .expect("import");
+        let id = SpiffeId::new("short.org", "default", "web");
+        let (csr, _) = new_csr(&id).expect("csr");
+        let issued = ca
+            .issue_csr(&csr, &id, "t", Duration::from_secs(86400))
+            .expect("issue");
+        let (_, root_end) = crate::tls::validity(&der).expect("root validity");
+        let (_, leaf_end) = crate::tls::validity(&issued.chain[0]).expect("leaf validity");
+        assert!(leaf_end <= root_end, "{leaf_end:?} > {root_end:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_single_use_token_certifies_one_key() {
+        let kv = Memory::default();
+        Authority::spend(&kv, "t1", "key-a")
+            .await
+            .expect("first use");
+        // The same key again is the proxy retrying after a lost answer.
+        Authority::spend(&kv, "t1", "key-a").await.expect("retry");
+        assert!(matches!(
+            Authority::spend(&kv, "t1", "key-b").await,
+            Err(SpendError::Spent)
+        ));
+        Authority::spend(&kv, "t2", "key-b")
+            .await
+            .expect("another token");
+        let id = SpiffeId::new(DEFAULT_TRUST_DOMAIN, "default", "web");
+        let (c1, _) = new_csr(&id).expect("csr");
+        let (c2, _) = new_csr(&id).expect("csr");
+        assert_eq!(
+            csr_key_digest(&c1).expect("digest"),
+            csr_key_digest(&c1).expect("digest")
+        );
+        assert_ne!(
+            csr_key_digest(&c1).expect("digest"),
+            csr_key_digest(&c2).expect("digest")
+        );
     }
 
     #[tokio::test]
@@ -774,7 +953,7 @@ mod tests {
         let id = SpiffeId::new("example.org", "default", "web");
         let (csr, _) = new_csr(&id).expect("csr");
         let issued = ca
-            .issue_csr(&csr, &id, Duration::from_secs(60))
+            .issue_csr(&csr, &id, "t1", Duration::from_secs(60))
             .expect("issue");
         assert_eq!(issued.signer, root_id(&der));
         // Reopening with the same pair is fine; with another CA it is refused.

@@ -106,6 +106,8 @@ pub enum SvidError {
     NoDigitalSignature,
     #[error("the peer is {found}, expected {expected}")]
     Unexpected { expected: String, found: String },
+    #[error("the certificate chains through an intermediate CA, and intermediates are not allowed (`tandem control --allow-intermediates`)")]
+    Intermediate,
 }
 
 impl SvidError {
@@ -123,6 +125,7 @@ impl SvidError {
                 "ca-as-leaf"
             }
             SvidError::Unexpected { .. } => "unexpected-identity",
+            SvidError::Intermediate => "intermediate",
         }
     }
 }

@@ -78,6 +78,10 @@ pub struct TlsIdentity {
     /// Set when the certificate's lifetime is over and no new one came:
     /// handshakes and requests are refused (never plaintext).
     expired: AtomicBool,
+    /// Whether a peer's chain may pass through intermediate CAs between
+    /// its leaf and a root of the bundle (off unless configured: the mesh's
+    /// CA signs leaves with a root directly).
+    intermediates: AtomicBool,
 }
 
 impl TlsIdentity {
@@ -93,6 +97,7 @@ impl TlsIdentity {
             bundle: ArcSwap::from_pointee(bundle),
             leaf: ArcSwapOption::empty(),
             expired: AtomicBool::new(false),
+            intermediates: AtomicBool::new(false),
         }))
     }
 
@@ -157,6 +162,19 @@ impl TlsIdentity {
         self.leaf.load_full()
     }
 
+    /// Allows (or refuses) peers whose chains pass through intermediates.
+    pub fn set_allow_intermediates(&self, allow: bool) {
+        self.intermediates.store(allow, Ordering::Release);
+    }
+
+    fn check_intermediates(&self, intermediates: &[CertificateDer<'_>]) -> Result<(), Error> {
+        if intermediates.is_empty() || self.intermediates.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(svid_error(SvidError::Intermediate))
+        }
+    }
+
     /// Marks the certificate expired (checked by the renewal task at the
     /// certificate's end of life).
     pub fn set_expired(&self, expired: bool) {
@@ -189,7 +207,10 @@ impl TlsIdentity {
     /// Server side of a sidecar hop: requires a client SVID from the bundle.
     /// Records between sidecars are at most [`SIDECAR_RECORD_SIZE`].
     pub fn server_config(self: &Arc<Self>, alpn: &[&[u8]]) -> Arc<ServerConfig> {
-        let verifier = Arc::new(SpiffeClientVerifier(self.clone()));
+        let verifier = Arc::new(SpiffeClientVerifier {
+            identity: self.clone(),
+            mandatory: true,
+        });
         let mut cfg = ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .expect("aws-lc-rs supports TLS 1.3")
@@ -200,13 +221,21 @@ impl TlsIdentity {
         Arc::new(cfg)
     }
 
-    /// A server that does not ask for client certificates (the control
-    /// plane's gRPC port: proxies authenticate with join tokens there).
-    pub fn server_config_no_client_auth(self: &Arc<Self>, alpn: &[&[u8]]) -> Arc<ServerConfig> {
+    /// A server where a client certificate is optional but, when sent, is
+    /// verified like any SVID (the control plane's gRPC port: a proxy
+    /// bootstraps with its join token, then uses its certificate).
+    pub fn server_config_optional_client_auth(
+        self: &Arc<Self>,
+        alpn: &[&[u8]],
+    ) -> Arc<ServerConfig> {
+        let verifier = Arc::new(SpiffeClientVerifier {
+            identity: self.clone(),
+            mandatory: false,
+        });
         let mut cfg = ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .expect("aws-lc-rs supports TLS 1.3")
-            .with_no_client_auth()
+            .with_client_cert_verifier(verifier)
             .with_cert_resolver(Arc::new(Resolver(self.clone())));
         finish_server(&mut cfg, alpn);
         Arc::new(cfg)
@@ -250,6 +279,7 @@ impl TlsIdentity {
         // The SPIFFE rules first, so a certificate that breaks them is
         // refused (and counted) for that reason.
         let id = check_svid(end_entity, &self.trust_domain).map_err(svid_error)?;
+        self.check_intermediates(intermediates)?;
         let parsed = ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &parsed,
@@ -446,7 +476,12 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
-struct SpiffeClientVerifier(Arc<TlsIdentity>);
+struct SpiffeClientVerifier {
+    identity: Arc<TlsIdentity>,
+    /// A client without a certificate is refused (sidecar hops) or let in
+    /// to authenticate otherwise (the control plane's port).
+    mandatory: bool,
+}
 
 impl std::fmt::Debug for SpiffeClientVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -459,14 +494,19 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         &[]
     }
 
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
     fn verify_client_cert(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        check_svid(end_entity, &self.0.trust_domain).map_err(svid_error)?;
-        let bundle = self.0.bundle.load();
+        check_svid(end_entity, &self.identity.trust_domain).map_err(svid_error)?;
+        self.identity.check_intermediates(intermediates)?;
+        let bundle = self.identity.bundle.load();
         bundle
             .client_verifier
             .verify_client_cert(end_entity, intermediates, now)
@@ -487,11 +527,11 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        tls13_signature(&self.0.provider, message, cert, dss)
+        tls13_signature(&self.identity.provider, message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        schemes(&self.0.provider)
+        schemes(&self.identity.provider)
     }
 }
 

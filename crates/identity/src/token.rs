@@ -26,6 +26,10 @@ pub struct Claims {
     pub svc: String,
     /// Expiry, Unix seconds.
     pub exp: u64,
+    /// Usable for any number of bootstraps until it expires; otherwise
+    /// (the default) it certifies one key, once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reusable: bool,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -139,6 +143,7 @@ mod tests {
             ns: "default".into(),
             svc: "orders".into(),
             exp,
+            reusable: false,
         }
     }
 

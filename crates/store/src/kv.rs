@@ -54,7 +54,8 @@ fn revision_of(value: &[u8]) -> u64 {
 }
 
 /// Values as files under a directory, one per key, readable by the owner
-/// only (mode 0600: the directory holds the CA's private keys). Writes are
+/// only (files 0600, directories 0700: the directory holds the CA's private
+/// keys and the admin credential). Writes are
 /// atomic (a temporary file, synced, then renamed); compare-and-swap holds
 /// an advisory lock on `<dir>/.lock`, so the CLI and a running control
 /// plane never interleave.
@@ -64,7 +65,7 @@ pub struct LocalDir {
 
 impl LocalDir {
     pub fn open(root: &Path) -> io::Result<Self> {
-        std::fs::create_dir_all(root)?;
+        private_dirs(root)?;
         Ok(LocalDir {
             root: root.to_path_buf(),
         })
@@ -72,6 +73,45 @@ impl LocalDir {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Checks that nobody but the owner can read what lies under `prefix`:
+    /// its directory is not open to group or others, and no file in it is
+    /// readable or writable by them. Refuses with the offending path and the
+    /// command that fixes it.
+    pub fn check_private(&self, prefix: &str) -> io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.path(prefix)?;
+        let mut stack = vec![dir];
+        while let Some(d) = stack.pop() {
+            let meta = match std::fs::metadata(&d) {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                let (what, fix) = if meta.is_dir() {
+                    ("directory", "700")
+                } else {
+                    ("file", "600")
+                };
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{what} {} is open to other users (mode {mode:o}); it holds private keys: `chmod {fix} {}`",
+                        d.display(),
+                        d.display()
+                    ),
+                ));
+            }
+            if meta.is_dir() {
+                for e in std::fs::read_dir(&d)?.flatten() {
+                    stack.push(e.path());
+                }
+            }
+        }
+        Ok(())
     }
 
     fn path(&self, key: &str) -> io::Result<PathBuf> {
@@ -102,7 +142,7 @@ impl LocalDir {
 
     fn write(path: &Path, value: &[u8]) -> io::Result<u64> {
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
+            private_dirs(parent)?;
         }
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(format!(".{}.tmp", std::process::id()));
@@ -218,6 +258,15 @@ impl Kv for LocalDir {
             Ok(keys)
         })
     }
+}
+
+/// Creates `dir` and its missing parents with mode 0700.
+fn private_dirs(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 /// Values in the process, for tests and for state that a restart may
@@ -393,6 +442,29 @@ mod tests {
             .permissions();
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(mode.mode() & 0o777, 0o600);
+        let dir_mode = |p: &str| {
+            std::fs::metadata(dir.join(p))
+                .expect("dir")
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!((dir_mode("a"), dir_mode("a/c")), (0o700, 0o700));
+        kv.check_private("a").expect("private");
+        // A key file someone made readable, then a directory opened up.
+        let set = |p: &str, m: u32| {
+            std::fs::set_permissions(dir.join(p), std::fs::Permissions::from_mode(m))
+                .expect("chmod")
+        };
+        set("a/c/d", 0o644);
+        let e = kv.check_private("a").expect_err("readable key").to_string();
+        assert!(e.contains("a/c/d") && e.contains("chmod 600"), "{e}");
+        set("a/c/d", 0o600);
+        set("a/c", 0o755);
+        let e = kv.check_private("a").expect_err("open dir").to_string();
+        assert!(e.contains("chmod 700"), "{e}");
+        // Nothing there yet is nothing to leak.
+        kv.check_private("none").expect("absent");
         let _ = std::fs::remove_dir_all(dir);
     }
 

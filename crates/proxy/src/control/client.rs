@@ -98,7 +98,8 @@ impl Client {
             interest: self.subscriptions.interest(),
             proxy_version: env!("CARGO_PKG_VERSION").to_string(),
             applied_version: self.routes.load().version,
-            token: self.identity.token().to_string(),
+            // The certificate on the channel is the credential.
+            token: String::new(),
             certificate: self.identity.tls.leaf().map(|l| Certificate {
                 spiffe_id: l.id.uri(),
                 not_after: l.not_after_unix(),
@@ -192,6 +193,7 @@ impl Client {
             return Err("trust bundle is empty".into());
         }
         let tls = &self.identity.tls;
+        tls.set_allow_intermediates(trust.intermediates);
         if tls
             .set_bundle(roots)
             .map_err(|e| format!("trust bundle: {e}"))?

@@ -11,14 +11,19 @@
 //! 2. From then on every connection to the control plane verifies its
 //!    certificate against the bundle and its SPIFFE ID.
 //! 3. The proxy makes a key pair, sends a CSR with the token, and gets its
-//!    certificate. The private key never leaves the process.
+//!    certificate. The private key never leaves the process. A single-use
+//!    token is spent on that key: retries send the same CSR.
+//! 4. From then on the proxy presents its certificate on every connection
+//!    to the control plane: its stream registers with it, and renewals are
+//!    authenticated by it (the token is sent again only if the certificate
+//!    expired, which a single-use token cannot cure).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
 use hyper_util::rt::TokioIo;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tandem_api::v1::identity_client::IdentityClient;
 use tandem_api::v1::{BundleRequest, CertifyRequest};
 use tandem_identity::ca::new_csr;
@@ -125,9 +130,16 @@ impl Identity {
             control,
             renew_now: Notify::new(),
         });
+        // One key for every attempt: a single-use token is bound to the
+        // first key it certifies, and an answer lost on the way must not
+        // spend it for nothing.
+        let (csr, key) = new_csr(&identity.spiffe_id())?;
         let mut wait = RETRY_MIN;
         loop {
-            match identity.renew(instance, metrics).await {
+            match identity
+                .certify(instance, (csr.clone(), key.clone_key()), metrics)
+                .await
+            {
                 Ok(()) => break,
                 Err(e) if e.is::<Refused>() => return Err(e),
                 Err(e) => {
@@ -144,18 +156,25 @@ impl Identity {
         SpiffeId::new(&self.claims.td, &self.claims.ns, &self.claims.svc)
     }
 
-    pub(crate) fn token(&self) -> &str {
-        &self.token
-    }
-
-    /// A channel to the control plane, verified against the bundle.
+    /// A channel to the control plane, verified against the bundle, on
+    /// which this proxy presents its certificate (once it has one).
     pub(crate) async fn control_channel(&self) -> anyhow::Result<Channel> {
-        channel(&self.control, self.tls.client_config_anonymous(&[ALPN_H2])).await
+        channel(&self.control, self.tls.client_config(&[ALPN_H2])).await
     }
 
-    /// One certificate request: new key, CSR, signed chain.
+    /// One certificate request with a new key.
     pub(crate) async fn renew(&self, instance: &str, metrics: &Metrics) -> anyhow::Result<()> {
-        let result = self.renew_once(instance).await;
+        let csr = new_csr(&self.spiffe_id())?;
+        self.certify(instance, csr, metrics).await
+    }
+
+    async fn certify(
+        &self,
+        instance: &str,
+        csr: (Vec<u8>, PrivateKeyDer<'static>),
+        metrics: &Metrics,
+    ) -> anyhow::Result<()> {
+        let result = self.certify_once(instance, csr).await;
         let label = if result.is_ok() { "issued" } else { "failed" };
         metrics
             .renewals
@@ -164,13 +183,27 @@ impl Identity {
         result
     }
 
-    async fn renew_once(&self, instance: &str) -> anyhow::Result<()> {
-        let id = self.spiffe_id();
-        let (csr, key) = new_csr(&id)?;
+    async fn certify_once(
+        &self,
+        instance: &str,
+        (csr, key): (Vec<u8>, PrivateKeyDer<'static>),
+    ) -> anyhow::Result<()> {
+        // With a current certificate, that is the credential; the token
+        // only without one.
+        let token = if self.tls.is_serving()
+            && self
+                .tls
+                .leaf()
+                .is_some_and(|l| l.not_after > SystemTime::now())
+        {
+            String::new()
+        } else {
+            self.token.clone()
+        };
         let mut client = IdentityClient::new(self.control_channel().await?);
         let resp = client
             .certify(CertifyRequest {
-                token: self.token.clone(),
+                token,
                 csr,
                 instance: instance.to_string(),
             })
