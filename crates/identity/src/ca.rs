@@ -359,6 +359,17 @@ impl Authority {
         lineage: &str,
         lifetime: Duration,
     ) -> Result<Issued, CaError> {
+        {
+            use x509_parser::certification_request::X509CertificationRequest;
+            use x509_parser::prelude::FromDer;
+            let (_, req) = X509CertificationRequest::from_der(csr)
+                .map_err(|e| CaError::Invalid(format!("the CSR is not valid: {e}")))?;
+            if !crate::spiffe::is_p256(&req.certification_request_info.subject_pki) {
+                return Err(CaError::Invalid(
+                    "the CSR's key is not ECDSA P-256, the mesh's one key type".into(),
+                ));
+            }
+        }
         let csr = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(
             csr.to_vec(),
         ))
@@ -894,6 +905,24 @@ mod tests {
         let (_, leaf_end) = crate::tls::validity(&issued.chain[0]).expect("leaf validity");
         assert!(leaf_end <= root_end, "{leaf_end:?} > {root_end:?}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn only_p256_keys_are_certified() {
+        let kv = Memory::default();
+        let ca = Authority::open(&kv, None, None).await.expect("create");
+        let id = SpiffeId::new(DEFAULT_TRUST_DOMAIN, "default", "web");
+        for alg in [&rcgen::PKCS_ED25519, &rcgen::PKCS_ECDSA_P384_SHA384] {
+            let key = KeyPair::generate_for(alg).expect("key");
+            let csr = CertificateParams::default()
+                .serialize_request(&key)
+                .expect("csr");
+            let e = ca
+                .issue_csr(csr.der(), &id, "t", Duration::from_secs(60))
+                .err()
+                .expect("refused");
+            assert!(e.to_string().contains("P-256"), "{e}");
+        }
     }
 
     #[tokio::test]

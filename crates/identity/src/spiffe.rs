@@ -106,6 +106,8 @@ pub enum SvidError {
     NoDigitalSignature,
     #[error("the peer is {found}, expected {expected}")]
     Unexpected { expected: String, found: String },
+    #[error("the certificate's key is not ECDSA P-256")]
+    KeyType,
     #[error("the certificate chains through an intermediate CA, and intermediates are not allowed (`tandem control --allow-intermediates`)")]
     Intermediate,
 }
@@ -126,6 +128,7 @@ impl SvidError {
             }
             SvidError::Unexpected { .. } => "unexpected-identity",
             SvidError::Intermediate => "intermediate",
+            SvidError::KeyType => "bad-key-type",
         }
     }
 }
@@ -163,11 +166,27 @@ pub fn check_svid(der: &[u8], trust_domain: &str) -> Result<SpiffeId, SvidError>
         }
         _ => return Err(SvidError::NoDigitalSignature),
     }
+    if !is_p256(cert.public_key()) {
+        return Err(SvidError::KeyType);
+    }
     let id = SpiffeId::parse(uri)?;
     if id.trust_domain != trust_domain {
         return Err(SvidError::OtherTrustDomain(id.trust_domain));
     }
     Ok(id)
+}
+
+/// Whether a public key is ECDSA P-256, the one key type of the mesh's
+/// certificates (checked when a CSR is signed and when a peer shows one).
+pub fn is_p256(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> bool {
+    use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY};
+    spki.algorithm.algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY
+        && spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok())
+            .is_some_and(|curve| curve == OID_EC_P256)
 }
 
 #[cfg(test)]
@@ -188,6 +207,29 @@ mod tests {
             "spiffe://tandem.local/ns/Default/svc/web",
         ] {
             assert!(SpiffeId::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn leaves_must_hold_p256_keys() {
+        use rcgen::{CertificateParams, KeyPair, KeyUsagePurpose, SanType};
+        let svid = |alg: &'static rcgen::SignatureAlgorithm| {
+            let key = KeyPair::generate_for(alg).expect("key");
+            let mut p = CertificateParams::default();
+            p.subject_alt_names = vec![SanType::URI(
+                "spiffe://tandem.local/ns/default/svc/web"
+                    .try_into()
+                    .expect("uri"),
+            )];
+            p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            p.self_signed(&key).expect("cert").der().to_vec()
+        };
+        assert!(check_svid(&svid(&rcgen::PKCS_ECDSA_P256_SHA256), "tandem.local").is_ok());
+        for alg in [&rcgen::PKCS_ECDSA_P384_SHA384, &rcgen::PKCS_ED25519] {
+            assert_eq!(
+                check_svid(&svid(alg), "tandem.local"),
+                Err(SvidError::KeyType)
+            );
         }
     }
 }
