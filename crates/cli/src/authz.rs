@@ -138,6 +138,7 @@ fn check(
             })
         }
     };
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
     let path = match normalize_path(path) {
         Ok(p) => p,
         Err(e) => {
@@ -170,6 +171,7 @@ fn check(
         port: port.unwrap_or(first_port),
         method,
         path: &path,
+        query,
         header: &header,
     };
     let d = authz.decide(&req);
@@ -181,8 +183,9 @@ fn check(
     println!("{verdict}: {who} → {ns}/{name} {method} {path}");
     match d.by {
         DecidedBy::Rule(p, i) => println!(
-            "  decided by {} ({}), rule {i}: {}",
+            "  decided by {}{} ({}), rule {i}: {}",
             p.name,
+            p.scope(),
             p.action.as_str(),
             p.rules[i]
         ),
@@ -233,9 +236,9 @@ fn list(set: &ResourceSet, trust_domain: &str, target: &str) -> ExitCode {
     use tandem_config::authz::AuthzAction::*;
     for action in [Deny, Audit, Allow] {
         for p in authz.policies.iter().filter(|p| p.action == action) {
-            let port = p.port.map(|n| format!(" (port {n})")).unwrap_or_default();
+            let scope = p.scope();
             for (i, r) in p.rules.iter().enumerate() {
-                println!("  {:5} {}{port}, rule {i}: {r}", action.as_str(), p.name);
+                println!("  {:5} {}{scope}, rule {i}: {r}", action.as_str(), p.name);
             }
         }
     }
@@ -282,7 +285,26 @@ fn list(set: &ResourceSet, trust_domain: &str, target: &str) -> ExitCode {
         } else {
             String::new()
         };
-        println!("  {label:30} {line}{narrowed}");
+        let mut scoped = String::new();
+        if reach.allowed_by.is_some() {
+            for (p, rules) in &reach.scoped {
+                let within = p.scope();
+                let within = within
+                    .trim_start()
+                    .trim_start_matches('(')
+                    .trim_end_matches(')');
+                if rules.is_empty() {
+                    scoped.push_str(&format!("; on {within}: no request"));
+                } else {
+                    let r: Vec<String> = rules
+                        .iter()
+                        .map(|i| format!("{} rule {i}", p.name))
+                        .collect();
+                    scoped.push_str(&format!("; on {within}: only through {}", r.join(", ")));
+                }
+            }
+        }
+        println!("  {label:30} {line}{narrowed}{scoped}");
     }
     ExitCode::SUCCESS
 }

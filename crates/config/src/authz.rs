@@ -67,7 +67,96 @@ pub struct AuthzPolicy {
     pub action: AuthzAction,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    /// Targeted at an HTTPRoute: the policy applies only to requests that
+    /// route's matches select.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<AuthzRoute>,
     pub rules: Vec<AuthzRule>,
+}
+
+/// The requests an HTTPRoute selects, for a policy that targets it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuthzRoute {
+    /// `namespace/name` of the HTTPRoute.
+    pub name: String,
+    /// Its rules' matches, any one of which selects a request (a rule
+    /// without matches selects every request).
+    pub matches: Vec<crate::snapshot::Matcher>,
+}
+
+impl AuthzPolicy {
+    /// Whether the policy applies to this request at all (its port, its
+    /// route).
+    fn applies(&self, req: &AuthzRequest<'_>) -> bool {
+        self.port.is_none_or(|port| port == req.port)
+            && self.route.as_ref().is_none_or(|r| r.selects(req))
+    }
+
+    /// Applies to only part of the service's requests.
+    pub fn is_scoped(&self) -> bool {
+        self.port.is_some() || self.route.is_some()
+    }
+
+    /// `" (port 8080, route default/admin)"`, or nothing.
+    pub fn scope(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(p) = self.port {
+            parts.push(format!("port {p}"));
+        }
+        if let Some(r) = &self.route {
+            parts.push(format!("route {}", r.name));
+        }
+        if parts.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", parts.join(", "))
+        }
+    }
+}
+
+impl AuthzRoute {
+    /// Gateway API matching, with what the access policy adds: methods and
+    /// paths compared without regard to ASCII case (as path rules are),
+    /// so that a route-scoped deny holds for every spelling a server may
+    /// take for the same resource.
+    fn selects(&self, req: &AuthzRequest<'_>) -> bool {
+        use crate::model::PathMatchType;
+        self.matches.is_empty()
+            || self.matches.iter().any(|m| {
+                m.method
+                    .as_ref()
+                    .is_none_or(|x| x.eq_ignore_ascii_case(req.method))
+                    && m.path.as_ref().is_none_or(|p| match p.kind {
+                        PathMatchType::Exact => p.value.eq_ignore_ascii_case(req.path),
+                        PathMatchType::PathPrefix => prefix_matches(&p.value, req.path),
+                    })
+                    && m.headers
+                        .iter()
+                        .all(|h| (req.header)(&h.name).iter().any(|v| *v == h.value))
+                    && m.query.iter().all(|q| {
+                        req.query.split('&').any(|kv| {
+                            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                            k == q.name && v == q.value
+                        })
+                    })
+            })
+    }
+}
+
+/// Gateway API prefix matching by path element (`/foo` matches `/foo`,
+/// `/foo/`, `/foo/bar`, not `/foobar`), ASCII case aside.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    let prefix = prefix.trim_end_matches('/');
+    if prefix.is_empty() {
+        return true;
+    }
+    match path.get(..prefix.len()) {
+        Some(head) if head.eq_ignore_ascii_case(prefix) => {
+            let rest = &path[prefix.len()..];
+            rest.is_empty() || rest.starts_with('/')
+        }
+        _ => false,
+    }
 }
 
 /// Empty lists match everything.
@@ -142,7 +231,10 @@ pub struct AuthzRequest<'a> {
     pub port: u16,
     pub method: &'a str,
     pub path: &'a str,
-    /// The values of a request header (lower-case name).
+    /// The query string, without `?` (empty when none).
+    pub query: &'a str,
+    /// The values of a request header (lower-case name); for `host`, the
+    /// Host header or, in HTTP/2, the `:authority`.
     pub header: &'a dyn Fn(&str) -> Vec<&'a str>,
 }
 
@@ -180,7 +272,7 @@ impl Authz {
     }
 
     pub fn decide<'a>(&'a self, req: &AuthzRequest<'_>) -> Decision<'a> {
-        let applies = |p: &&'a AuthzPolicy| p.port.is_none_or(|port| port == req.port);
+        let applies = |p: &&'a AuthzPolicy| p.applies(req);
         let first_match = |p: &'a AuthzPolicy| p.rules.iter().position(|r| r.matches(req));
         let mut audited = Vec::new();
         for p in self.policies.iter().filter(applies) {
@@ -250,6 +342,9 @@ pub struct Reach<'a> {
     pub allowed_by: Option<Vec<(&'a AuthzPolicy, usize)>>,
     /// Deny rules that may apply to this caller.
     pub denied_by: Vec<(&'a AuthzPolicy, usize)>,
+    /// Allow policies on one port or route: within that scope only their
+    /// rules let requests in; the indices of those that name this caller.
+    pub scoped: Vec<(&'a AuthzPolicy, Vec<usize>)>,
 }
 
 impl Authz {
@@ -272,13 +367,25 @@ impl Authz {
         // A deny rule with nothing but identities denies every request.
         let all_denied = denied_by.iter().any(|(p, i)| {
             let r = &p.rules[*i];
-            r.to.is_empty() && r.when.is_empty() && p.port.is_none()
+            r.to.is_empty() && r.when.is_empty() && !p.is_scoped()
         });
-        let any_allow = self.policies.iter().any(|p| p.action == AuthzAction::Allow);
+        // Allow policies on one port or route leave the other requests to
+        // the rest; only an unscoped one makes every unmatched request a
+        // denial.
+        let any_allow = self
+            .policies
+            .iter()
+            .any(|p| p.action == AuthzAction::Allow && !p.is_scoped());
         let allowed_by = if all_denied {
             None
         } else if any_allow {
-            Some(rules(AuthzAction::Allow)).filter(|r| !r.is_empty())
+            Some(rules(AuthzAction::Allow))
+                .map(|r| {
+                    r.into_iter()
+                        .filter(|(p, _)| !p.is_scoped())
+                        .collect::<Vec<_>>()
+                })
+                .filter(|r| !r.is_empty())
         } else {
             let by_default = match self.default {
                 AuthzDefault::AllowAuthenticated => caller.is_some() || self.permissive,
@@ -286,9 +393,27 @@ impl Authz {
             };
             by_default.then(Vec::new)
         };
+        // Each scoped allow policy: the rules of it that name this caller
+        // (none: no request of its scope gets in).
+        let mut scoped = Vec::new();
+        for p in self
+            .policies
+            .iter()
+            .filter(|p| p.action == AuthzAction::Allow && p.is_scoped())
+        {
+            let named: Vec<usize> = p
+                .rules
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| names(r))
+                .map(|(i, _)| i)
+                .collect();
+            scoped.push((p, named));
+        }
         Reach {
             allowed_by,
             denied_by,
+            scoped,
         }
     }
 }
@@ -380,7 +505,9 @@ impl AuthzSource {
 impl AuthzOperation {
     fn matches(&self, req: &AuthzRequest<'_>) -> bool {
         let path = |p: &String| path_matches(p, req.path);
-        let method = |m: &String| m == req.method;
+        // Methods are case-sensitive in HTTP, but servers differ in
+        // whether `post` is `POST`: a rule holds for both readings.
+        let method = |m: &String| m.eq_ignore_ascii_case(req.method);
         let port = |p: &u16| *p == req.port;
         one_of(&self.paths, path)
             && none_of(&self.not_paths, path)
@@ -394,10 +521,33 @@ impl AuthzOperation {
 impl AuthzCondition {
     fn matches(&self, req: &AuthzRequest<'_>) -> bool {
         let got = (req.header)(&self.header);
-        let listed = |set: &Vec<String>| got.iter().any(|v| set.iter().any(|s| s == v));
+        let host = self.header == "host";
+        // A host is a name: compared without port, trailing dot or case
+        // (the configured values were normalized the same way).
+        let same = |v: &str, s: &String| {
+            if host {
+                host_name(v).eq_ignore_ascii_case(s)
+            } else {
+                v == s
+            }
+        };
+        let listed = |set: &Vec<String>| got.iter().any(|v| set.iter().any(|s| same(v, s)));
         (self.values.is_empty() || listed(&self.values))
             && (self.not_values.is_empty() || !listed(&self.not_values))
     }
+}
+
+/// The name of a `host[:port]` (an IPv6 literal keeps its brackets),
+/// without a trailing dot.
+pub fn host_name(host: &str) -> &str {
+    let name = if host.starts_with('[') {
+        host.find(']').map_or(host, |i| &host[..=i])
+    } else {
+        host.rsplit_once(':')
+            .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(host, |(name, _)| name)
+    };
+    name.strip_suffix('.').unwrap_or(name)
 }
 
 /// An empty list matches everything.
@@ -632,7 +782,7 @@ pub fn compile(set: &ResourceSet, namespace: &str, name: &str) -> Authz {
     let policies = set
         .authorization_policies
         .iter()
-        .filter(|p| target(p) == (namespace, name))
+        .filter(|p| target(set, p) == (namespace, name))
         .map(|p| compile_policy(set, p, &mut ignored))
         .collect();
     Authz {
@@ -642,8 +792,68 @@ pub fn compile(set: &ResourceSet, namespace: &str, name: &str) -> Authz {
     }
 }
 
-fn target(p: &Loaded<AuthorizationPolicySpec>) -> (&str, &str) {
-    p.spec.target_ref.resolve(&p.namespace)
+/// The Service a policy applies to: its target, or the parent of the
+/// HTTPRoute it targets.
+fn target<'a>(set: &'a ResourceSet, p: &'a Loaded<AuthorizationPolicySpec>) -> (&'a str, &'a str) {
+    let (ns, name) = p.spec.target_ref.resolve(&p.namespace);
+    if p.spec.target_ref.kind.value != "HTTPRoute" {
+        return (ns, name);
+    }
+    set.http_routes
+        .iter()
+        .find(|r| r.namespace == ns && r.name == name)
+        .and_then(|r| r.spec.parent_refs.first().map(|pr| (r, pr)))
+        .map_or(("", ""), |(r, pr)| {
+            let pns = pr
+                .namespace
+                .as_ref()
+                .map_or(r.namespace.as_str(), |n| n.value.as_str());
+            (pns, pr.name.value.as_str())
+        })
+}
+
+/// The requests of the HTTPRoute a policy targets: of its rules, or of the
+/// one rule `section` names. `None`: no such route (or rule).
+fn route_scope(
+    set: &ResourceSet,
+    ns: &str,
+    name: &str,
+    section: Option<&str>,
+) -> Option<AuthzRoute> {
+    let r = set
+        .http_routes
+        .iter()
+        .find(|r| r.namespace == ns && r.name == name)?;
+    let rules: Vec<_> = r
+        .spec
+        .rules
+        .iter()
+        .filter(|rule| section.is_none_or(|sn| rule.value.name.as_deref() == Some(sn)))
+        .collect();
+    if rules.is_empty() && section.is_some() {
+        return None;
+    }
+    let mut matches = Vec::new();
+    for rule in rules {
+        if rule.value.matches.is_empty() {
+            // A rule without matches selects every request.
+            matches.clear();
+            break;
+        }
+        matches.extend(
+            rule.value
+                .matches
+                .iter()
+                .map(|m| crate::compile::matcher(&m.value)),
+        );
+    }
+    Some(AuthzRoute {
+        name: match section {
+            Some(sn) => format!("{ns}/{name} rule {sn}"),
+            None => format!("{ns}/{name}"),
+        },
+        matches,
+    })
 }
 
 /// One policy, checked against the set (unknown services, L7 fields on a
@@ -655,10 +865,43 @@ fn compile_policy(
 ) -> AuthzPolicy {
     let spec = &p.spec;
     let t = &spec.target_ref;
-    crate::policy::check_target_kind(p, t, "an AuthorizationPolicy", diags);
-    let (ns, name) = target(p);
+    let on_route = t.kind.value == "HTTPRoute";
+    let route = match t.kind.value.as_str() {
+        "HTTPRoute" => {
+            check_route_group(p, t, diags);
+            let (rns, rname) = t.resolve(&p.namespace);
+            let section = t.section_name.as_ref().map(|s| s.value.as_str());
+            let scope = route_scope(set, rns, rname, section);
+            if scope.is_none() {
+                let (at, what) = match (&t.section_name, route_scope(set, rns, rname, None)) {
+                    (Some(sn), Some(_)) => (
+                        p.at(sn),
+                        format!("HTTPRoute `{rns}/{rname}` has no rule named `{}`", sn.value),
+                    ),
+                    _ => (
+                        p.at(&t.name),
+                        format!("no HTTPRoute `{rns}/{rname}` to apply this policy to"),
+                    ),
+                };
+                diags.push(Diagnostic::at(&at, what));
+            }
+            scope
+        }
+        "Service" => {
+            crate::policy::check_target_kind(p, t, "an AuthorizationPolicy", diags);
+            None
+        }
+        other => {
+            diags.push(Diagnostic::at(
+                &p.at(&t.kind),
+                format!("targetRef kind `{other}` is not supported; an AuthorizationPolicy targets a Service or an HTTPRoute"),
+            ));
+            None
+        }
+    };
+    let (ns, name) = target(set, p);
     let service = set.service(ns, name);
-    if service.is_none() {
+    if service.is_none() && !(on_route && route.is_none()) {
         diags.push(Diagnostic::at(
             &p.at(&t.name),
             format!("no Service `{ns}/{name}` to apply this policy to"),
@@ -724,8 +967,13 @@ fn compile_policy(
                             format!("`{}` is not a valid header name", w.header.value),
                         ));
                     }
-                    let values = strings(&w.values);
-                    let not_values = strings(&w.not_values);
+                    let mut values = strings(&w.values);
+                    let mut not_values = strings(&w.not_values);
+                    if header == "host" {
+                        for v in values.iter_mut().chain(not_values.iter_mut()) {
+                            *v = host_name(v).to_ascii_lowercase();
+                        }
+                    }
                     contradiction(p, &w.values, &w.not_values, "values", diags);
                     if values.is_empty() && not_values.is_empty() {
                         diags.push(Diagnostic::at(
@@ -751,11 +999,39 @@ fn compile_policy(
             "missing `rules`: a policy matches requests through its rules (`rules: [{}]` matches every request)",
         )),
     }
+    if route.is_some() && tcp {
+        diags.push(Diagnostic::at(
+            &p.at(&t.kind),
+            "an HTTPRoute selects HTTP requests: a policy on a TCP service targets the Service",
+        ));
+    }
     AuthzPolicy {
         name: p.key(),
         action,
         port: spec.port.as_ref().map(|p| p.value),
+        route,
         rules,
+    }
+}
+
+/// The group of an HTTPRoute target: Gateway API's, or none.
+fn check_route_group(
+    p: &Loaded<AuthorizationPolicySpec>,
+    t: &crate::model::TargetRef,
+    diags: &mut Vec<Diagnostic>,
+) {
+    if let Some(g) = t
+        .group
+        .as_ref()
+        .filter(|g| !(g.value.is_empty() || g.value == "gateway.networking.k8s.io"))
+    {
+        diags.push(Diagnostic::at(
+            &p.at(g),
+            format!(
+                "targetRef group `{}` is not HTTPRoute's; use `gateway.networking.k8s.io` or leave it out",
+                g.value
+            ),
+        ));
     }
 }
 
@@ -956,9 +1232,111 @@ mod tests {
             port: 8080,
             method,
             path,
+            query: "",
             header: &none,
         })
         .verdict
+    }
+
+    #[test]
+    fn a_policy_on_a_route_applies_to_what_the_route_selects() {
+        let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: api-admin}\nspec:\n  parentRefs: [{name: api}]\n  rules:\n    - matches: [{path: {type: PathPrefix, value: /admin}}, {path: {type: Exact, value: /ops}, method: POST}]\n      backendRefs: [{name: api}]\n---\n";
+        let named = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: api-all}\nspec:\n  parentRefs: [{name: api}]\n  rules:\n    - name: debug\n      matches: [{path: {type: PathPrefix, value: /debug}}]\n      backendRefs: [{name: api}]\n    - backendRefs: [{name: api}]\n---\n";
+        let p = "apiVersion: tandem.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: admin-only-web}\nspec:\n  targetRef: {group: gateway.networking.k8s.io, kind: HTTPRoute, name: api-admin}\n  rules:\n    - from: [{services: [web]}]\n---\n";
+        let s = set(&format!("{route}{p}"));
+        let a = compile(&s, "default", "api");
+        let pol = &a.policies[0];
+        assert_eq!(pol.scope(), " (route default/api-admin)");
+        let (web, db) = (Some(caller("web")), Some(caller("db")));
+        // Inside the route: only web; ASCII case does not get around it.
+        for (m, path) in [
+            ("GET", "/admin"),
+            ("GET", "/admin/x"),
+            ("GET", "/ADMIN/x"),
+            ("post", "/ops"),
+        ] {
+            assert_eq!(verdict(&a, web, m, path), Verdict::Allow, "{m} {path}");
+            assert_eq!(verdict(&a, db, m, path), Verdict::Deny, "{m} {path}");
+        }
+        // Outside it the mesh default holds.
+        for (m, path) in [("GET", "/administrator"), ("GET", "/ops"), ("GET", "/")] {
+            assert_eq!(verdict(&a, db, m, path), Verdict::Allow, "{m} {path}");
+        }
+        // The compliance view: db reaches the service, not the route.
+        let r = a.reach(db);
+        assert_eq!(r.allowed_by, Some(Vec::new()));
+        assert_eq!(r.scoped.len(), 1);
+        assert!(r.scoped[0].1.is_empty());
+        assert_eq!(a.reach(web).scoped[0].1, vec![0]);
+        // One rule of a route, by its name (sectionName); the route's
+        // catch-all rule is not part of it.
+        let p = "apiVersion: tandem.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-debug}\nspec:\n  targetRef: {kind: HTTPRoute, name: api-all, sectionName: debug}\n  action: deny\n  rules: [{}]\n---\n";
+        let s = set(&format!("{named}{p}"));
+        let a = compile(&s, "default", "api");
+        assert_eq!(a.policies[0].scope(), " (route default/api-all rule debug)");
+        assert_eq!(verdict(&a, web, "GET", "/debug/x"), Verdict::Deny);
+        assert_eq!(verdict(&a, web, "GET", "/x"), Verdict::Allow);
+        let e = errors(&format!("{named}apiVersion: tandem.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: x}}\nspec:\n  targetRef: {{kind: HTTPRoute, name: api-all, sectionName: nope}}\n  rules: [{{}}]\n---\n"));
+        assert!(
+            e.iter().any(|e| e.contains("has no rule named `nope`")),
+            "{e:?}"
+        );
+        let e = errors("apiVersion: tandem.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: x}\nspec:\n  targetRef: {kind: Service, name: api, sectionName: http}\n  rules: [{}]\n---\n");
+        assert!(
+            e.iter().any(|e| e.contains("sectionName is not supported")),
+            "{e:?}"
+        );
+        // Unknown route, wrong group, a TCP service.
+        let e = errors("apiVersion: tandem.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: x}\nspec:\n  targetRef: {kind: HTTPRoute, name: nope}\n  rules: [{}]\n---\n");
+        assert!(
+            e.iter().any(|e| e.contains("no HTTPRoute `default/nope`")),
+            "{e:?}"
+        );
+        let e = errors(&format!("{route}apiVersion: tandem.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: x}}\nspec:\n  targetRef: {{group: tandem.dev, kind: HTTPRoute, name: api-admin}}\n  rules: [{{}}]\n---\n"));
+        assert!(e.iter().any(|e| e.contains("is not HTTPRoute's")), "{e:?}");
+        let e = errors("apiVersion: tandem.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: x}\nspec:\n  targetRef: {kind: Gateway, name: api}\n  rules: [{}]\n---\n");
+        assert!(
+            e.iter().any(|e| e.contains("a Service or an HTTPRoute")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn hosts_and_methods_are_compared_as_servers_read_them() {
+        let s = set(&policy(
+            "no-internal",
+            "api",
+            "  action: deny\n  rules:\n    - when: [{header: host, values: [Internal.Example.]}]\n    - to: [{methods: [DELETE]}]\n",
+        ));
+        let a = compile(&s, "default", "api");
+        let decide = |host: &'static str, method: &str| {
+            let h = move |n: &str| if n == "host" { vec![host] } else { Vec::new() };
+            a.decide(&AuthzRequest {
+                caller: Some(caller("web")),
+                port: 8080,
+                method,
+                path: "/",
+                query: "",
+                header: &h,
+            })
+            .verdict
+        };
+        for host in [
+            "internal.example",
+            "INTERNAL.example:8080",
+            "internal.example.",
+            "internal.example.:80",
+        ] {
+            assert_eq!(decide(host, "GET"), Verdict::Deny, "{host}");
+        }
+        assert_eq!(decide("public.example", "GET"), Verdict::Allow);
+        assert_eq!(decide("internal.example.com", "GET"), Verdict::Allow);
+        for m in ["DELETE", "delete", "Delete"] {
+            assert_eq!(decide("public.example", m), Verdict::Deny, "{m}");
+        }
+        assert_eq!(host_name("[::1]:8080"), "[::1]");
+        assert_eq!(host_name("a.b:99"), "a.b");
+        assert_eq!(host_name("a.b."), "a.b");
     }
 
     #[test]
@@ -999,6 +1377,7 @@ mod tests {
             port: 8080,
             method: "GET",
             path: "/users/admin",
+            query: "",
             header: &|_| Vec::new(),
         });
         assert!(matches!(d.by, DecidedBy::Rule(p, 0) if p.name == "default/api-deny"));
@@ -1022,6 +1401,7 @@ mod tests {
             port: 8080,
             method: "GET",
             path: "/",
+            query: "",
             header: &none,
         });
         assert_eq!(d.verdict, Verdict::Deny, "the mesh default denies");
@@ -1032,6 +1412,7 @@ mod tests {
             port: 8080,
             method: "GET",
             path: "/",
+            query: "",
             header: &none,
         });
         assert!(d.audited.is_empty());
@@ -1064,6 +1445,7 @@ mod tests {
             port,
             method: "GET",
             path: "/",
+            query: "",
             header,
         };
         assert_eq!(

@@ -218,7 +218,7 @@ fn destination(
     }
 }
 
-fn matcher(m: &crate::model::MatchSpec) -> Matcher {
+pub(crate) fn matcher(m: &crate::model::MatchSpec) -> Matcher {
     Matcher {
         path: m.path.as_ref().map(|p| PathMatch {
             kind: p

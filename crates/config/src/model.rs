@@ -341,6 +341,9 @@ pub struct TargetRef {
     pub name: Spanned<String>,
     #[serde(default)]
     pub namespace: Option<Spanned<String>>,
+    /// One named part of the target (an HTTPRoute rule's `name`).
+    #[serde(default)]
+    pub section_name: Option<Spanned<String>>,
 }
 
 impl TargetRef {

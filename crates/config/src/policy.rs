@@ -355,6 +355,12 @@ pub(crate) fn check_target_kind<S>(
             ),
         ));
     }
+    if let Some(sn) = &t.section_name {
+        diags.push(Diagnostic::at(
+            &p.at(sn),
+            format!("sectionName is not supported on a Service target; {what} applies to the whole Service"),
+        ));
+    }
     if let Some(g) = t
         .group
         .as_ref()

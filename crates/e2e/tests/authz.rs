@@ -455,3 +455,75 @@ fn policy_edits_drop_no_allowed_request() {
     );
     assert!(ok >= 200, "{ok}");
 }
+
+/// A policy on one HTTPRoute covers what that route selects and nothing
+/// else; a `host` condition holds whether the host came as `Host`
+/// (HTTP/1.1) or `:authority` (HTTP/2); a method rule holds in any case.
+#[test]
+fn route_host_and_method_rules_hold_on_every_spelling() {
+    let mut config = common::config();
+    config.push_str(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web-ops}\nspec:\n  parentRefs: [{name: web}]\n  rules:\n    - name: ops\n      matches: [{path: {type: PathPrefix, value: /ops}}]\n      backendRefs: [{name: web}]\n    - backendRefs: [{name: web}]\n---\n",
+    );
+    config.push_str(
+        "apiVersion: tandem.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: ops-closed}\nspec:\n  targetRef: {group: gateway.networking.k8s.io, kind: HTTPRoute, name: web-ops, sectionName: ops}\n  action: deny\n  rules: [{}]\n---\n",
+    );
+    config.push_str(&authz(
+        "web-internal",
+        "web",
+        "  action: deny\n  rules:\n    - when: [{header: host, values: [internal.example]}]\n    - to: [{methods: [DELETE]}]\n",
+    ));
+    let mesh = Mesh::start(&config);
+    let web = mesh.instance("web", "web-1", &[], &[]);
+    let client = mesh.instance("client", "client-1", &[], &[]);
+    wait_for(
+        "web through client's sidecar",
+        Duration::from_secs(20),
+        || (call(&client, "web", "GET", "/headers", &[]).status == 200).then_some(()),
+    );
+    for (method, path, want) in [
+        ("GET", "/ops?key=r1", 403),
+        ("GET", "/ops/x?key=r2", 403),
+        ("GET", "/OPS/x?key=r3", 403),
+        ("GET", "/operations?key=r4", 200),
+        ("DELETE", "/x?key=r5", 403),
+        ("delete", "/x?key=r6", 403),
+    ] {
+        let r = call(&client, "web", method, path, &[]);
+        assert_eq!(r.status, want, "{method} {path}: {r:?}");
+        let key = path.split("key=").nth(1).expect("key");
+        let reached = if want == 403 { 0 } else { 1 };
+        assert_eq!(web.counters(key)["started"], reached, "{method} {path}");
+    }
+    // The host, straight to web's inbound port with a mesh certificate:
+    // as Host in HTTP/1.1 and as :authority in HTTP/2.
+    let scratch = TempDir::new("authz-host");
+    let (c, k) = common::certs::mesh_leaf(&mesh, &scratch.0, "client");
+    for (proto, host, want) in [
+        ("--http1.1", "internal.example", "403"),
+        ("--http2", "internal.example", "403"),
+        ("--http2", "INTERNAL.example:8443", "403"),
+        ("--http1.1", "internal.example.", "403"),
+        ("--http2", "public.example", "200"),
+    ] {
+        let out = curl(&[
+            proto,
+            "-s",
+            "-k",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{http_version}",
+            "--cert",
+            &c,
+            "--key",
+            &k,
+            "-H",
+            &format!("Host: {host}"),
+            &format!("https://{}/?key=h", web.inbound),
+        ]);
+        let (code, version) = out.stdout.split_once(' ').unwrap_or(("", ""));
+        assert_eq!(code, want, "{proto} {host}: {}", out.stdout);
+        assert_eq!(version, if proto == "--http2" { "2" } else { "1.1" });
+    }
+}

@@ -273,6 +273,7 @@ impl<S: Service> Inbound<S> {
                     port: inbound.port,
                     method: "",
                     path: "",
+                    query: "",
                     header: &none,
                 };
                 let d = inbound.authz.decide(&r);

@@ -42,17 +42,24 @@ impl<S: Service> Service for Authorize<S> {
                 Some(i) if i.authz.is_open() && ctx.caller.is_some() => true,
                 Some(i) => {
                     let header = |name: &str| -> Vec<&str> {
-                        req.headers()
+                        let mut v: Vec<&str> = req
+                            .headers()
                             .get_all(name)
                             .iter()
                             .filter_map(|v| v.to_str().ok())
-                            .collect()
+                            .collect();
+                        // HTTP/2 carries the host as `:authority`.
+                        if v.is_empty() && name == "host" {
+                            v.extend(req.uri().authority().map(|a| a.as_str()));
+                        }
+                        v
                     };
                     let r = AuthzRequest {
                         caller: ctx.caller.as_deref().map(caller),
                         port: i.port,
                         method: req.method().as_str(),
                         path: req.uri().path(),
+                        query: req.uri().query().unwrap_or(""),
                         header: &header,
                     };
                     let d = i.authz.decide(&r);
