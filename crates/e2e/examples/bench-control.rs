@@ -10,7 +10,11 @@
 //! 2. after a route edit (the config file rewritten, as `git checkout`
 //!    would), the time until each proxy acknowledged a snapshot with the
 //!    edit: p50, p99, max;
-//! 3. the control plane's resident memory with N proxies connected.
+//! 3. the control plane's resident memory with N proxies connected;
+//! 4. how long one proxy's bootstrap takes (its first certificate, with a
+//!    single-use join token, then its Hello and first snapshot) with no
+//!    other connection and with 300 silent TCP connections held open on the
+//!    gRPC port.
 //!
 //! ```text
 //! bench-control [--proxies 100,250,500,1000] [--services 50] [--markdown FILE]
@@ -279,6 +283,85 @@ fn run(n: usize, services: usize) -> Row {
     row
 }
 
+/// One bootstrap as a proxy makes it (the trust bundle is read from the
+/// data directory instead of fetched): certificate with `token`, then the
+/// stream's first snapshot.
+async fn bootstrap(mesh: &Mesh, token: String, instance: &str) -> Duration {
+    use tandem_api::v1::identity_client::IdentityClient;
+    use tandem_api::v1::CertifyRequest;
+    let (td, roots) = mesh.trust();
+    let tls = tandem_identity::tls::TlsIdentity::new(&td, roots).unwrap();
+    let id = tandem_identity::SpiffeId::new(&td, "default", "svc-0");
+    let grpc = mesh.grpc.to_string();
+    let alpn = [tandem_identity::tls::ALPN_H2];
+    let start = Instant::now();
+    let (csr, key) = tandem_identity::ca::new_csr(&id).unwrap();
+    let ch = tandem_proxy::control_channel(&grpc, tls.client_config(&alpn))
+        .await
+        .unwrap();
+    let resp = IdentityClient::new(ch)
+        .certify(CertifyRequest {
+            token,
+            csr,
+            instance: instance.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let chain = resp
+        .chain
+        .into_iter()
+        .map(rustls_pki_types::CertificateDer::from)
+        .collect();
+    tls.set_cert(chain, key, resp.signer).unwrap();
+    let ch = tandem_proxy::control_channel(&grpc, tls.client_config(&alpn))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel::<ProxyMessage>(8);
+    let hello = Hello {
+        service: "svc-0".into(),
+        instance: instance.into(),
+        namespace: "default".into(),
+        proxy_version: "bench".into(),
+        ..Hello::default()
+    };
+    tx.send(ProxyMessage {
+        kind: Some(proxy_message::Kind::Hello(hello)),
+    })
+    .await
+    .unwrap();
+    let mut stream = DiscoveryClient::new(ch)
+        .stream(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(m) = stream.message().await.unwrap() {
+        if matches!(m.kind, Some(control_message::Kind::Snapshot(_))) {
+            break;
+        }
+    }
+    start.elapsed()
+}
+
+/// Bootstrap times (min, median, max of `rounds`) with `idle` silent
+/// sockets held open on the gRPC port.
+fn bootstrap_beside(idle: usize, rounds: usize) -> [Duration; 3] {
+    let mesh = Mesh::start(&config(2, "edition-1"));
+    let held: Vec<std::net::TcpStream> = (0..idle)
+        .map(|_| std::net::TcpStream::connect(mesh.grpc).unwrap())
+        .collect();
+    let tokens: Vec<String> = (0..rounds).map(|_| mesh.token("svc-0")).collect();
+    let rt = tandem_e2e::rt();
+    let mut times: Vec<Duration> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| rt.block_on(bootstrap(&mesh, t, &format!("b{i}"))))
+        .collect();
+    times.sort();
+    drop(held);
+    [times[0], times[rounds / 2], times[rounds - 1]]
+}
+
 fn main() {
     let a = args();
     let mut table = String::from(
@@ -300,6 +383,15 @@ fn main() {
             r.rounds,
             r.compiles
         );
+        eprint!("{line}");
+        table.push_str(&line);
+    }
+    table.push_str(
+        "\n| silent sockets held on the gRPC port | bootstrap min | median | max |\n|---:|---:|---:|---:|\n",
+    );
+    for idle in [0, 300] {
+        let [min, med, max] = bootstrap_beside(idle, 9);
+        let line = format!("| {idle} | {} | {} | {} |\n", ms(min), ms(med), ms(max));
         eprint!("{line}");
         table.push_str(&line);
     }

@@ -577,7 +577,9 @@ fn join_tokens_grant_one_identity_and_can_be_refused() {
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("svc/orders"), "{}", e.message());
     // Expired.
-    let short = mesh.token_with(&["--service", "orders", "--ttl", "1s"]);
+    // (Reusable: the attempts before it expires would spend a single-use
+    // one, and then it would be refused as used, not as expired.)
+    let short = mesh.token_with(&["--service", "orders", "--ttl", "1s", "--reusable"]);
     let e = wait_for("the short token to expire", Duration::from_secs(10), || {
         certify(&mesh, &short, "orders").err()
     });
