@@ -20,8 +20,8 @@ pub struct ApiArgs {
     /// (`admin.token`). Default: the one `tandem up` uses.
     #[arg(long, env = "TANDEM_DATA")]
     pub data: Option<PathBuf>,
-    /// A file holding the admin credential (instead of --data).
-    #[arg(long, env = "TANDEM_ADMIN_TOKEN_FILE", conflicts_with = "data")]
+    /// A file holding the admin credential (taken before --data).
+    #[arg(long, env = "TANDEM_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
 }
 

@@ -868,7 +868,13 @@ fn compile_policy(
     let on_route = t.kind.value == "HTTPRoute";
     let route = match t.kind.value.as_str() {
         "HTTPRoute" => {
-            check_route_group(p, t, diags);
+            crate::policy::check_target_group(
+                p,
+                t,
+                "gateway.networking.k8s.io",
+                "HTTPRoute",
+                diags,
+            );
             let (rns, rname) = t.resolve(&p.namespace);
             let section = t.section_name.as_ref().map(|s| s.value.as_str());
             let scope = route_scope(set, rns, rname, section);
@@ -1011,27 +1017,6 @@ fn compile_policy(
         port: spec.port.as_ref().map(|p| p.value),
         route,
         rules,
-    }
-}
-
-/// The group of an HTTPRoute target: Gateway API's, or none.
-fn check_route_group(
-    p: &Loaded<AuthorizationPolicySpec>,
-    t: &crate::model::TargetRef,
-    diags: &mut Vec<Diagnostic>,
-) {
-    if let Some(g) = t
-        .group
-        .as_ref()
-        .filter(|g| !(g.value.is_empty() || g.value == "gateway.networking.k8s.io"))
-    {
-        diags.push(Diagnostic::at(
-            &p.at(g),
-            format!(
-                "targetRef group `{}` is not HTTPRoute's; use `gateway.networking.k8s.io` or leave it out",
-                g.value
-            ),
-        ));
     }
 }
 

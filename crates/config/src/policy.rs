@@ -361,15 +361,26 @@ pub(crate) fn check_target_kind<S>(
             format!("sectionName is not supported on a Service target; {what} applies to the whole Service"),
         ));
     }
+    check_target_group(p, t, "tandem.dev", "Service", diags);
+}
+
+/// A targetRef's group must be its kind's (`group`), or left out.
+pub(crate) fn check_target_group<S>(
+    p: &Loaded<S>,
+    t: &crate::model::TargetRef,
+    group: &str,
+    kind: &str,
+    diags: &mut Vec<Diagnostic>,
+) {
     if let Some(g) = t
         .group
         .as_ref()
-        .filter(|g| !(g.value.is_empty() || g.value == "tandem.dev"))
+        .filter(|g| !(g.value.is_empty() || g.value == group))
     {
         diags.push(Diagnostic::at(
             &p.at(g),
             format!(
-                "targetRef group `{}` is not supported; use `tandem.dev` or leave it out",
+                "targetRef group `{}` is not {kind}'s; use `{group}` or leave it out",
                 g.value
             ),
         ));
