@@ -36,6 +36,10 @@ pub struct Trust {
     /// signed by a root of the bundle directly).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub intermediates: bool,
+    /// Join tokens revoked: a peer whose certificate descends from one of
+    /// them is refused, though the certificate has not expired.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

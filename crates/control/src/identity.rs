@@ -52,6 +52,9 @@ pub struct Ca {
     /// Peers' chains may pass through intermediate CAs (told to proxies in
     /// every snapshot's trust).
     intermediates: bool,
+    /// Revoked join tokens, as last read (told to proxies too: they refuse
+    /// certificates issued under them).
+    revoked_tokens: Mutex<Vec<String>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -84,6 +87,7 @@ impl Ca {
             rotation: Mutex::new(rotation),
             steps: tokio::sync::Mutex::new(()),
             intermediates,
+            revoked_tokens: Mutex::new(Vec::new()),
         });
         ca.issue_own()?;
         Ok(ca)
@@ -113,6 +117,7 @@ impl Ca {
             roots: a.bundle().iter().map(|d| pem("CERTIFICATE", d)).collect(),
             signer: a.signer_id().to_string(),
             intermediates: self.intermediates,
+            revoked: self.revoked_tokens.lock().clone(),
         }
     }
 
@@ -194,13 +199,16 @@ impl Ca {
 
     /// Follows the revocation list (the CLI writes it, beside a running
     /// control plane): proxies whose join token is revoked are expelled
-    /// within `every`.
+    /// within `every`, and every proxy is told to refuse their
+    /// certificates (the list travels with the trust bundle).
     pub async fn follow_revocations(self: Arc<Self>, every: Duration) {
         let mut seen: Vec<String> = Vec::new();
         loop {
             match self.revoked().await {
                 Ok(revoked) if revoked != seen => {
                     self.mesh.expel(&revoked).await;
+                    *self.revoked_tokens.lock() = revoked.clone();
+                    self.publish();
                     seen = revoked;
                 }
                 Ok(_) => {}

@@ -526,6 +526,7 @@ fn revoking_a_token_expels_its_proxies_within_seconds() {
         json["id"].as_str().unwrap().to_string(),
         json["token"].as_str().unwrap().to_string(),
     );
+    let scratch = TempDir::new("revoked");
     let web1 = mesh.instance("web", "web-1", &[], &["--token", &bad]);
     let web2 = mesh.instance("web", "web-2", &[], &[]);
     let client = mesh.instance_with_upstreams("client", "client-1", &[], &[], &["web"]);
@@ -541,6 +542,22 @@ fn revoking_a_token_expels_its_proxies_within_seconds() {
         (client.endpoints("web", "web")? == vec!["web-2".to_string()]).then_some(())
     });
     eprintln!("revocation to endpoint removal: {:?}", start.elapsed());
+    // Every sidecar now refuses a certificate issued under the token, on
+    // any new connection, though it has not expired.
+    let (ok_chain, ok_key) = leaf_with_lineage(&mesh, &scratch.0, "ok", "some-live-token");
+    let (bad_chain, bad_key) = leaf_with_lineage(&mesh, &scratch.0, "bad", &bad_id);
+    wait_for(
+        "web-2 refuses the revoked lineage",
+        Duration::from_secs(5),
+        || (call_with(web2.inbound, &bad_chain, &bad_key) == "000").then_some(()),
+    );
+    assert_eq!(call_with(web2.inbound, &ok_chain, &ok_key), "200");
+    let refused = metric(
+        &web2.metrics(),
+        r#"tandem_tls_handshakes_total{direction="inbound",result="revoked"}"#,
+    )
+    .unwrap_or(0.0);
+    assert!(refused >= 1.0, "{}", web2.metrics());
     wait_for("web-1 told", Duration::from_secs(5), || {
         web1.proxy().log_text().contains("revoked").then_some(())
     });
@@ -611,6 +628,49 @@ fn the_ca_keys_stay_private_and_certificates_short_lived() {
     let not_after = row["cert_not_after"].as_u64().unwrap();
     assert!(not_after <= now + 24 * 3600 + 5, "{row}");
     drop(web);
+}
+
+/// A leaf for `tester` from the mesh's root that names `lineage` as its
+/// join token, as the CA's leaves do: (certificate, key) paths.
+fn leaf_with_lineage(
+    mesh: &Mesh,
+    dir: &std::path::Path,
+    name: &str,
+    lineage: &str,
+) -> (String, String) {
+    use rcgen::{
+        CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose, SanType,
+    };
+    let (root_crt, root_key) = mesh_ca(mesh);
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::default();
+    p.distinguished_name = DistinguishedName::new();
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.distinguished_name.push(
+        DnType::OrganizationalUnitName,
+        format!("join-token {lineage}"),
+    );
+    p.subject_alt_names = vec![SanType::URI(
+        spiffe("default", "tester").try_into().unwrap(),
+    )];
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(root_key).unwrap()).unwrap();
+    let issuer =
+        Issuer::from_ca_cert_pem(&std::fs::read_to_string(root_crt).unwrap(), ca_key).unwrap();
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    let (c, k) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (c.display().to_string(), k.display().to_string())
 }
 
 /// A leaf for `tester` that chains to the mesh's root through an

@@ -108,6 +108,8 @@ pub enum SvidError {
     Unexpected { expected: String, found: String },
     #[error("the certificate's key is not ECDSA P-256")]
     KeyType,
+    #[error("the certificate was issued under a revoked join token")]
+    Revoked,
     #[error("the certificate chains through an intermediate CA, and intermediates are not allowed (`tandem control --allow-intermediates`)")]
     Intermediate,
 }
@@ -129,6 +131,7 @@ impl SvidError {
             SvidError::Unexpected { .. } => "unexpected-identity",
             SvidError::Intermediate => "intermediate",
             SvidError::KeyType => "bad-key-type",
+            SvidError::Revoked => "revoked",
         }
     }
 }

@@ -82,6 +82,8 @@ pub struct TlsIdentity {
     /// its leaf and a root of the bundle (off unless configured: the mesh's
     /// CA signs leaves with a root directly).
     intermediates: AtomicBool,
+    /// Lineages (join-token ids) whose certificates are refused.
+    revoked: ArcSwap<Vec<String>>,
 }
 
 impl TlsIdentity {
@@ -98,6 +100,7 @@ impl TlsIdentity {
             leaf: ArcSwapOption::empty(),
             expired: AtomicBool::new(false),
             intermediates: AtomicBool::new(false),
+            revoked: ArcSwap::from_pointee(Vec::new()),
         }))
     }
 
@@ -165,6 +168,26 @@ impl TlsIdentity {
     /// Allows (or refuses) peers whose chains pass through intermediates.
     pub fn set_allow_intermediates(&self, allow: bool) {
         self.intermediates.store(allow, Ordering::Release);
+    }
+
+    /// Refuses peers whose certificates descend from these join tokens.
+    pub fn set_revoked(&self, lineages: Vec<String>) {
+        if **self.revoked.load() != lineages {
+            self.revoked.store(Arc::new(lineages));
+        }
+    }
+
+    /// A peer's leaf against the revoked lineages (nothing to parse while
+    /// none is revoked).
+    fn check_revoked(&self, leaf: &CertificateDer<'_>) -> Result<(), Error> {
+        let revoked = self.revoked.load();
+        if revoked.is_empty() {
+            return Ok(());
+        }
+        match crate::ca::lineage(leaf) {
+            Some(l) if revoked.contains(&l) => Err(svid_error(SvidError::Revoked)),
+            _ => Ok(()),
+        }
     }
 
     fn check_intermediates(&self, intermediates: &[CertificateDer<'_>]) -> Result<(), Error> {
@@ -280,6 +303,7 @@ impl TlsIdentity {
         // refused (and counted) for that reason.
         let id = check_svid(end_entity, &self.trust_domain).map_err(svid_error)?;
         self.check_intermediates(intermediates)?;
+        self.check_revoked(end_entity)?;
         let parsed = ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &parsed,
@@ -506,6 +530,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     ) -> Result<ClientCertVerified, Error> {
         check_svid(end_entity, &self.identity.trust_domain).map_err(svid_error)?;
         self.identity.check_intermediates(intermediates)?;
+        self.identity.check_revoked(end_entity)?;
         let bundle = self.identity.bundle.load();
         bundle
             .client_verifier

@@ -194,6 +194,7 @@ impl Client {
         }
         let tls = &self.identity.tls;
         tls.set_allow_intermediates(trust.intermediates);
+        tls.set_revoked(trust.revoked.clone());
         if tls
             .set_bundle(roots)
             .map_err(|e| format!("trust bundle: {e}"))?
