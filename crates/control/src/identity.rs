@@ -303,11 +303,11 @@ impl Ca {
 
 /// A CSR may ask for nothing but the identity it gets (a clear refusal;
 /// the certificate never carries what it asks anyway).
-fn check_asks(csr: &[u8], id: &SpiffeId) -> Result<(), Status> {
+fn check_asks(csr: &[u8], id: &SpiffeId, what: &str) -> Result<(), Status> {
     let asked = csr_requested_uris(csr).map_err(|e| Status::invalid_argument(e.to_string()))?;
     if let Some(other) = asked.iter().find(|u| **u != id.uri()) {
         return Err(Status::permission_denied(format!(
-            "join token refused: it is for {id}, the CSR asks for {other}"
+            "{what} is for {id}, the CSR asks for {other}"
         )));
     }
     Ok(())
@@ -364,7 +364,8 @@ impl Identity for IdentityService {
         let req = request.into_inner();
         // Who the certificate is for, and the token it descends from: a
         // join token on first use, the current certificate afterwards.
-        let (id, lineage) = if !req.token.is_empty() {
+        // A single-use token is spent only once the CSR proved good.
+        let (id, lineage, single_use) = if !req.token.is_empty() {
             let revoked = self.ca.revoked().await?;
             let claims = {
                 let a = self.ca.authority();
@@ -372,25 +373,16 @@ impl Identity for IdentityService {
                     .map_err(|e| Status::unauthenticated(format!("join token refused: {e}")))?
             };
             let id = SpiffeId::new(&claims.td, &claims.ns, &claims.svc);
-            check_asks(&req.csr, &id)?;
-            if !claims.reusable {
-                let key = tandem_identity::ca::csr_key_digest(&req.csr)
-                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
-                Authority::spend(&*self.ca.kv, &claims.id, &key)
-                    .await
-                    .map_err(|e| match e {
-                        SpendError::Spent => {
-                            tracing::warn!(token = %claims.id, "a spent single-use join token was presented again");
-                            Status::unauthenticated(format!("join token refused: {e}"))
-                        }
-                        SpendError::Store(e) => Status::unavailable(e.to_string()),
-                    })?;
-            }
-            (id, claims.id)
+            check_asks(&req.csr, &id, "join token refused: it")?;
+            (id, claims.id, !claims.reusable)
         } else if let Some(peer) = peer {
             self.ca.check_lineage(&peer.lineage).await?;
-            check_asks(&req.csr, &peer.id)?;
-            (peer.id, peer.lineage)
+            check_asks(
+                &req.csr,
+                &peer.id,
+                "refused: the certificate on this connection",
+            )?;
+            (peer.id, peer.lineage, false)
         } else {
             return Err(Status::unauthenticated(
                 "a join token or a current certificate is needed",
@@ -407,6 +399,19 @@ impl Identity for IdentityService {
                 })?;
             (issued, a.bundle())
         };
+        if single_use {
+            let key = tandem_identity::ca::csr_key_digest(&req.csr)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            Authority::spend(&*self.ca.kv, &lineage, &key)
+                .await
+                .map_err(|e| match e {
+                    SpendError::Spent => {
+                        tracing::warn!(token = %lineage, "a spent single-use join token was presented again");
+                        Status::unauthenticated(format!("join token refused: {e}"))
+                    }
+                    SpendError::Store(e) => Status::unavailable(e.to_string()),
+                })?;
+        }
         let leaf = &issued.chain[0];
         let serial = tandem_identity::tls::serial(leaf);
         if !req.instance.is_empty() {

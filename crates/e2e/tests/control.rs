@@ -483,7 +483,38 @@ fn a_join_token_is_spent_once_and_proxies_renew_with_their_certificate() {
         .output()
         .unwrap();
     assert!(!out.status.success(), "a reusable token lives at most 24h");
-    // The single-use token bootstraps one proxy...
+    // A CSR the CA refuses (a P-384 key) does not spend it...
+    {
+        use tandem_api::v1::identity_client::IdentityClient;
+        use tandem_api::v1::CertifyRequest;
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .unwrap()
+            .der()
+            .to_vec();
+        let (td, roots) = mesh.trust();
+        let cfg = tandem_identity::tls::TlsIdentity::new(&td, roots)
+            .unwrap()
+            .client_config_anonymous(&alpn());
+        let grpc = mesh.grpc.to_string();
+        let token = once.clone();
+        let e = tandem_e2e::rt()
+            .block_on(async move {
+                let ch = tandem_proxy::control_channel(&grpc, cfg).await.unwrap();
+                IdentityClient::new(ch)
+                    .certify(CertifyRequest {
+                        token,
+                        csr,
+                        instance: String::new(),
+                    })
+                    .await
+            })
+            .expect_err("a P-384 key is refused");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("P-256"), "{}", e.message());
+    }
+    // ...so it still bootstraps one proxy...
     let web1 = mesh.instance("web", "web-1", &[], &["--token", &once]);
     // ...and is refused to the next, which does not start.
     let err = proxy_refused(&mesh, "web-2", &once);
