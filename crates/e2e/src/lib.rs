@@ -402,10 +402,6 @@ impl KeepAlive {
     }
 }
 
-fn anyhow_status(s: tonic::Status) -> Box<dyn std::error::Error + Send + Sync> {
-    format!("{:?}: {}", s.code(), s.message()).into()
-}
-
 /// `GET` an open endpoint of the control plane's API (`/healthz`).
 fn api_open(api: SocketAddr, path: &str) -> Option<serde_json::Value> {
     let (status, body) = http_get(api, &api.to_string(), path)?;
@@ -517,32 +513,50 @@ impl Mesh {
         (td, roots)
     }
 
+    /// A TLS identity with the mesh's bundle and no certificate yet (what
+    /// a proxy has before its first `Certify`).
+    pub fn bare_identity(&self) -> std::sync::Arc<tandem_identity::tls::TlsIdentity> {
+        let (td, roots) = self.trust();
+        tandem_identity::tls::TlsIdentity::new(&td, roots).expect("bundle")
+    }
+
+    /// One `Identity/Certify` call over TLS with `cfg` (a client
+    /// certificate or none).
+    pub fn certify(
+        &self,
+        cfg: std::sync::Arc<rustls::ClientConfig>,
+        token: &str,
+        csr: Vec<u8>,
+    ) -> Result<tandem_api::v1::CertifyResponse, tonic::Status> {
+        use tandem_api::v1::identity_client::IdentityClient;
+        use tandem_api::v1::CertifyRequest;
+        let grpc = self.grpc.to_string();
+        let token = token.to_string();
+        rt().block_on(async move {
+            let ch = tandem_proxy::control_channel(&grpc, cfg)
+                .await
+                .expect("TLS channel to the control plane");
+            IdentityClient::new(ch)
+                .certify(CertifyRequest {
+                    token,
+                    csr,
+                    instance: String::new(),
+                })
+                .await
+                .map(|r| r.into_inner())
+        })
+    }
+
     /// What a proxy of `service` holds after bootstrap: the bundle, and a
     /// certificate obtained with a fresh join token.
     pub fn identity_for(&self, service: &str) -> std::sync::Arc<tandem_identity::tls::TlsIdentity> {
-        use tandem_api::v1::identity_client::IdentityClient;
-        use tandem_api::v1::CertifyRequest;
-        let (td, roots) = self.trust();
-        let tls = tandem_identity::tls::TlsIdentity::new(&td, roots).expect("bundle");
-        let id = tandem_identity::SpiffeId::new(&td, "default", service);
+        let tls = self.bare_identity();
+        let id = tandem_identity::SpiffeId::new(tls.trust_domain(), "default", service);
         let (csr, key) = tandem_identity::ca::new_csr(&id).expect("csr");
-        let token = self.token(service);
-        let grpc = self.grpc.to_string();
         let cfg = tls.client_config(&[tandem_identity::tls::ALPN_H2]);
-        let resp = rt()
-            .block_on(async move {
-                let ch = tandem_proxy::control_channel(&grpc, cfg).await?;
-                IdentityClient::new(ch)
-                    .certify(CertifyRequest {
-                        token,
-                        csr,
-                        instance: String::new(),
-                    })
-                    .await
-                    .map_err(anyhow_status)
-            })
+        let resp = self
+            .certify(cfg, &self.token(service), csr)
             .expect("certificate");
-        let resp = resp.into_inner();
         let chain = resp
             .chain
             .into_iter()

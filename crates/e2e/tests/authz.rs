@@ -46,6 +46,18 @@ fn call(from: &Instance, target: &str, method: &str, path: &str, extra: &[&str])
     }
 }
 
+/// `web-1` and `client-1`, once web answers through client's sidecar.
+fn web_and_client(mesh: &Mesh) -> (Instance, Instance) {
+    let web = mesh.instance("web", "web-1", &[], &[]);
+    let client = mesh.instance("client", "client-1", &[], &[]);
+    wait_for(
+        "web through client's sidecar",
+        Duration::from_secs(20),
+        || (call(&client, "web", "GET", "/headers", &[]).status == 200).then_some(()),
+    );
+    (web, client)
+}
+
 fn denials(inst: &Instance, labels: &str) -> f64 {
     metric(
         &inst.metrics(),
@@ -76,14 +88,8 @@ fn who_may_call_whom_on_which_paths() {
         "  action: audit\n  rules:\n    - from: [{services: [catalog]}]\n",
     ));
     let mesh = Mesh::start(&config);
-    let web = mesh.instance("web", "web-1", &[], &[]);
-    let client = mesh.instance("client", "client-1", &[], &[]);
+    let (web, client) = web_and_client(&mesh);
     let catalog = mesh.instance("catalog", "catalog-1", &[], &[]);
-    wait_for(
-        "web through client's sidecar",
-        Duration::from_secs(20),
-        || (call(&client, "web", "GET", "/headers", &[]).status == 200).then_some(()),
-    );
 
     // The matrix: (caller, method, path) → status.
     let cases: &[(&Instance, &str, &str, u16)] = &[
@@ -268,13 +274,7 @@ fn a_denied_path_cannot_be_spelled_around() {
         "  action: deny\n  rules:\n    - to: [{paths: [\"/admin/*\"]}]\n",
     ));
     let mesh = Mesh::start(&config);
-    let web = mesh.instance("web", "web-1", &[], &[]);
-    let client = mesh.instance("client", "client-1", &[], &[]);
-    wait_for(
-        "web through client's sidecar",
-        Duration::from_secs(20),
-        || (call(&client, "web", "GET", "/headers", &[]).status == 200).then_some(()),
-    );
+    let (web, client) = web_and_client(&mesh);
     for (path, want) in [
         ("/admin?key=b1", 403),
         ("//admin?key=b2", 403),
@@ -474,13 +474,7 @@ fn route_host_and_method_rules_hold_on_every_spelling() {
         "  action: deny\n  rules:\n    - when: [{header: host, values: [internal.example]}]\n    - to: [{methods: [DELETE]}]\n",
     ));
     let mesh = Mesh::start(&config);
-    let web = mesh.instance("web", "web-1", &[], &[]);
-    let client = mesh.instance("client", "client-1", &[], &[]);
-    wait_for(
-        "web through client's sidecar",
-        Duration::from_secs(20),
-        || (call(&client, "web", "GET", "/headers", &[]).status == 200).then_some(()),
-    );
+    let (web, client) = web_and_client(&mesh);
     for (method, path, want) in [
         ("GET", "/ops?key=r1", 403),
         ("GET", "/ops/x?key=r2", 403),

@@ -235,10 +235,7 @@ fn hellos_are_checked_and_cannot_take_what_a_live_proxy_holds() {
     let web_cert = mesh.identity_for("web").client_config(&alpn());
     let code = |r: Result<_, tonic::Status>| r.err().map(|e| (e.code(), e.message().to_string()));
     // No certificate: a stream cannot register at all.
-    let (td, roots) = mesh.trust();
-    let anonymous = tandem_identity::tls::TlsIdentity::new(&td, roots)
-        .unwrap()
-        .client_config_anonymous(&alpn());
+    let anonymous = mesh.bare_identity().client_config_anonymous(&alpn());
     let (c, m) = code(open(&rt, &mesh, anonymous, hello("client", "c-1"))).unwrap();
     assert_eq!(c, tonic::Code::Unauthenticated, "{m}");
     // A certificate registers its own service only.
@@ -484,36 +481,18 @@ fn a_join_token_is_spent_once_and_proxies_renew_with_their_certificate() {
         .unwrap();
     assert!(!out.status.success(), "a reusable token lives at most 24h");
     // A CSR the CA refuses (a P-384 key) does not spend it...
-    {
-        use tandem_api::v1::identity_client::IdentityClient;
-        use tandem_api::v1::CertifyRequest;
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
-        let csr = rcgen::CertificateParams::default()
-            .serialize_request(&key)
-            .unwrap()
-            .der()
-            .to_vec();
-        let (td, roots) = mesh.trust();
-        let cfg = tandem_identity::tls::TlsIdentity::new(&td, roots)
-            .unwrap()
-            .client_config_anonymous(&alpn());
-        let grpc = mesh.grpc.to_string();
-        let token = once.clone();
-        let e = tandem_e2e::rt()
-            .block_on(async move {
-                let ch = tandem_proxy::control_channel(&grpc, cfg).await.unwrap();
-                IdentityClient::new(ch)
-                    .certify(CertifyRequest {
-                        token,
-                        csr,
-                        instance: String::new(),
-                    })
-                    .await
-            })
-            .expect_err("a P-384 key is refused");
-        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
-        assert!(e.message().contains("P-256"), "{}", e.message());
-    }
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .der()
+        .to_vec();
+    let cfg = mesh.bare_identity().client_config_anonymous(&alpn());
+    let e = mesh
+        .certify(cfg, &once, csr)
+        .expect_err("a P-384 key is refused");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("P-256"), "{}", e.message());
     // ...so it still bootstraps one proxy...
     let web1 = mesh.instance("web", "web-1", &[], &["--token", &once]);
     // ...and is refused to the next, which does not start.
@@ -592,8 +571,14 @@ fn revoking_a_token_expels_its_proxies_within_seconds() {
     wait_for("web-1 told", Duration::from_secs(5), || {
         web1.proxy().log_text().contains("revoked").then_some(())
     });
-    // It cannot come back: its certificate no longer registers or renews.
-    std::thread::sleep(Duration::from_secs(2));
+    // It cannot come back: its reconnect is refused (its certificate no
+    // longer registers), and it stays out.
+    wait_for("web-1's reconnect refused", Duration::from_secs(15), || {
+        web1.proxy()
+            .log_text()
+            .contains("the join token it was issued under was revoked")
+            .then_some(())
+    });
     assert!(mesh
         .proxies()
         .iter()
@@ -669,39 +654,19 @@ fn leaf_with_lineage(
     name: &str,
     lineage: &str,
 ) -> (String, String) {
-    use rcgen::{
-        CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, KeyUsagePurpose, SanType,
-    };
     let (root_crt, root_key) = mesh_ca(mesh);
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::default();
-    p.distinguished_name = DistinguishedName::new();
-    p.distinguished_name.push(DnType::CommonName, name);
-    p.distinguished_name.push(
-        DnType::OrganizationalUnitName,
-        format!("join-token {lineage}"),
-    );
-    p.subject_alt_names = vec![SanType::URI(
-        spiffe("default", "tester").try_into().unwrap(),
-    )];
-    p.is_ca = IsCa::ExplicitNoCa;
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(root_key).unwrap()).unwrap();
-    let issuer =
-        Issuer::from_ca_cert_pem(&std::fs::read_to_string(root_crt).unwrap(), ca_key).unwrap();
-    let cert = p.signed_by(&key, &issuer).unwrap();
-    let (c, k) = (
-        dir.join(format!("{name}.crt")),
-        dir.join(format!("{name}.key")),
-    );
-    std::fs::write(&c, cert.pem()).unwrap();
-    std::fs::write(&k, key.serialize_pem()).unwrap();
-    (c.display().to_string(), k.display().to_string())
+    leaf(
+        dir,
+        name,
+        Leaf {
+            uris: vec![spiffe("default", "tester")],
+            from: -60,
+            to: 600,
+            ca_flag: false,
+            issuer: (root_crt.as_path(), root_key.as_path()),
+            lineage: Some(lineage),
+        },
+    )
 }
 
 /// A leaf for `tester` that chains to the mesh's root through an
@@ -717,6 +682,7 @@ fn chained_leaf(mesh: &Mesh, dir: &std::path::Path) -> (String, String) {
             to: 600,
             ca_flag: true,
             issuer: (root_crt.as_path(), root_key.as_path()),
+            lineage: None,
         },
     );
     let (c, k) = leaf(
@@ -731,6 +697,7 @@ fn chained_leaf(mesh: &Mesh, dir: &std::path::Path) -> (String, String) {
                 std::path::Path::new(&mid_crt),
                 std::path::Path::new(&mid_key),
             ),
+            lineage: None,
         },
     );
     let chain = dir.join("chain.pem");

@@ -135,6 +135,7 @@ fn inbound_side_requires_a_mesh_certificate_and_counts_refusals() {
             to: 600,
             ca_flag: false,
             issuer: mesh_issuer,
+            lineage: None,
         },
     );
     let out = curl(&[
@@ -168,6 +169,7 @@ fn inbound_side_requires_a_mesh_certificate_and_counts_refusals() {
                 to: -3600,
                 ca_flag: false,
                 issuer: mesh_issuer,
+                lineage: None,
             },
             "expired",
         ),
@@ -179,6 +181,7 @@ fn inbound_side_requires_a_mesh_certificate_and_counts_refusals() {
                 to: 7200,
                 ca_flag: false,
                 issuer: mesh_issuer,
+                lineage: None,
             },
             "not-yet-valid",
         ),
@@ -190,6 +193,7 @@ fn inbound_side_requires_a_mesh_certificate_and_counts_refusals() {
                 to: 600,
                 ca_flag: false,
                 issuer: mesh_issuer,
+                lineage: None,
             },
             "other-trust-domain",
         ),
@@ -201,6 +205,7 @@ fn inbound_side_requires_a_mesh_certificate_and_counts_refusals() {
                 to: 600,
                 ca_flag: false,
                 issuer: mesh_issuer,
+                lineage: None,
             },
             "several-uri-sans",
         ),
@@ -212,6 +217,7 @@ fn inbound_side_requires_a_mesh_certificate_and_counts_refusals() {
                 to: 600,
                 ca_flag: true,
                 issuer: mesh_issuer,
+                lineage: None,
             },
             "ca-as-leaf",
         ),
@@ -223,6 +229,7 @@ fn inbound_side_requires_a_mesh_certificate_and_counts_refusals() {
                 to: 600,
                 ca_flag: false,
                 issuer: other,
+                lineage: None,
             },
             "unknown-ca",
         ),
@@ -261,6 +268,7 @@ fn inbound_side_requires_a_mesh_certificate_and_counts_refusals() {
             to: 600,
             ca_flag: false,
             issuer: (c.as_path(), k.as_path()),
+            lineage: None,
         },
     );
     let s = s_client(web.inbound, &["-cert", &oc, "-key", &ok]);
@@ -535,33 +543,12 @@ fn issued_certificates_follow_the_spiffe_rules() {
 
 /// Asks the control plane to sign a CSR for `csr_for` with `token`.
 fn certify(mesh: &Mesh, token: &str, csr_for: &str) -> Result<Vec<Vec<u8>>, tonic::Status> {
-    use tandem_api::v1::identity_client::IdentityClient;
-    use tandem_api::v1::CertifyRequest;
-    let (crt, _) = mesh_ca(mesh);
-    let bundle = {
-        use rustls_pki_types::pem::PemObject;
-        vec![rustls_pki_types::CertificateDer::from_pem_file(&crt).unwrap()]
-    };
-    let tls = tandem_identity::tls::TlsIdentity::new(TD, bundle).unwrap();
     let id = tandem_identity::SpiffeId::new(TD, "default", csr_for);
     let (csr, _key) = tandem_identity::ca::new_csr(&id).unwrap();
-    let grpc = mesh.grpc.to_string();
-    tandem_e2e::rt().block_on(async move {
-        let ch = tandem_proxy::control_channel(
-            &grpc,
-            tls.client_config_anonymous(&[tandem_identity::tls::ALPN_H2]),
-        )
-        .await
-        .expect("TLS channel to the control plane");
-        IdentityClient::new(ch)
-            .certify(CertifyRequest {
-                token: token.to_string(),
-                csr,
-                instance: String::new(),
-            })
-            .await
-            .map(|r| r.into_inner().chain)
-    })
+    let cfg = mesh
+        .bare_identity()
+        .client_config_anonymous(&[tandem_identity::tls::ALPN_H2]);
+    mesh.certify(cfg, token, csr).map(|r| r.chain)
 }
 
 #[test]

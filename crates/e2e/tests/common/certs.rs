@@ -53,6 +53,9 @@ pub struct Leaf<'a> {
     pub to: i64,
     pub ca_flag: bool,
     pub issuer: (&'a Path, &'a Path),
+    /// The join token it descends from (`OU=join-token <id>`), as the
+    /// mesh CA's leaves name theirs.
+    pub lineage: Option<&'a str>,
 }
 
 /// Writes `<name>.crt` and `<name>.key`; returns their paths.
@@ -61,6 +64,12 @@ pub fn leaf(dir: &Path, name: &str, l: Leaf<'_>) -> (String, String) {
     let mut p = CertificateParams::default();
     p.distinguished_name = DistinguishedName::new();
     p.distinguished_name.push(DnType::CommonName, name);
+    if let Some(lineage) = l.lineage {
+        p.distinguished_name.push(
+            DnType::OrganizationalUnitName,
+            format!("join-token {lineage}"),
+        );
+    }
     p.subject_alt_names = l
         .uris
         .iter()
@@ -109,6 +118,7 @@ pub fn mesh_leaf(mesh: &Mesh, dir: &Path, name: &str) -> (String, String) {
             to: 600,
             ca_flag: false,
             issuer: (ca_crt.as_path(), ca_key.as_path()),
+            lineage: None,
         },
     )
 }
