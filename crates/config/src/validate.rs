@@ -91,6 +91,22 @@ pub(crate) fn validate(set: &ResourceSet, diags: &mut Vec<Diagnostic>) {
             ));
         }
     }
+    for f in &set.fault_injections {
+        check_name(&f.name, &f.name_pos, diags);
+        check_name(&f.namespace, &f.namespace_pos, diags);
+        if let Some(first) = seen.insert(("FaultInjection", f.key()), &f.pos) {
+            diags.push(Diagnostic::at(
+                &f.name_pos,
+                format!(
+                    "duplicate FaultInjection `{}` (first defined at {}:{})",
+                    f.key(),
+                    first.file.display(),
+                    first.line
+                ),
+            ));
+        }
+        crate::filters::fault(f, diags);
+    }
     crate::authz::validate(set, diags);
 }
 
@@ -207,14 +223,16 @@ fn validate_route(
     }
     for rule in &r.spec.rules {
         crate::policy::route_overrides(r, &rule.value, diags);
+        crate::filters::rule_filters(set, r, rule, &mut |_| 0, diags);
         let rule_pos = r.at(rule);
         let rule = &rule.value;
-        if rule.backend_refs.is_empty() {
+        if rule.backend_refs.is_empty() && !crate::filters::redirects(rule) {
             diags.push(Diagnostic::at(&rule_pos, "rule has no backendRefs"));
         }
         let mut total: u64 = 0;
         for b in &rule.backend_refs {
             check_service_kind(r, b.group.as_ref(), b.kind.as_ref(), diags);
+            crate::filters::backend_filters(r, &b.filters, diags);
             let weight = b.weight.as_ref().map(|w| w.value).unwrap_or(1);
             if weight > 1_000_000 {
                 let pos = b
@@ -319,7 +337,7 @@ fn validate_route(
     }
 }
 
-fn check_service_kind<S>(
+pub(crate) fn check_service_kind<S>(
     r: &Loaded<S>,
     group: Option<&serde_saphyr::Spanned<String>>,
     kind: Option<&serde_saphyr::Spanned<String>>,

@@ -12,7 +12,8 @@
 //!   its path, `/slow` included) is counted: started, completed (its answer
 //!   was made), cancelled (dropped before), in flight, and the most in
 //!   flight at once. `/counters` without a key counts every request but
-//!   the gates' own.
+//!   the gates' own, and `/counters?key=mirrored` the requests marked as
+//!   a sidecar's shadow copies (`tandem-mirror`).
 
 use std::collections::HashMap;
 use std::sync::Arc;

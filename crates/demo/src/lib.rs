@@ -8,7 +8,8 @@
 //!   the call chain);
 //! - `/echo` — streams the request body back (any size, never buffered);
 //! - `/slow?ms=N` — answers after N milliseconds;
-//! - `/headers` — the request headers as JSON;
+//! - `/headers` — the request headers as JSON (and an HTTP/2 request's
+//!   `:authority`);
 //! - `/set-header?name=N&value=V` — answers with the response header `N: V`;
 //! - `/bytes?n=N` — a body of N bytes (at most 1 GiB), streamed in 16 KiB
 //!   chunks as the client reads them;
@@ -179,14 +180,18 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
         }
         _ => {}
     }
-    // Every request is counted under the empty key, and under its own.
+    // Every request is counted under the empty key, and under its own;
+    // a shadow copy from a sidecar's mirror also under `mirrored`.
     let started = [
         Some(app.gates.start("")),
         key.as_deref()
             .filter(|k| !k.is_empty())
             .map(|k| app.gates.start(k)),
+        req.headers()
+            .contains_key("tandem-mirror")
+            .then(|| app.gates.start("mirrored")),
     ];
-    let complete = |started: [Option<gates::Started>; 2]| {
+    let complete = |started: [Option<gates::Started>; 3]| {
         for s in started.into_iter().flatten() {
             s.complete();
         }
@@ -270,9 +275,20 @@ async fn serve(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, 
             json(StatusCode::OK, &me)
         }
         "/headers" => {
+            // A header sent several times shows its values joined by ", ";
+            // an HTTP/2 request's authority shows as `:authority`.
             let mut h = serde_json::Map::new();
-            for (k, v) in req.headers() {
-                h.insert(k.to_string(), String::from_utf8_lossy(v.as_bytes()).into());
+            for k in req.headers().keys() {
+                let values: Vec<String> = req
+                    .headers()
+                    .get_all(k)
+                    .iter()
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                    .collect();
+                h.insert(k.to_string(), values.join(", ").into());
+            }
+            if let Some(a) = req.uri().authority() {
+                h.insert(":authority".into(), a.as_str().into());
             }
             json(StatusCode::OK, &serde_json::Value::Object(h))
         }

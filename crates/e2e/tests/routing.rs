@@ -1,5 +1,6 @@
-//! Routing and live config: weighted splits, header matches, edits applied
-//! without restarts or failed requests, broken edits refused.
+//! Routing and live config: weighted splits, header matches, blue-green
+//! switches applied without restarts or failed requests, broken edits
+//! refused.
 
 mod common;
 
@@ -127,11 +128,23 @@ fn weighted_split_and_header_match() {
     assert_eq!(counts.get("v2"), Some(&200), "{counts:?}");
 }
 
+/// Applies `(v1, v2)` weights to the catalog split and waits until the
+/// client's sidecar runs them.
+fn apply_split(mesh: &Mesh, client: &Instance, v1: u32, v2: u32) {
+    let before = client.config_version();
+    mesh.write_config("mesh.yaml", &common::config_with_split(v1, v2));
+    wait_for("client to apply the edit", Duration::from_secs(10), || {
+        (client.config_version() > before).then_some(())
+    });
+}
+
+/// Blue-green: all traffic from v1 (blue) to v2 (green) and back, under
+/// steady load, with requests in progress across both switches.
 #[test]
-fn config_edit_applies_live_without_failed_requests() {
+fn blue_green_switches_live_without_failed_requests() {
     let (mesh, v1, v2, client) = catalog_mesh();
     let pid = client.proxy().pid();
-    let before = client.config_version();
+    apply_split(&mesh, &client, 100, 0);
     let rt = rt();
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -152,7 +165,8 @@ fn config_edit_applies_live_without_failed_requests() {
             }
         }));
     }
-    // ...and two requests held at the apps while the edit is applied.
+    // ...and two requests held at blue while traffic moves to green and
+    // back.
     let held: Vec<_> = (0..2)
         .map(|_| {
             rt.spawn(
@@ -160,14 +174,8 @@ fn config_edit_applies_live_without_failed_requests() {
             )
         })
         .collect();
-    let waiting = || {
-        [&v1, &v2]
-            .iter()
-            .map(|i| i.held("edit")["waiting"].as_u64().unwrap_or(0))
-            .sum::<u64>()
-    };
-    wait_for("two requests held", Duration::from_secs(20), || {
-        (waiting() == 2).then_some(())
+    wait_for("two requests held at blue", Duration::from_secs(20), || {
+        (v1.held("edit")["waiting"] == 2).then_some(())
     });
     let progress = |more: u64| {
         let target = ok.load(Ordering::Relaxed) + more;
@@ -176,19 +184,19 @@ fn config_edit_applies_live_without_failed_requests() {
         });
     };
     progress(20);
-    mesh.write_config("mesh.yaml", &common::config_with_split(0, 100));
-    wait_for("client to apply the edit", Duration::from_secs(10), || {
-        (client.config_version() > before).then_some(())
-    });
+    apply_split(&mesh, &client, 0, 100);
     progress(20);
-    // The held requests finish on the routing they started with.
-    for i in [&v1, &v2] {
-        i.open("edit");
-    }
+    let counts = rt.block_on(spread(client.http_proxy, 100, &[]));
+    assert_eq!(counts.get("v2"), Some(&100), "green: {counts:?}");
+    apply_split(&mesh, &client, 100, 0);
+    progress(20);
+    let counts = rt.block_on(spread(client.http_proxy, 100, &[]));
+    assert_eq!(counts.get("v1"), Some(&100), "blue again: {counts:?}");
+    // The held requests finish where they started.
+    v1.open("edit");
     for h in held {
         let (status, version) = rt.block_on(h).expect("held request");
-        assert_eq!(status, 200, "held request");
-        assert!(version == "v1" || version == "v2", "{version}");
+        assert_eq!((status, version.as_str()), (200, "v1"), "held request");
     }
     stop.store(true, Ordering::Relaxed);
     for w in workers {
@@ -197,12 +205,11 @@ fn config_edit_applies_live_without_failed_requests() {
     assert_eq!(
         failed.load(Ordering::Relaxed),
         0,
-        "requests failed during the edit"
+        "requests failed during the switches"
     );
-    // Same process, new routing: everything goes to v2 now.
+    assert_eq!(v2.held("edit")["arrived"], 0);
+    // Same process throughout.
     assert_eq!(client.proxy().pid(), pid);
-    let counts = rt.block_on(spread(client.http_proxy, 100, &[]));
-    assert_eq!(counts.get("v2"), Some(&100), "{counts:?}");
     mesh.wait_converged(3);
 }
 

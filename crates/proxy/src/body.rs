@@ -10,16 +10,19 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 
 use crate::ctx::RequestCtx;
+use crate::outbound::mirror::Tee;
 use crate::policy::replay::Replay;
 
 /// Every body inside the sidecar: one streamed from a peer, one the mesh
-/// made, a request body that a retry may send again, or an answer read
-/// whole (kept while a retry replaces it).
+/// made, a request body that a retry may send again, an answer read whole
+/// (kept while a retry replaces it), or a request body copied for a shadow
+/// request as it streams.
 pub(crate) enum Body {
     Stream(Incoming),
     Full(Full<Bytes>),
-    Replay(Replay),
+    Replay(Replay<Body>),
     Collected(Box<http_body_util::Collected<Bytes>>),
+    Tee(Box<Tee>),
 }
 
 impl Body {
@@ -43,6 +46,7 @@ impl http_body::Body for Body {
         match self.get_mut() {
             Body::Stream(b) => Pin::new(b).poll_frame(cx),
             Body::Replay(b) => Pin::new(b).poll_frame(cx),
+            Body::Tee(b) => Pin::new(&mut **b).poll_frame(cx),
             Body::Full(b) => Pin::new(b)
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(|never| match never {}))),
@@ -58,6 +62,7 @@ impl http_body::Body for Body {
             Body::Full(b) => b.is_end_stream(),
             Body::Replay(b) => b.is_end_stream(),
             Body::Collected(b) => b.is_end_stream(),
+            Body::Tee(b) => b.is_end_stream(),
         }
     }
 
@@ -67,6 +72,7 @@ impl http_body::Body for Body {
             Body::Full(b) => b.size_hint(),
             Body::Replay(b) => b.size_hint(),
             Body::Collected(b) => b.size_hint(),
+            Body::Tee(b) => b.size_hint(),
         }
     }
 }

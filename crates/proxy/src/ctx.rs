@@ -75,6 +75,9 @@ pub(crate) struct RequestCtx {
     pub(crate) port: Option<u16>,
     pub(crate) rule: Option<usize>,
     pub(crate) backend: usize,
+    /// The rule's backendRef the request goes to (an index into the
+    /// rule's weighted backends).
+    pub(crate) backend_ref: Option<usize>,
     pub(crate) hash_key: Option<u64>,
     /// The endpoint of the current try (an index into the backend's).
     pub(crate) endpoint: Option<usize>,
@@ -119,6 +122,7 @@ impl RequestCtx {
             port: None,
             rule: None,
             backend: 0,
+            backend_ref: None,
             hash_key: None,
             endpoint: None,
             tried: Vec::new(),

@@ -81,6 +81,9 @@ mesh_errors! {
     Overloaded = "overloaded", SERVICE_UNAVAILABLE;
     /// The destination's `circuitBreaker.maxRequests` is reached.
     Overflow = "overflow", SERVICE_UNAVAILABLE;
+    /// A FaultInjection aborted the request (with its own status; this
+    /// one is only the default).
+    FaultInjected = "fault-injected", SERVICE_UNAVAILABLE;
 }
 
 impl MeshError {

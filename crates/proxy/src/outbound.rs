@@ -17,7 +17,10 @@
 //! | [`AdmitLayer`]: `--max-requests` | | `503 overloaded` |
 //! | [`DiscoverLayer`] | the destination (discovered on demand) | `404 unknown-service`, `503 discovery-unavailable`, `400 bad-request` |
 //! | [`RouteLayer`] | the route rule, backend, ring-hash key | `404 no-route` |
+//! | [`FilterLayer`] | the rule's filters: redirect, header modifiers, URL rewrite | the redirect |
 //! | [`DeadlineLayer`] | the deadline: the policy's timeout or the caller's, counted from arrival | |
+//! | [`FaultLayer`] | injected delays and aborts (`FaultInjection`) | the injected status, `fault-injected` |
+//! | [`MirrorLayer`] | shadow copies to the rule's mirrors, fire and forget | |
 //! | [`AdmissionLayer`]: `circuitBreaker.maxRequests` | | `503 overflow` |
 //! | [`RetryLayer`] | the tries: replay, backoff, budget | `retry-limit-exhausted`, `retry-budget-exhausted` |
 //! | [`StampLayer`], each try | the deadline left and no-retry for the next hop | |
@@ -27,6 +30,8 @@
 //! | [`ToEndpoint`], each try | the connection (pool, mTLS, `maxConnections`) | `503 upstream-connect-failure`, `upstream-tls-failure`, `identity-expired`, `overflow`; `502 upstream-reset` |
 
 pub(crate) mod discover;
+pub(crate) mod filter;
+pub(crate) mod mirror;
 pub(crate) mod route;
 
 use std::sync::Arc;
@@ -43,6 +48,7 @@ use crate::edge::Edge;
 use crate::listen::{serve_http_conn, stopped, Drain};
 use crate::policy::circuit::AdmissionLayer;
 use crate::policy::deadline::{DeadlineLayer, StampLayer};
+use crate::policy::fault::FaultLayer;
 use crate::policy::outlier::OutlierLayer;
 use crate::policy::overload::{AdmitLayer, Limits};
 use crate::policy::retry::RetryLayer;
@@ -54,6 +60,8 @@ use crate::transport::forward::{Connectors, ToEndpoint};
 use crate::transport::tcp::{relay, Target};
 use crate::transport::tls::MeshTls;
 use discover::{destination_key, DiscoverLayer};
+use filter::FilterLayer;
+use mirror::{MirrorLayer, Shadows};
 use route::RouteLayer;
 
 pub(crate) use discover::Target as Listen;
@@ -71,6 +79,8 @@ pub(crate) struct Parts {
     pub(crate) service: Name,
     /// The label of a destination not known yet.
     pub(crate) unknown: Name,
+    /// Shadow requests in progress (`RequestMirror`), for the whole sidecar.
+    pub(crate) mirror_permits: Arc<tokio::sync::Semaphore>,
 }
 
 /// The outbound stack of a listener whose traffic goes to `target`.
@@ -86,7 +96,19 @@ fn stack(p: &Parts, target: Listen) -> impl Service {
             control: p.subscriptions.clone(),
         })
         .layer(RouteLayer {})
+        .layer(FilterLayer {})
         .layer(DeadlineLayer {})
+        .layer(FaultLayer {
+            metrics: p.metrics.clone(),
+        })
+        .layer(MirrorLayer {
+            shadows: Arc::new(Shadows {
+                stack: tower::Layer::layer(&BalanceLayer {}, to_endpoint(p)),
+                permits: p.mirror_permits.clone(),
+                metrics: p.metrics.clone(),
+                service: p.service.clone(),
+            }),
+        })
         .layer(AdmissionLayer {})
         .layer(RetryLayer {
             metrics: p.metrics.clone(),
@@ -99,10 +121,14 @@ fn stack(p: &Parts, target: Listen) -> impl Service {
         })
         .layer(TryTimeoutLayer {})
         .layer(BalanceLayer {})
-        .service(ToEndpoint {
-            connectors: p.connectors.clone(),
-            tls: p.tls.clone(),
-        })
+        .service(to_endpoint(p))
+}
+
+fn to_endpoint(p: &Parts) -> ToEndpoint {
+    ToEndpoint {
+        connectors: p.connectors.clone(),
+        tls: p.tls.clone(),
+    }
 }
 
 /// Serves HTTP requests of `edge` on one connection.

@@ -14,6 +14,7 @@ pub(crate) mod authz;
 pub(crate) mod budget;
 pub(crate) mod circuit;
 pub(crate) mod deadline;
+pub(crate) mod fault;
 pub(crate) mod outlier;
 pub(crate) mod overload;
 pub(crate) mod ratelimit;

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use crate::balance::ewma::EndpointLoad;
 use crate::balance::pick::Lb;
 use crate::cache::WeakCache;
+use crate::outbound::filter::RuleFilters;
 use crate::policy::budget::RetryBudget;
 use crate::policy::ratelimit::{Limiter, LimiterCache};
 use crate::policy::RuntimePolicy;
@@ -41,6 +42,9 @@ pub(crate) struct Destination {
     pub(crate) name: Name,
     pub(crate) protocol: Protocol,
     pub(crate) default_port: u16,
+    /// `name:port` (or `name.namespace:port` in another namespace): the
+    /// authority a request for this destination names.
+    pub(crate) authority: http::HeaderValue,
     pub(crate) routes: Vec<Route>,
     /// Sum of each route's backend weights, parallel to `routes`.
     pub(crate) totals: Vec<u64>,
@@ -50,6 +54,8 @@ pub(crate) struct Destination {
     /// Parallel to `routes`: the policy of a rule with its own timeouts or
     /// retry (the destination's policy with the rule's overrides).
     pub(crate) route_policies: Vec<Option<RuntimePolicy>>,
+    /// Parallel to `routes`: the rule's filters, if it has any.
+    pub(crate) filters: Vec<Option<RuleFilters>>,
 }
 
 impl Destination {
@@ -248,10 +254,18 @@ impl Routing {
                     })
                 })
                 .collect();
+            let default_port = d.ports.first().copied().unwrap_or(80);
+            let host = if d.namespace == snapshot.namespace {
+                d.name.clone()
+            } else {
+                format!("{}.{}", d.name, d.namespace)
+            };
             let dest = Arc::new(Destination {
                 name: Name::from(d.name.as_str()),
                 protocol: d.protocol,
-                default_port: d.ports.first().copied().unwrap_or(80),
+                default_port,
+                authority: http::HeaderValue::try_from(format!("{host}:{default_port}"))
+                    .map_err(|_| format!("destination name `{host}`"))?,
                 routes: d.routes.clone(),
                 totals,
                 backends,
@@ -260,6 +274,11 @@ impl Routing {
                     .as_ref()
                     .map(|p| RuntimePolicy::build(&dest_key, p, kept)),
                 route_policies,
+                filters: d
+                    .routes
+                    .iter()
+                    .map(RuleFilters::build)
+                    .collect::<Result<_, _>>()?,
             });
             destinations.insert(dest_key.into_boxed_str(), dest.clone());
             if d.namespace == snapshot.namespace {

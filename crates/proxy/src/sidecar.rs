@@ -216,6 +216,9 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
         tcp_tls: mesh_tls(&[]),
         service,
         unknown: Name::from("unknown"),
+        mirror_permits: Arc::new(tokio::sync::Semaphore::new(
+            outbound::mirror::MIRROR_IN_FLIGHT,
+        )),
     };
     if let Some(l) = http_proxy {
         tokio::spawn(outbound::serve_http_proxy(

@@ -44,7 +44,7 @@ layer!(
 impl<S: Service> Service for Discover<S> {
     async fn call(
         &self,
-        req: Request<Body>,
+        mut req: Request<Body>,
         ctx: &mut RequestCtx,
     ) -> Result<Response<Body>, Error> {
         let (dest, port) = {
@@ -68,6 +68,13 @@ impl<S: Service> Service for Discover<S> {
             };
             (dest, port)
         };
+        // A per-upstream port stands for its destination: a request that
+        // names only the local address (`127.0.0.1:15001`, `localhost`)
+        // goes out naming the service (`catalog:8080`), so the app behind
+        // the destination's sidecar sees the name it is called by.
+        if matches!(self.target, Target::Fixed(_)) && names_local_address(&req) {
+            req.headers_mut().insert(HOST, dest.authority.clone());
+        }
         ctx.port = port;
         ctx.dest = Some(dest);
         self.inner.call(req, ctx).await
@@ -123,6 +130,20 @@ impl<S> Discover<S> {
 
 /// `(host, port)` the application addressed: the absolute URI's authority
 /// (HTTP proxy form, HTTP/2 `:authority`) or the Host header.
+/// Whether the request's authority is a loopback address or `localhost`
+/// (or absent).
+fn names_local_address<B>(req: &Request<B>) -> bool {
+    match authority_of(req) {
+        None => true,
+        Some((h, _)) => {
+            let h = h.trim_start_matches('[').trim_end_matches(']');
+            h.eq_ignore_ascii_case("localhost")
+                || h.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified())
+        }
+    }
+}
+
 fn authority_of<B>(req: &Request<B>) -> Option<(&str, Option<u16>)> {
     let auth = match req.uri().authority() {
         Some(a) => a.as_str(),

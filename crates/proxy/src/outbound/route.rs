@@ -48,7 +48,10 @@ impl<S: Service> Service for Router<S> {
                 ));
             };
             ctx.rule = Some(i);
-            ctx.backend = pick_backend(&dest, i);
+            if let Some((r, b)) = pick_backend(&dest, i) {
+                ctx.backend_ref = Some(r);
+                ctx.backend = b;
+            }
         }
         let Some(backend) = dest.backends.get(ctx.backend) else {
             return Err(Error::new(MeshError::NoEndpoints, "no backend"));
@@ -63,16 +66,12 @@ impl<S: Service> Service for Router<S> {
     }
 }
 
-/// The backend of rule `idx`, by weight.
-fn pick_backend(dest: &Destination, idx: usize) -> usize {
-    let Some(r) = dest.routes.get(idx) else {
-        return 0;
-    };
+/// The backendRef of rule `idx`, by weight, and its backend.
+fn pick_backend(dest: &Destination, idx: usize) -> Option<(usize, usize)> {
+    let r = dest.routes.get(idx)?;
     let total = dest.totals.get(idx).copied().unwrap_or(0);
-    pick_weighted(r.backends.iter().map(|b| b.weight), total)
-        .and_then(|i| r.backends.get(i))
-        .map(|b| b.backend)
-        .unwrap_or(0)
+    let i = pick_weighted(r.backends.iter().map(|b| b.weight), total)?;
+    Some((i, r.backends.get(i)?.backend))
 }
 
 /// The parts of a request that routing looks at.
@@ -177,8 +176,10 @@ mod tests {
             backends: vec![WeightedBackend {
                 backend: 0,
                 weight: 1,
+                filters: None,
             }],
             policy: None,
+            filters: None,
         }
     }
 

@@ -157,8 +157,8 @@ impl<S: Service> Service for Retrying<S> {
                 .is_none_or(|n| n <= REPLAY_LIMIT as u64);
         // The head of the request is kept to rebuild each retry.
         let (attempts, kept, mut next) = match req.into_parts() {
-            (parts, Body::Stream(incoming)) if replayable => {
-                let first = Replay::new(incoming);
+            (parts, body) if replayable => {
+                let first = Replay::new(body);
                 let handle = first.handle();
                 let req = rebuild(&parts, Body::Replay(first));
                 (retries + 1, Some((parts, handle)), Some(req))

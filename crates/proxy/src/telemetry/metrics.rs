@@ -99,6 +99,29 @@ pub(crate) struct AuthzLabels {
     pub(crate) reason: &'static str,
 }
 
+/// A fault the caller's sidecar injected (`FaultInjection`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(crate) struct FaultLabels {
+    pub(crate) src_service: Name,
+    /// The destination the caller addressed.
+    pub(crate) dst_service: Name,
+    /// `delay` or `abort`.
+    pub(crate) fault: &'static str,
+}
+
+/// A shadow copy of a request (`RequestMirror`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(crate) struct MirrorLabels {
+    pub(crate) src_service: Name,
+    /// The mirror's backend.
+    pub(crate) dst_service: Name,
+    /// The shadow's answer (`2xx`, `4xx`, `5xx`, ...), the mesh's reason
+    /// when it had none (`upstream-connect-failure`, `upstream-timeout`),
+    /// or why no copy was sent (`skipped-body-too-large`, `skipped-busy`,
+    /// `skipped-body-incomplete`).
+    pub(crate) result: &'static str,
+}
+
 pub(crate) struct Metrics {
     pub(crate) requests: Family<RequestLabels, Counter>,
     pub(crate) latency: Family<RequestLabels, Histogram>,
@@ -118,6 +141,8 @@ pub(crate) struct Metrics {
     pub(crate) overload: Family<OverloadLabels, Counter>,
     pub(crate) ejections: Family<RetryLabels, Counter>,
     pub(crate) authz: Family<AuthzLabels, Counter>,
+    pub(crate) faults: Family<FaultLabels, Counter>,
+    pub(crate) mirrors: Family<MirrorLabels, Counter>,
     registry: Registry,
 }
 
@@ -149,7 +174,19 @@ impl Metrics {
         let overload = Family::<OverloadLabels, Counter>::default();
         let ejections = Family::<RetryLabels, Counter>::default();
         let authz = Family::<AuthzLabels, Counter>::default();
+        let faults = Family::<FaultLabels, Counter>::default();
+        let mirrors = Family::<MirrorLabels, Counter>::default();
         let mut r = Registry::with_prefix("tandem");
+        r.register(
+            "faults_injected",
+            "Delays and aborts injected into outbound requests by a FaultInjection",
+            faults.clone(),
+        );
+        r.register(
+            "mirror_requests",
+            "Shadow copies of outbound requests (RequestMirror), by backend and result; not counted in tandem_requests",
+            mirrors.clone(),
+        );
         r.register(
             "outlier_ejections",
             "Endpoints ejected by outlier detection, by calling service and backend",
@@ -259,6 +296,8 @@ impl Metrics {
             overload,
             ejections,
             authz,
+            faults,
+            mirrors,
             registry: r,
         }
     }

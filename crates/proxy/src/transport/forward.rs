@@ -1,7 +1,9 @@
 //! The last step of both stacks: a request goes out on a connection of a
 //! pool, to the chosen endpoint (outbound) or to the local app (inbound).
 //! Hop-by-hop headers are stripped and the URI is rewritten for the hop
-//! (origin-form for HTTP/1.1, `scheme://ip:port` for HTTP/2); bodies and
+//! (origin-form for HTTP/1.1; for HTTP/2 an absolute URI with the
+//! authority the caller used, the endpoint's `ip:port` only when it named
+//! none); bodies and
 //! trailers stream through untouched; on `101 Switching Protocols` the two
 //! upgraded connections are spliced.
 
@@ -265,9 +267,19 @@ async fn forward(
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     strip_hop_by_hop(&mut parts.headers, upgrade);
     if protocol.is_h2() {
-        // HTTP/2 takes `:scheme` and `:authority` from an absolute URI.
+        // HTTP/2 takes `:scheme` and `:authority` from an absolute URI. The
+        // authority is the one the caller used (`catalog:8080`), so the app
+        // sees the name it was called by, not the endpoint's address.
         let mut uri = Uri::builder();
-        if let (Some(scheme), Some(auth)) = (pool.uri().scheme(), pool.uri().authority()) {
+        let called = parts
+            .headers
+            .get(HOST)
+            .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+            .or_else(|| parts.uri.authority().cloned());
+        if let (Some(scheme), Some(auth)) = (
+            pool.uri().scheme(),
+            called.as_ref().or(pool.uri().authority()),
+        ) {
             uri = uri.scheme(scheme.clone()).authority(auth.clone());
         }
         parts.uri = uri
