@@ -4,7 +4,7 @@
 use std::cmp::Reverse;
 use std::collections::BTreeSet;
 
-use crate::model::{HttpRouteSpec, Loaded, PathMatchType, ResourceSet, ServiceSpec};
+use crate::model::{GrpcRouteSpec, HttpRouteSpec, Loaded, PathMatchType, ResourceSet, ServiceSpec};
 use crate::snapshot::{
     Backend, Destination, Endpoint, Inbound, Matcher, NameValue, PathMatch, Route, Snapshot,
     WeightedBackend,
@@ -96,6 +96,121 @@ fn backend(s: &Loaded<ServiceSpec>, endpoints: &dyn Fn(&str, &str) -> Vec<Endpoi
     }
 }
 
+/// The parentRef ports (`None`: every port) with which route `r` attaches
+/// to `svc`; empty when it does not.
+fn attached_ports<S>(
+    r: &Loaded<S>,
+    parents: &[crate::model::ParentRef],
+    svc: &Loaded<ServiceSpec>,
+) -> Vec<Option<u16>> {
+    parents
+        .iter()
+        .filter(|p| {
+            let ns = p
+                .namespace
+                .as_ref()
+                .map_or(r.namespace.as_str(), |n| n.value.as_str());
+            p.name.value == svc.name && ns == svc.namespace
+        })
+        .map(|p| p.port.as_ref().map(|p| p.value))
+        .collect()
+}
+
+/// A rule's weighted backends (added to `backends` as needed).
+fn weighted<S>(
+    set: &ResourceSet,
+    r: &Loaded<S>,
+    refs: &[crate::model::BackendRef],
+    backends: &mut Vec<Backend>,
+    endpoints: &dyn Fn(&str, &str) -> Vec<Endpoint>,
+) -> Vec<WeightedBackend> {
+    let mut out = Vec::new();
+    for b in refs {
+        let ns = b
+            .namespace
+            .as_ref()
+            .map_or(r.namespace.as_str(), |n| n.value.as_str());
+        let Some(bs) = set.service(ns, &b.name.value) else {
+            continue;
+        };
+        out.push(WeightedBackend {
+            backend: backend_index(backends, bs, endpoints),
+            weight: b.weight.as_ref().map(|w| w.value).unwrap_or(1),
+            filters: crate::filters::backend_filters(r, &b.filters, &mut Vec::new()),
+        });
+    }
+    out
+}
+
+/// Adds `rule` once per port and match (a rule without matches matches
+/// everything); a match without a path matches every path.
+fn push_rule(routes: &mut Vec<Route>, ports: &[Option<u16>], matchers: Vec<Matcher>, rule: &Route) {
+    let matchers = if matchers.is_empty() {
+        vec![Matcher::default()]
+    } else {
+        matchers
+    };
+    for port in ports {
+        for m in &matchers {
+            let mut m = m.clone();
+            if m.path.is_none() {
+                m.path = Some(PathMatch {
+                    kind: PathMatchType::PathPrefix,
+                    value: "/".into(),
+                });
+            }
+            let mut route = rule.clone();
+            route.port = *port;
+            route.matcher = m;
+            routes.push(route);
+        }
+    }
+}
+
+/// A GRPCRoute match: service and method become the path (`/pkg.Svc/M`
+/// exactly, or the `/pkg.Svc` prefix); a method of any service is matched
+/// on its own.
+fn grpc_matcher(m: &crate::model::GrpcMatchSpec) -> Matcher {
+    let method = m.method.as_ref().map(|x| &x.value);
+    let service = method
+        .and_then(|x| x.service.as_ref())
+        .map(|v| v.value.as_str());
+    let name = method
+        .and_then(|x| x.method.as_ref())
+        .map(|v| v.value.clone());
+    let (path, grpc_method) = match (service, name) {
+        (Some(s), Some(m)) => (
+            Some(PathMatch {
+                kind: PathMatchType::Exact,
+                value: format!("/{s}/{m}"),
+            }),
+            None,
+        ),
+        (Some(s), None) => (
+            Some(PathMatch {
+                kind: PathMatchType::PathPrefix,
+                value: format!("/{s}"),
+            }),
+            None,
+        ),
+        (None, m) => (None, m),
+    };
+    Matcher {
+        path,
+        headers: m
+            .headers
+            .iter()
+            .map(|h| NameValue {
+                name: h.name.value.to_ascii_lowercase(),
+                value: h.value.clone(),
+            })
+            .collect(),
+        query: Vec::new(),
+        method: None,
+        grpc_method,
+    }
+}
+
 /// The index of `s` among `backends`, added if it is not there yet.
 fn backend_index(
     backends: &mut Vec<Backend>,
@@ -121,47 +236,16 @@ fn destination(
 ) -> Destination {
     let mut backends = vec![backend(svc, endpoints)];
     let mut routes = Vec::new();
-    // Whether a parentRef of route `r` names this service.
-    let names_svc = |r: &Loaded<HttpRouteSpec>, p: &crate::model::ParentRef| {
-        let ns = p
-            .namespace
-            .as_ref()
-            .map(|n| n.value.as_str())
-            .unwrap_or(&r.namespace);
-        p.name.value == svc.name && ns == svc.namespace
-    };
-    let mut attached: Vec<&Loaded<HttpRouteSpec>> = set
-        .http_routes
-        .iter()
-        .filter(|r| r.spec.parent_refs.iter().any(|p| names_svc(r, p)))
-        .collect();
-    attached.sort_by_key(|r| r.key());
-    for r in attached {
-        let ports: Vec<Option<u16>> = r
-            .spec
-            .parent_refs
-            .iter()
-            .filter(|p| names_svc(r, p))
-            .map(|p| p.port.as_ref().map(|p| p.value))
-            .collect();
+    let mut http: Vec<&Loaded<HttpRouteSpec>> = set.http_routes.iter().collect();
+    http.sort_by_key(|r| r.key());
+    for r in http {
+        let ports = attached_ports(r, &r.spec.parent_refs, svc);
+        if ports.is_empty() {
+            continue;
+        }
         for (rule_idx, spanned_rule) in r.spec.rules.iter().enumerate() {
             let rule = &spanned_rule.value;
-            let mut weighted = Vec::new();
-            for b in &rule.backend_refs {
-                let ns = b
-                    .namespace
-                    .as_ref()
-                    .map(|n| n.value.as_str())
-                    .unwrap_or(&r.namespace);
-                let Some(bs) = set.service(ns, &b.name.value) else {
-                    continue;
-                };
-                weighted.push(WeightedBackend {
-                    backend: backend_index(&mut backends, bs, endpoints),
-                    weight: b.weight.as_ref().map(|w| w.value).unwrap_or(1),
-                    filters: crate::filters::backend_filters(r, &b.filters, &mut Vec::new()),
-                });
-            }
+            let weighted = weighted(set, r, &rule.backend_refs, &mut backends, endpoints);
             let filters = crate::filters::rule_filters(
                 set,
                 r,
@@ -169,36 +253,64 @@ fn destination(
                 &mut |s| backend_index(&mut backends, s, endpoints),
                 &mut Vec::new(),
             );
-            let matchers: Vec<Matcher> = if rule.matches.is_empty() {
-                vec![Matcher::default()]
-            } else {
-                rule.matches.iter().map(|m| matcher(&m.value)).collect()
+            let matchers: Vec<Matcher> = rule.matches.iter().map(|m| matcher(&m.value)).collect();
+            let rule = Route {
+                route: r.key(),
+                rule: rule_idx,
+                port: None,
+                matcher: Matcher::default(),
+                backends: weighted,
+                policy: crate::policy::route_overrides(r, rule, &mut Vec::new()),
+                filters,
             };
-            for port in &ports {
-                for m in &matchers {
-                    let mut m = m.clone();
-                    if m.path.is_none() {
-                        m.path = Some(PathMatch {
-                            kind: PathMatchType::PathPrefix,
-                            value: "/".into(),
-                        });
-                    }
-                    routes.push(Route {
-                        route: r.key(),
-                        rule: rule_idx,
-                        port: *port,
-                        matcher: m,
-                        backends: weighted.clone(),
-                        policy: crate::policy::route_overrides(r, rule, &mut Vec::new()),
-                        filters: filters.clone(),
-                    });
-                }
-            }
+            push_rule(&mut routes, &ports, matchers, &rule);
         }
     }
-    // Gateway API precedence: exact path, then longest prefix, then method,
-    // then most header matches, then most query matches; ties keep route
-    // name and rule order (the sort is stable).
+    let mut grpc: Vec<&Loaded<GrpcRouteSpec>> = set.grpc_routes.iter().collect();
+    grpc.sort_by_key(|r| r.key());
+    for r in grpc {
+        let ports = attached_ports(r, &r.spec.parent_refs, svc);
+        if ports.is_empty() {
+            continue;
+        }
+        for (rule_idx, spanned_rule) in r.spec.rules.iter().enumerate() {
+            let rule = &spanned_rule.value;
+            let weighted = weighted(set, r, &rule.backend_refs, &mut backends, endpoints);
+            let parts = crate::filters::RuleParts {
+                filters: &rule.filters,
+                matches: None,
+                first_backend: None,
+                pos: r.at(spanned_rule),
+            };
+            let filters = crate::filters::filters_of(
+                set,
+                r,
+                &parts,
+                &mut |s| backend_index(&mut backends, s, endpoints),
+                &mut Vec::new(),
+            );
+            let matchers = rule
+                .matches
+                .iter()
+                .map(|m| grpc_matcher(&m.value))
+                .collect();
+            let rule = Route {
+                route: r.key(),
+                rule: rule_idx,
+                port: None,
+                matcher: Matcher::default(),
+                backends: weighted,
+                policy: None,
+                filters,
+            };
+            push_rule(&mut routes, &ports, matchers, &rule);
+        }
+    }
+    // Gateway API precedence: exact path, then longest prefix, then a gRPC
+    // method of any service, then method, then most header matches, then
+    // most query matches; ties keep route name and rule order (the sort is
+    // stable). A GRPCRoute's service and method are its path, so its
+    // precedence (service, then method, then headers) follows.
     routes.sort_by_key(|r| {
         let (exact, len) = match &r.matcher.path {
             Some(p) => (p.kind == PathMatchType::Exact, p.value.len()),
@@ -207,6 +319,7 @@ fn destination(
         (
             Reverse(exact),
             Reverse(len),
+            Reverse(r.matcher.grpc_method.is_some()),
             Reverse(r.matcher.method.is_some()),
             Reverse(r.matcher.headers.len()),
             Reverse(r.matcher.query.len()),
@@ -266,5 +379,6 @@ pub(crate) fn matcher(m: &crate::model::MatchSpec) -> Matcher {
             })
             .collect(),
         method: m.method.as_ref().map(|v| v.value.clone()),
+        grpc_method: None,
     }
 }

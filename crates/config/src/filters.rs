@@ -37,7 +37,29 @@ const RESERVED: [&str; 9] = [
 
 type Route = Loaded<HttpRouteSpec>;
 
-/// Checks rule `rule` of route `r` and compiles its filters. `backend`
+/// The parts of a route rule that filters are checked against.
+pub(crate) struct RuleParts<'a> {
+    pub(crate) filters: &'a [Spanned<RouteFilterSpec>],
+    /// An HTTPRoute rule's matches (`ReplacePrefixMatch` replaces its one
+    /// `PathPrefix`); `None` for a GRPCRoute, which has no URL filters.
+    pub(crate) matches: Option<&'a [Spanned<crate::model::MatchSpec>]>,
+    /// Where the rule's first backendRef is named, if it has one.
+    pub(crate) first_backend: Option<&'a Spanned<String>>,
+    pub(crate) pos: crate::model::Pos,
+}
+
+impl<'a> RuleParts<'a> {
+    pub(crate) fn http(r: &Route, rule: &'a Spanned<RouteRuleSpec>) -> Self {
+        RuleParts {
+            filters: &rule.value.filters,
+            matches: Some(&rule.value.matches),
+            first_backend: rule.value.backend_refs.first().map(|b| &b.name),
+            pos: r.at(rule),
+        }
+    }
+}
+
+/// Checks rule `rule` of HTTPRoute `r` and compiles its filters. `backend`
 /// gives the destination's backend index of a mirror's Service (checks
 /// alone pass one that returns 0).
 pub fn rule_filters(
@@ -47,14 +69,32 @@ pub fn rule_filters(
     backend: &mut dyn FnMut(&Loaded<ServiceSpec>) -> usize,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<Box<Filters>> {
-    let rule_pos = r.at(rule);
-    let rule = &rule.value;
+    filters_of(set, r, &RuleParts::http(r, rule), backend, diags)
+}
+
+/// Checks and compiles the filters of one rule of route `r` (an HTTPRoute
+/// or a GRPCRoute).
+pub(crate) fn filters_of<S>(
+    set: &ResourceSet,
+    r: &Loaded<S>,
+    rule: &RuleParts<'_>,
+    backend: &mut dyn FnMut(&Loaded<ServiceSpec>) -> usize,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Box<Filters>> {
     let mut f = Filters::default();
     let mut seen: Vec<&str> = Vec::new();
-    for filter in &rule.filters {
+    for filter in rule.filters {
         let Some(kind) = filter_kind(r, &filter.value, diags) else {
             continue;
         };
+        if rule.matches.is_none() && URL_FILTERS.contains(&kind) {
+            diags.push(Diagnostic::at(
+                &r.at(&filter.value.kind),
+                format!("a GRPCRoute has no {kind} filter; use an HTTPRoute"),
+            ));
+            continue;
+        }
+        let matches = rule.matches.unwrap_or_default();
         let repeatable = kind == "RequestMirror";
         if !repeatable && seen.contains(&kind) {
             diags.push(Diagnostic::at(
@@ -88,13 +128,13 @@ pub fn rule_filters(
                             .value
                             .path
                             .as_ref()
-                            .and_then(|p| path_modifier(r, rule, p, diags)),
+                            .and_then(|p| path_modifier(r, matches, p, diags)),
                     });
                 }
             }
             "RequestRedirect" => {
                 if let Some(rd) = &spec.request_redirect {
-                    f.redirect = Some(redirect(r, rule, rd, diags));
+                    f.redirect = Some(redirect(r, matches, rd, diags));
                 }
             }
             "RequestMirror" => {
@@ -116,19 +156,22 @@ pub fn rule_filters(
         let others = ["URLRewrite", "RequestMirror", "ExtensionRef"];
         if let Some(other) = seen.iter().find(|k| others.contains(k)) {
             diags.push(Diagnostic::at(
-                &rule_pos,
+                &rule.pos,
                 format!("a rule with a RequestRedirect answers requests itself; it cannot also have a {other} filter"),
             ));
         }
-        if let Some(b) = rule.backend_refs.first() {
+        if let Some(b) = rule.first_backend {
             diags.push(Diagnostic::at(
-                &r.at(&b.name),
+                &r.at(b),
                 "a rule with a RequestRedirect answers requests itself; remove its backendRefs",
             ));
         }
     }
     (f != Filters::default()).then(|| Box::new(f))
 }
+
+/// Filters that change the URL, which only an HTTPRoute has.
+const URL_FILTERS: [&str; 2] = ["URLRewrite", "RequestRedirect"];
 
 /// Whether rule `rule` answers with a redirect (and so needs no backends).
 pub(crate) fn redirects(rule: &RouteRuleSpec) -> bool {
@@ -138,8 +181,8 @@ pub(crate) fn redirects(rule: &RouteRuleSpec) -> bool {
 }
 
 /// Checks the filters of one backendRef: header modifiers only.
-pub fn backend_filters(
-    r: &Route,
+pub fn backend_filters<S>(
+    r: &Loaded<S>,
     filters: &[Spanned<RouteFilterSpec>],
     diags: &mut Vec<Diagnostic>,
 ) -> Option<Box<Filters>> {
@@ -179,8 +222,8 @@ pub fn backend_filters(
 
 /// The filter's type, when it is known and its settings are in the field
 /// the type names (and only there).
-fn filter_kind<'a>(
-    r: &Route,
+fn filter_kind<'a, S>(
+    r: &Loaded<S>,
     f: &'a RouteFilterSpec,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<&'a str> {
@@ -328,7 +371,7 @@ fn header_value(v: &str) -> bool {
 }
 
 /// A host name without port (RFC 1123 labels).
-fn hostname(r: &Route, h: &Spanned<String>, diags: &mut Vec<Diagnostic>) -> Option<String> {
+fn hostname<S>(r: &Loaded<S>, h: &Spanned<String>, diags: &mut Vec<Diagnostic>) -> Option<String> {
     let v = &h.value;
     let label_ok = |l: &str| {
         !l.is_empty()
@@ -348,7 +391,11 @@ fn hostname(r: &Route, h: &Spanned<String>, diags: &mut Vec<Diagnostic>) -> Opti
 }
 
 /// A path as a filter writes it: starts with `/`, no query or fragment.
-fn path_value(r: &Route, p: &Spanned<String>, diags: &mut Vec<Diagnostic>) -> Option<String> {
+fn path_value<S>(
+    r: &Loaded<S>,
+    p: &Spanned<String>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<String> {
     let v = &p.value;
     let ok = v.starts_with('/')
         && v.bytes()
@@ -363,9 +410,9 @@ fn path_value(r: &Route, p: &Spanned<String>, diags: &mut Vec<Diagnostic>) -> Op
     Some(v.clone())
 }
 
-fn path_modifier(
-    r: &Route,
-    rule: &RouteRuleSpec,
+fn path_modifier<S>(
+    r: &Loaded<S>,
+    matches: &[Spanned<crate::model::MatchSpec>],
     p: &Spanned<PathModifierSpec>,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<PathModifier> {
@@ -402,7 +449,7 @@ fn path_modifier(
                 return None;
             };
             // Gateway API: the prefix replaced is the rule's one PathPrefix match.
-            let prefix = match rule.matches.as_slice() {
+            let prefix = match matches {
                 [] => Some("/".to_string()),
                 [m] => match &m.value.path {
                     Some(path)
@@ -441,9 +488,9 @@ fn path_modifier(
     }
 }
 
-fn redirect(
-    r: &Route,
-    rule: &RouteRuleSpec,
+fn redirect<S>(
+    r: &Loaded<S>,
+    matches: &[Spanned<crate::model::MatchSpec>],
     rd: &Spanned<crate::model::RedirectSpec>,
     diags: &mut Vec<Diagnostic>,
 ) -> Redirect {
@@ -487,15 +534,15 @@ fn redirect(
         path: spec
             .path
             .as_ref()
-            .and_then(|p| path_modifier(r, rule, p, diags)),
+            .and_then(|p| path_modifier(r, matches, p, diags)),
         port,
         status,
     }
 }
 
-fn mirror(
+fn mirror<S>(
     set: &ResourceSet,
-    r: &Route,
+    r: &Loaded<S>,
     m: &Spanned<crate::model::MirrorSpec>,
     backend: &mut dyn FnMut(&Loaded<ServiceSpec>) -> usize,
     diags: &mut Vec<Diagnostic>,
@@ -570,9 +617,9 @@ fn mirror(
     })
 }
 
-fn fault_ref(
+fn fault_ref<S>(
     set: &ResourceSet,
-    r: &Route,
+    r: &Loaded<S>,
     e: &Spanned<crate::model::ExtensionRefSpec>,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<Fault> {

@@ -11,8 +11,9 @@ use serde_saphyr::Location;
 
 use crate::diag::Diagnostic;
 use crate::model::{
-    AuthorizationPolicySpec, Document, FaultInjectionSpec, Head, HttpRouteSpec, Loaded, MeshSpec,
-    Pos, ResourceSet, ServiceSpec, TrafficPolicySpec, DEFAULT_NAMESPACE, GATEWAY_API, TANDEM_API,
+    AuthorizationPolicySpec, Document, FaultInjectionSpec, GrpcRouteSpec, Head, HttpRouteSpec,
+    Loaded, MeshSpec, Pos, ResourceSet, ServiceSpec, TrafficPolicySpec, DEFAULT_NAMESPACE,
+    GATEWAY_API, TANDEM_API,
 };
 use crate::validate;
 
@@ -202,6 +203,11 @@ fn parse_document(ctx: &Ctx<'_>, doc: &str, set: &mut ResourceSet) -> Result<(),
             let d: Document<HttpRouteSpec> = ctx.parse(doc)?;
             set.http_routes.push(loaded(ctx, d));
         }
+        "GRPCRoute" => {
+            expect_api(GATEWAY_API)?;
+            let d: Document<GrpcRouteSpec> = ctx.parse(doc)?;
+            set.grpc_routes.push(loaded(ctx, d));
+        }
         "TrafficPolicy" => {
             expect_api(TANDEM_API)?;
             let d: Document<TrafficPolicySpec> = ctx.parse(doc)?;
@@ -225,7 +231,7 @@ fn parse_document(ctx: &Ctx<'_>, doc: &str, set: &mut ResourceSet) -> Result<(),
         other => {
             return Err(Diagnostic::at(
                 &ctx.pos(kind.referenced),
-                format!("unknown kind `{other}`; supported kinds: Service, TrafficPolicy, AuthorizationPolicy, FaultInjection and Mesh ({TANDEM_API}), HTTPRoute ({GATEWAY_API})"),
+                format!("unknown kind `{other}`; supported kinds: Service, TrafficPolicy, AuthorizationPolicy, FaultInjection and Mesh ({TANDEM_API}), HTTPRoute and GRPCRoute ({GATEWAY_API})"),
             ))
         }
     }

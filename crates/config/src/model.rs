@@ -379,6 +379,52 @@ pub struct BackendRef {
     pub filters: Vec<Spanned<RouteFilterSpec>>,
 }
 
+// ---- GRPCRoute (GAMMA) ------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GrpcRouteSpec {
+    pub parent_refs: Vec<ParentRef>,
+    #[serde(default)]
+    pub rules: Vec<Spanned<GrpcRuleSpec>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GrpcRuleSpec {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub matches: Vec<Spanned<GrpcMatchSpec>>,
+    /// Header modifiers, mirrors and a FaultInjection (no URL filters).
+    #[serde(default)]
+    pub filters: Vec<Spanned<RouteFilterSpec>>,
+    #[serde(default)]
+    pub backend_refs: Vec<BackendRef>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GrpcMatchSpec {
+    #[serde(default)]
+    pub method: Option<Spanned<GrpcMethodMatchSpec>>,
+    #[serde(default)]
+    pub headers: Vec<ValueMatchSpec>,
+}
+
+/// A gRPC service (`pkg.Service`), a method of it, or both.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GrpcMethodMatchSpec {
+    /// `Exact` (the default).
+    #[serde(default, rename = "type")]
+    pub kind: Option<Spanned<String>>,
+    #[serde(default)]
+    pub service: Option<Spanned<String>>,
+    #[serde(default)]
+    pub method: Option<Spanned<String>>,
+}
+
 // ---- TrafficPolicy ---------------------------------------------------------------
 
 /// Resilience policy for calls to one Service: the whole-request timeout,
@@ -717,6 +763,7 @@ impl<S> Loaded<S> {
 pub struct ResourceSet {
     pub services: Vec<Loaded<ServiceSpec>>,
     pub http_routes: Vec<Loaded<HttpRouteSpec>>,
+    pub grpc_routes: Vec<Loaded<GrpcRouteSpec>>,
     pub traffic_policies: Vec<Loaded<TrafficPolicySpec>>,
     pub authorization_policies: Vec<Loaded<AuthorizationPolicySpec>>,
     pub fault_injections: Vec<Loaded<FaultInjectionSpec>>,

@@ -340,6 +340,10 @@ pub struct Matcher {
     pub headers: Vec<NameValue>,
     pub query: Vec<NameValue>,
     pub method: Option<String>,
+    /// A gRPC method of any service: the path is `/SERVICE/THIS`
+    /// (GRPCRoute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_method: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

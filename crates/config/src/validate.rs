@@ -46,6 +46,22 @@ pub(crate) fn validate(set: &ResourceSet, diags: &mut Vec<Diagnostic>) {
         }
         validate_route(set, r, diags);
     }
+    for r in &set.grpc_routes {
+        check_name(&r.name, &r.name_pos, diags);
+        check_name(&r.namespace, &r.namespace_pos, diags);
+        if let Some(first) = seen.insert(("GRPCRoute", r.key()), &r.pos) {
+            diags.push(Diagnostic::at(
+                &r.name_pos,
+                format!(
+                    "duplicate GRPCRoute `{}` (first defined at {}:{})",
+                    r.key(),
+                    first.file.display(),
+                    first.line
+                ),
+            ));
+        }
+        validate_grpc_route(set, r, diags);
+    }
     let mut targeted: HashMap<String, &crate::model::Pos> = HashMap::new();
     for p in &set.traffic_policies {
         check_name(&p.name, &p.name_pos, diags);
@@ -175,105 +191,14 @@ fn validate_route(
     r: &Loaded<crate::model::HttpRouteSpec>,
     diags: &mut Vec<Diagnostic>,
 ) {
-    if r.spec.parent_refs.is_empty() {
-        diags.push(Diagnostic::at(
-            &r.pos,
-            "HTTPRoute has no parentRefs; attach it to a Service",
-        ));
-    }
-    for p in &r.spec.parent_refs {
-        check_service_kind(r, p.group.as_ref(), p.kind.as_ref(), diags);
-        let ns = p
-            .namespace
-            .as_ref()
-            .map(|n| n.value.as_str())
-            .unwrap_or(&r.namespace);
-        match set.service(ns, &p.name.value) {
-            None => diags.push(Diagnostic::at(
-                &r.at(&p.name),
-                format!(
-                    "parentRef names Service `{ns}/{}`, which does not exist",
-                    p.name.value
-                ),
-            )),
-            Some(svc) => {
-                let port = match &p.port {
-                    Some(port) => {
-                        let found = svc.spec.ports.iter().find(|sp| sp.port.value == port.value);
-                        if found.is_none() {
-                            diags.push(Diagnostic::at(
-                                &r.at(port),
-                                format!("Service `{}` has no port {}", svc.key(), port.value),
-                            ));
-                        }
-                        found
-                    }
-                    None => svc.spec.ports.first(),
-                };
-                if let Some(sp) = port {
-                    if sp.protocol.value == Protocol::Tcp {
-                        diags.push(Diagnostic::at(
-                            &r.at(&p.name),
-                            format!("Service `{}` port {} is tcp; an HTTPRoute needs an http, http2 or grpc port", svc.key(), sp.port.value),
-                        ));
-                    }
-                }
-            }
-        }
-    }
+    check_parents(set, r, &r.spec.parent_refs, false, diags);
     for rule in &r.spec.rules {
         crate::policy::route_overrides(r, &rule.value, diags);
         crate::filters::rule_filters(set, r, rule, &mut |_| 0, diags);
         let rule_pos = r.at(rule);
         let rule = &rule.value;
-        if rule.backend_refs.is_empty() && !crate::filters::redirects(rule) {
-            diags.push(Diagnostic::at(&rule_pos, "rule has no backendRefs"));
-        }
-        let mut total: u64 = 0;
-        for b in &rule.backend_refs {
-            check_service_kind(r, b.group.as_ref(), b.kind.as_ref(), diags);
-            crate::filters::backend_filters(r, &b.filters, diags);
-            let weight = b.weight.as_ref().map(|w| w.value).unwrap_or(1);
-            if weight > 1_000_000 {
-                let pos = b
-                    .weight
-                    .as_ref()
-                    .map(|w| r.at(w))
-                    .unwrap_or_else(|| r.at(&b.name));
-                diags.push(Diagnostic::at(&pos, "weight must be at most 1000000"));
-            }
-            total += u64::from(weight);
-            let ns = b
-                .namespace
-                .as_ref()
-                .map(|n| n.value.as_str())
-                .unwrap_or(&r.namespace);
-            match set.service(ns, &b.name.value) {
-                None => diags.push(Diagnostic::at(
-                    &r.at(&b.name),
-                    format!(
-                        "backendRef names Service `{ns}/{}`, which does not exist",
-                        b.name.value
-                    ),
-                )),
-                Some(svc) => {
-                    if let Some(port) = &b.port {
-                        if !svc.spec.ports.iter().any(|sp| sp.port.value == port.value) {
-                            diags.push(Diagnostic::at(
-                                &r.at(port),
-                                format!("Service `{}` has no port {}", svc.key(), port.value),
-                            ));
-                        }
-                    }
-                }
-            }
-        }
-        if !rule.backend_refs.is_empty() && total == 0 {
-            diags.push(Diagnostic::at(
-                &rule_pos,
-                "all backendRefs of this rule have weight 0; no traffic could be sent",
-            ));
-        }
+        let redirects = crate::filters::redirects(rule);
+        check_backends(set, r, &rule_pos, &rule.backend_refs, redirects, diags);
         for m in &rule.matches {
             let mpos = r.at(m);
             let m = &m.value;
@@ -301,26 +226,7 @@ fn validate_route(
                     ));
                 }
             }
-            for h in &m.headers {
-                let n = &h.name.value;
-                let token = |b: u8| b.is_ascii_alphanumeric() || b"-_.!#$%&'*+^`|~".contains(&b);
-                if n.is_empty() || !n.bytes().all(token) {
-                    diags.push(Diagnostic::at(
-                        &r.at(&h.name),
-                        format!("`{n}` is not a valid header name"),
-                    ));
-                }
-                if !h
-                    .value
-                    .bytes()
-                    .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
-                {
-                    diags.push(Diagnostic::at(
-                        &r.at(&h.name),
-                        format!("the value for header `{n}` is not a valid header value"),
-                    ));
-                }
-            }
+            check_header_matches(r, &m.headers, diags);
             for q in &m.query_params {
                 let n = &q.name.value;
                 if n.is_empty()
@@ -333,6 +239,230 @@ fn validate_route(
                     ));
                 }
             }
+        }
+    }
+}
+
+fn validate_grpc_route(
+    set: &ResourceSet,
+    r: &Loaded<crate::model::GrpcRouteSpec>,
+    diags: &mut Vec<Diagnostic>,
+) {
+    check_parents(set, r, &r.spec.parent_refs, true, diags);
+    for rule in &r.spec.rules {
+        let rule_pos = r.at(rule);
+        let parts = crate::filters::RuleParts {
+            filters: &rule.value.filters,
+            matches: None,
+            first_backend: rule.value.backend_refs.first().map(|b| &b.name),
+            pos: rule_pos.clone(),
+        };
+        crate::filters::filters_of(set, r, &parts, &mut |_| 0, diags);
+        let rule = &rule.value;
+        check_backends(set, r, &rule_pos, &rule.backend_refs, false, diags);
+        for m in &rule.matches {
+            if let Some(method) = &m.value.method {
+                let mpos = r.at(method);
+                let method = &method.value;
+                if let Some(k) = method.kind.as_ref().filter(|k| k.value != "Exact") {
+                    diags.push(Diagnostic::at(
+                        &r.at(k),
+                        format!(
+                            "method match type `{}` is not supported; use Exact",
+                            k.value
+                        ),
+                    ));
+                }
+                if method.service.is_none() && method.method.is_none() {
+                    diags.push(Diagnostic::at(
+                        &mpos,
+                        "a method match needs a `service`, a `method` or both",
+                    ));
+                }
+                let ident = |v: &str, dots: bool| {
+                    !v.is_empty()
+                        && v.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || (dots && b == b'.'))
+                };
+                if let Some(svc) = method.service.as_ref().filter(|v| !ident(&v.value, true)) {
+                    diags.push(Diagnostic::at(
+                        &r.at(svc),
+                        format!(
+                            "`{}` is not a gRPC service name (`package.Service`)",
+                            svc.value
+                        ),
+                    ));
+                }
+                if let Some(m) = method.method.as_ref().filter(|v| !ident(&v.value, false)) {
+                    diags.push(Diagnostic::at(
+                        &r.at(m),
+                        format!("`{}` is not a gRPC method name", m.value),
+                    ));
+                }
+            }
+            check_header_matches(r, &m.value.headers, diags);
+        }
+    }
+}
+
+/// A route's parentRefs name Services that exist, on ports that exist and
+/// speak HTTP (a GRPCRoute: gRPC).
+fn check_parents<S>(
+    set: &ResourceSet,
+    r: &Loaded<S>,
+    parent_refs: &[crate::model::ParentRef],
+    grpc: bool,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let (kind, a_kind) = if grpc {
+        ("GRPCRoute", "a GRPCRoute")
+    } else {
+        ("HTTPRoute", "an HTTPRoute")
+    };
+    if parent_refs.is_empty() {
+        diags.push(Diagnostic::at(
+            &r.pos,
+            format!("{kind} has no parentRefs; attach it to a Service"),
+        ));
+    }
+    for p in parent_refs {
+        check_service_kind(r, p.group.as_ref(), p.kind.as_ref(), diags);
+        let ns = p
+            .namespace
+            .as_ref()
+            .map(|n| n.value.as_str())
+            .unwrap_or(&r.namespace);
+        let Some(svc) = set.service(ns, &p.name.value) else {
+            diags.push(Diagnostic::at(
+                &r.at(&p.name),
+                format!(
+                    "parentRef names Service `{ns}/{}`, which does not exist",
+                    p.name.value
+                ),
+            ));
+            continue;
+        };
+        let port = match &p.port {
+            Some(port) => {
+                let found = svc.spec.ports.iter().find(|sp| sp.port.value == port.value);
+                if found.is_none() {
+                    diags.push(Diagnostic::at(
+                        &r.at(port),
+                        format!("Service `{}` has no port {}", svc.key(), port.value),
+                    ));
+                }
+                found
+            }
+            None => svc.spec.ports.first(),
+        };
+        let Some(sp) = port else { continue };
+        let wrong = if grpc {
+            sp.protocol.value != Protocol::Grpc
+        } else {
+            sp.protocol.value == Protocol::Tcp
+        };
+        if wrong {
+            let needs = if grpc {
+                "a grpc port"
+            } else {
+                "an http, http2 or grpc port"
+            };
+            diags.push(Diagnostic::at(
+                &r.at(&p.name),
+                format!(
+                    "Service `{}` port {} is {}; {a_kind} needs {needs}",
+                    svc.key(),
+                    sp.port.value,
+                    sp.protocol.value
+                ),
+            ));
+        }
+    }
+}
+
+/// A rule's backendRefs name Services that exist, with sane weights; a
+/// rule has some unless it redirects.
+fn check_backends<S>(
+    set: &ResourceSet,
+    r: &Loaded<S>,
+    rule_pos: &crate::model::Pos,
+    refs: &[crate::model::BackendRef],
+    redirects: bool,
+    diags: &mut Vec<Diagnostic>,
+) {
+    if refs.is_empty() && !redirects {
+        diags.push(Diagnostic::at(rule_pos, "rule has no backendRefs"));
+    }
+    let mut total: u64 = 0;
+    for b in refs {
+        check_service_kind(r, b.group.as_ref(), b.kind.as_ref(), diags);
+        crate::filters::backend_filters(r, &b.filters, diags);
+        let weight = b.weight.as_ref().map(|w| w.value).unwrap_or(1);
+        if weight > 1_000_000 {
+            let pos = b
+                .weight
+                .as_ref()
+                .map(|w| r.at(w))
+                .unwrap_or_else(|| r.at(&b.name));
+            diags.push(Diagnostic::at(&pos, "weight must be at most 1000000"));
+        }
+        total += u64::from(weight);
+        let ns = b
+            .namespace
+            .as_ref()
+            .map(|n| n.value.as_str())
+            .unwrap_or(&r.namespace);
+        match set.service(ns, &b.name.value) {
+            None => diags.push(Diagnostic::at(
+                &r.at(&b.name),
+                format!(
+                    "backendRef names Service `{ns}/{}`, which does not exist",
+                    b.name.value
+                ),
+            )),
+            Some(svc) => {
+                if let Some(port) = &b.port {
+                    if !svc.spec.ports.iter().any(|sp| sp.port.value == port.value) {
+                        diags.push(Diagnostic::at(
+                            &r.at(port),
+                            format!("Service `{}` has no port {}", svc.key(), port.value),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if !refs.is_empty() && total == 0 {
+        diags.push(Diagnostic::at(
+            rule_pos,
+            "all backendRefs of this rule have weight 0; no traffic could be sent",
+        ));
+    }
+}
+
+fn check_header_matches<S>(
+    r: &Loaded<S>,
+    headers: &[crate::model::ValueMatchSpec],
+    diags: &mut Vec<Diagnostic>,
+) {
+    for h in headers {
+        let n = &h.name.value;
+        let token = |b: u8| b.is_ascii_alphanumeric() || b"-_.!#$%&'*+^`|~".contains(&b);
+        if n.is_empty() || !n.bytes().all(token) {
+            diags.push(Diagnostic::at(
+                &r.at(&h.name),
+                format!("`{n}` is not a valid header name"),
+            ));
+        }
+        if !h
+            .value
+            .bytes()
+            .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
+        {
+            diags.push(Diagnostic::at(
+                &r.at(&h.name),
+                format!("the value for header `{n}` is not a valid header value"),
+            ));
         }
     }
 }

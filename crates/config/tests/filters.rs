@@ -332,3 +332,93 @@ spec:
 "#;
     assert_eq!(errors(yaml), Vec::<String>::new());
 }
+
+#[test]
+fn grpc_routes_compile_to_paths_and_are_checked() {
+    let extra = r#"
+apiVersion: tandem.dev/v1alpha1
+kind: Service
+metadata: {name: echo}
+spec:
+  ports: [{port: 9090, protocol: grpc}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: echo}
+spec:
+  parentRefs: [{name: echo}]
+  rules:
+    - matches: [{method: {method: Unary}}]
+      backendRefs: [{name: echo}]
+    - matches: [{method: {service: pkg.Echo}}]
+      filters:
+        - type: RequestMirror
+          requestMirror: {backendRef: {name: shadow}}
+      backendRefs: [{name: echo}]
+    - matches: [{method: {service: pkg.Echo, method: Stream}, headers: [{name: X-A, value: "1"}]}]
+      backendRefs: [{name: echo}]
+    - backendRefs: [{name: echo}]
+"#;
+    let set = load_str("t.yaml", &format!("{SERVICES}---{extra}")).expect("valid");
+    let interest: BTreeSet<String> = ["echo".to_string()].into();
+    let snap = compile(
+        &set,
+        &Target {
+            namespace: "default",
+            service: "web",
+            interest: &interest,
+        },
+        &|_, _| vec![],
+    );
+    let routes = &snap.destinations[0].routes;
+    let shape: Vec<(usize, String, Option<&str>)> = routes
+        .iter()
+        .map(|r| {
+            (
+                r.rule,
+                r.matcher
+                    .path
+                    .as_ref()
+                    .map(|p| p.value.clone())
+                    .unwrap_or_default(),
+                r.matcher.grpc_method.as_deref(),
+            )
+        })
+        .collect();
+    // Exact method, then the service's prefix, then a method of any
+    // service, then the rest.
+    assert_eq!(
+        shape,
+        [
+            (2, "/pkg.Echo/Stream".to_string(), None),
+            (1, "/pkg.Echo".to_string(), None),
+            (0, "/".to_string(), Some("Unary")),
+            (3, "/".to_string(), None),
+        ]
+    );
+    assert_eq!(routes[0].matcher.headers[0].name, "x-a");
+    assert_eq!(routes[1].filters.as_ref().map(|f| f.mirrors.len()), Some(1));
+
+    let bad = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: bad}
+spec:
+  parentRefs: [{name: shop}]
+  rules:
+    - matches: [{method: {type: RegularExpression, service: "pkg/Echo", method: "Do-It"}}, {method: {}}]
+      filters:
+        - type: URLRewrite
+          urlRewrite: {hostname: x}
+      backendRefs: [{name: ghost}]
+"#;
+    let e = errors(bad);
+    let has = |msg: &str| assert!(e.iter().any(|x| x.contains(msg)), "{msg}\n{e:#?}");
+    has("port 8080 is http; a GRPCRoute needs a grpc port");
+    has("method match type `RegularExpression` is not supported");
+    has("`pkg/Echo` is not a gRPC service name");
+    has("`Do-It` is not a gRPC method name");
+    has("a method match needs a `service`, a `method` or both");
+    has("a GRPCRoute has no URLRewrite filter");
+    has("backendRef names Service `default/ghost`, which does not exist");
+}

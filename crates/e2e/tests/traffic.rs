@@ -475,3 +475,107 @@ fn http2_apps_see_the_name_they_were_called_by() {
         assert_eq!(h[":authority"], "h2svc:8080", "{h} {}", out.stderr);
     }
 }
+
+#[test]
+fn grpc_routes_match_services_and_methods() {
+    let mut config = String::new();
+    for (name, proto) in [
+        ("client", "http"),
+        ("grpc-echo", "grpc"),
+        ("grpc-echo-v2", "grpc"),
+    ] {
+        config.push_str(&service_yaml(name, proto));
+    }
+    config.push_str(
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: grpc-echo}
+spec:
+  parentRefs: [{name: grpc-echo}]
+  rules:
+    - matches: [{method: {service: tandem.v1.Echo, method: ServerStream}}]
+      backendRefs: [{name: grpc-echo-v2, port: 8080}]
+    - matches: [{method: {service: tandem.v1.Echo}, headers: [{name: x-svc, value: "1"}]}]
+      backendRefs: [{name: grpc-echo, port: 8080}]
+    - matches: [{method: {service: tandem.v1.Echo, method: Unary}, headers: [{name: x-split, value: "1"}]}]
+      backendRefs: [{name: grpc-echo, port: 8080, weight: 1}, {name: grpc-echo-v2, port: 8080, weight: 3}]
+    - matches: [{method: {method: Unary}, headers: [{name: x-chaos, value: "on"}]}]
+      filters:
+        - type: ExtensionRef
+          extensionRef: {group: tandem.dev, kind: FaultInjection, name: unavailable}
+      backendRefs: [{name: grpc-echo, port: 8080}]
+    - backendRefs: [{name: grpc-echo-v2, port: 8080}]
+---
+apiVersion: tandem.dev/v1alpha1
+kind: FaultInjection
+metadata: {name: unavailable}
+spec:
+  abort: {grpcStatus: UNAVAILABLE}
+"#,
+    );
+    let mesh = Mesh::start(&config);
+    let _v1 = mesh.instance("grpc-echo", "grpc-echo-1", &[], &[]);
+    let _v2 = mesh.instance("grpc-echo-v2", "grpc-echo-v2-1", &[], &[]);
+    let client = mesh.instance_with_upstreams("client", "client-1", &[], &[], &["grpc-echo"]);
+    let rt = rt();
+    rt.block_on(async {
+        use tandem_api::v1::echo_client::EchoClient;
+        use tandem_api::v1::EchoRequest;
+        let mut c = EchoClient::connect(format!("http://{}", client.upstream("grpc-echo")))
+            .await
+            .expect("connect");
+        let req = |headers: &[(&'static str, &'static str)]| {
+            let mut r = tonic::Request::new(EchoRequest {
+                message: "hi".into(),
+                count: 1,
+            });
+            for (k, v) in headers {
+                r.metadata_mut().insert(*k, v.parse().expect("value"));
+            }
+            r
+        };
+        let unary = |c: &mut EchoClient<tonic::transport::Channel>, h| {
+            let r = req(h);
+            let mut c = c.clone();
+            async move { c.unary(r).await }
+        };
+        let stream_by = |c: &mut EchoClient<tonic::transport::Channel>, h| {
+            let r = req(h);
+            let mut c = c.clone();
+            async move {
+                let mut s = c.server_stream(r).await.expect("stream").into_inner();
+                s.message().await.expect("message").expect("one").served_by
+            }
+        };
+        // A method of a service; the catch-all for the rest.
+        assert_eq!(stream_by(&mut c, &[]).await, "grpc-echo-v2-1");
+        let r = unary(&mut c, &[]).await.expect("unary");
+        assert_eq!(r.get_ref().served_by, "grpc-echo-v2-1");
+        // The service with a header; the exact method still wins over it.
+        let r = unary(&mut c, &[("x-svc", "1")]).await.expect("unary");
+        assert_eq!(r.get_ref().served_by, "grpc-echo-1");
+        assert_eq!(stream_by(&mut c, &[("x-svc", "1")]).await, "grpc-echo-v2-1");
+        // A method of any service, with a fault: UNAVAILABLE, flagged.
+        let e = unary(&mut c, &[("x-chaos", "on")])
+            .await
+            .expect_err("aborted");
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+        assert_eq!(
+            e.metadata()
+                .get("tandem-error")
+                .and_then(|v| v.to_str().ok()),
+            Some("fault-injected")
+        );
+        // Weighted backends of a method rule: 1:3 over 400 calls.
+        let n = 400;
+        let mut v2 = 0;
+        for _ in 0..n {
+            let r = unary(&mut c, &[("x-split", "1")]).await.expect("unary");
+            if r.get_ref().served_by == "grpc-echo-v2-1" {
+                v2 += 1;
+            }
+        }
+        let (lo, hi) = bounds(n as f64, 0.75);
+        assert!((lo..=hi).contains(&(v2 as f64)), "{v2} of {n} to v2");
+    });
+}

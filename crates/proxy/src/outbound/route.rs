@@ -106,6 +106,17 @@ pub(crate) fn matches(m: &Matcher, req: &RequestView<'_>) -> bool {
             return false;
         }
     }
+    if let Some(method) = &m.grpc_method {
+        // `/SERVICE/METHOD`, any service.
+        let ok = req
+            .path
+            .strip_prefix('/')
+            .and_then(|p| p.split_once('/'))
+            .is_some_and(|(svc, m)| !svc.is_empty() && m == method);
+        if !ok {
+            return false;
+        }
+    }
     for h in &m.headers {
         let found = req
             .headers
@@ -225,6 +236,7 @@ mod tests {
                 value: "2".into(),
             }],
             method: Some("GET".into()),
+            grpc_method: None,
         };
         let get = Method::GET;
         assert!(matches(&m, &view(&get, "/a", Some("x=1&v=2"), &headers)));
@@ -261,6 +273,25 @@ mod tests {
             select(&routes, &view(&get, "/", None, &headers)).map(|i| routes[i].rule),
             Some(0)
         );
+    }
+
+    #[test]
+    fn a_grpc_method_of_any_service() {
+        let m = Matcher {
+            grpc_method: Some("Unary".into()),
+            ..Matcher::default()
+        };
+        let h = HeaderMap::new();
+        let post = Method::POST;
+        assert!(matches(&m, &view(&post, "/tandem.v1.Echo/Unary", None, &h)));
+        assert!(matches(&m, &view(&post, "/other.Svc/Unary", None, &h)));
+        assert!(!matches(
+            &m,
+            &view(&post, "/tandem.v1.Echo/ServerStream", None, &h)
+        ));
+        assert!(!matches(&m, &view(&post, "//Unary", None, &h)));
+        assert!(!matches(&m, &view(&post, "/Unary", None, &h)));
+        assert!(!matches(&m, &view(&post, "/a/b/Unary", None, &h)));
     }
 
     #[test]
