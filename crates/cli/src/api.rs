@@ -254,6 +254,15 @@ pub fn status(api: &ApiArgs, json: bool) -> anyhow::Result<()> {
                 println!("    refused its config: {reason}");
             }
         }
+        // Weights a rollout put in force instead of the routes' own.
+        let rollouts: Vec<tandem_control::rollout::View> =
+            serde_json::from_value(get_json(api, "/api/v1/rollouts").await?)?;
+        if !rollouts.is_empty() {
+            println!("\nROLLOUTS (weights in force on the rules they drive, and why)");
+            for r in &rollouts {
+                println!("  {}", crate::rollout::summary(r));
+            }
+        }
         Ok(())
     })
 }

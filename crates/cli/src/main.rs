@@ -5,6 +5,7 @@
 mod api;
 mod authz;
 mod identity;
+mod rollout;
 mod up;
 
 use std::net::SocketAddr;
@@ -115,6 +116,10 @@ enum Command {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Progressive delivery: a Rollout's step, signals and history;
+    /// pause, resume, abort, promote.
+    #[command(subcommand)]
+    Rollout(rollout::RolloutCommand),
     /// The sample service used by the demo and the tests.
     DemoApp(Box<DemoArgs>),
 }
@@ -538,6 +543,7 @@ fn main() -> ExitCode {
             output,
         } => api::stat(&api, window, output == Output::Json),
         Command::Status { api, output } => api::status(&api, output == Output::Json),
+        Command::Rollout(cmd) => rollout::run(cmd),
         Command::Token(TokenCommand::Create {
             service,
             namespace,

@@ -455,6 +455,14 @@ async fn watch(args: &UpArgs, header: &str, data: &Path, procs: &mut [Proc]) -> 
             Ok(rows) => api::stat_table(&rows),
             Err(e) => format!("(no stats: {e:#})\n"),
         };
+        let rollouts: Vec<tandem_control::rollout::View> = match &target {
+            Ok(t) => api::get_json(t, "/api/v1/rollouts")
+                .await
+                .ok()
+                .and_then(|v| serde_json::from_value(v).ok())
+                .unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
         let mut out = std::io::stdout().lock();
         if tty {
             let _ = write!(out, "\x1b[2J\x1b[H");
@@ -464,6 +472,9 @@ async fn watch(args: &UpArgs, header: &str, data: &Path, procs: &mut [Proc]) -> 
             let _ = writeln!(out, "--- golden signals, last 10s");
         }
         let _ = write!(out, "{table}");
+        for r in &rollouts {
+            let _ = writeln!(out, "rollout {}", crate::rollout::summary(r));
+        }
         for n in &notes {
             let _ = writeln!(out, "! {n}");
         }

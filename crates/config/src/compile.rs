@@ -5,6 +5,7 @@ use std::cmp::Reverse;
 use std::collections::BTreeSet;
 
 use crate::model::{GrpcRouteSpec, HttpRouteSpec, Loaded, PathMatchType, ResourceSet, ServiceSpec};
+use crate::rollout::{Split, Splits};
 use crate::snapshot::{
     Backend, Destination, Endpoint, Inbound, Matcher, NameValue, PathMatch, Route, Snapshot,
     WeightedBackend,
@@ -33,6 +34,17 @@ pub fn compile(
     set: &ResourceSet,
     target: &Target<'_>,
     endpoints: &dyn Fn(&str, &str) -> Vec<Endpoint>,
+) -> Snapshot {
+    compile_with(set, target, endpoints, &Splits::new())
+}
+
+/// [`compile`], with the weights rollouts put on the rules they drive in
+/// place of those written in the routes.
+pub fn compile_with(
+    set: &ResourceSet,
+    target: &Target<'_>,
+    endpoints: &dyn Fn(&str, &str) -> Vec<Endpoint>,
+    splits: &Splits,
 ) -> Snapshot {
     let service = set.service(target.namespace, target.service);
     let mtls = service
@@ -64,7 +76,7 @@ pub fn compile(
         match set.service(ns, svc) {
             Some(s) => {
                 if done.insert(s.key()) {
-                    destinations.push(destination(set, s, endpoints));
+                    destinations.push(destination(set, s, endpoints, splits));
                 }
             }
             None => unknown.push(name.clone()),
@@ -140,6 +152,43 @@ fn weighted<S>(
         });
     }
     out
+}
+
+/// A rule whose backends are exactly a rollout's stable and canary
+/// Services (in the destination's namespace) gets the rollout's weights,
+/// in thousandths, shared among the refs to each.
+fn apply_split(
+    weighted: &mut [WeightedBackend],
+    backends: &[Backend],
+    ns: &str,
+    split: Option<&Split>,
+) {
+    let Some(split) = split else { return };
+    let name = |w: &WeightedBackend| {
+        backends
+            .get(w.backend)
+            .filter(|b| b.namespace == ns)
+            .map(|b| b.name.as_str())
+    };
+    let count = |n: &str| weighted.iter().filter(|w| name(w) == Some(n)).count() as u32;
+    let (stable, canary) = (count(&split.stable), count(&split.canary));
+    if stable == 0 || canary == 0 || stable + canary != weighted.len() as u32 {
+        return;
+    }
+    let c = split.canary_permille.min(1000);
+    let shares: Vec<u32> = weighted
+        .iter()
+        .map(|w| {
+            if name(w) == Some(split.canary.as_str()) {
+                c / canary
+            } else {
+                (1000 - c) / stable
+            }
+        })
+        .collect();
+    for (w, share) in weighted.iter_mut().zip(shares) {
+        w.weight = share;
+    }
 }
 
 /// Adds `rule` once per port and match (a rule without matches matches
@@ -233,7 +282,9 @@ fn destination(
     set: &ResourceSet,
     svc: &Loaded<ServiceSpec>,
     endpoints: &dyn Fn(&str, &str) -> Vec<Endpoint>,
+    splits: &Splits,
 ) -> Destination {
+    let split = splits.get(&svc.key());
     let mut backends = vec![backend(svc, endpoints)];
     let mut routes = Vec::new();
     let mut http: Vec<&Loaded<HttpRouteSpec>> = set.http_routes.iter().collect();
@@ -245,7 +296,8 @@ fn destination(
         }
         for (rule_idx, spanned_rule) in r.spec.rules.iter().enumerate() {
             let rule = &spanned_rule.value;
-            let weighted = weighted(set, r, &rule.backend_refs, &mut backends, endpoints);
+            let mut weighted = weighted(set, r, &rule.backend_refs, &mut backends, endpoints);
+            apply_split(&mut weighted, &backends, &svc.namespace, split);
             let filters = crate::filters::rule_filters(
                 set,
                 r,
@@ -275,7 +327,8 @@ fn destination(
         }
         for (rule_idx, spanned_rule) in r.spec.rules.iter().enumerate() {
             let rule = &spanned_rule.value;
-            let weighted = weighted(set, r, &rule.backend_refs, &mut backends, endpoints);
+            let mut weighted = weighted(set, r, &rule.backend_refs, &mut backends, endpoints);
+            apply_split(&mut weighted, &backends, &svc.namespace, split);
             let parts = crate::filters::RuleParts {
                 filters: &rule.filters,
                 matches: None,

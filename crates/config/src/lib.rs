@@ -14,6 +14,7 @@ pub mod filters;
 pub mod load;
 pub mod model;
 pub mod policy;
+pub mod rollout;
 pub mod snapshot;
 pub mod validate;
 

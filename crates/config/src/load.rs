@@ -12,8 +12,8 @@ use serde_saphyr::Location;
 use crate::diag::Diagnostic;
 use crate::model::{
     AuthorizationPolicySpec, Document, FaultInjectionSpec, GrpcRouteSpec, Head, HttpRouteSpec,
-    Loaded, MeshSpec, Pos, ResourceSet, ServiceSpec, TrafficPolicySpec, DEFAULT_NAMESPACE,
-    GATEWAY_API, TANDEM_API,
+    Loaded, MeshSpec, Pos, ResourceSet, RolloutSpec, ServiceSpec, TrafficPolicySpec,
+    DEFAULT_NAMESPACE, GATEWAY_API, TANDEM_API,
 };
 use crate::validate;
 
@@ -223,6 +223,11 @@ fn parse_document(ctx: &Ctx<'_>, doc: &str, set: &mut ResourceSet) -> Result<(),
             let d: Document<FaultInjectionSpec> = ctx.parse(doc)?;
             set.fault_injections.push(loaded(ctx, d));
         }
+        "Rollout" => {
+            expect_api(TANDEM_API)?;
+            let d: Document<RolloutSpec> = ctx.parse(doc)?;
+            set.rollouts.push(loaded(ctx, d));
+        }
         "Mesh" => {
             expect_api(TANDEM_API)?;
             let d: Document<MeshSpec> = ctx.parse(doc)?;
@@ -231,7 +236,7 @@ fn parse_document(ctx: &Ctx<'_>, doc: &str, set: &mut ResourceSet) -> Result<(),
         other => {
             return Err(Diagnostic::at(
                 &ctx.pos(kind.referenced),
-                format!("unknown kind `{other}`; supported kinds: Service, TrafficPolicy, AuthorizationPolicy, FaultInjection and Mesh ({TANDEM_API}), HTTPRoute and GRPCRoute ({GATEWAY_API})"),
+                format!("unknown kind `{other}`; supported kinds: Service, TrafficPolicy, AuthorizationPolicy, FaultInjection, Rollout and Mesh ({TANDEM_API}), HTTPRoute and GRPCRoute ({GATEWAY_API})"),
             ))
         }
     }

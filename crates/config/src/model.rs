@@ -703,6 +703,44 @@ pub struct FaultAbortSpec {
     pub percent: Option<Spanned<f64>>,
 }
 
+// ---- Rollout ---------------------------------------------------------------------
+
+/// Progressive delivery: the control plane moves a Service's traffic from
+/// the stable backend to the canary step by step, promoting while the
+/// canary's golden signals hold and rolling back when they do not.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// The Service whose routes are driven: each rule of its HTTPRoutes
+    /// and GRPCRoutes whose backendRefs are the stable and the canary.
+    pub service: Spanned<String>,
+    pub stable: Spanned<String>,
+    pub canary: Spanned<String>,
+    /// The canary's share at each step, in percent (to 0.1), rising to 100.
+    pub steps: Spanned<Vec<Spanned<f64>>>,
+    /// How long each step runs before it is promoted (default 30s).
+    #[serde(default)]
+    pub hold: Option<Spanned<String>>,
+    #[serde(default)]
+    pub thresholds: Option<RolloutThresholdsSpec>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RolloutThresholdsSpec {
+    /// Least share of the canary's requests that succeed, in percent
+    /// (default 99).
+    #[serde(default)]
+    pub success_rate: Option<Spanned<f64>>,
+    /// Most the canary's p99 latency may be (default: no limit).
+    #[serde(default)]
+    pub p99: Option<Spanned<String>>,
+    /// Requests the canary must have answered in a step before it is
+    /// judged (default 20).
+    #[serde(default)]
+    pub min_requests: Option<Spanned<u32>>,
+}
+
 // ---- Mesh ----------------------------------------------------------------------
 
 /// Mesh-wide settings (at most one `Mesh` resource).
@@ -767,6 +805,7 @@ pub struct ResourceSet {
     pub traffic_policies: Vec<Loaded<TrafficPolicySpec>>,
     pub authorization_policies: Vec<Loaded<AuthorizationPolicySpec>>,
     pub fault_injections: Vec<Loaded<FaultInjectionSpec>>,
+    pub rollouts: Vec<Loaded<RolloutSpec>>,
     pub meshes: Vec<Loaded<MeshSpec>>,
 }
 

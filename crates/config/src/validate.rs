@@ -123,6 +123,22 @@ pub(crate) fn validate(set: &ResourceSet, diags: &mut Vec<Diagnostic>) {
         }
         crate::filters::fault(f, diags);
     }
+    for r in &set.rollouts {
+        check_name(&r.name, &r.name_pos, diags);
+        check_name(&r.namespace, &r.namespace_pos, diags);
+        if let Some(first) = seen.insert(("Rollout", r.key()), &r.pos) {
+            diags.push(Diagnostic::at(
+                &r.name_pos,
+                format!(
+                    "duplicate Rollout `{}` (first defined at {}:{})",
+                    r.key(),
+                    first.file.display(),
+                    first.line
+                ),
+            ));
+        }
+    }
+    crate::rollout::validate(set, diags);
     crate::authz::validate(set, diags);
 }
 

@@ -7,6 +7,9 @@
 //! - `GET /api/v1/ca` — trust domain, roots, signing root, rotation phase
 //! - `POST /api/v1/ca/rotate` — start a root rotation
 //! - `POST /api/v1/ca/retire[?force=true]` — remove roots that no longer sign
+//! - `GET /api/v1/rollouts` — every Rollout: its plan, step, signals, history
+//! - `GET /api/v1/rollouts/NAMESPACE/NAME` — one
+//! - `POST /api/v1/rollouts/NAMESPACE/NAME/{pause,resume,abort,promote}`
 //! - `GET /healthz`, `GET /readyz` — liveness and readiness
 //!
 //! Every endpoint but the last two needs the admin credential
@@ -27,12 +30,14 @@ use hyper::body::Incoming;
 
 use crate::identity::Ca;
 use crate::mesh::Mesh;
+use crate::rollout::{ActError, Action, Rollouts};
 use crate::stats::Stats;
 
 pub struct Api {
     pub mesh: Arc<Mesh>,
     pub stats: Arc<Stats>,
     pub ca: Arc<Ca>,
+    pub rollouts: Arc<Rollouts>,
     pub access: Access,
 }
 
@@ -191,10 +196,13 @@ impl Api {
                         Err(e) => json(StatusCode::CONFLICT, &serde_json::json!({ "error": e })),
                     }
                 }
-                _ => json(
-                    StatusCode::NOT_FOUND,
-                    &serde_json::json!({"error": "not found"}),
-                ),
+                path => match rollout_path(path) {
+                    Some((ns, name, Some(action))) => self.rollout_action(ns, name, action).await,
+                    _ => json(
+                        StatusCode::NOT_FOUND,
+                        &serde_json::json!({"error": "not found"}),
+                    ),
+                },
             };
             return Ok(resp);
         }
@@ -213,14 +221,66 @@ impl Api {
             "/api/v1/config" => json(StatusCode::OK, &self.mesh.config_status()),
             "/api/v1/push" => json(StatusCode::OK, &self.mesh.push_status()),
             "/api/v1/ca" => json(StatusCode::OK, &self.ca.info()),
+            "/api/v1/rollouts" => json(StatusCode::OK, &self.rollouts.list()),
             "/healthz" | "/readyz" => json(StatusCode::OK, &serde_json::json!({"ok": true})),
-            _ => json(
-                StatusCode::NOT_FOUND,
-                &serde_json::json!({"error": "not found"}),
-            ),
+            path => match rollout_path(path) {
+                Some((ns, name, None)) => {
+                    match self
+                        .rollouts
+                        .list()
+                        .into_iter()
+                        .find(|v| v.namespace == ns && v.name == name)
+                    {
+                        Some(v) => json(StatusCode::OK, &v),
+                        None => json(
+                            StatusCode::NOT_FOUND,
+                            &serde_json::json!({"error": format!("no Rollout {ns}/{name} in the config")}),
+                        ),
+                    }
+                }
+                _ => json(
+                    StatusCode::NOT_FOUND,
+                    &serde_json::json!({"error": "not found"}),
+                ),
+            },
         };
         Ok(resp)
     }
+
+    async fn rollout_action(&self, ns: &str, name: &str, action: &str) -> Response<Full<Bytes>> {
+        let Some(a) = Action::parse(action) else {
+            return json(
+                StatusCode::NOT_FOUND,
+                &serde_json::json!({"error": format!("unknown action `{action}`; use pause, resume, abort or promote")}),
+            );
+        };
+        match self.rollouts.act(ns, name, a).await {
+            Ok(v) => json(StatusCode::OK, &v),
+            Err(ActError::NotFound) => json(
+                StatusCode::NOT_FOUND,
+                &serde_json::json!({"error": format!("no Rollout {ns}/{name} in the config")}),
+            ),
+            Err(ActError::Refused(e)) => {
+                json(StatusCode::CONFLICT, &serde_json::json!({ "error": e }))
+            }
+            Err(ActError::Store(e)) => json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({ "error": e }),
+            ),
+        }
+    }
+}
+
+/// `/api/v1/rollouts/NS/NAME[/ACTION]`.
+fn rollout_path(path: &str) -> Option<(&str, &str, Option<&str>)> {
+    let rest = path.strip_prefix("/api/v1/rollouts/")?;
+    let mut parts = rest.split('/');
+    let (ns, name) = (parts.next()?, parts.next()?);
+    let action = parts.next();
+    if parts.next().is_some() || ns.is_empty() || name.is_empty() {
+        return None;
+    }
+    Some((ns, name, action))
 }
 
 /// The `window` of `GET /api/v1/stats`: a duration (the config's grammar)

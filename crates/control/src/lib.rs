@@ -11,6 +11,7 @@ pub mod discovery;
 pub mod identity;
 pub mod mesh;
 mod registry;
+pub mod rollout;
 mod rotation;
 mod snapshots;
 pub mod stats;
@@ -116,7 +117,7 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
     tracing::info!(trust_domain = %authority.trust_domain(), signer = %authority.signer_id(), roots = authority.root_ids().len(), "certificate authority ready");
     let ca = identity::Ca::new(
         authority,
-        kv,
+        kv.clone(),
         cfg.cert_lifetime,
         cfg.allow_intermediates,
         mesh.clone(),
@@ -149,10 +150,18 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
             mesh.end_warmup();
         }
     });
+    let rollouts = rollout::Rollouts::new(mesh.clone(), stats.clone(), kv.clone());
+    // The splits in force before the first proxy is served (a restarted
+    // control plane goes on with its rollouts where they were).
+    if let Err(e) = rollouts.step_all().await {
+        tracing::warn!(error = %e, "rollouts: cannot read their state yet");
+    }
+    tokio::spawn(rollouts.clone().run(rollout::TICK));
     let api = Arc::new(api::Api {
         mesh: mesh.clone(),
         stats,
         ca: ca.clone(),
+        rollouts,
         access: api::Access {
             credential,
             hosts: cfg.api_hosts.clone(),

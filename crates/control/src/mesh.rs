@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tandem_api::v1::{Certificate, Hello, Snapshot as WireSnapshot};
+use tandem_config::rollout::Splits;
 use tandem_config::snapshot::Trust;
 use tandem_config::ResourceSet;
 use tandem_runtime::sync::Mutex;
@@ -79,7 +80,10 @@ pub struct Mesh {
 
 struct State {
     config: Arc<ResourceSet>,
+    /// Moves with the config and with the rollouts' splits.
     config_generation: u64,
+    /// The weights rollouts put on the rules they drive.
+    splits: Arc<Splits>,
     config_errors: Vec<String>,
     trust: Option<Trust>,
     trust_generation: u64,
@@ -182,6 +186,7 @@ impl Mesh {
             state: Mutex::new(State {
                 config: Arc::new(config),
                 config_generation: 1,
+                splits: Arc::new(Splits::new()),
                 config_errors: Vec::new(),
                 trust: None,
                 trust_generation: 0,
@@ -225,6 +230,25 @@ impl Mesh {
             st.config = Arc::new(config);
             st.config_generation += 1;
             st.config_errors.clear();
+        }
+        self.wake.notify_one();
+    }
+
+    /// The config in force.
+    pub fn config(&self) -> Arc<ResourceSet> {
+        self.state.lock().config.clone()
+    }
+
+    /// Puts the rollouts' splits in force (every proxy's snapshot is
+    /// compiled again when they changed).
+    pub fn set_splits(&self, splits: Splits) {
+        {
+            let mut st = self.state.lock();
+            if *st.splits == splits {
+                return;
+            }
+            st.splits = Arc::new(splits);
+            st.config_generation += 1;
         }
         self.wake.notify_one();
     }
@@ -571,6 +595,7 @@ impl Mesh {
             let inputs = Inputs {
                 config: st.config.clone(),
                 config_generation: st.config_generation,
+                splits: st.splits.clone(),
                 trust: st.trust.clone(),
                 trust_generation: st.trust_generation,
                 endpoints: st.endpoints.clone(),

@@ -12,7 +12,8 @@ use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use tandem_config::compile::{compile, Target};
+use tandem_config::compile::{compile_with, Target};
+use tandem_config::rollout::Splits;
 use tandem_config::snapshot::{Endpoint, Trust};
 use tandem_config::ResourceSet;
 
@@ -30,7 +31,9 @@ pub struct Group {
 #[derive(Clone)]
 pub struct Inputs {
     pub config: Arc<ResourceSet>,
+    /// Moves with the config and with `splits`.
     pub config_generation: u64,
+    pub splits: Arc<Splits>,
     pub trust: Option<Trust>,
     pub trust_generation: u64,
     pub endpoints: Arc<EndpointTable>,
@@ -91,7 +94,7 @@ fn compile_group(group: &Group, inputs: &Inputs) -> Compiled {
         service: &group.service,
         interest: &group.interest,
     };
-    let mut snapshot = compile(&inputs.config, &target, &lookup);
+    let mut snapshot = compile_with(&inputs.config, &target, &lookup, &inputs.splits);
     snapshot.trust = inputs.trust.clone();
     Compiled {
         stamp: Stamp {
@@ -225,6 +228,7 @@ spec: {ports: [{port: 5432, protocol: tcp}]}
         let mut inputs = Inputs {
             config: Arc::new(config),
             config_generation: 1,
+            splits: Arc::new(Splits::new()),
             trust: None,
             trust_generation: 0,
             endpoints: Arc::new(table.clone()),

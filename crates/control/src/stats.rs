@@ -47,6 +47,15 @@ pub struct Stats {
     history: Mutex<HashMap<ProxyKey, VecDeque<Sample>>>,
 }
 
+/// A destination's golden signals over a window (a rollout's canary).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Signals {
+    pub requests: u64,
+    /// A fraction (0.995).
+    pub success_rate: f64,
+    pub p99_ms: f64,
+}
+
 /// One row of `tandem stat` (the API's JSON, read back by the CLI).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct PairStat {
@@ -85,8 +94,10 @@ impl Stats {
         h.retain(|k, _| keep.contains(k));
     }
 
-    /// Aggregates the last `window` over every proxy.
-    pub fn query(&self, window: Duration) -> Vec<PairStat> {
+    /// Each pair's counter differences over the last `window` (or, with
+    /// `since`, from the first sample taken at or after it), summed over
+    /// every proxy, with its request rate.
+    fn sums(&self, window: Duration, since: Option<Instant>) -> HashMap<Pair, (PairCounters, f64)> {
         let h = self.history.lock();
         let mut sums: HashMap<Pair, (PairCounters, f64)> = HashMap::new();
         let now = Instant::now();
@@ -94,12 +105,19 @@ impl Stats {
             let Some(last) = samples.back() else { continue };
             // A proxy whose scrapes stopped answering has nothing to say
             // about this window.
-            if now.saturating_duration_since(last.at) > window {
+            let stale = match since {
+                Some(t) => last.at < t,
+                None => now.saturating_duration_since(last.at) > window,
+            };
+            if stale {
                 continue;
             }
             let base = samples
                 .iter()
-                .find(|s| last.at.saturating_duration_since(s.at) <= window)
+                .find(|s| match since {
+                    Some(t) => s.at >= t,
+                    None => last.at.saturating_duration_since(s.at) <= window,
+                })
                 .unwrap_or(last);
             let dt = last.at.saturating_duration_since(base.at).as_secs_f64();
             for (pair, now) in &last.pairs {
@@ -116,6 +134,33 @@ impl Stats {
                 }
             }
         }
+        sums
+    }
+
+    /// What the callers' sidecars saw of calls to `destination` between
+    /// the first scrape at or after `since` and the last, summed over every
+    /// caller (nothing from before `since` counts).
+    pub fn destination(&self, destination: &str, since: Instant) -> Signals {
+        let mut c = PairCounters::default();
+        for ((_, dst), (d, _)) in self.sums(HISTORY, Some(since)) {
+            if dst == destination {
+                add(&mut c, &d);
+            }
+        }
+        Signals {
+            requests: c.requests.round() as u64,
+            success_rate: if c.requests > 0.0 {
+                round(1.0 - c.failures / c.requests, 4)
+            } else {
+                1.0
+            },
+            p99_ms: round(quantile(&c.buckets, 0.99) * 1000.0, 3),
+        }
+    }
+
+    /// Aggregates the last `window` over every proxy.
+    pub fn query(&self, window: Duration) -> Vec<PairStat> {
+        let sums = self.sums(window, None);
         let mut out: Vec<PairStat> = sums
             .into_iter()
             // Tries seen only by a destination (a caller without a sidecar,

@@ -24,6 +24,9 @@
 //!   for deterministic tests (see [`gates`]).
 //!
 //! Knobs: added latency, failure rate, and a load generator (`--rps`).
+//! `/knobs?failure_rate=F&latency_ms=N` changes the first two while the
+//! app runs (for the demo: make a canary fail and watch its rollout roll
+//! back); `/knobs` alone shows them.
 //! `--tcp-echo ADDR` adds a raw TCP echo listener.
 #![forbid(unsafe_code)]
 
@@ -73,6 +76,9 @@ type Connector = tower::util::BoxCloneSyncService<Uri, TokioIo<TcpStream>, std::
 
 struct App {
     cfg: DemoConfig,
+    /// The failure rate (f64 bits) and added latency (µs) in force.
+    failure_rate: std::sync::atomic::AtomicU64,
+    latency_us: std::sync::atomic::AtomicU64,
     client: Client<Connector, Empty<Bytes>>,
     grpc: tonic::service::Routes,
     /// Requests seen per `/flaky` key.
@@ -106,6 +112,8 @@ pub async fn run(
         flaky: Default::default(),
     }));
     let app = Arc::new(App {
+        failure_rate: std::sync::atomic::AtomicU64::new(cfg.failure_rate.to_bits()),
+        latency_us: std::sync::atomic::AtomicU64::new(cfg.latency.as_micros() as u64),
         cfg,
         client,
         grpc,
@@ -178,6 +186,24 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
             let v = serde_json::to_value(app.gates.counters(&gate(&key))).unwrap_or_default();
             return Ok(json(StatusCode::OK, &v));
         }
+        "/knobs" => {
+            use std::sync::atomic::Ordering::Relaxed;
+            let q = Some(query.as_str());
+            if let Some(f) = query_param(q, "failure_rate").and_then(|v| v.parse::<f64>().ok()) {
+                app.failure_rate.store(f.clamp(0.0, 1.0).to_bits(), Relaxed);
+                tracing::info!(failure_rate = f, "knob changed");
+            }
+            if let Some(ms) = query_param(q, "latency_ms").and_then(|v| v.parse::<f64>().ok()) {
+                app.latency_us
+                    .store((ms.clamp(0.0, 60_000.0) * 1000.0) as u64, Relaxed);
+                tracing::info!(latency_ms = ms, "knob changed");
+            }
+            let v = serde_json::json!({
+                "failure_rate": f64::from_bits(app.failure_rate.load(Relaxed)),
+                "latency_ms": app.latency_us.load(Relaxed) as f64 / 1000.0,
+            });
+            return Ok(json(StatusCode::OK, &v));
+        }
         _ => {}
     }
     // Every request is counted under the empty key, and under its own;
@@ -236,8 +262,9 @@ async fn serve(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, 
         };
         return Ok(resp);
     }
-    if !app.cfg.latency.is_zero() {
-        tokio::time::sleep(app.cfg.latency).await;
+    let latency = app.latency_us.load(std::sync::atomic::Ordering::Relaxed);
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_micros(latency)).await;
     }
     let me = serde_json::json!({
         "service": app.cfg.service,
@@ -310,7 +337,9 @@ async fn serve(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, 
         }
         "/flaky" => flaky(&app, req).await,
         _ => {
-            if app.cfg.failure_rate > 0.0 && fastrand::f64() < app.cfg.failure_rate {
+            let failure_rate =
+                f64::from_bits(app.failure_rate.load(std::sync::atomic::Ordering::Relaxed));
+            if failure_rate > 0.0 && fastrand::f64() < failure_rate {
                 let mut v = me.clone();
                 v["error"] = "injected failure".into();
                 return Ok(json(StatusCode::INTERNAL_SERVER_ERROR, &v));

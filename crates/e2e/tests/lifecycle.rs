@@ -133,7 +133,7 @@ fn help_explains_every_command() {
         commands(&top),
         [
             "up", "control", "token", "ca", "proxy", "validate", "authz", "stat", "status",
-            "demo-app"
+            "rollout", "demo-app"
         ],
         "{top}"
     );
@@ -346,8 +346,46 @@ fn tandem_up_runs_the_demo_and_cleans_up() {
         "{}",
         String::from_utf8_lossy(&table.stdout)
     );
+    // The demo rolls catalog-v2 out, step by step, to the end.
+    let rollout = wait_for(
+        "the demo's rollout to succeed",
+        Duration::from_secs(120),
+        || {
+            let out = Command::new(bin())
+                .args([
+                    "rollout",
+                    "status",
+                    "catalog",
+                    "-o",
+                    "json",
+                    "--api",
+                    &api.to_string(),
+                    "--data",
+                    &data,
+                ])
+                .output()
+                .ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            (v["state"]["phase"] == "succeeded").then_some(v)
+        },
+    );
+    let steps: Vec<&str> = rollout["state"]["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .filter_map(|d| d["action"].as_str())
+        .collect();
+    assert_eq!(
+        steps,
+        ["start", "promote", "promote", "promote", "succeed"],
+        "{rollout}"
+    );
     let shown = std::fs::read_to_string(&up_out).unwrap_or_default();
     assert!(shown.contains("state directory"), "{shown}");
+    assert!(
+        shown.contains("rollout default/catalog: catalog: "),
+        "{shown}"
+    );
     // The hint names the state directory's credential.
     assert!(
         shown.contains(&format!("tandem stat --api {api} --data {data}")),
