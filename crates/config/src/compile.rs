@@ -157,7 +157,7 @@ fn weighted<S>(
 /// A rule whose backends are exactly a rollout's stable and canary
 /// Services (in the destination's namespace) gets the rollout's weights,
 /// in thousandths, shared among the refs to each.
-fn apply_split(
+fn split_weights(
     weighted: &mut [WeightedBackend],
     backends: &[Backend],
     ns: &str,
@@ -297,7 +297,7 @@ fn destination(
         for (rule_idx, spanned_rule) in r.spec.rules.iter().enumerate() {
             let rule = &spanned_rule.value;
             let mut weighted = weighted(set, r, &rule.backend_refs, &mut backends, endpoints);
-            apply_split(&mut weighted, &backends, &svc.namespace, split);
+            split_weights(&mut weighted, &backends, &svc.namespace, split);
             let filters = crate::filters::rule_filters(
                 set,
                 r,
@@ -328,13 +328,8 @@ fn destination(
         for (rule_idx, spanned_rule) in r.spec.rules.iter().enumerate() {
             let rule = &spanned_rule.value;
             let mut weighted = weighted(set, r, &rule.backend_refs, &mut backends, endpoints);
-            apply_split(&mut weighted, &backends, &svc.namespace, split);
-            let parts = crate::filters::RuleParts {
-                filters: &rule.filters,
-                matches: None,
-                first_backend: None,
-                pos: r.at(spanned_rule),
-            };
+            split_weights(&mut weighted, &backends, &svc.namespace, split);
+            let parts = crate::filters::RuleParts::grpc(r, spanned_rule);
             let filters = crate::filters::filters_of(
                 set,
                 r,

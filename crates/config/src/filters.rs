@@ -49,6 +49,18 @@ pub(crate) struct RuleParts<'a> {
 }
 
 impl<'a> RuleParts<'a> {
+    pub(crate) fn grpc(
+        r: &Loaded<crate::model::GrpcRouteSpec>,
+        rule: &'a Spanned<crate::model::GrpcRuleSpec>,
+    ) -> Self {
+        RuleParts {
+            filters: &rule.value.filters,
+            matches: None,
+            first_backend: rule.value.backend_refs.first().map(|b| &b.name),
+            pos: r.at(rule),
+        }
+    }
+
     pub(crate) fn http(r: &Route, rule: &'a Spanned<RouteRuleSpec>) -> Self {
         RuleParts {
             filters: &rule.value.filters,

@@ -267,12 +267,7 @@ fn validate_grpc_route(
     check_parents(set, r, &r.spec.parent_refs, true, diags);
     for rule in &r.spec.rules {
         let rule_pos = r.at(rule);
-        let parts = crate::filters::RuleParts {
-            filters: &rule.value.filters,
-            matches: None,
-            first_backend: rule.value.backend_refs.first().map(|b| &b.name),
-            pos: rule_pos.clone(),
-        };
+        let parts = crate::filters::RuleParts::grpc(r, rule);
         crate::filters::filters_of(set, r, &parts, &mut |_| 0, diags);
         let rule = &rule.value;
         check_backends(set, r, &rule_pos, &rule.backend_refs, false, diags);

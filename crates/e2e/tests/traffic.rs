@@ -579,3 +579,45 @@ spec:
         assert!((lo..=hi).contains(&(v2 as f64)), "{v2} of {n} to v2");
     });
 }
+
+#[test]
+fn the_most_specific_http_match_wins() {
+    let route = format!(
+        "{ROUTE_HEAD}{}",
+        r#"    - matches: [{path: {type: PathPrefix, value: /x}}]
+      backendRefs: [{name: shop, port: 8080}]
+    - matches: [{path: {type: Exact, value: /x/exact}}]
+      backendRefs: [{name: shadow, port: 8080}]
+    - matches: [{path: {type: PathPrefix, value: /x}, method: DELETE}]
+      backendRefs: [{name: shadow, port: 8080}]
+    - matches: [{queryParams: [{name: v, value: "2"}]}, {headers: [{name: x-to, value: shadow}]}]
+      backendRefs: [{name: shadow, port: 8080}]
+    - backendRefs: [{name: shop, port: 8080}]
+"#
+    );
+    let mesh = Mesh::start(&config(&route));
+    let _shop = mesh.instance("shop", "shop-1", &[], &[]);
+    let _shadow = mesh.instance("shadow", "shadow-1", &[], &[]);
+    let client = mesh.instance("client", "client-1", &[], &[]);
+    let mut c = KeepAlive::connect(client.http_proxy).expect("connect");
+    for (method, path, headers, want) in [
+        // An exact path beats a longer-written prefix rule listed first.
+        ("GET", "/x/exact", &[][..], "shadow"),
+        ("GET", "/x/exactly", &[][..], "shop"),
+        // A method match beats the same prefix without one.
+        ("DELETE", "/x/y", &[][..], "shadow"),
+        ("GET", "/x/y", &[][..], "shop"),
+        // Either of a rule's matches: a query parameter, or a header.
+        ("GET", "/other?a=1&v=2", &[][..], "shadow"),
+        ("GET", "/other?v=3", &[][..], "shop"),
+        ("GET", "/other", &[("x-to", "shadow")][..], "shadow"),
+        // The prefix rule outranks the query rule for its paths.
+        ("GET", "/x/y?v=2", &[][..], "shop"),
+    ] {
+        let r = c
+            .send(method, "shop:8080", path, headers, b"")
+            .expect("answer");
+        assert_eq!(r.status, 200, "{method} {path}: {r:?}");
+        assert_eq!(json(&r.body)["service"], want, "{method} {path}");
+    }
+}
