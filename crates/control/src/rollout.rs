@@ -15,7 +15,9 @@
 //!
 //! Every decision is recorded with its numbers. The state lives in the
 //! store (`rollouts/<namespace>/<name>`), so a restarted control plane goes
-//! on where it was; a changed spec starts the rollout over. People can
+//! on where it was; a changed spec starts the rollout over, and a rollout
+//! removed from the config is forgotten (its rules get their own weights
+//! back). People can
 //! pause, resume, abort or promote a rollout through the API. The rules
 //! ([`decide`]) are pure; [`Rollouts`] runs them once a second.
 
@@ -396,6 +398,18 @@ impl Rollouts {
         }
         *self.known.lock() = known;
         self.mesh.set_splits(splits);
+        // A rollout gone from the config is forgotten: the same spec added
+        // again later is a new rollout, not the end of the old one.
+        let keep: Vec<String> = plans
+            .iter()
+            .map(|p| format!("rollouts/{}/{}", p.namespace, p.name))
+            .collect();
+        for key in self.kv.list("rollouts").await? {
+            if !keep.contains(&key) {
+                self.kv.delete(&key).await?;
+                tracing::info!(%key, "rollout no longer in the config; its state is removed");
+            }
+        }
         Ok(())
     }
 

@@ -152,6 +152,20 @@ fn a_healthy_canary_goes_through_every_step_across_a_restart() {
         ),
         "{text}"
     );
+
+    // Without the Rollout the route's own weights (all v1) are back, and
+    // its state is forgotten.
+    let stored = mesh.data_dir().join("rollouts/default/catalog");
+    assert!(stored.exists());
+    mesh.write_config("mesh.yaml", &common::config_with_split(100, 0));
+    wait_for("every request on v1 again", Duration::from_secs(20), || {
+        (v2_share(&client, 20) == 0).then_some(())
+    });
+    wait_for(
+        "the rollout's state removed",
+        Duration::from_secs(10),
+        || (!stored.exists()).then_some(()),
+    );
 }
 
 #[test]
