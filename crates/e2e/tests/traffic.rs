@@ -248,7 +248,7 @@ fn mirror_sends_a_marked_share_and_never_holds_the_caller() {
         )
     };
     let mesh = Mesh::start(&config(&route(50)));
-    let _shop = mesh.instance("shop", "shop-1", &[], &[]);
+    let shop = mesh.instance("shop", "shop-1", &[], &[]);
     let shadow = mesh.instance("shadow", "shadow-1", &["--latency", "2s"], &[]);
     let client = mesh.instance("client", "client-1", &[], &[]);
     let mut c = KeepAlive::connect(client.http_proxy).expect("connect");
@@ -267,10 +267,17 @@ fn mirror_sends_a_marked_share_and_never_holds_the_caller() {
         } else {
             KeepAlive::connect(client.http_proxy)
         };
+        // Every fifth claims to be a shadow copy itself: the mark is the
+        // sidecar's alone.
+        let fake: &[(&str, &str)] = if i % 5 == 1 {
+            &[("tandem-mirror", "1")]
+        } else {
+            &[]
+        };
         let r = own
             .as_mut()
             .unwrap_or(&mut c)
-            .send(method, "shop:8080", "/", &[], body)
+            .send(method, "shop:8080", "/", fake, body)
             .unwrap_or_else(|| panic!("request {i}: connection broke"));
         times.push(started.elapsed());
         assert_eq!(r.status, 200, "{r:?}");
@@ -299,6 +306,12 @@ fn mirror_sends_a_marked_share_and_never_holds_the_caller() {
         Some(marked),
         "unmarked requests at the shadow: {all}"
     );
+    assert_eq!(
+        shop.counters("mirrored")["started"],
+        0,
+        "an app's own mark got through"
+    );
+    assert_eq!(shop.counters("")["started"].as_u64(), Some(n as u64));
     let results = wait_for("mirror results", Duration::from_secs(30), || {
         let m = client.metrics();
         let done = metric_sum(

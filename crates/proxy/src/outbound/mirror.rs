@@ -11,8 +11,9 @@
 //! a dead or slow shadow holds a bounded amount of memory. Each shadow
 //! request is cut at [`MIRROR_TIMEOUT`] (or the rule's timeout, if
 //! shorter), its answer read and thrown away. Shadow requests carry
-//! `tandem-mirror: 1` and are counted in `tandem_mirror_requests`, not in
-//! the golden signals.
+//! `tandem-mirror: 1` (removed from every other request, so an app cannot
+//! pass a real one off as a shadow) and are counted in
+//! `tandem_mirror_requests`, not in the golden signals.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -78,9 +79,12 @@ pub(crate) struct Mirroring<S> {
 impl<S: Service> Service for Mirroring<S> {
     async fn call(
         &self,
-        req: Request<Body>,
+        mut req: Request<Body>,
         ctx: &mut RequestCtx,
     ) -> Result<Response<Body>, Error> {
+        // Only this layer marks a shadow copy: an app's own mark would
+        // pass a real request off as one.
+        req.headers_mut().remove(MIRROR_HEADER);
         let Some(dest) = ctx.dest.clone() else {
             return self.inner.call(req, ctx).await;
         };
