@@ -519,14 +519,22 @@ fn main() -> ExitCode {
         Command::Authz(cmd) => return authz::run(cmd),
         Command::Validate { dir } => match tandem_config::load_dir(&dir) {
             Ok(set) => {
-                println!(
-                    "{}: ok ({} services, {} HTTP routes, {} traffic policies, {} authorization policies)",
-                    dir.display(),
-                    set.services.len(),
-                    set.http_routes.len(),
-                    set.traffic_policies.len(),
-                    set.authorization_policies.len()
-                );
+                let mut counts = vec![
+                    format!("{} services", set.services.len()),
+                    format!("{} HTTP routes", set.http_routes.len()),
+                ];
+                for (n, what) in [
+                    (set.grpc_routes.len(), "gRPC routes"),
+                    (set.traffic_policies.len(), "traffic policies"),
+                    (set.authorization_policies.len(), "authorization policies"),
+                    (set.fault_injections.len(), "fault injections"),
+                    (set.rollouts.len(), "rollouts"),
+                ] {
+                    if n > 0 {
+                        counts.push(format!("{n} {what}"));
+                    }
+                }
+                println!("{}: ok ({})", dir.display(), counts.join(", "));
                 return ExitCode::SUCCESS;
             }
             Err(diags) => {
