@@ -116,6 +116,32 @@ fn http1_through_proxy_port_and_upstream_port() {
     assert_eq!(http_get(client.admin, "a", "/live").map(|r| r.0), Some(200));
 }
 
+/// An app that answers a POST without reading its body (as many do for a
+/// small one) costs the caller neither its keep-alive connection nor the
+/// next request on it: both sidecars read the rest of the body.
+#[test]
+fn a_body_the_app_never_reads_keeps_the_connection() {
+    let mesh = Mesh::start(&common::config());
+    let web = mesh.instance("web", "web-1", &[], &[]);
+    let client = mesh.instance_with_upstreams("client", "client-1", &[], &[], &["web"]);
+    for addr in [client.http_proxy, client.upstream("web")] {
+        let mut c = KeepAlive::connect(addr).expect("connect");
+        for i in 0..200 {
+            // `/` answers at once; head and body go in separate writes, so
+            // the body is still on its way when the answer comes.
+            let r = c
+                .send("POST", "web", "/?key=unread", &[], b"{\"order\":1}")
+                .unwrap_or_else(|| panic!("request {i} via {addr}: the connection broke"));
+            assert_eq!(r.status, 200, "{r:?}");
+            let r = c
+                .send("GET", "web", "/?key=unread", &[], b"")
+                .unwrap_or_else(|| panic!("GET after POST {i} via {addr}: the connection broke"));
+            assert_eq!(r.status, 200, "{r:?}");
+        }
+    }
+    assert_eq!(web.counters("unread")["completed"], 800);
+}
+
 #[test]
 fn mesh_errors_are_clear_and_marked() {
     let app = free_port();

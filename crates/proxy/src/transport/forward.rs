@@ -260,6 +260,14 @@ async fn forward(
     };
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    // An HTTP/1.1 caller's connection can carry its next request only once
+    // this one's body was read to the end, even if the hop stops early.
+    let body = match body {
+        Body::Stream(b) if parts.version == Version::HTTP_11 && !upgrade => {
+            Body::Drained(crate::body::Drained::new(b))
+        }
+        b => b,
+    };
     let pq = parts
         .uri
         .path_and_query()
