@@ -47,6 +47,14 @@ pub struct Stats {
     history: Mutex<HashMap<ProxyKey, VecDeque<Sample>>>,
 }
 
+/// The samples a figure is made from: those of the last `window`, or
+/// those taken at or after an instant.
+#[derive(Clone, Copy)]
+enum Span {
+    Last(Duration),
+    Since(Instant),
+}
+
 /// A destination's golden signals over a window (a rollout's canary).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Signals {
@@ -94,10 +102,9 @@ impl Stats {
         h.retain(|k, _| keep.contains(k));
     }
 
-    /// Each pair's counter differences over the last `window` (or, with
-    /// `since`, from the first sample taken at or after it), summed over
-    /// every proxy, with its request rate.
-    fn sums(&self, window: Duration, since: Option<Instant>) -> HashMap<Pair, (PairCounters, f64)> {
+    /// Each pair's counter differences over `span`, summed over every
+    /// proxy, with its request rate.
+    fn sums(&self, span: Span) -> HashMap<Pair, (PairCounters, f64)> {
         let h = self.history.lock();
         let mut sums: HashMap<Pair, (PairCounters, f64)> = HashMap::new();
         let now = Instant::now();
@@ -105,18 +112,18 @@ impl Stats {
             let Some(last) = samples.back() else { continue };
             // A proxy whose scrapes stopped answering has nothing to say
             // about this window.
-            let stale = match since {
-                Some(t) => last.at < t,
-                None => now.saturating_duration_since(last.at) > window,
+            let stale = match span {
+                Span::Since(t) => last.at < t,
+                Span::Last(window) => now.saturating_duration_since(last.at) > window,
             };
             if stale {
                 continue;
             }
             let base = samples
                 .iter()
-                .find(|s| match since {
-                    Some(t) => s.at >= t,
-                    None => last.at.saturating_duration_since(s.at) <= window,
+                .find(|s| match span {
+                    Span::Since(t) => s.at >= t,
+                    Span::Last(window) => last.at.saturating_duration_since(s.at) <= window,
                 })
                 .unwrap_or(last);
             let dt = last.at.saturating_duration_since(base.at).as_secs_f64();
@@ -142,7 +149,7 @@ impl Stats {
     /// caller (nothing from before `since` counts).
     pub fn destination(&self, destination: &str, since: Instant) -> Signals {
         let mut c = PairCounters::default();
-        for ((_, dst), (d, _)) in self.sums(HISTORY, Some(since)) {
+        for ((_, dst), (d, _)) in self.sums(Span::Since(since)) {
             if dst == destination {
                 add(&mut c, &d);
             }
@@ -160,7 +167,7 @@ impl Stats {
 
     /// Aggregates the last `window` over every proxy.
     pub fn query(&self, window: Duration) -> Vec<PairStat> {
-        let sums = self.sums(window, None);
+        let sums = self.sums(Span::Last(window));
         let mut out: Vec<PairStat> = sums
             .into_iter()
             // Tries seen only by a destination (a caller without a sidecar,

@@ -273,9 +273,12 @@ fn mirror_sends_a_marked_share_and_never_holds_the_caller() {
         times.push(started.elapsed());
         assert_eq!(r.status, 200, "{r:?}");
         assert_eq!(json(&r.body)["service"], "shop");
-        // Paced so that the shadow's 2 s never fill the sidecar's 64
-        // places for shadow requests (about 40 are in progress at once).
-        std::thread::sleep(Duration::from_millis(25));
+        // The next request waits until the shadow holds at most 32 copies
+        // (each for 2 s), so the sidecar's 64 places for shadow requests
+        // never fill.
+        wait_for("room for shadow copies", Duration::from_secs(20), || {
+            (shadow.counters("mirrored")["in_flight"].as_u64()? <= 32).then_some(())
+        });
     }
     times.sort();
     let p99 = times[n * 99 / 100];
