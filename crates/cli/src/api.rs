@@ -132,7 +132,7 @@ pub use tandem_control::stats::PairStat as StatRow;
 
 pub fn stat_table(rows: &[StatRow]) -> String {
     let mut out = format!(
-        "{:<14} {:<14} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+        "{:<14} {:<14} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>13}\n",
         "SOURCE",
         "DESTINATION",
         "RPS",
@@ -142,7 +142,8 @@ pub fn stat_table(rows: &[StatRow]) -> String {
         "P99(ms)",
         "REQUESTS",
         "RETRIES",
-        "RAW"
+        "RAW",
+        "PROXY P99(ms)"
     );
     if rows.is_empty() {
         out.push_str("(no traffic in this window)\n");
@@ -152,8 +153,12 @@ pub fn stat_table(rows: &[StatRow]) -> String {
             Some(x) => format!("{:.2}%", x * 100.0),
             None => "-".to_string(),
         };
+        // The time the two sidecars took themselves: the caller's, then
+        // the destination's.
+        let side = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.2}"));
+        let proxy = format!("{}+{}", side(r.proxy_p99_ms), side(r.dst_proxy_p99_ms));
         out.push_str(&format!(
-            "{:<14} {:<14} {:>9.1} {:>8.2}% {:>9.2} {:>9.2} {:>9.2} {:>9} {:>9} {:>9}\n",
+            "{:<14} {:<14} {:>9.1} {:>8.2}% {:>9.2} {:>9.2} {:>9.2} {:>9} {:>9} {:>9} {:>13}\n",
             r.source,
             r.destination,
             r.rps,
@@ -163,7 +168,8 @@ pub fn stat_table(rows: &[StatRow]) -> String {
             r.p99_ms,
             r.requests,
             r.retries,
-            raw
+            raw,
+            proxy
         ));
     }
     out

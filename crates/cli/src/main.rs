@@ -58,9 +58,10 @@ enum Command {
         /// How long a disconnected proxy stays an endpoint.
         #[arg(long, default_value = "2s", value_parser = parse_duration)]
         grace: Duration,
-        /// How often proxies' metrics are collected for `tandem stat`.
-        #[arg(long, default_value = "1s", value_parser = parse_duration)]
-        scrape_interval: Duration,
+        /// How often proxies report their traffic over the control stream
+        /// (`tandem stat`, rollouts); at least 100ms.
+        #[arg(long, default_value = "1s", value_parser = parse_duration, alias = "scrape-interval")]
+        report_interval: Duration,
         /// After a restart, how long proxies that already run a config keep
         /// it while they reconnect, before snapshots are recomputed for them.
         #[arg(long, default_value = "6s", value_parser = parse_duration)]
@@ -435,7 +436,7 @@ fn main() -> ExitCode {
             api,
             api_host,
             grace,
-            scrape_interval,
+            report_interval,
             warmup,
             trust_domain,
             cert_lifetime,
@@ -451,7 +452,7 @@ fn main() -> ExitCode {
                 listen,
                 api,
                 grace,
-                scrape_interval,
+                report_interval,
                 warmup,
                 trust_domain,
                 cert_lifetime,

@@ -10,11 +10,14 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::Stream;
 use rustls_pki_types::CertificateDer;
 use tandem_api::v1::discovery_server::Discovery;
-use tandem_api::v1::{control_message, proxy_message, ControlMessage, Hello, ProxyMessage};
+use tandem_api::v1::{
+    control_message, proxy_message, ControlMessage, Hello, ProxyMessage, ReportEvery,
+};
 use tandem_identity::spiffe::{valid_label, SYSTEM_NAMESPACE};
 use tandem_identity::SpiffeId;
 use tokio::sync::{oneshot, watch};
@@ -23,6 +26,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::identity::Ca;
 use crate::mesh::{Mesh, StreamEnds};
+use crate::stats::Stats;
 
 /// Most destinations one proxy may ask for (its Hello's interest and its
 /// subscriptions together).
@@ -61,6 +65,9 @@ pub fn peer_of<T>(request: &Request<T>) -> Option<Peer> {
 pub struct DiscoveryService {
     pub mesh: Arc<Mesh>,
     pub ca: Arc<Ca>,
+    /// Where the proxies' traffic reports go, and how often they come.
+    pub stats: Arc<Stats>,
+    pub report_interval: Duration,
 }
 
 /// The fields of a Hello, each within its bounds. Conflicts with other
@@ -162,6 +169,7 @@ impl Discovery for DiscoveryService {
                 },
             )
             .await?;
+        let stats = self.stats.clone();
         tokio::spawn(async move {
             while let Ok(Some(m)) = inbound.message().await {
                 match m.kind {
@@ -175,6 +183,11 @@ impl Discovery for DiscoveryService {
                         }
                     }
                     Some(proxy_message::Kind::Leave(_)) => mesh.leave(&key, conn).await,
+                    Some(proxy_message::Kind::Report(r)) => {
+                        if let Err(why) = stats.report(&key, r) {
+                            tracing::warn!(proxy = %key.2, %why, "traffic report refused");
+                        }
+                    }
                     Some(proxy_message::Kind::Hello(_)) | None => {}
                 }
             }
@@ -192,6 +205,13 @@ impl Discovery for DiscoveryService {
         let ended = futures_util::StreamExt::filter_map(futures_util::stream::once(end_rx), |r| {
             std::future::ready(r.ok().map(Err))
         });
+        // First, how often to report the traffic.
+        let report_every = futures_util::stream::once(std::future::ready(Ok(ControlMessage {
+            kind: Some(control_message::Kind::ReportEvery(ReportEvery {
+                interval_ms: u32::try_from(self.report_interval.as_millis()).unwrap_or(u32::MAX),
+            })),
+        })));
+        let snapshots = futures_util::StreamExt::chain(report_every, snapshots);
         let both = futures_util::stream::select(snapshots, ended);
         // Nothing after the end.
         let mut over = false;

@@ -44,8 +44,8 @@ pub struct ControlConfig {
     pub api: SocketAddr,
     /// How long a disconnected proxy stays an endpoint.
     pub grace: Duration,
-    /// How often proxies' metrics are collected.
-    pub scrape_interval: Duration,
+    /// How often proxies report their traffic (`tandem stat`, rollouts).
+    pub report_interval: Duration,
     /// After a start, how long proxies that already run a config keep it
     /// while the registry fills again (longer than the proxies' longest
     /// reconnect backoff).
@@ -137,11 +137,6 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
     tracing::info!(grpc = %cfg.listen, api = %cfg.api, credential = %cfg.data_dir.join(api::ADMIN_CREDENTIAL).display(), "control plane listening");
 
     tokio::spawn(config::follow(source, mesh.clone()));
-    tokio::spawn(stats::collect(
-        mesh.clone(),
-        stats.clone(),
-        cfg.scrape_interval,
-    ));
     tokio::spawn({
         let mesh = mesh.clone();
         let warmup = cfg.warmup;
@@ -157,6 +152,7 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
         tracing::warn!(error = %e, "rollouts: cannot read their state yet");
     }
     tokio::spawn(rollouts.clone().run(rollout::TICK));
+    let stats_for_streams = stats.clone();
     let api = Arc::new(api::Api {
         mesh: mesh.clone(),
         stats,
@@ -194,6 +190,8 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
             .add_service(DiscoveryServer::new(discovery::DiscoveryService {
                 mesh: mesh.clone(),
                 ca: ca.clone(),
+                stats: stats_for_streams,
+                report_interval: cfg.report_interval,
             }))
             .add_service(IdentityServer::new(identity::IdentityService { ca, mesh }))
             .serve_with_incoming_shutdown(incoming, async {

@@ -750,16 +750,6 @@ impl Mesh {
             .map(|((ns, svc, inst), _)| format!("{ns}/{svc}/{inst}"))
             .collect()
     }
-
-    /// Admin addresses of connected proxies, for stats collection.
-    pub fn admin_targets(&self) -> Vec<(ProxyKey, String)> {
-        let st = self.state.lock();
-        st.sessions
-            .iter()
-            .filter(|(_, s)| s.tx.is_some() && !s.hello.admin_addr.is_empty())
-            .map(|(k, s)| (k.clone(), s.hello.admin_addr.clone()))
-            .collect()
-    }
 }
 
 /// Whether `body` is not what the session was last sent.

@@ -1,20 +1,18 @@
-//! Golden signals per (source, destination) pair: the control plane scrapes
-//! every connected proxy's `/metrics` each interval, keeps a short history
-//! of the outbound counters, and answers `tandem stat` from the differences
-//! over a window.
+//! Golden signals per (source, destination) pair: every connected proxy
+//! reports its cumulative traffic counters over its control stream each
+//! interval ([`Stats::report`]); the control plane keeps a short history
+//! of them per proxy and answers `tandem stat` (and judges rollouts) from
+//! the differences over a window.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
+use tandem_api::v1::Report;
 use tandem_runtime::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::mesh::{Mesh, ProxyKey};
+use crate::mesh::ProxyKey;
 
 const HISTORY: Duration = Duration::from_secs(300);
 
@@ -32,6 +30,10 @@ pub struct PairCounters {
     /// Retries the caller's sidecar sent (counted under the destination the
     /// caller addressed).
     pub retries: f64,
+    /// The time the caller's sidecar spent on the requests itself, and the
+    /// destination's sidecar on the tries (cumulative buckets).
+    pub proxy: Vec<(f64, f64)>,
+    pub dst_proxy: Vec<(f64, f64)>,
 }
 
 pub type Pair = (String, String);
@@ -82,9 +84,28 @@ pub struct PairStat {
     /// Retries the caller's sidecar sent in the window.
     #[serde(default)]
     pub retries: u64,
+    /// The time the caller's sidecar spent on a request itself (not
+    /// waiting on the network, the destination or a backoff).
+    #[serde(default)]
+    pub proxy_p50_ms: Option<f64>,
+    #[serde(default)]
+    pub proxy_p99_ms: Option<f64>,
+    /// The same, in the destination's sidecar (each try).
+    #[serde(default)]
+    pub dst_proxy_p50_ms: Option<f64>,
+    #[serde(default)]
+    pub dst_proxy_p99_ms: Option<f64>,
 }
 
 impl Stats {
+    /// A proxy's report, received now. Only the proxy's own traffic
+    /// counts: outbound pairs from its service, inbound pairs to it.
+    pub fn report(&self, key: &ProxyKey, report: Report) -> Result<(), String> {
+        let pairs = from_report(&key.1, report)?;
+        self.record(key.clone(), pairs, Instant::now());
+        Ok(())
+    }
+
     fn record(&self, key: ProxyKey, pairs: HashMap<Pair, PairCounters>, at: Instant) {
         let mut h = self.history.lock();
         let q = h.entry(key).or_default();
@@ -95,11 +116,11 @@ impl Stats {
         {
             q.pop_front();
         }
-    }
-
-    fn forget_except(&self, keep: &[ProxyKey]) {
-        let mut h = self.history.lock();
-        h.retain(|k, _| keep.contains(k));
+        // Proxies gone for longer than the history are forgotten.
+        h.retain(|_, q| {
+            q.back()
+                .is_some_and(|s| at.saturating_duration_since(s.at) <= HISTORY)
+        });
     }
 
     /// Each pair's counter differences over `span`, summed over every
@@ -110,8 +131,8 @@ impl Stats {
         let now = Instant::now();
         for samples in h.values() {
             let Some(last) = samples.back() else { continue };
-            // A proxy whose scrapes stopped answering has nothing to say
-            // about this window.
+            // A proxy whose reports stopped has nothing to say about this
+            // window.
             let stale = match span {
                 Span::Since(t) => last.at < t,
                 Span::Last(window) => now.saturating_duration_since(last.at) > window,
@@ -191,11 +212,24 @@ impl Stats {
                 requests: c.requests.round() as u64,
                 raw_success_rate: (c.tries > 0.0).then(|| round(1.0 - c.try_failures / c.tries, 4)),
                 retries: c.retries.round() as u64,
+                proxy_p50_ms: ms_quantile(&c.proxy, 0.50),
+                proxy_p99_ms: ms_quantile(&c.proxy, 0.99),
+                dst_proxy_p50_ms: ms_quantile(&c.dst_proxy, 0.50),
+                dst_proxy_p99_ms: ms_quantile(&c.dst_proxy, 0.99),
             })
             .collect();
         out.sort_by(|a, b| (&a.source, &a.destination).cmp(&(&b.source, &b.destination)));
         out
     }
+}
+
+/// A quantile in milliseconds, with a microsecond's resolution; `None`
+/// without observations.
+fn ms_quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
+    buckets
+        .last()
+        .is_some_and(|(_, n)| *n > 0.0)
+        .then(|| round(quantile(buckets, q) * 1000.0, 3))
 }
 
 fn round(x: f64, digits: i32) -> f64 {
@@ -210,27 +244,29 @@ fn delta(now: &PairCounters, base: Option<&PairCounters>) -> PairCounters {
     if now.requests < base.requests || now.tries < base.tries || now.retries < base.retries {
         return now.clone();
     }
-    let buckets = now
-        .buckets
-        .iter()
+    PairCounters {
+        requests: now.requests - base.requests,
+        failures: (now.failures - base.failures).max(0.0),
+        buckets: bucket_delta(&now.buckets, &base.buckets),
+        tries: now.tries - base.tries,
+        try_failures: (now.try_failures - base.try_failures).max(0.0),
+        retries: now.retries - base.retries,
+        proxy: bucket_delta(&now.proxy, &base.proxy),
+        dst_proxy: bucket_delta(&now.dst_proxy, &base.dst_proxy),
+    }
+}
+
+fn bucket_delta(now: &[(f64, f64)], base: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    now.iter()
         .map(|(le, c)| {
             let b = base
-                .buckets
                 .iter()
                 .find(|(l, _)| l == le)
                 .map(|(_, c)| *c)
                 .unwrap_or(0.0);
             (*le, (c - b).max(0.0))
         })
-        .collect();
-    PairCounters {
-        requests: now.requests - base.requests,
-        failures: (now.failures - base.failures).max(0.0),
-        buckets,
-        tries: now.tries - base.tries,
-        try_failures: (now.try_failures - base.try_failures).max(0.0),
-        retries: now.retries - base.retries,
-    }
+        .collect()
 }
 
 fn add(acc: &mut PairCounters, d: &PairCounters) {
@@ -239,13 +275,19 @@ fn add(acc: &mut PairCounters, d: &PairCounters) {
     acc.tries += d.tries;
     acc.try_failures += d.try_failures;
     acc.retries += d.retries;
-    for (le, c) in &d.buckets {
-        match acc.buckets.iter_mut().find(|(l, _)| l == le) {
+    add_buckets(&mut acc.buckets, &d.buckets);
+    add_buckets(&mut acc.proxy, &d.proxy);
+    add_buckets(&mut acc.dst_proxy, &d.dst_proxy);
+}
+
+fn add_buckets(acc: &mut Vec<(f64, f64)>, d: &[(f64, f64)]) {
+    for (le, c) in d {
+        match acc.iter_mut().find(|(l, _)| l == le) {
             Some(b) => b.1 += c,
-            None => acc.buckets.push((*le, *c)),
+            None => acc.push((*le, *c)),
         }
     }
-    acc.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    acc.sort_by(|a, b| a.0.total_cmp(&b.0));
 }
 
 /// Quantile from cumulative histogram buckets, interpolating linearly
@@ -277,201 +319,147 @@ pub fn quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
     prev_le
 }
 
-/// Parses the outbound request metrics out of a proxy's Prometheus text.
-pub fn parse_metrics(text: &str) -> HashMap<Pair, PairCounters> {
+/// Most service pairs one report may carry, and most buckets a histogram
+/// may have: a report beyond them is refused whole.
+pub const MAX_REPORT_PAIRS: usize = 4096;
+const MAX_BUCKETS: usize = 64;
+
+/// A proxy's report as counters per pair, checked: bounds finite and
+/// ascending, one count per bucket, names that are service names, and
+/// only the reporting service's own traffic (outbound from `service`,
+/// inbound to it).
+fn from_report(service: &str, r: Report) -> Result<HashMap<Pair, PairCounters>, String> {
+    if r.pairs.len() > MAX_REPORT_PAIRS {
+        return Err(format!(
+            "{} service pairs; at most {MAX_REPORT_PAIRS}",
+            r.pairs.len()
+        ));
+    }
+    let bounds_ok = |b: &[f64]| {
+        b.len() <= MAX_BUCKETS
+            && b.iter().all(|x| x.is_finite())
+            && b.windows(2).all(|w| w[0] < w[1])
+    };
+    if !bounds_ok(&r.latency_bounds) || !bounds_ok(&r.proxy_bounds) {
+        return Err("histogram bounds must be finite and ascending".into());
+    }
+    let cumulative = |bounds: &[f64], counts: &[u64]| -> Result<Vec<(f64, f64)>, String> {
+        if counts.is_empty() {
+            return Ok(Vec::new());
+        }
+        if counts.len() != bounds.len() + 1 {
+            return Err(format!(
+                "{} bucket counts for {} bounds",
+                counts.len(),
+                bounds.len()
+            ));
+        }
+        let mut acc = 0.0;
+        Ok(bounds
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .zip(counts)
+            .map(|(le, c)| {
+                acc += *c as f64;
+                (le, acc)
+            })
+            .collect())
+    };
     let mut out: HashMap<Pair, PairCounters> = HashMap::new();
-    for line in text.lines() {
-        let (name, rest) = match line.find('{') {
-            Some(i) => (&line[..i], &line[i + 1..]),
-            None => continue,
-        };
-        let is_total = name == "tandem_requests_total";
-        let is_bucket = name == "tandem_request_duration_seconds_bucket";
-        let is_retries = name == "tandem_retries_total";
-        if !is_total && !is_bucket && !is_retries {
-            continue;
-        }
-        let Some(end) = rest.rfind('}') else { continue };
-        let labels = parse_labels(&rest[..end]);
-        let value: f64 = match rest[end + 1..]
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse().ok())
-        {
-            Some(v) => v,
-            None => continue,
-        };
-        let get = |k: &str| {
-            labels
+    for p in r.pairs {
+        let own = if p.inbound { &p.destination } else { &p.source };
+        // An inbound caller without a verified identity has an empty name.
+        let names_ok = own == service
+            && [&p.source, &p.destination]
                 .iter()
-                .find(|(n, _)| n == k)
-                .map(|(_, v)| v.as_str())
-                .unwrap_or("")
-        };
-        let pair = (
-            get("src_service").to_string(),
-            get("dst_service").to_string(),
-        );
-        if is_retries {
-            out.entry(pair).or_default().retries += value;
+                .all(|n| n.is_empty() || tandem_identity::spiffe::valid_label(n));
+        if !names_ok {
             continue;
         }
-        let failed = |labels_status: &str| {
-            labels_status.parse::<u16>().unwrap_or(0) >= 500 || !get("tandem_error").is_empty()
-        };
-        if get("direction") == "inbound" {
-            if is_total {
-                let c = out.entry(pair).or_default();
-                c.tries += value;
-                if failed(get("status_code")) {
-                    c.try_failures += value;
-                }
-            }
-            continue;
-        }
-        if get("direction") != "outbound" {
-            continue;
-        }
-        let c = out.entry(pair).or_default();
-        if is_total {
-            c.requests += value;
-            let status: u16 = get("status_code").parse().unwrap_or(0);
-            if status >= 500 || !get("tandem_error").is_empty() {
-                c.failures += value;
-            }
+        let latency = cumulative(&r.latency_bounds, &p.latency)?;
+        let proxy = cumulative(&r.proxy_bounds, &p.proxy_latency)?;
+        let c = out.entry((p.source, p.destination)).or_default();
+        if p.inbound {
+            c.tries += p.requests as f64;
+            c.try_failures += p.failures as f64;
+            add_buckets(&mut c.dst_proxy, &proxy);
         } else {
-            let le = match get("le") {
-                "+Inf" => f64::INFINITY,
-                v => match v.parse() {
-                    Ok(x) => x,
-                    Err(_) => continue,
-                },
-            };
-            match c.buckets.iter_mut().find(|(l, _)| *l == le) {
-                Some(b) => b.1 += value,
-                None => c.buckets.push((le, value)),
-            }
+            c.requests += p.requests as f64;
+            c.failures += p.failures as f64;
+            c.retries += p.retries as f64;
+            add_buckets(&mut c.buckets, &latency);
+            add_buckets(&mut c.proxy, &proxy);
         }
     }
-    for c in out.values_mut() {
-        c.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-    }
-    out
-}
-
-fn parse_labels(s: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut chars = s.chars().peekable();
-    loop {
-        let mut name = String::new();
-        while let Some(&c) = chars.peek() {
-            if c == '=' {
-                break;
-            }
-            chars.next();
-            if c != ',' && !c.is_whitespace() {
-                name.push(c);
-            }
-        }
-        if chars.next() != Some('=') || chars.next() != Some('"') {
-            break;
-        }
-        let mut value = String::new();
-        while let Some(c) = chars.next() {
-            match c {
-                '\\' => match chars.next() {
-                    Some('n') => value.push('\n'),
-                    Some(o) => value.push(o),
-                    None => {}
-                },
-                '"' => break,
-                o => value.push(o),
-            }
-        }
-        out.push((name, value));
-    }
-    out
-}
-
-/// Largest metrics page read from a proxy; a longer one is dropped (and
-/// its connection closed) instead of filling the control plane's memory.
-pub const MAX_STATS_BODY: usize = 8 << 20;
-
-/// Scrapes every connected proxy each `interval`.
-pub async fn collect(mesh: Arc<Mesh>, stats: Arc<Stats>, interval: Duration) {
-    let client: Client<_, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let targets = mesh.admin_targets();
-        let keys: Vec<ProxyKey> = targets.iter().map(|(k, _)| k.clone()).collect();
-        let scrapes = targets.into_iter().map(|(key, admin)| {
-            let client = client.clone();
-            async move {
-                let uri: hyper::Uri = format!("http://{admin}/metrics").parse().ok()?;
-                let fut = async {
-                    let resp = client.get(uri).await.ok()?;
-                    let body = http_body_util::Limited::new(resp.into_body(), MAX_STATS_BODY);
-                    let body = match body.collect().await {
-                        Ok(b) => b.to_bytes(),
-                        Err(e) => {
-                            tracing::warn!(proxy = %key.2, error = %e, "metrics page refused");
-                            return None;
-                        }
-                    };
-                    Some(String::from_utf8_lossy(&body).into_owned())
-                };
-                let text = tokio::time::timeout(Duration::from_secs(2), fut)
-                    .await
-                    .ok()??;
-                Some((key, parse_metrics(&text)))
-            }
-        });
-        let now = Instant::now();
-        for (key, pairs) in futures_util::future::join_all(scrapes)
-            .await
-            .into_iter()
-            .flatten()
-        {
-            stats.record(key, pairs, now);
-        }
-        stats.forget_except(&keys);
-    }
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const TEXT: &str = r#"# HELP tandem_requests HTTP requests
-# TYPE tandem_requests counter
-tandem_requests_total{direction="outbound",src_service="web",dst_service="catalog-v1",status_code="200",tandem_error=""} 90
-tandem_requests_total{direction="outbound",src_service="web",dst_service="catalog-v1",status_code="503",tandem_error=""} 10
-tandem_requests_total{direction="inbound",src_service="loadgen",dst_service="web",status_code="200",tandem_error=""} 100
-tandem_retries_total{src_service="web",dst_service="catalog-v1"} 7
-tandem_request_duration_seconds_bucket{le="0.001",direction="outbound",src_service="web",dst_service="catalog-v1",status_code="200",tandem_error=""} 50
-tandem_request_duration_seconds_bucket{le="0.002",direction="outbound",src_service="web",dst_service="catalog-v1",status_code="200",tandem_error=""} 90
-tandem_request_duration_seconds_bucket{le="+Inf",direction="outbound",src_service="web",dst_service="catalog-v1",status_code="200",tandem_error=""} 90
-tandem_request_duration_seconds_bucket{le="0.001",direction="outbound",src_service="web",dst_service="catalog-v1",status_code="503",tandem_error=""} 10
-tandem_request_duration_seconds_bucket{le="0.002",direction="outbound",src_service="web",dst_service="catalog-v1",status_code="503",tandem_error=""} 10
-tandem_request_duration_seconds_bucket{le="+Inf",direction="outbound",src_service="web",dst_service="catalog-v1",status_code="503",tandem_error=""} 10
-"#;
+    use tandem_api::v1::PairTraffic;
+
+    fn pair(inbound: bool, src: &str, dst: &str, requests: u64, failures: u64) -> PairTraffic {
+        PairTraffic {
+            inbound,
+            source: src.into(),
+            destination: dst.into(),
+            requests,
+            failures,
+            latency: vec![requests / 2, requests - requests / 2, 0],
+            proxy_latency: vec![requests, 0],
+            retries: 0,
+        }
+    }
+
+    fn report(pairs: Vec<PairTraffic>) -> Report {
+        Report {
+            latency_bounds: vec![0.001, 0.002],
+            proxy_bounds: vec![0.0001],
+            pairs,
+        }
+    }
 
     #[test]
-    fn parses_outbound_pairs() {
-        let m = parse_metrics(TEXT);
+    fn reports_become_pair_counters() {
+        let mut out = pair(false, "web", "catalog-v1", 100, 10);
+        out.retries = 7;
+        let m = from_report(
+            "web",
+            report(vec![
+                out,
+                pair(true, "loadgen", "web", 100, 0),
+                // Not this proxy's traffic: ignored.
+                pair(false, "orders", "payments", 5, 5),
+                pair(true, "web", "orders", 5, 5),
+                pair(false, "web", "Bad Name", 5, 5),
+            ]),
+        )
+        .expect("valid");
         assert_eq!(m.len(), 2);
         let c = &m[&("web".to_string(), "catalog-v1".to_string())];
-        assert_eq!(c.requests, 100.0);
-        assert_eq!(c.failures, 10.0);
-        assert_eq!(c.retries, 7.0);
-        let inbound = &m[&("loadgen".to_string(), "web".to_string())];
-        assert_eq!((inbound.requests, inbound.tries), (0.0, 100.0));
+        assert_eq!((c.requests, c.failures, c.retries), (100.0, 10.0, 7.0));
         assert_eq!(
             c.buckets,
-            vec![(0.001, 60.0), (0.002, 100.0), (f64::INFINITY, 100.0)]
+            vec![(0.001, 50.0), (0.002, 100.0), (f64::INFINITY, 100.0)]
         );
+        assert_eq!(c.proxy, vec![(0.0001, 100.0), (f64::INFINITY, 100.0)]);
+        let inbound = &m[&("loadgen".to_string(), "web".to_string())];
+        assert_eq!((inbound.requests, inbound.tries), (0.0, 100.0));
+        assert_eq!(inbound.dst_proxy.len(), 2);
+        // Malformed reports are refused whole.
+        let mut bad = report(vec![pair(false, "web", "x", 1, 0)]);
+        bad.latency_bounds = vec![0.002, 0.001];
+        assert!(from_report("web", bad).is_err());
+        let mut bad = report(vec![pair(false, "web", "x", 1, 0)]);
+        bad.pairs[0].latency.push(1);
+        assert!(from_report("web", bad).is_err());
+        let many = (0..=MAX_REPORT_PAIRS)
+            .map(|i| pair(false, "web", &format!("s{i}"), 1, 0))
+            .collect();
+        assert!(from_report("web", report(many)).is_err());
     }
 
     #[test]

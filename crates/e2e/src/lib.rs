@@ -470,7 +470,7 @@ impl Mesh {
             self.grpc.to_string(),
             "--api".into(),
             self.api.to_string(),
-            "--scrape-interval".into(),
+            "--report-interval".into(),
             "500ms".into(),
         ];
         let mut args = args;
@@ -754,12 +754,24 @@ impl Instance {
         self.proxy.as_mut().unwrap()
     }
 
-    /// The sidecar's `/metrics` text, whole (it must answer 200 and end
-    /// with the OpenMetrics `# EOF` line, or the test fails: an empty text
-    /// would make every "this count is 0" check pass).
+    /// The sidecar's `/metrics` text, whole, in OpenMetrics as Prometheus
+    /// asks for it (it must answer 200 and end with the `# EOF` line, or
+    /// the test fails: an empty text would make every "this count is 0"
+    /// check pass).
     pub fn metrics(&self) -> String {
-        let (status, body) = http_get(self.admin, "admin", "/metrics")
-            .unwrap_or_else(|| panic!("{}: no answer from /metrics", self.instance));
+        let (status, body) = http_request(
+            self.admin,
+            "GET",
+            "/metrics",
+            &[
+                ("Host", "admin"),
+                (
+                    "Accept",
+                    "application/openmetrics-text;version=1.0.0,text/plain;q=0.5",
+                ),
+            ],
+        )
+        .unwrap_or_else(|| panic!("{}: no answer from /metrics", self.instance));
         assert!(
             status == 200 && body.ends_with("# EOF\n"),
             "{}: /metrics answered {status} with an incomplete text",

@@ -98,13 +98,14 @@ fn http1_through_proxy_port_and_upstream_port() {
     // Golden-signal metrics on both sides name the pair.
     let m = client.metrics();
     assert!(
-        m.contains(r#"tandem_requests_total{direction="outbound",src_service="client",dst_service="web",status_code="200",tandem_error=""}"#),
+        m.contains(r#"tandem_requests_total{direction="outbound",src_service="client",dst_service="web",status_code="200",tandem_error="",route=""}"#),
         "{m}"
     );
     assert!(m.contains("tandem_request_duration_seconds_bucket{"), "{m}");
+    assert!(m.contains("tandem_proxy_duration_seconds_bucket{"), "{m}");
     let wm = _web.metrics();
     assert!(
-        wm.contains(r#"tandem_requests_total{direction="inbound",src_service="client",dst_service="web",status_code="200",tandem_error=""}"#),
+        wm.contains(r#"tandem_requests_total{direction="inbound",src_service="client",dst_service="web",status_code="200",tandem_error="",route=""}"#),
         "{wm}"
     );
     // The admin /config shows the snapshot in force.

@@ -275,8 +275,27 @@ fn tandem_up_runs_the_demo_and_cleans_up() {
             .as_f64()
             .unwrap_or_else(|| panic!("raw_success_rate in {r}"));
         assert!((0.0..=1.0).contains(&raw), "{r}");
+        // Both sidecars of every pair report the time they took themselves.
+        for f in [
+            "proxy_p50_ms",
+            "proxy_p99_ms",
+            "dst_proxy_p50_ms",
+            "dst_proxy_p99_ms",
+        ] {
+            assert!(num(f) > 0.0, "{f}: {r}");
+        }
     }
-    // orders waits 2 ms and calls payments, which waits 4 ms.
+    // orders waits 2 ms and calls payments, which waits 4 ms: web's sidecar
+    // waits at least 6 ms on orders, which is not its own time.
+    let web_orders = rows
+        .iter()
+        .find(|r| r["source"] == "web" && r["destination"] == "orders")
+        .expect("web->orders");
+    let (own, total) = (
+        web_orders["proxy_p50_ms"].as_f64().expect("own"),
+        web_orders["p50_ms"].as_f64().expect("total"),
+    );
+    assert!(own < total / 2.0, "{web_orders}");
     let p50 = |src: &str, dst: &str| {
         rows.iter()
             .find(|r| r["source"] == src && r["destination"] == dst)

@@ -613,7 +613,7 @@ fn a_caller_over_its_rate_gets_429_and_others_do_not() {
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     }
     assert!(web.metrics().contains(
-        r#"tandem_requests_total{direction="inbound",src_service="client",dst_service="web",status_code="429",tandem_error="rate-limited"}"#
+        r#"tandem_requests_total{direction="inbound",src_service="client",dst_service="web",status_code="429",tandem_error="rate-limited",route=""}"#
     ));
 }
 

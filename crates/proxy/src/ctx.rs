@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::HeaderValue;
 use tokio::sync::OwnedSemaphorePermit;
@@ -43,6 +44,34 @@ pub(crate) struct Timings {
     pub(crate) upstream_headers: Option<Instant>,
     /// The response body ended or the caller went away.
     pub(crate) done: Option<Instant>,
+    /// Time spent waiting on others before the response headers: tries
+    /// (connection, network, the destination or the app), a retry's
+    /// backoff, an injected delay. The rest is the sidecar's own.
+    pub(crate) waited: Duration,
+    /// Since when the request waits, while it does (a wait cut short by a
+    /// deadline is closed by [`Timings::own`]).
+    waiting_since: Option<Instant>,
+}
+
+impl Timings {
+    pub(crate) fn wait_start(&mut self) {
+        self.waiting_since = Some(Instant::now());
+    }
+
+    pub(crate) fn wait_end(&mut self) {
+        if let Some(t) = self.waiting_since.take() {
+            self.waited += t.elapsed();
+        }
+    }
+
+    /// The time from arrival to `now` and the sidecar's own part of it.
+    pub(crate) fn own(&mut self, now: Instant) -> (Duration, Duration) {
+        if let Some(t) = self.waiting_since.take() {
+            self.waited += now.saturating_duration_since(t);
+        }
+        let total = now.saturating_duration_since(self.accepted);
+        (total, total.saturating_sub(self.waited))
+    }
 }
 
 /// Places the request holds until its response body ends.
@@ -139,6 +168,8 @@ impl RequestCtx {
                 accepted: Instant::now(),
                 upstream_headers: None,
                 done: None,
+                waited: Duration::ZERO,
+                waiting_since: None,
             },
             span: None,
             held: Held::default(),
@@ -178,6 +209,7 @@ impl RequestCtx {
             endpoint = ?self.endpoint_addr(),
             total_ms = now.duration_since(t.accepted).as_secs_f64() * 1e3,
             upstream_ms = t.upstream_headers.map(|u| u.duration_since(t.accepted).as_secs_f64() * 1e3),
+            waited_ms = t.waited.as_secs_f64() * 1e3,
             trace_id = self.span.as_ref().map(|s| s.trace_id_hex()),
             complete,
             "request done"

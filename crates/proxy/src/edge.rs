@@ -12,24 +12,31 @@ use http::header::HOST;
 use http::uri::Authority;
 use http::{Method, Request, Response, Version};
 use hyper::body::Incoming;
+use tokio::time::Instant;
 
 use crate::body::{Body, Served};
 use crate::ctx::RequestCtx;
 use crate::error::{MeshError, ERROR_HEADER};
 use crate::policy::deadline::Propagated;
 use crate::svc::Service;
-use crate::telemetry::metrics::{Metrics, RequestLabels};
+use crate::telemetry::metrics::{Metrics, Name, RequestLabels};
 use crate::telemetry::trace::TraceContext;
 
 /// A stack of layers with its edge.
 pub(crate) struct Edge<S> {
     stack: S,
     metrics: Arc<Metrics>,
+    /// The `route` label of a request no route rule took.
+    no_route: Name,
 }
 
 impl<S: Service> Edge<S> {
     pub(crate) fn new(stack: S, metrics: Arc<Metrics>) -> Arc<Self> {
-        Arc::new(Edge { stack, metrics })
+        Arc::new(Edge {
+            stack,
+            metrics,
+            no_route: Name::from(""),
+        })
     }
 
     /// Serves one request with the context `ctx` (its direction, labels
@@ -64,6 +71,11 @@ impl<S: Service> Edge<S> {
             resp.headers_mut().insert(ERROR_HEADER, flag.header());
         }
         ctx.status = resp.status().as_u16();
+        let (total, own) = ctx.timings.own(Instant::now());
+        let route = match (&ctx.dest, ctx.rule) {
+            (Some(d), Some(i)) => d.route_names.get(i).cloned(),
+            _ => None,
+        };
         let labels = RequestLabels {
             direction: ctx.direction,
             src_service: ctx.src.clone(),
@@ -72,9 +84,9 @@ impl<S: Service> Edge<S> {
             // A flag from another sidecar counts here too, so every sidecar
             // an answer passes through shows why the mesh made it.
             tandem_error: ctx.flag.or(ctx.upstream_flag).map_or("", MeshError::reason),
+            route: route.unwrap_or_else(|| self.no_route.clone()),
         };
-        self.metrics
-            .record(&labels, ctx.timings.accepted.elapsed().as_secs_f64());
+        self.metrics.traffic.record(&labels, total, own);
         resp.map(|b| Served::new(b, ctx))
     }
 }

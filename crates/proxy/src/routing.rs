@@ -46,6 +46,9 @@ pub(crate) struct Destination {
     /// authority a request for this destination names.
     pub(crate) authority: http::HeaderValue,
     pub(crate) routes: Vec<Route>,
+    /// Parallel to `routes`: the rule's route (`namespace/name`), the
+    /// `route` label of its requests' metrics.
+    pub(crate) route_names: Vec<Name>,
     /// Sum of each route's backend weights, parallel to `routes`.
     pub(crate) totals: Vec<u64>,
     pub(crate) backends: Vec<Backend>,
@@ -267,6 +270,11 @@ impl Routing {
                 authority: http::HeaderValue::try_from(format!("{host}:{default_port}"))
                     .map_err(|_| format!("destination name `{host}`"))?,
                 routes: d.routes.clone(),
+                route_names: d
+                    .routes
+                    .iter()
+                    .map(|r| Name::from(r.route.as_str()))
+                    .collect(),
                 totals,
                 backends,
                 policy: d

@@ -1,6 +1,7 @@
 //! The stream to the control plane: register, receive snapshots, apply them
-//! atomically, answer ACK or NACK. While the control plane is unreachable the
-//! proxy keeps its last good routing table and reconnects with backoff.
+//! atomically, answer ACK or NACK, and report the traffic as often as the
+//! control plane asks. While the control plane is unreachable the proxy
+//! keeps its last good routing table and reconnects with backoff.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,8 @@ use crate::telemetry::metrics::{ConfigLabels, Metrics};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Reports come at most this often, whatever the control plane asks.
+const MIN_REPORT_INTERVAL: Duration = Duration::from_millis(100);
 
 /// What the proxy registers as.
 pub(crate) struct Registration {
@@ -112,11 +115,24 @@ impl Client {
         self.connected(true);
         tracing::info!(control = %me.control, "connected to control plane");
         *backoff = BACKOFF_MIN;
+        // Reports of the traffic, once the control plane asks for them.
+        let mut reports: Option<tokio::time::Interval> = None;
         loop {
             tokio::select! {
                 m = stream.message() => {
                     let Some(m) = m? else { return Ok(()) };
-                    let Some(control_message::Kind::Snapshot(s)) = m.kind else { continue };
+                    let s = match m.kind {
+                        Some(control_message::Kind::Snapshot(s)) => s,
+                        Some(control_message::Kind::ReportEvery(r)) => {
+                            let every = Duration::from_millis(u64::from(r.interval_ms))
+                                .max(MIN_REPORT_INTERVAL);
+                            let mut tick = tokio::time::interval(every);
+                            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                            reports = Some(tick);
+                            continue;
+                        }
+                        None => continue,
+                    };
                     let reply = match self.apply(s.version, &s.body) {
                         Ok(()) => proxy_message::Kind::Ack(Ack { version: s.version }),
                         Err(reason) => {
@@ -132,6 +148,10 @@ impl Client {
                         ToControl::Leave => proxy_message::Kind::Leave(Leave {}),
                     };
                     tx.send(msg(kind)).await?;
+                }
+                _ = next_tick(&mut reports) => {
+                    let report = self.metrics.traffic.report();
+                    tx.send(msg(proxy_message::Kind::Report(report))).await?;
                 }
             }
         }
@@ -205,6 +225,16 @@ impl Client {
             self.identity.renew_now.notify_one();
         }
         Ok(())
+    }
+}
+
+/// The next tick of `reports`, or never while there is none.
+async fn next_tick(reports: &mut Option<tokio::time::Interval>) {
+    match reports {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }
 

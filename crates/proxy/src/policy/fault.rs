@@ -51,9 +51,12 @@ impl<S: Service> Service for Faults<S> {
         if let Some(d) = fault.delay.as_ref().filter(|d| drawn(d.percent)) {
             count("delay");
             let until = Instant::now() + Duration::from_millis(d.ms);
+            // The delay is the config's, not this sidecar's own time.
+            ctx.timings.wait_start();
             match ctx.deadline {
                 Some(deadline) if deadline < until => {
                     tokio::time::sleep_until(deadline).await;
+                    ctx.timings.wait_end();
                     return Err(Error::new(
                         MeshError::Timeout,
                         format!(
@@ -64,6 +67,7 @@ impl<S: Service> Service for Faults<S> {
                 }
                 _ => tokio::time::sleep_until(until).await,
             }
+            ctx.timings.wait_end();
         }
         if let Some(a) = fault.abort.as_ref().filter(|a| drawn(a.percent)) {
             count("abort");

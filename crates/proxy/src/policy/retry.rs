@@ -185,16 +185,15 @@ impl<S: Service> Service for Retrying<S> {
                     denied = true;
                     break;
                 }
-                self.metrics
-                    .retries
-                    .get_or_create(&RetryLabels {
-                        src_service: self.service.clone(),
-                        dst_service: dest.name.clone(),
-                    })
-                    .inc();
+                self.metrics.traffic.retried(&RetryLabels {
+                    src_service: self.service.clone(),
+                    dst_service: dest.name.clone(),
+                });
                 // The rare paths of a retry are boxed, so that they do not
                 // grow the future of every request.
+                ctx.timings.wait_start();
                 Box::pin(tokio::time::sleep(wait)).await;
+                ctx.timings.wait_end();
             }
             let Some(req) = next.take() else {
                 break;
@@ -228,6 +227,9 @@ impl<S: Service> Service for Retrying<S> {
                 }
                 // Read the replaced answer first: left unread, it would
                 // hold its connection (and maybe the body) until the end.
+                // (Waiting on that body and on the caller's is not this
+                // sidecar's time.)
+                ctx.timings.wait_start();
                 let result = match result {
                     Ok(r) => Ok(Box::pin(settle(r, ctx.deadline)).await),
                     Err(e) => Err(e),
@@ -235,6 +237,7 @@ impl<S: Service> Service for Retrying<S> {
                 next = Box::pin(h.next_try())
                     .await
                     .map(|b| rebuild(parts, Body::Replay(b)));
+                ctx.timings.wait_end();
                 if next.is_none() {
                     return result;
                 }

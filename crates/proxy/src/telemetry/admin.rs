@@ -26,11 +26,16 @@ pub(crate) async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (status, ctype, body): (StatusCode, &str, Bytes) = match req.uri().path() {
-        "/metrics" => (
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            Bytes::from(admin.metrics.encode()),
-        ),
+        "/metrics" => {
+            // Prometheus asks for OpenMetrics first; anything else (curl,
+            // promtool) gets the classic text format.
+            let openmetrics = req.headers().get_all(http::header::ACCEPT).iter().any(|v| {
+                v.to_str()
+                    .is_ok_and(|s| s.contains("application/openmetrics-text"))
+            });
+            let (ctype, text) = admin.metrics.encode(openmetrics);
+            (StatusCode::OK, ctype, Bytes::from(text))
+        }
         "/live" => (StatusCode::OK, "text/plain", Bytes::from_static(b"live\n")),
         "/ready" => {
             if admin.identity.tls.is_expired() {

@@ -1,5 +1,7 @@
-//! The proxy's golden signals, exported in the Prometheus text format on the
-//! admin `/metrics` endpoint.
+//! The proxy's metrics, exported on the admin `/metrics` endpoint in the
+//! Prometheus text format (or OpenMetrics, when the scraper asks for it).
+//! The request traffic itself is kept in [`Traffic`], which also feeds the
+//! reports to the control plane.
 
 use std::sync::Arc;
 
@@ -7,15 +9,9 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEn
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-/// Latency buckets in seconds: fine below 10 ms, where a sidecar's own
-/// latency lives, and coarse up to 10 s.
-pub(crate) const LATENCY_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
-    0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0,
-];
+use crate::telemetry::traffic::Traffic;
 
 /// A label value shared without copying (service names).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -50,6 +46,9 @@ pub(crate) struct RequestLabels {
     /// Empty for responses from the application; the `tandem-error` reason
     /// for responses the mesh generated.
     pub(crate) tandem_error: &'static str,
+    /// Outbound: `namespace/name` of the HTTPRoute or GRPCRoute whose rule
+    /// matched (empty when none did, and inbound).
+    pub(crate) route: Name,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -123,8 +122,7 @@ pub(crate) struct MirrorLabels {
 }
 
 pub(crate) struct Metrics {
-    pub(crate) requests: Family<RequestLabels, Counter>,
-    pub(crate) latency: Family<RequestLabels, Histogram>,
+    pub(crate) traffic: Arc<Traffic>,
     pub(crate) tcp_open: Family<TcpLabels, Counter>,
     pub(crate) tcp_close: Family<TcpLabels, Counter>,
     pub(crate) tcp_active: Family<TcpLabels, Gauge>,
@@ -137,7 +135,6 @@ pub(crate) struct Metrics {
     pub(crate) plaintext: Counter,
     pub(crate) cert_expiry: Gauge,
     pub(crate) renewals: Family<ConfigLabels, Counter>,
-    pub(crate) retries: Family<RetryLabels, Counter>,
     pub(crate) overload: Family<OverloadLabels, Counter>,
     pub(crate) ejections: Family<RetryLabels, Counter>,
     pub(crate) authz: Family<AuthzLabels, Counter>,
@@ -154,10 +151,7 @@ impl Default for Metrics {
 
 impl Metrics {
     pub(crate) fn new() -> Self {
-        let requests = Family::<RequestLabels, Counter>::default();
-        let latency = Family::<RequestLabels, Histogram>::new_with_constructor(
-            (|| Histogram::new(LATENCY_BUCKETS.iter().copied())) as fn() -> Histogram,
-        );
+        let traffic = Arc::new(Traffic::default());
         let tcp_open = Family::<TcpLabels, Counter>::default();
         let tcp_close = Family::<TcpLabels, Counter>::default();
         let tcp_active = Family::<TcpLabels, Gauge>::default();
@@ -170,13 +164,13 @@ impl Metrics {
         let plaintext = Counter::default();
         let cert_expiry = Gauge::default();
         let renewals = Family::<ConfigLabels, Counter>::default();
-        let retries = Family::<RetryLabels, Counter>::default();
         let overload = Family::<OverloadLabels, Counter>::default();
         let ejections = Family::<RetryLabels, Counter>::default();
         let authz = Family::<AuthzLabels, Counter>::default();
         let faults = Family::<FaultLabels, Counter>::default();
         let mirrors = Family::<MirrorLabels, Counter>::default();
         let mut r = Registry::with_prefix("tandem");
+        r.register_collector(Box::new(traffic.clone()));
         r.register(
             "faults_injected",
             "Delays and aborts injected into outbound requests by a FaultInjection",
@@ -198,11 +192,6 @@ impl Metrics {
             overload.clone(),
         );
         r.register(
-            "retries",
-            "Retries sent under a TrafficPolicy, by calling service and destination",
-            retries.clone(),
-        );
-        r.register(
             "tls_handshakes",
             "mTLS handshakes between sidecars, by direction and result (ok or the reason of the failure)",
             handshakes.clone(),
@@ -221,16 +210,6 @@ impl Metrics {
             "identity_renewals",
             "Certificate requests to the control plane, by result (issued or failed)",
             renewals.clone(),
-        );
-        r.register(
-            "requests",
-            "HTTP requests handled, by direction, service pair and status",
-            requests.clone(),
-        );
-        r.register(
-            "request_duration_seconds",
-            "Time from receiving a request to having its response headers",
-            latency.clone(),
         );
         r.register(
             "tcp_connections_opened",
@@ -278,8 +257,7 @@ impl Metrics {
             control_connected.clone(),
         );
         Metrics {
-            requests,
-            latency,
+            traffic,
             tcp_open,
             tcp_close,
             tcp_active,
@@ -292,7 +270,6 @@ impl Metrics {
             plaintext,
             cert_expiry,
             renewals,
-            retries,
             overload,
             ejections,
             authz,
@@ -302,15 +279,19 @@ impl Metrics {
         }
     }
 
-    /// Records one finished exchange.
-    pub(crate) fn record(&self, labels: &RequestLabels, seconds: f64) {
-        self.requests.get_or_create(labels).inc();
-        self.latency.get_or_create(labels).observe(seconds);
-    }
-
-    pub(crate) fn encode(&self) -> String {
+    /// The metrics in the Prometheus text format (0.0.4), or in
+    /// OpenMetrics with `openmetrics`; returns the content type too.
+    pub(crate) fn encode(&self, openmetrics: bool) -> (&'static str, String) {
         let mut out = String::with_capacity(8192);
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        if openmetrics {
+            let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+            (
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                out,
+            )
+        } else {
+            let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
+            ("text/plain; version=0.0.4; charset=utf-8", out)
+        }
     }
 }

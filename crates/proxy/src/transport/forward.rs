@@ -75,6 +75,9 @@ impl Service for ToEndpoint {
         }
         let limits = dest.policy.as_ref().and_then(|p| p.conn_limits.as_ref());
         let connector = self.connectors.for_protocol(dest.protocol);
+        // From here to the answer's headers (or the failure) the request
+        // waits on the connection, the network and the destination.
+        ctx.timings.wait_start();
         let sent = forward(
             req,
             &ep.pool,
@@ -85,6 +88,7 @@ impl Service for ToEndpoint {
             ctx,
         )
         .await;
+        ctx.timings.wait_end();
         match sent {
             Ok(resp) => {
                 ctx.timings.upstream_headers = Some(Instant::now());
@@ -148,7 +152,10 @@ impl Service for ToApp {
         let pool = if protocol.is_h2() { &self.h2 } else { &self.h1 };
         let connector = self.connectors.for_protocol(protocol);
         let handshakes = &self.connectors.handshakes;
-        match forward(req, pool, connector, handshakes, protocol, None, ctx).await {
+        ctx.timings.wait_start();
+        let sent = forward(req, pool, connector, handshakes, protocol, None, ctx).await;
+        ctx.timings.wait_end();
+        match sent {
             Ok(mut resp) => {
                 ctx.timings.upstream_headers = Some(Instant::now());
                 // Only the mesh says `tandem-error`: an app's own (or one it
