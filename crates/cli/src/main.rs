@@ -5,6 +5,7 @@
 mod api;
 mod authz;
 mod identity;
+mod prometheus;
 mod rollout;
 mod up;
 

@@ -202,6 +202,11 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     } else {
         String::new()
     };
+    let mut scrape = crate::prometheus::Scrape::create(&state)?;
+    println!(
+        "  metrics: prometheus --config.file={}  (finds every sidecar as they come and go)",
+        scrape.config_file().display()
+    );
     println!("  from another terminal:  tandem stat{api_flag}{data_flag}    tandem status{api_flag}{data_flag}");
     println!("  Ctrl-C stops everything.");
     println!();
@@ -211,7 +216,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         config_dir.display(),
         logs.display()
     );
-    let outcome = watch(&args, &header, &state.join("data"), &mut procs).await;
+    let outcome = watch(&args, &header, &state.join("data"), &mut procs, &mut scrape).await;
     stop_all(&mut procs).await;
     println!("tandem up: stopped all {} processes", procs.len());
     outcome
@@ -409,7 +414,13 @@ async fn ready(admin: SocketAddr) -> bool {
 
 /// Shows the live view until Ctrl-C / SIGTERM. A child that dies is
 /// reported; the rest keep running.
-async fn watch(args: &UpArgs, header: &str, data: &Path, procs: &mut [Proc]) -> anyhow::Result<()> {
+async fn watch(
+    args: &UpArgs,
+    header: &str,
+    data: &Path,
+    procs: &mut [Proc],
+    scrape: &mut crate::prometheus::Scrape,
+) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -447,6 +458,13 @@ async fn watch(args: &UpArgs, header: &str, data: &Path, procs: &mut [Proc]) -> 
             }
         }
         let target = api::Target::local(args.api, data);
+        if let Ok(t) = &target {
+            if let Ok(proxies) = api::get_json(t, "/api/v1/proxies").await {
+                if let Err(e) = scrape.update(&proxies) {
+                    notes.push(format!("{e:#}"));
+                }
+            }
+        }
         let stats = match &target {
             Ok(t) => api::fetch_stats(t, Duration::from_secs(10)).await,
             Err(e) => Err(anyhow::anyhow!("{e:#}")),

@@ -559,3 +559,154 @@ fn up_with_a_user_config_directory() {
         "nothing was started"
     );
 }
+
+/// The proxies `tandem up`'s Prometheus targets file lists, by service.
+fn scrape_targets(file: &std::path::Path) -> Option<Vec<(String, std::net::SocketAddr)>> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(file).ok()?).ok()?;
+    v.as_array()?
+        .iter()
+        .map(|g| {
+            Some((
+                g["labels"]["service"].as_str()?.to_string(),
+                g["targets"][0].as_str()?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// A process killed when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_real_prometheus_scrapes_tandem_up() {
+    let dir = TempDir::new("up-prometheus");
+    let api = free_port();
+    let up = KillOnDrop(start_up(&dir, api));
+    let prom = dir.0.join("state/prometheus");
+    let targets_file = prom.join("targets.json");
+    let targets = wait_for(
+        "six sidecars in the targets file",
+        Duration::from_secs(60),
+        || scrape_targets(&targets_file).filter(|t| t.len() == 6),
+    );
+
+    // Every sidecar's page, once it has served requests, passes
+    // Prometheus' own checker.
+    for (service, admin) in &targets {
+        let text = wait_for(
+            &format!("{service} to serve"),
+            Duration::from_secs(60),
+            || {
+                let (status, text) = http_get(*admin, "admin", "/metrics")?;
+                (status == 200 && text.contains("tandem_proxy_duration_seconds_bucket"))
+                    .then_some(text)
+            },
+        );
+        let mut check = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("promtool (Debian's prometheus package)");
+        std::io::Write::write_all(&mut check.stdin.take().expect("stdin"), text.as_bytes())
+            .expect("write");
+        let out = check.wait_with_output().expect("promtool");
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && said.trim().is_empty(),
+            "{service}: {said}"
+        );
+    }
+
+    // A real Prometheus, started with the config `tandem up` wrote.
+    let web = free_port();
+    let log = std::fs::File::create(dir.0.join("prometheus.log")).expect("log");
+    let _prometheus = KillOnDrop(
+        Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                prom.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.0.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address={web}"))
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("prometheus"),
+    );
+    let query = "histogram_quantile(0.99, sum by (le, dst_service) (rate(tandem_request_duration_seconds_bucket{direction=\"outbound\"}[1m])))";
+    let path = format!("/api/v1/query?query={}", url_encode(query));
+    let p99 = wait_for(
+        "p99 per destination from Prometheus",
+        Duration::from_secs(90),
+        || {
+            let (status, body) = http_get(web, "prometheus", &path)?;
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            let rows: Vec<(String, f64)> = v["data"]["result"]
+                .as_array()?
+                .iter()
+                .filter_map(|r| {
+                    let value: f64 = r["value"][1].as_str()?.parse().ok()?;
+                    Some((r["metric"]["dst_service"].as_str()?.to_string(), value))
+                })
+                .filter(|(_, v)| v.is_finite() && *v > 0.0)
+                .collect();
+            let all = ["web", "orders", "payments", "catalog-v1"]
+                .iter()
+                .all(|s| rows.iter().any(|(d, _)| d == s));
+            (status == 200 && all).then_some(rows)
+        },
+    );
+    // payments answers in 4 ms or more; its p99 is at least that.
+    let payments = p99.iter().find(|(d, _)| d == "payments").expect("payments");
+    assert!(payments.1 >= 0.004, "{p99:?}");
+
+    // A sidecar that goes away leaves the targets file.
+    let catalog_v2 = children(up.0.id())
+        .into_iter()
+        .find(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+            args.contains(&&b"proxy"[..]) && args.contains(&&b"catalog-v2"[..])
+        })
+        .expect("the catalog-v2 sidecar");
+    let ok = Command::new("kill")
+        .args(["-TERM", &catalog_v2.to_string()])
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+    wait_for(
+        "catalog-v2 to leave the targets",
+        Duration::from_secs(30),
+        || {
+            scrape_targets(&targets_file)
+                .filter(|t| t.len() == 5 && t.iter().all(|(s, _)| s != "catalog-v2"))
+        },
+    );
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
