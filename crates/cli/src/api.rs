@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
@@ -84,8 +84,18 @@ pub async fn call_json(
     method: hyper::Method,
     path: &str,
 ) -> anyhow::Result<serde_json::Value> {
+    send_json(target, method, path, None).await
+}
+
+/// A call with a JSON body (`POST /api/v1/explain`), or none.
+pub async fn send_json(
+    target: &Target,
+    method: hyper::Method,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
     let api = target.api;
-    let client: Client<_, Empty<hyper::body::Bytes>> =
+    let client: Client<_, Full<hyper::body::Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     let mut req = hyper::Request::builder()
         .method(method)
@@ -93,7 +103,12 @@ pub async fn call_json(
     if let Some((credential, _)) = &target.credential {
         req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {credential}"));
     }
-    let req = req.body(Empty::new())?;
+    let req = match body {
+        Some(b) => req
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(serde_json::to_vec(b)?.into()))?,
+        None => req.body(Full::default())?,
+    };
     let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
         .await
         .context("the control plane did not answer in 5s")?

@@ -4,6 +4,7 @@
 
 mod api;
 mod authz;
+mod explain;
 mod identity;
 mod prometheus;
 mod rollout;
@@ -101,6 +102,10 @@ enum Command {
     /// (offline, from a config directory).
     #[command(subcommand)]
     Authz(authz::AuthzCommand),
+    /// What the mesh would do with one request from a service: the rule,
+    /// backends and weights, filters, mirror and faults, timeouts,
+    /// retries, rate limit and the access verdict with its rule.
+    Explain(Box<explain::ExplainArgs>),
     /// Golden signals per (source, destination) service pair.
     Stat {
         #[command(flatten)]
@@ -519,6 +524,7 @@ fn main() -> ExitCode {
             )
         }
         Command::Authz(cmd) => return authz::run(cmd),
+        Command::Explain(args) => return explain::run(*args),
         Command::Validate { dir } => match tandem_config::load_dir(&dir) {
             Ok(set) => {
                 let mut counts = vec![

@@ -289,6 +289,64 @@ pub struct RouteOverrides {
     pub backoff_ms: Option<u64>,
 }
 
+impl PathModifier {
+    /// The path after this modifier (the query is kept by the caller).
+    pub fn apply(&self, path: &str) -> String {
+        match self {
+            PathModifier::Full(p) => p.clone(),
+            PathModifier::Prefix { prefix, with } => {
+                // The rule matched `prefix` by whole path elements, so what
+                // is left is empty or starts with '/'.
+                let rest = path.get(prefix.trim_end_matches('/').len()..).unwrap_or("");
+                let out = format!("{}{rest}", with.trim_end_matches('/'));
+                if out.is_empty() {
+                    "/".to_string()
+                } else {
+                    out
+                }
+            }
+        }
+    }
+}
+
+impl Redirect {
+    /// The `Location` for a request to `host` (and `port`, if it named
+    /// one; else the `listener_port` it arrived on) with this path and
+    /// query: what the redirect does not name stays as it was.
+    pub fn location(
+        &self,
+        host: &str,
+        port: Option<u16>,
+        listener_port: u16,
+        path: &str,
+        query: Option<&str>,
+    ) -> String {
+        let scheme = self.scheme.as_deref().unwrap_or("http");
+        let port = match (self.port, &self.scheme) {
+            (Some(p), _) => p,
+            (None, Some(s)) if s == "https" => 443,
+            (None, Some(_)) => 80,
+            (None, None) => port.unwrap_or(listener_port),
+        };
+        let host = self.hostname.as_deref().unwrap_or(host);
+        let default_port = matches!((scheme, port), ("http", 80) | ("https", 443));
+        let path = match &self.path {
+            Some(m) => m.apply(path),
+            None => path.to_string(),
+        };
+        let mut location = format!("{scheme}://{host}");
+        if !default_port {
+            location.push_str(&format!(":{port}"));
+        }
+        location.push_str(&path);
+        if let Some(q) = query {
+            location.push('?');
+            location.push_str(q);
+        }
+        location
+    }
+}
+
 impl Policy {
     /// This policy with a route rule's overrides applied (a rule may also
     /// bring timeouts or retries to a destination without a policy).

@@ -7,6 +7,7 @@
 //! - `GET /api/v1/ca` — trust domain, roots, signing root, rotation phase
 //! - `POST /api/v1/ca/rotate` — start a root rotation
 //! - `POST /api/v1/ca/retire[?force=true]` — remove roots that no longer sign
+//! - `POST /api/v1/explain` — what the mesh would do with a request
 //! - `GET /api/v1/rollouts` — every Rollout: its plan, step, signals, history
 //! - `GET /api/v1/rollouts/NAMESPACE/NAME` — one
 //! - `POST /api/v1/rollouts/NAMESPACE/NAME/{pause,resume,abort,promote}`
@@ -32,6 +33,9 @@ use crate::identity::Ca;
 use crate::mesh::Mesh;
 use crate::rollout::{ActError, Action, Rollouts};
 use crate::stats::Stats;
+
+/// Largest `POST /api/v1/explain` body read.
+const MAX_EXPLAIN_BODY: usize = 64 << 10;
 
 pub struct Api {
     pub mesh: Arc<Mesh>,
@@ -159,7 +163,7 @@ impl Api {
         self: Arc<Self>,
         req: Request<Incoming>,
     ) -> Result<Response<Full<Bytes>>, Infallible> {
-        let (head, _body) = req.into_parts();
+        let (head, body) = req.into_parts();
         let open = matches!(head.uri.path(), "/healthz" | "/readyz");
         match self.access.check(&head, open) {
             Ok(()) => {}
@@ -189,6 +193,7 @@ impl Api {
                     Ok(r) => json(StatusCode::OK, &r),
                     Err(e) => json(StatusCode::CONFLICT, &serde_json::json!({ "error": e })),
                 },
+                "/api/v1/explain" => self.explain(body).await,
                 "/api/v1/ca/retire" => {
                     let force = query_param(req.uri().query(), "force") == Some("true");
                     match self.ca.retire(force).await {
@@ -245,6 +250,38 @@ impl Api {
             },
         };
         Ok(resp)
+    }
+
+    /// `POST /api/v1/explain`: what the mesh would do with the request in
+    /// the body (`tandem_config::explain::ExplainRequest`, JSON), from the
+    /// config and rollout splits in force.
+    async fn explain(&self, body: Incoming) -> Response<Full<Bytes>> {
+        use http_body_util::BodyExt;
+        let bad = |e: String| json(StatusCode::BAD_REQUEST, &serde_json::json!({ "error": e }));
+        let read = tokio::time::timeout(
+            Duration::from_secs(5),
+            http_body_util::Limited::new(body, MAX_EXPLAIN_BODY).collect(),
+        )
+        .await;
+        let bytes = match read {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(e)) => return bad(format!("request body: {e}")),
+            Err(_) => return bad("request body: not sent within 5s".into()),
+        };
+        let req: tandem_config::explain::ExplainRequest = match serde_json::from_slice(&bytes) {
+            Ok(r) => r,
+            Err(e) => return bad(format!("request body: {e}")),
+        };
+        let trust_domain = self.ca.info().trust_domain;
+        match tandem_config::explain::explain(
+            &self.mesh.config(),
+            &self.mesh.splits(),
+            &trust_domain,
+            &req,
+        ) {
+            Ok(e) => json(StatusCode::OK, &e),
+            Err(e) => bad(e),
+        }
     }
 
     async fn rollout_action(&self, ns: &str, name: &str, action: &str) -> Response<Full<Bytes>> {

@@ -239,6 +239,11 @@ impl Mesh {
         self.state.lock().config.clone()
     }
 
+    /// The rollouts' splits in force.
+    pub fn splits(&self) -> Arc<Splits> {
+        self.state.lock().splits.clone()
+    }
+
     /// Puts the rollouts' splits in force (every proxy's snapshot is
     /// compiled again when they changed).
     pub fn set_splits(&self, splits: Splits) {

@@ -197,31 +197,13 @@ impl<S: Service> Service for Filter<S> {
     }
 }
 
-/// The path after a path modifier (the query is kept by the caller).
-pub(crate) fn modified_path(m: &PathModifier, path: &str) -> String {
-    match m {
-        PathModifier::Full(p) => p.clone(),
-        PathModifier::Prefix { prefix, with } => {
-            // The rule matched `prefix` by whole path elements, so what is
-            // left is empty or starts with '/'.
-            let rest = path.get(prefix.trim_end_matches('/').len()..).unwrap_or("");
-            let out = format!("{}{rest}", with.trim_end_matches('/'));
-            if out.is_empty() {
-                "/".to_string()
-            } else {
-                out
-            }
-        }
-    }
-}
-
 fn rewrite(rw: &Rewrite, req: &mut Request<Body>) {
     if let Some(host) = &rw.host {
         req.headers_mut().insert(HOST, host.clone());
     }
     let uri = req.uri();
     let path = rw.path.as_ref().map(|m| {
-        let p = modified_path(m, uri.path());
+        let p = m.apply(uri.path());
         match uri.query() {
             Some(q) => format!("{p}?{q}"),
             None => p,
@@ -257,28 +239,13 @@ fn request_host(req: &Request<Body>) -> Option<(String, Option<u16>)> {
 /// is left out of `Location` when it is the scheme's own.
 fn redirect(rd: &Redirect, req: &Request<Body>, listener_port: u16) -> Response<Body> {
     let (host, port) = request_host(req).unwrap_or_default();
-    let scheme = rd.scheme.as_deref().unwrap_or("http");
-    let port = match (rd.port, &rd.scheme) {
-        (Some(p), _) => p,
-        (None, Some(s)) if s == "https" => 443,
-        (None, Some(_)) => 80,
-        (None, None) => port.unwrap_or(listener_port),
-    };
-    let host = rd.hostname.clone().unwrap_or(host);
-    let default_port = matches!((scheme, port), ("http", 80) | ("https", 443));
-    let path = match &rd.path {
-        Some(m) => modified_path(m, req.uri().path()),
-        None => req.uri().path().to_string(),
-    };
-    let mut location = format!("{scheme}://{host}");
-    if !default_port {
-        location.push_str(&format!(":{port}"));
-    }
-    location.push_str(&path);
-    if let Some(q) = req.uri().query() {
-        location.push('?');
-        location.push_str(q);
-    }
+    let location = rd.location(
+        &host,
+        port,
+        listener_port,
+        req.uri().path(),
+        req.uri().query(),
+    );
     let mut resp = Response::new(Body::empty());
     *resp.status_mut() = StatusCode::from_u16(rd.status).unwrap_or(StatusCode::FOUND);
     if let Ok(v) = HeaderValue::from_str(&location) {
@@ -314,16 +281,9 @@ mod tests {
             ("/foo", "/foo", "/", "/"),
             ("/anything", "/", "/v2", "/v2/anything"),
         ] {
-            assert_eq!(
-                modified_path(&prefix(pre, with), path),
-                want,
-                "{path} {pre} {with}"
-            );
+            assert_eq!(prefix(pre, with).apply(path), want, "{path} {pre} {with}");
         }
-        assert_eq!(
-            modified_path(&PathModifier::Full("/x".into()), "/a/b"),
-            "/x"
-        );
+        assert_eq!(PathModifier::Full("/x".into()).apply("/a/b"), "/x");
     }
 
     fn get(uri: &str, host: &str) -> Request<Body> {

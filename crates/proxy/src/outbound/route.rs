@@ -1,10 +1,9 @@
 //! Route selection: which rule of a destination's HTTPRoutes a request
-//! matches (Gateway API semantics), and which weighted backend it goes to.
-//! The rules are already sorted by precedence; the first match wins. No
-//! match: `404 no-route`.
+//! matches (`tandem_config::matching`, which `tandem explain` shares), and
+//! which weighted backend it goes to. No match: `404 no-route`.
 
 use http::{HeaderMap, Method, Request, Response};
-use tandem_config::snapshot::{Matcher, PathMatchType, Route};
+use tandem_config::matching::{select, RequestHead};
 
 use crate::balance::pick::fnv1a;
 use crate::body::Body;
@@ -84,73 +83,28 @@ pub(crate) struct RequestView<'a> {
     pub(crate) port: Option<u16>,
 }
 
-/// Index of the first route (routes are in precedence order) that matches.
-pub(crate) fn select(routes: &[Route], req: &RequestView<'_>) -> Option<usize> {
-    routes.iter().position(|r| {
-        r.port.is_none_or(|p| req.port.is_none_or(|rp| rp == p)) && matches(&r.matcher, req)
-    })
-}
+impl RequestHead for RequestView<'_> {
+    fn method(&self) -> &str {
+        self.method.as_str()
+    }
 
-pub(crate) fn matches(m: &Matcher, req: &RequestView<'_>) -> bool {
-    if let Some(method) = &m.method {
-        if req.method.as_str() != method {
-            return false;
-        }
+    fn path(&self) -> &str {
+        self.path
     }
-    if let Some(p) = &m.path {
-        let ok = match p.kind {
-            PathMatchType::Exact => req.path == p.value,
-            PathMatchType::PathPrefix => prefix_matches(&p.value, req.path),
-        };
-        if !ok {
-            return false;
-        }
+
+    fn query(&self) -> Option<&str> {
+        self.query
     }
-    if let Some(method) = &m.grpc_method {
-        // `/SERVICE/METHOD`, any service.
-        let ok = req
-            .path
-            .strip_prefix('/')
-            .and_then(|p| p.split_once('/'))
-            .is_some_and(|(svc, m)| !svc.is_empty() && m == method);
-        if !ok {
-            return false;
-        }
-    }
-    for h in &m.headers {
-        let found = req
-            .headers
-            .get_all(h.name.as_str())
+
+    fn has_header(&self, name: &str, value: &str) -> bool {
+        self.headers
+            .get_all(name)
             .iter()
-            .any(|v| v.as_bytes() == h.value.as_bytes());
-        if !found {
-            return false;
-        }
+            .any(|v| v.as_bytes() == value.as_bytes())
     }
-    for q in &m.query {
-        let found = req.query.is_some_and(|qs| {
-            qs.split('&').any(|kv| {
-                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-                k == q.name && v == q.value
-            })
-        });
-        if !found {
-            return false;
-        }
-    }
-    true
-}
 
-/// Gateway API prefix matching is by path element: `/foo` matches `/foo`,
-/// `/foo/` and `/foo/bar`, but not `/foobar`.
-fn prefix_matches(prefix: &str, path: &str) -> bool {
-    let prefix = prefix.trim_end_matches('/');
-    if prefix.is_empty() {
-        return true;
-    }
-    match path.strip_prefix(prefix) {
-        Some(rest) => rest.is_empty() || rest.starts_with('/'),
-        None => false,
+    fn port(&self) -> Option<u16> {
+        self.port
     }
 }
 
@@ -176,7 +130,10 @@ pub(crate) fn pick_weighted(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tandem_config::snapshot::{NameValue, PathMatch, WeightedBackend};
+    use tandem_config::matching::{matches, prefix_matches};
+    use tandem_config::snapshot::{
+        Matcher, NameValue, PathMatch, PathMatchType, Route, WeightedBackend,
+    };
 
     fn route(m: Matcher) -> Route {
         Route {
