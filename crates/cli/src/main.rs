@@ -254,7 +254,69 @@ struct ProxyArgs {
     #[arg(long)]
     ca_bundle: Option<PathBuf>,
     #[command(flatten)]
+    trace: TraceArgs,
+    #[command(flatten)]
     common: Common,
+}
+
+/// Distributed tracing, with OpenTelemetry's own variables.
+#[derive(clap::Args, Clone, Debug)]
+pub(crate) struct TraceArgs {
+    /// The OTLP collector spans are sent to (gRPC: its address; HTTP: the
+    /// base URL, `/v1/traces` is added). Without one no spans are made.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// The collector's traces URL, used as it is (over HTTP).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")]
+    otlp_traces_endpoint: Option<String>,
+    /// `grpc` or `http/protobuf`.
+    #[arg(
+        long,
+        env = "OTEL_EXPORTER_OTLP_PROTOCOL",
+        default_value = "http/protobuf"
+    )]
+    otlp_protocol: String,
+    /// `otlp`, or `none` to make no spans.
+    #[arg(long, env = "OTEL_TRACES_EXPORTER", default_value = "otlp")]
+    traces_exporter: String,
+    /// `parentbased_always_on`, `parentbased_traceidratio`, `always_on`,
+    /// `always_off`, `traceidratio` or `parentbased_always_off`.
+    #[arg(
+        long,
+        env = "OTEL_TRACES_SAMPLER",
+        default_value = "parentbased_always_on"
+    )]
+    trace_sampler: String,
+    /// The sampler's ratio (0 to 1; default 1).
+    #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG")]
+    trace_sampler_arg: Option<String>,
+}
+
+impl TraceArgs {
+    fn config(&self) -> anyhow::Result<tandem_proxy::TraceConfig> {
+        let protocol = match self.otlp_protocol.trim() {
+            "grpc" => tandem_proxy::OtlpProtocol::Grpc,
+            "http/protobuf" => tandem_proxy::OtlpProtocol::HttpProtobuf,
+            other => {
+                anyhow::bail!("OTLP protocol `{other}` is not supported: use grpc or http/protobuf")
+            }
+        };
+        let sampler =
+            tandem_proxy::Sampler::parse(&self.trace_sampler, self.trace_sampler_arg.as_deref())
+                .map_err(anyhow::Error::msg)?;
+        let on = match self.traces_exporter.trim() {
+            "otlp" => true,
+            "none" => false,
+            other => anyhow::bail!("traces exporter `{other}` is not supported: use otlp or none"),
+        };
+        let set = |v: &Option<String>| v.clone().filter(|s| on && !s.trim().is_empty());
+        Ok(tandem_proxy::TraceConfig {
+            endpoint: set(&self.otlp_endpoint),
+            traces_endpoint: set(&self.otlp_traces_endpoint),
+            protocol,
+            sampler,
+        })
+    }
 }
 
 #[derive(clap::Args)]
@@ -480,6 +542,13 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            let trace = match a.trace.config() {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("tandem: tracing: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
             let cfg = tandem_proxy::ProxyConfig {
                 token,
                 ca_bundle,
@@ -496,6 +565,7 @@ fn main() -> ExitCode {
                 drain_grace: a.drain_grace,
                 max_connections: a.max_connections,
                 max_requests: a.max_requests,
+                trace,
             };
             block_on(
                 a.common.threads,

@@ -202,6 +202,16 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     } else {
         String::new()
     };
+    let traced = trace_flags();
+    if let Some(i) = traced
+        .iter()
+        .position(|f| f == "--otlp-endpoint" || f == "--otlp-traces-endpoint")
+    {
+        println!(
+            "  traces:  every sidecar exports spans to {} (OTEL_* variables)",
+            traced[i + 1]
+        );
+    }
     let mut scrape = crate::prometheus::Scrape::create(&state)?;
     println!(
         "  metrics: prometheus --config.file={}  (finds every sidecar as they come and go)",
@@ -222,6 +232,32 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     outcome
 }
 
+/// OpenTelemetry's variables and the sidecar flags that say the same.
+const OTEL_VARS: [(&str, &str); 6] = [
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "--otlp-endpoint"),
+    (
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "--otlp-traces-endpoint",
+    ),
+    ("OTEL_EXPORTER_OTLP_PROTOCOL", "--otlp-protocol"),
+    ("OTEL_TRACES_EXPORTER", "--traces-exporter"),
+    ("OTEL_TRACES_SAMPLER", "--trace-sampler"),
+    ("OTEL_TRACES_SAMPLER_ARG", "--trace-sampler-arg"),
+];
+
+/// The tracing settings of `tandem up`'s environment, as sidecar flags:
+/// every demo sidecar gets them (and no other child sees the variables).
+fn trace_flags() -> Vec<String> {
+    OTEL_VARS
+        .iter()
+        .filter_map(|(var, flag)| {
+            let v = std::env::var(var).ok().filter(|v| !v.trim().is_empty())?;
+            Some([flag.to_string(), v])
+        })
+        .flatten()
+        .collect()
+}
+
 fn spawn(
     exe: &Path,
     name: &str,
@@ -231,6 +267,9 @@ fn spawn(
 ) -> anyhow::Result<()> {
     let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
     let mut cmd = Command::new(exe);
+    for (var, _) in OTEL_VARS {
+        cmd.env_remove(var);
+    }
     cmd.args(args)
         .arg("--exit-on-stdin-close")
         .stdin(Stdio::piped())
@@ -332,6 +371,8 @@ async fn start_all(
             s(&"--drain-grace"),
             s(&"2s"),
         ];
+        let mut p = p;
+        p.extend(trace_flags());
         spawn(exe, &format!("{}-proxy", svc.service), &p, logs, procs)?;
         let mut a = vec![
             s(&"demo-app"),

@@ -372,10 +372,19 @@ fn header(s: &str) -> HeaderValue {
     HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
-/// Calls `http://TARGET/PATH`; returns the status (0 when the call failed)
-/// and the JSON body (or the error text).
-/// Calls `target` through the sidecar, passing on the mesh's request
-/// context (`tandem-ctx-*` headers: deadline, no-retry) as an app should.
+/// What an app passes on from the request it serves to the calls it makes:
+/// the mesh's request context (`tandem-ctx-*`: deadline, no-retry), the
+/// trace (W3C and B3) and the request id, so that its sidecars' spans and
+/// log lines join up.
+fn propagated(name: &str) -> bool {
+    name.starts_with("tandem-ctx-")
+        || name.starts_with("x-b3-")
+        || matches!(name, "traceparent" | "tracestate" | "b3" | "x-request-id")
+}
+
+/// Calls `target` through the sidecar, passing on the request's context
+/// ([`propagated`]) as an app should; returns the status (0 when the call
+/// failed) and the JSON body (or the error text).
 /// A `--call` target: `[METHOD ]NAME[/PATH]` (`GET` and `/` by default).
 fn parse_call(spec: &str) -> (http::Method, &str, &str) {
     let (method, rest) = match spec.split_once(' ') {
@@ -406,7 +415,7 @@ async fn call(
     *req.uri_mut() = uri;
     *req.method_mut() = method;
     for (k, v) in ctx {
-        if k.as_str().starts_with("tandem-ctx-") {
+        if propagated(k.as_str()) {
             req.headers_mut().append(k, v.clone());
         }
     }

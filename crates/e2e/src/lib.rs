@@ -1089,3 +1089,95 @@ impl Stalled {
         s
     }
 }
+
+/// A Python with the official OpenTelemetry protos and grpcio: the venv
+/// `scripts/test` makes (`target/e2e-venv`), made here if it is missing.
+pub fn otlp_python() -> &'static Path {
+    static PY: OnceLock<PathBuf> = OnceLock::new();
+    PY.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let venv = std::env::var("TANDEM_E2E_VENV")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| root.join("target/e2e-venv"));
+        let python = venv.join("bin/python");
+        let ready = |p: &Path| {
+            Command::new(p)
+                .args([
+                    "-c",
+                    "import grpc, opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc",
+                ])
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !ready(&python) {
+            let ok = Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&venv)
+                .status()
+                .is_ok_and(|s| s.success())
+                && Command::new(venv.join("bin/pip"))
+                    .args(["install", "--quiet", "grpcio", "opentelemetry-proto"])
+                    .status()
+                    .is_ok_and(|s| s.success());
+            assert!(ok && ready(&python), "cannot make {}", venv.display());
+        }
+        python
+    })
+}
+
+/// A real OTLP receiver (`tools/otlp_receiver.py`: the official protos
+/// over gRPC and HTTP/protobuf); every span it gets is a JSON line.
+pub struct Collector {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    out: PathBuf,
+    child: Child,
+    _dir: TempDir,
+}
+
+impl Collector {
+    pub fn start() -> Collector {
+        use std::io::BufRead;
+        let dir = TempDir::new("otlp");
+        let (grpc, http) = (free_port(), free_port());
+        let out = dir.0.join("spans.jsonl");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/otlp_receiver.py");
+        let mut child = Command::new(otlp_python())
+            .arg(script)
+            .args([grpc.port().to_string(), http.port().to_string()])
+            .arg(&out)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("OTLP receiver");
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("stdout");
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("receiver output");
+        assert_eq!(line.trim(), "ready", "the OTLP receiver did not start");
+        Collector {
+            grpc,
+            http,
+            out,
+            child,
+            _dir: dir,
+        }
+    }
+
+    /// Every span received so far.
+    pub fn spans(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

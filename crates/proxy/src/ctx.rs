@@ -18,6 +18,7 @@ use crate::policy::circuit::InProgress;
 use crate::policy::deadline::Propagated;
 use crate::routing::Destination;
 use crate::telemetry::metrics::{Direction, Name};
+use crate::telemetry::otlp::Recording;
 use crate::telemetry::trace::TraceContext;
 use crate::transport::pool::Stream;
 
@@ -133,8 +134,11 @@ pub(crate) struct RequestCtx {
     pub(crate) upstream_flag: Option<MeshError>,
     pub(crate) status: u16,
     pub(crate) timings: Timings,
-    /// The trace the request belongs to, when the caller sent one.
+    /// The trace the request belongs to: this sidecar's span in it (or,
+    /// with tracing off, the caller's trace as it came).
     pub(crate) span: Option<TraceContext>,
+    /// A sampled request's spans, recorded as it goes.
+    pub(crate) trace: Option<Box<Recording>>,
     pub(crate) held: Held,
 }
 
@@ -172,6 +176,7 @@ impl RequestCtx {
                 waiting_since: None,
             },
             span: None,
+            trace: None,
             held: Held::default(),
         }
     }
@@ -187,6 +192,20 @@ impl RequestCtx {
         Some(ep.addr())
     }
 
+    /// The mTLS server name of the current try's endpoint, if meshed.
+    pub(crate) fn endpoint_server_name(&self) -> Option<String> {
+        let dest = self.dest.as_ref()?;
+        let ep = dest
+            .backends
+            .get(self.backend)?
+            .endpoints
+            .get(self.endpoint?)?;
+        match ep.server_name.as_ref()? {
+            rustls_pki_types::ServerName::DnsName(n) => Some(n.as_ref().to_string()),
+            _ => None,
+        }
+    }
+
     /// The response body ended (`complete`) or was dropped: the request
     /// gives back what it holds, and is summed up in a debug log line.
     pub(crate) fn finish(&mut self, complete: bool) {
@@ -196,6 +215,7 @@ impl RequestCtx {
         let now = Instant::now();
         self.timings.done = Some(now);
         self.held = Held::default();
+        self.end_trace(now);
         let t = &self.timings;
         tracing::debug!(
             direction = ?self.direction,

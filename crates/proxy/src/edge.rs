@@ -20,21 +20,24 @@ use crate::error::{MeshError, ERROR_HEADER};
 use crate::policy::deadline::Propagated;
 use crate::svc::Service;
 use crate::telemetry::metrics::{Metrics, Name, RequestLabels};
-use crate::telemetry::trace::TraceContext;
+use crate::telemetry::otlp::Tracer;
+use crate::telemetry::trace::{request_id, REQUEST_ID};
 
 /// A stack of layers with its edge.
 pub(crate) struct Edge<S> {
     stack: S,
     metrics: Arc<Metrics>,
+    tracer: Arc<Tracer>,
     /// The `route` label of a request no route rule took.
     no_route: Name,
 }
 
 impl<S: Service> Edge<S> {
-    pub(crate) fn new(stack: S, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub(crate) fn new(stack: S, metrics: Arc<Metrics>, tracer: Arc<Tracer>) -> Arc<Self> {
         Arc::new(Edge {
             stack,
             metrics,
+            tracer,
             no_route: Name::from(""),
         })
     }
@@ -57,7 +60,17 @@ impl<S: Service> Edge<S> {
             return Ok(self.answer(resp, ctx));
         }
         ctx.propagated = Propagated::of(req.headers());
-        ctx.span = TraceContext::of(req.headers());
+        let mut req = req;
+        if !req.headers().contains_key(&REQUEST_ID) {
+            req.headers_mut().insert(REQUEST_ID, request_id());
+        }
+        self.tracer.start(
+            &mut ctx,
+            req.method(),
+            req.uri().path(),
+            req.headers(),
+            req.version(),
+        );
         let resp = match self.stack.call(req.map(Body::Stream), &mut ctx).await {
             Ok(r) => r,
             Err(e) => e.into_response(),

@@ -72,6 +72,7 @@ pub(crate) struct Parts {
     pub(crate) routes: Arc<Routes>,
     pub(crate) subscriptions: Arc<Subscriptions>,
     pub(crate) metrics: Arc<Metrics>,
+    pub(crate) tracer: Arc<crate::telemetry::otlp::Tracer>,
     pub(crate) limits: Arc<Limits>,
     pub(crate) connectors: Arc<Connectors>,
     pub(crate) tls: Arc<tandem_identity::tls::TlsIdentity>,
@@ -155,7 +156,11 @@ pub(crate) async fn serve_http_proxy(
     stop: watch::Receiver<bool>,
     drain: Drain,
 ) {
-    let edge = Edge::new(stack(&p, Listen::ByAuthority), p.metrics.clone());
+    let edge = Edge::new(
+        stack(&p, Listen::ByAuthority),
+        p.metrics.clone(),
+        p.tracer.clone(),
+    );
     let limits = p.limits.clone();
     tandem_runtime::accept_loop(listener, "http proxy", stopped(stop.clone()), |sock, _| {
         if let Some(slot) = limits.connection() {
@@ -174,7 +179,11 @@ pub(crate) async fn serve_upstream(
     stop: watch::Receiver<bool>,
     drain: Drain,
 ) {
-    let edge = Edge::new(stack(&p, Listen::Fixed(name.clone())), p.metrics.clone());
+    let edge = Edge::new(
+        stack(&p, Listen::Fixed(name.clone())),
+        p.metrics.clone(),
+        p.tracer.clone(),
+    );
     let limits = p.limits.clone();
     tandem_runtime::accept_loop(listener, "upstream", stopped(stop.clone()), |sock, _| {
         let Some(slot) = limits.connection() else {

@@ -23,6 +23,7 @@ use crate::policy::overload::Limits;
 use crate::routing::Routes;
 use crate::telemetry::admin::{self, Admin};
 use crate::telemetry::metrics::{Metrics, Name};
+use crate::telemetry::otlp::{Me, TraceConfig, Tracer};
 use crate::transport::forward::Connectors;
 use crate::transport::tls::{Connector, MeshTls, PeerNames};
 use crate::{inbound, outbound};
@@ -57,6 +58,8 @@ pub struct ProxyConfig {
     pub token: String,
     /// A trust bundle to pin instead of learning it with the token.
     pub ca_bundle: Option<Vec<rustls_pki_types::CertificateDer<'static>>>,
+    /// Spans and their export (OTLP).
+    pub trace: TraceConfig,
 }
 
 impl std::fmt::Debug for ProxyConfig {
@@ -142,6 +145,19 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
         metrics.overload.clone(),
     );
     let service = Name::from(cfg.service.as_str());
+    let tracer = Arc::new(Tracer::new(
+        &cfg.trace,
+        Me {
+            namespace: cfg.namespace.clone(),
+            service: cfg.service.clone(),
+            instance: cfg.instance.clone(),
+            trust_domain: identity
+                .tls
+                .leaf()
+                .map_or_else(|| "tandem.local".to_string(), |l| l.id.trust_domain.clone()),
+        },
+        metrics.spans.clone(),
+    ));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (drain, mut drained) = Drain::new();
@@ -198,6 +214,7 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
         routes: routes.clone(),
         identity: identity.clone(),
         metrics: metrics.clone(),
+        tracer: tracer.clone(),
         limits: limits.clone(),
         connectors: connectors.clone(),
         tcp_tls: mesh_tls(&[]),
@@ -210,6 +227,7 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
         routes: routes.clone(),
         subscriptions: subscriptions.clone(),
         metrics: metrics.clone(),
+        tracer,
         limits,
         connectors,
         tls: identity.tls.clone(),

@@ -11,6 +11,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::telemetry::otlp::SpanLabels;
 use crate::telemetry::traffic::Traffic;
 
 /// A label value shared without copying (service names).
@@ -140,6 +141,7 @@ pub(crate) struct Metrics {
     pub(crate) authz: Family<AuthzLabels, Counter>,
     pub(crate) faults: Family<FaultLabels, Counter>,
     pub(crate) mirrors: Family<MirrorLabels, Counter>,
+    pub(crate) spans: Family<SpanLabels, Counter>,
     registry: Registry,
 }
 
@@ -169,6 +171,7 @@ impl Metrics {
         let authz = Family::<AuthzLabels, Counter>::default();
         let faults = Family::<FaultLabels, Counter>::default();
         let mirrors = Family::<MirrorLabels, Counter>::default();
+        let spans = Family::<SpanLabels, Counter>::default();
         let mut r = Registry::with_prefix("tandem");
         r.register_collector(Box::new(traffic.clone()));
         r.register(
@@ -180,6 +183,11 @@ impl Metrics {
             "mirror_requests",
             "Shadow copies of outbound requests (RequestMirror), by backend and result; not counted in tandem_requests",
             mirrors.clone(),
+        );
+        r.register(
+            "trace_spans",
+            "Spans this sidecar made, by result: exported, dropped-queue-full (the export queue was full) or dropped-export-failed (the collector did not take them)",
+            spans.clone(),
         );
         r.register(
             "outlier_ejections",
@@ -275,6 +283,7 @@ impl Metrics {
             authz,
             faults,
             mirrors,
+            spans,
             registry: r,
         }
     }

@@ -75,6 +75,8 @@ impl Service for ToEndpoint {
         }
         let limits = dest.policy.as_ref().and_then(|p| p.conn_limits.as_ref());
         let connector = self.connectors.for_protocol(dest.protocol);
+        let mut req = req;
+        ctx.trace_hop(req.headers_mut());
         // From here to the answer's headers (or the failure) the request
         // waits on the connection, the network and the destination.
         ctx.timings.wait_start();
@@ -95,12 +97,16 @@ impl Service for ToEndpoint {
                 if ep.meshed {
                     ctx.upstream_flag = flag_of(resp.headers());
                 }
+                ctx.trace_hop_done(resp.status().as_u16(), flag_of(resp.headers()));
                 Ok(resp)
             }
-            Err(e) => Err(Error::new(
-                e.kind,
-                format!("{} ({}): {}", backend.name.0, ep.authority, e.detail),
-            )),
+            Err(e) => {
+                ctx.trace_hop_done(0, Some(e.kind));
+                Err(Error::new(
+                    e.kind,
+                    format!("{} ({}): {}", backend.name.0, ep.authority, e.detail),
+                ))
+            }
         }
     }
 }
@@ -152,6 +158,8 @@ impl Service for ToApp {
         let pool = if protocol.is_h2() { &self.h2 } else { &self.h1 };
         let connector = self.connectors.for_protocol(protocol);
         let handshakes = &self.connectors.handshakes;
+        let mut req = req;
+        ctx.trace_hop(req.headers_mut());
         ctx.timings.wait_start();
         let sent = forward(req, pool, connector, handshakes, protocol, None, ctx).await;
         ctx.timings.wait_end();
