@@ -255,8 +255,28 @@ struct ProxyArgs {
     ca_bundle: Option<PathBuf>,
     #[command(flatten)]
     trace: TraceArgs,
+    /// Write an access log: one JSON line per request, to this file (`-`:
+    /// standard output). Off by default.
+    #[arg(long, env = "TANDEM_ACCESS_LOG")]
+    access_log: Option<PathBuf>,
+    /// The share of requests the access log shows (0 to 1).
+    #[arg(long, default_value_t = 1.0)]
+    access_log_sample: f64,
+    /// What of the path a line shows: `query` (the path, query values
+    /// redacted), `path` (none of it) or `none` (all of it).
+    #[arg(long, default_value = "query", value_parser = parse_redact)]
+    access_log_redact: tandem_proxy::Redact,
     #[command(flatten)]
     common: Common,
+}
+
+fn parse_redact(s: &str) -> Result<tandem_proxy::Redact, String> {
+    match s {
+        "query" => Ok(tandem_proxy::Redact::Query),
+        "path" => Ok(tandem_proxy::Redact::Path),
+        "none" => Ok(tandem_proxy::Redact::None),
+        other => Err(format!("`{other}`: use query, path or none")),
+    }
 }
 
 /// Distributed tracing, with OpenTelemetry's own variables.
@@ -566,6 +586,11 @@ fn main() -> ExitCode {
                 max_connections: a.max_connections,
                 max_requests: a.max_requests,
                 trace,
+                access_log: tandem_proxy::AccessLogConfig {
+                    path: a.access_log,
+                    sample: a.access_log_sample,
+                    redact: a.access_log_redact,
+                },
             };
             block_on(
                 a.common.threads,

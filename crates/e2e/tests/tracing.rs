@@ -368,3 +368,86 @@ fn tandem_up_hands_the_otel_variables_to_its_sidecars() {
     let shown = std::fs::read_to_string(dir.0.join("up.out")).unwrap_or_default();
     assert!(shown.contains("every sidecar exports spans to"), "{shown}");
 }
+
+#[test]
+fn access_log_lines_carry_the_trace_of_their_spans() {
+    let c = Collector::start();
+    let mesh = Mesh::start(&config());
+    let dir = TempDir::new("access");
+    let (client_log, web_log) = (dir.0.join("client.jsonl"), dir.0.join("web.jsonl"));
+    let with_log = |path: &std::path::Path| {
+        let mut a = export_to(&c, "http/protobuf");
+        a.extend(["--access-log".to_string(), path.display().to_string()]);
+        a
+    };
+    let _web = mesh.instance("web", "web-1", &[], &strs(&with_log(&web_log)));
+    let client = mesh.instance("client", "client-1", &[], &strs(&with_log(&client_log)));
+    let mut conn = KeepAlive::connect(client.http_proxy).expect("connect");
+    let trace_id = "5bf92f3577b34da6a3ce929d0e0e4736";
+    let r = conn
+        .send(
+            "GET",
+            "web:8080",
+            "/items?user=alice&token=secret",
+            &[(
+                "traceparent",
+                "00-5bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )],
+            b"",
+        )
+        .expect("answer");
+    assert_eq!(r.status, 200, "{r:?}");
+    let spans = trace(&c, trace_id, 3);
+    let lines = |path: &std::path::Path| -> Vec<Value> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+            .collect()
+    };
+    let (out, inb) = wait_for("a line in each access log", Duration::from_secs(20), || {
+        let (o, i) = (lines(&client_log), lines(&web_log));
+        (!o.is_empty() && !i.is_empty()).then_some((o, i))
+    });
+    let (out, inb) = (&out[0], &inb[0]);
+    for line in [out, inb] {
+        assert_eq!(line["trace_id"], trace_id, "{line}");
+        // The line's span is one of the trace's spans.
+        let span = line["span_id"].as_str().expect("span id");
+        assert!(
+            spans.iter().any(|s| s["span_id"] == span),
+            "{line} {spans:#?}"
+        );
+        assert_eq!(line["status"], 200, "{line}");
+        assert_eq!(line["method"], "GET", "{line}");
+        // Query values are redacted by default.
+        assert_eq!(
+            line["path"], "/items?user=redacted&token=redacted",
+            "{line}"
+        );
+        for f in ["duration_ms", "upstream_ms", "proxy_ms"] {
+            assert!(line[f].as_f64().is_some_and(|v| v >= 0.0), "{f}: {line}");
+        }
+        assert!(
+            line["time"].as_str().is_some_and(|t| t.ends_with('Z')),
+            "{line}"
+        );
+    }
+    // One request id across both hops, made by the first sidecar.
+    assert_eq!(out["request_id"].as_str().map(str::len), Some(36), "{out}");
+    assert_eq!(out["request_id"], inb["request_id"]);
+    assert_eq!(out["direction"], "outbound");
+    assert_eq!(out["caller"], "spiffe://tandem.local/ns/default/svc/client");
+    assert_eq!(out["callee"], "spiffe://tandem.local/ns/default/svc/web");
+    assert_eq!(out["tries"], 1);
+    assert!(out["endpoint"]
+        .as_str()
+        .is_some_and(|e| e.parse::<std::net::SocketAddr>().is_ok()));
+    assert_eq!(inb["direction"], "inbound");
+    assert_eq!(inb["caller"], "spiffe://tandem.local/ns/default/svc/client");
+    assert_eq!(inb["callee"], "spiffe://tandem.local/ns/default/svc/web");
+    assert!(
+        inb["response_bytes"].as_u64().is_some_and(|b| b > 0),
+        "{inb}"
+    );
+}

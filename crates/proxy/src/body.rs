@@ -178,8 +178,14 @@ impl http_body::Body for Served {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.body).poll_frame(cx);
-        if let Poll::Ready(None) = polled {
-            this.ctx.finish(true);
+        match &polled {
+            Poll::Ready(None) => this.ctx.finish(true),
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.ctx.response_bytes += d.len() as u64;
+                }
+            }
+            _ => {}
         }
         polled
     }

@@ -18,7 +18,7 @@ use crate::policy::circuit::InProgress;
 use crate::policy::deadline::Propagated;
 use crate::routing::Destination;
 use crate::telemetry::metrics::{Direction, Name};
-use crate::telemetry::otlp::Recording;
+use crate::telemetry::record::Recording;
 use crate::telemetry::trace::TraceContext;
 use crate::transport::pool::Stream;
 
@@ -49,6 +49,8 @@ pub(crate) struct Timings {
     /// (connection, network, the destination or the app), a retry's
     /// backoff, an injected delay. The rest is the sidecar's own.
     pub(crate) waited: Duration,
+    /// The sidecar's own time up to the response headers.
+    pub(crate) own: Option<Duration>,
     /// Since when the request waits, while it does (a wait cut short by a
     /// deadline is closed by [`Timings::own`]).
     waiting_since: Option<Instant>,
@@ -71,7 +73,9 @@ impl Timings {
             self.waited += now.saturating_duration_since(t);
         }
         let total = now.saturating_duration_since(self.accepted);
-        (total, total.saturating_sub(self.waited))
+        let own = total.saturating_sub(self.waited);
+        self.own = Some(own);
+        (total, own)
     }
 }
 
@@ -137,8 +141,10 @@ pub(crate) struct RequestCtx {
     /// The trace the request belongs to: this sidecar's span in it (or,
     /// with tracing off, the caller's trace as it came).
     pub(crate) span: Option<TraceContext>,
-    /// A sampled request's spans, recorded as it goes.
+    /// A request sampled for spans or the access log, recorded as it goes.
     pub(crate) trace: Option<Box<Recording>>,
+    /// Bytes of the response body sent so far.
+    pub(crate) response_bytes: u64,
     pub(crate) held: Held,
 }
 
@@ -173,10 +179,12 @@ impl RequestCtx {
                 upstream_headers: None,
                 done: None,
                 waited: Duration::ZERO,
+                own: None,
                 waiting_since: None,
             },
             span: None,
             trace: None,
+            response_bytes: 0,
             held: Held::default(),
         }
     }
@@ -215,7 +223,7 @@ impl RequestCtx {
         let now = Instant::now();
         self.timings.done = Some(now);
         self.held = Held::default();
-        self.end_trace(now);
+        self.end_recording(now);
         let t = &self.timings;
         tracing::debug!(
             direction = ?self.direction,

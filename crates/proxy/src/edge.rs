@@ -20,24 +20,24 @@ use crate::error::{MeshError, ERROR_HEADER};
 use crate::policy::deadline::Propagated;
 use crate::svc::Service;
 use crate::telemetry::metrics::{Metrics, Name, RequestLabels};
-use crate::telemetry::otlp::Tracer;
+use crate::telemetry::record::Recorder;
 use crate::telemetry::trace::{request_id, REQUEST_ID};
 
 /// A stack of layers with its edge.
 pub(crate) struct Edge<S> {
     stack: S,
     metrics: Arc<Metrics>,
-    tracer: Arc<Tracer>,
+    recorder: Arc<Recorder>,
     /// The `route` label of a request no route rule took.
     no_route: Name,
 }
 
 impl<S: Service> Edge<S> {
-    pub(crate) fn new(stack: S, metrics: Arc<Metrics>, tracer: Arc<Tracer>) -> Arc<Self> {
+    pub(crate) fn new(stack: S, metrics: Arc<Metrics>, recorder: Arc<Recorder>) -> Arc<Self> {
         Arc::new(Edge {
             stack,
             metrics,
-            tracer,
+            recorder,
             no_route: Name::from(""),
         })
     }
@@ -64,10 +64,10 @@ impl<S: Service> Edge<S> {
         if !req.headers().contains_key(&REQUEST_ID) {
             req.headers_mut().insert(REQUEST_ID, request_id());
         }
-        self.tracer.start(
+        self.recorder.start(
             &mut ctx,
             req.method(),
-            req.uri().path(),
+            req.uri(),
             req.headers(),
             req.version(),
         );

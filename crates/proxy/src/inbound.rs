@@ -77,7 +77,7 @@ pub(crate) struct Parts {
     pub(crate) routes: Arc<Routes>,
     pub(crate) identity: Arc<Identity>,
     pub(crate) metrics: Arc<Metrics>,
-    pub(crate) tracer: Arc<crate::telemetry::otlp::Tracer>,
+    pub(crate) recorder: Arc<crate::telemetry::record::Recorder>,
     pub(crate) limits: Arc<Limits>,
     pub(crate) connectors: Arc<Connectors>,
     pub(crate) tcp_tls: MeshTls,
@@ -111,7 +111,7 @@ pub(crate) fn build(p: Parts) -> Arc<Inbound<impl Service>> {
     use tandem_identity::tls::{ALPN_H2, ALPN_HTTP11};
     let unknown = Name::from("unknown");
     Arc::new(Inbound {
-        edge: Edge::new(stack, p.metrics.clone(), p.tracer.clone()),
+        edge: Edge::new(stack, p.metrics.clone(), p.recorder.clone()),
         server_http: p.identity.tls.server_config(&[ALPN_H2, ALPN_HTTP11]),
         server_tcp: p.identity.tls.server_config(&[]),
         routes: p.routes,

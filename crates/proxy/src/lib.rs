@@ -34,5 +34,6 @@ mod transport;
 
 pub use control::identity::channel as control_channel;
 pub use sidecar::{run, ProxyConfig};
+pub use telemetry::access::{AccessLogConfig, Redact};
 pub use telemetry::otlp::{OtlpProtocol, TraceConfig};
 pub use telemetry::trace::Sampler;

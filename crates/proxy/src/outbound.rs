@@ -72,7 +72,7 @@ pub(crate) struct Parts {
     pub(crate) routes: Arc<Routes>,
     pub(crate) subscriptions: Arc<Subscriptions>,
     pub(crate) metrics: Arc<Metrics>,
-    pub(crate) tracer: Arc<crate::telemetry::otlp::Tracer>,
+    pub(crate) recorder: Arc<crate::telemetry::record::Recorder>,
     pub(crate) limits: Arc<Limits>,
     pub(crate) connectors: Arc<Connectors>,
     pub(crate) tls: Arc<tandem_identity::tls::TlsIdentity>,
@@ -159,7 +159,7 @@ pub(crate) async fn serve_http_proxy(
     let edge = Edge::new(
         stack(&p, Listen::ByAuthority),
         p.metrics.clone(),
-        p.tracer.clone(),
+        p.recorder.clone(),
     );
     let limits = p.limits.clone();
     tandem_runtime::accept_loop(listener, "http proxy", stopped(stop.clone()), |sock, _| {
@@ -182,7 +182,7 @@ pub(crate) async fn serve_upstream(
     let edge = Edge::new(
         stack(&p, Listen::Fixed(name.clone())),
         p.metrics.clone(),
-        p.tracer.clone(),
+        p.recorder.clone(),
     );
     let limits = p.limits.clone();
     tandem_runtime::accept_loop(listener, "upstream", stopped(stop.clone()), |sock, _| {

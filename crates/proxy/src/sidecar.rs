@@ -21,9 +21,11 @@ use crate::listen::{serve_http_conn, stopped, Drain};
 use crate::outbound::discover::destination_key;
 use crate::policy::overload::Limits;
 use crate::routing::Routes;
+use crate::telemetry::access::{AccessLog, AccessLogConfig};
 use crate::telemetry::admin::{self, Admin};
 use crate::telemetry::metrics::{Metrics, Name};
-use crate::telemetry::otlp::{Me, TraceConfig, Tracer};
+use crate::telemetry::otlp::{Exporter, Me, TraceConfig};
+use crate::telemetry::record::Recorder;
 use crate::transport::forward::Connectors;
 use crate::transport::tls::{Connector, MeshTls, PeerNames};
 use crate::{inbound, outbound};
@@ -60,6 +62,8 @@ pub struct ProxyConfig {
     pub ca_bundle: Option<Vec<rustls_pki_types::CertificateDer<'static>>>,
     /// Spans and their export (OTLP).
     pub trace: TraceConfig,
+    /// The access log.
+    pub access_log: AccessLogConfig,
 }
 
 impl std::fmt::Debug for ProxyConfig {
@@ -145,18 +149,28 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
         metrics.overload.clone(),
     );
     let service = Name::from(cfg.service.as_str());
-    let tracer = Arc::new(Tracer::new(
-        &cfg.trace,
-        Me {
-            namespace: cfg.namespace.clone(),
-            service: cfg.service.clone(),
-            instance: cfg.instance.clone(),
-            trust_domain: identity
-                .tls
-                .leaf()
-                .map_or_else(|| "tandem.local".to_string(), |l| l.id.trust_domain.clone()),
-        },
-        metrics.spans.clone(),
+    let me = Me {
+        namespace: cfg.namespace.clone(),
+        service: cfg.service.clone(),
+        instance: cfg.instance.clone(),
+        trust_domain: identity
+            .tls
+            .leaf()
+            .map_or_else(|| "tandem.local".to_string(), |l| l.id.trust_domain.clone()),
+    };
+    let access = AccessLog::open(
+        &cfg.access_log,
+        format!(
+            "spiffe://{}/ns/{}/svc/{}",
+            me.trust_domain, me.namespace, me.service
+        ),
+        me.trust_domain.clone(),
+        metrics.access_log_dropped.clone(),
+    )?;
+    let recorder = Arc::new(Recorder::new(
+        cfg.trace.sampler,
+        Exporter::new(&cfg.trace, &me, metrics.spans.clone()),
+        access,
     ));
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -214,7 +228,7 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
         routes: routes.clone(),
         identity: identity.clone(),
         metrics: metrics.clone(),
-        tracer: tracer.clone(),
+        recorder: recorder.clone(),
         limits: limits.clone(),
         connectors: connectors.clone(),
         tcp_tls: mesh_tls(&[]),
@@ -227,7 +241,7 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
         routes: routes.clone(),
         subscriptions: subscriptions.clone(),
         metrics: metrics.clone(),
-        tracer,
+        recorder,
         limits,
         connectors,
         tls: identity.tls.clone(),

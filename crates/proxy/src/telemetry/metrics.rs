@@ -142,6 +142,7 @@ pub(crate) struct Metrics {
     pub(crate) faults: Family<FaultLabels, Counter>,
     pub(crate) mirrors: Family<MirrorLabels, Counter>,
     pub(crate) spans: Family<SpanLabels, Counter>,
+    pub(crate) access_log_dropped: Counter,
     registry: Registry,
 }
 
@@ -172,6 +173,7 @@ impl Metrics {
         let faults = Family::<FaultLabels, Counter>::default();
         let mirrors = Family::<MirrorLabels, Counter>::default();
         let spans = Family::<SpanLabels, Counter>::default();
+        let access_log_dropped = Counter::default();
         let mut r = Registry::with_prefix("tandem");
         r.register_collector(Box::new(traffic.clone()));
         r.register(
@@ -188,6 +190,11 @@ impl Metrics {
             "trace_spans",
             "Spans this sidecar made, by result: exported, dropped-queue-full (the export queue was full) or dropped-export-failed (the collector did not take them)",
             spans.clone(),
+        );
+        r.register(
+            "access_log_dropped_lines",
+            "Access log lines dropped because the writer was behind (a slow disk)",
+            access_log_dropped.clone(),
         );
         r.register(
             "outlier_ejections",
@@ -284,6 +291,7 @@ impl Metrics {
             faults,
             mirrors,
             spans,
+            access_log_dropped,
             registry: r,
         }
     }

@@ -11,11 +11,9 @@
 //! the OpenTelemetry SDK's tracer is not used: a sidecar's spans are a few
 //! per request, made from its request context.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::{HeaderMap, HeaderValue, Method, Version};
+use http::Version;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
@@ -30,9 +28,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::ctx::RequestCtx;
-use crate::error::MeshError;
 use crate::telemetry::metrics::Direction;
-use crate::telemetry::trace::{new_span_id, Parent, Sampler, TraceContext};
+use crate::telemetry::record::Recording;
+use crate::telemetry::trace::{Sampler, TraceContext};
 
 /// Spans waiting for export, at most; more are dropped.
 pub(crate) const QUEUE: usize = 2048;
@@ -88,161 +86,49 @@ pub(crate) struct Me {
     pub(crate) trust_domain: String,
 }
 
-/// Starts and records the spans of requests.
-pub(crate) struct Tracer {
-    sampler: Sampler,
-    queue: Option<mpsc::Sender<Span>>,
+/// Sends the spans of sampled requests to the collector.
+pub(crate) struct Exporter {
+    queue: mpsc::Sender<Span>,
     spans: Family<SpanLabels, Counter>,
     trust_domain: String,
 }
 
-/// A sampled request's span, filled in as the request goes.
-pub(crate) struct Recording {
-    tracer: Arc<Tracer>,
-    /// The wall clock when the request arrived.
-    started: SystemTime,
-    method: Method,
-    path: Box<str>,
-    host: Option<HeaderValue>,
-    version: Version,
-    tries: Vec<TrySpan>,
-}
-
-struct TrySpan {
-    span_id: u64,
-    start: Instant,
-    end: Option<Instant>,
-    endpoint: Option<SocketAddr>,
-    /// The mTLS server name of a meshed endpoint.
-    identity: Option<String>,
-    status: u16,
-    flag: Option<MeshError>,
-}
-
-impl Tracer {
-    /// A tracer that exports to `cfg`'s collector (spawning the export
-    /// task), or one that only lets trace headers through.
-    pub(crate) fn new(cfg: &TraceConfig, me: Me, spans: Family<SpanLabels, Counter>) -> Self {
+impl Exporter {
+    /// An exporter to `cfg`'s collector (spawning the export task), if it
+    /// names one.
+    pub(crate) fn new(
+        cfg: &TraceConfig,
+        me: &Me,
+        spans: Family<SpanLabels, Counter>,
+    ) -> Option<Self> {
         let target = match (&cfg.traces_endpoint, &cfg.endpoint) {
-            (Some(url), _) => Some(Target::new(cfg.protocol, url.clone(), true)),
-            (None, Some(base)) => Some(Target::new(cfg.protocol, base.clone(), false)),
-            (None, None) => None,
+            (Some(url), _) => Target::new(cfg.protocol, url.clone(), true),
+            (None, Some(base)) => Target::new(cfg.protocol, base.clone(), false),
+            (None, None) => return None,
         };
-        let queue = match target {
-            Some(Ok(target)) => {
+        match target {
+            Ok(target) => {
                 let (tx, rx) = mpsc::channel(QUEUE);
-                tokio::spawn(export(rx, target, resource(&me), spans.clone()));
-                Some(tx)
+                tokio::spawn(export(rx, target, resource(me), spans.clone()));
+                Some(Exporter {
+                    queue: tx,
+                    spans,
+                    trust_domain: me.trust_domain.clone(),
+                })
             }
-            Some(Err(e)) => {
+            Err(e) => {
                 tracing::warn!(error = %e, "tracing off: bad OTLP endpoint");
                 None
             }
-            None => None,
-        };
-        Tracer {
-            sampler: cfg.sampler,
-            queue,
-            spans,
-            trust_domain: me.trust_domain,
         }
     }
 
-    /// The request's trace: the caller's joined (or a new one) with a span
-    /// of this sidecar's when spans are exported; otherwise the caller's
-    /// trace as it came, for logs, and its headers untouched.
-    pub(crate) fn start(
-        self: &Arc<Self>,
-        ctx: &mut RequestCtx,
-        method: &Method,
-        path: &str,
-        headers: &HeaderMap,
-        version: Version,
-    ) {
-        let parent = Parent::of(headers);
-        if self.queue.is_none() {
-            ctx.span = parent.map(|p| TraceContext {
-                trace_id: p.trace_id,
-                parent_id: Some(p.span_id),
-                span_id: p.span_id,
-                sampled: false,
-                format: p.format,
-                ours: false,
-            });
-            return;
-        }
-        let t = TraceContext::start(parent, &self.sampler);
-        ctx.span = Some(t);
-        if t.sampled {
-            ctx.trace = Some(Box::new(Recording {
-                tracer: self.clone(),
-                started: SystemTime::now(),
-                method: method.clone(),
-                path: path.into(),
-                host: headers.get(http::header::HOST).cloned(),
-                version,
-                tries: Vec::new(),
-            }));
-        }
-    }
-}
-
-impl RequestCtx {
-    /// Marks `headers` (of a try to an endpoint, or of the request to the
-    /// app) with this sidecar's span as the next hop's parent; a sampled
-    /// outbound request's try gets a span of its own.
-    pub(crate) fn trace_hop(&mut self, headers: &mut HeaderMap) {
-        let Some(t) = self.span.filter(|t| t.ours) else {
-            return;
-        };
-        let span_id = match (&mut self.trace, self.direction) {
-            (Some(r), Direction::outbound) => {
-                let id = new_span_id();
-                r.tries.push(TrySpan {
-                    span_id: id,
-                    start: Instant::now(),
-                    end: None,
-                    endpoint: None,
-                    identity: None,
-                    status: 0,
-                    flag: None,
-                });
-                id
-            }
-            _ => t.span_id,
-        };
-        t.inject(headers, span_id);
-    }
-
-    /// The current try ended: its endpoint, status (0: none) and flag.
-    pub(crate) fn trace_hop_done(&mut self, status: u16, flag: Option<MeshError>) {
-        if self.trace.is_none() {
-            return;
-        }
-        let endpoint = self.endpoint_addr();
-        let identity = self.endpoint_server_name();
-        if let Some(t) = self.trace.as_mut().and_then(|r| r.tries.last_mut()) {
-            if t.end.is_none() {
-                t.end = Some(Instant::now());
-                t.endpoint = endpoint;
-                t.identity = identity;
-                t.status = status;
-                t.flag = flag;
-            }
-        }
-    }
-
-    /// At the end of the response: the spans of a sampled request go to
-    /// the export queue (or are dropped, and counted, when it is full).
-    pub(crate) fn end_trace(&mut self, now: Instant) {
-        let Some(rec) = self.trace.take() else { return };
-        let Some(t) = self.span else { return };
-        let tracer = rec.tracer.clone();
-        let Some(queue) = &tracer.queue else { return };
-        for span in spans(self, &t, *rec, now, &tracer.trust_domain) {
-            if queue.try_send(span).is_err() {
-                tracer
-                    .spans
+    /// Queues the spans of a request that ended `now` (a full queue drops
+    /// them, counted).
+    pub(crate) fn send(&self, ctx: &RequestCtx, t: &TraceContext, rec: &Recording, now: Instant) {
+        for span in spans(ctx, t, rec, now, &self.trust_domain) {
+            if self.queue.try_send(span).is_err() {
+                self.spans
                     .get_or_create(&SpanLabels {
                         result: "dropped-queue-full",
                     })
@@ -272,7 +158,7 @@ fn i(key: &str, v: i64) -> KeyValue {
 fn spans(
     ctx: &RequestCtx,
     t: &TraceContext,
-    rec: Recording,
+    rec: &Recording,
     now: Instant,
     trust_domain: &str,
 ) -> Vec<Span> {
@@ -326,15 +212,7 @@ fn spans(
     if let Some(f) = flag {
         attrs.push(s("tandem.response_flag", f.reason()));
     }
-    let own = ctx
-        .timings
-        .upstream_headers
-        .map(|_| ctx.timings.waited)
-        .map(|w| {
-            now.saturating_duration_since(ctx.timings.accepted)
-                .saturating_sub(w)
-        });
-    if let Some(own) = own {
+    if let Some(own) = ctx.timings.own {
         attrs.push(kv(
             "tandem.proxy_duration_ms",
             any_value::Value::DoubleValue(own.as_secs_f64() * 1e3),
