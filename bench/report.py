@@ -296,6 +296,8 @@ LABELS = {
     "direct": "direct (client → nginx)",
     "tandem": "tandem pair, mTLS (client → tandem ⇒ tandem → nginx)",
     "tandem-filters": "tandem pair, a route rule with filters (headers set/added/removed both ways, a path rewrite)",
+    "tandem-trace-1pct": "tandem pair making and exporting spans (OTLP/HTTP), 1 % of requests sampled",
+    "tandem-trace-100pct": "tandem pair making and exporting spans (OTLP/HTTP), every request sampled",
     "envoy": "envoy pair, mTLS (client → envoy ⇒ envoy → nginx)",
     "haproxy": "haproxy hop (client → haproxy → nginx)",
     "haproxy-pair": "haproxy pair, mTLS (client → haproxy ⇒ haproxy → nginx)",
@@ -462,7 +464,8 @@ def cmd_render(args: argparse.Namespace) -> None:
     header = ["path", "p50 ms", "p99 ms", "p99.9 ms", "added p50 ms", "added p99 ms",
               "max req/s", "RSS idle MiB", "RSS loaded MiB"]
     rows = []
-    for name in ("direct", "tandem", "tandem-filters", "envoy", "haproxy", "haproxy-pair"):
+    for name in ("direct", "tandem", "tandem-filters", "tandem-trace-1pct", "tandem-trace-100pct",
+                 "envoy", "haproxy", "haproxy-pair"):
         d = data.get(name)
         if d is None:
             continue
@@ -540,6 +543,48 @@ def cmd_render(args: argparse.Namespace) -> None:
                      fmt_ratio(f["max_rps"], t["max_rps"])])
         w(md_table(["metric", "no filters", "filters", "filters − none"], rows))
         w("")
+
+    traced = [(n, data[n]) for n in ("tandem-trace-1pct", "tandem-trace-100pct") if n in data]
+    if t and traced:
+        w("## Cost of tracing")
+        w("")
+        w("Tandem pairs with the same config, one without tracing (`tandem`) and two "
+          "that make spans (a server span, a client span and one per try, per request) "
+          "and export them over OTLP/HTTP to a local sink (`bench/otlp-sink.py`) with "
+          "`--trace-sampler parentbased_traceidratio`, at 1 % and at 100 %. The "
+          "requests carry no trace headers, so the sidecars start the traces and the "
+          "ratio decides. Difference = traced − untraced.")
+        w("")
+        header = ["metric", "untraced"]
+        for n, _ in traced:
+            header += [n.removeprefix("tandem-trace-").replace("pct", " %"), "difference"]
+        rows = []
+        for k, key in (("p50 ms", "p50"), ("p99 ms", "p99")):
+            if t[key] is None:
+                continue
+            row = [k, fmt_ms(t[key])]
+            for _, d in traced:
+                row += [fmt_ms(d[key]), fmt_ms(d[key] - t[key], True) if d[key] is not None else "–"]
+            rows.append(row)
+        row = ["max req/s", fmt_rps(t["max_rps"])]
+        for _, d in traced:
+            row += [fmt_rps(d["max_rps"]), fmt_ratio(d["max_rps"], t["max_rps"])]
+        rows.append(row)
+        row = ["RSS loaded MiB (pair)", fmt_mib(t["loaded_total"])]
+        for _, d in traced:
+            row += [fmt_mib(d["loaded_total"]), fmt_ratio(d["loaded_total"], t["loaded_total"])]
+        rows.append(row)
+        w(md_table(header, rows))
+        w("")
+        spans_path = res / "tandem-trace-spans.txt"
+        if spans_path.exists() and spans_path.read_text().strip():
+            w("Spans counted by the traced sidecars at the end of the run "
+              "(`tandem_trace_spans_total`, admin port and result):")
+            w("")
+            w("```")
+            w(spans_path.read_text().strip())
+            w("```")
+            w("")
 
     anchors = [(n, data[n]) for n in ("haproxy", "haproxy-pair", "envoy") if n in data]
     if t and anchors:

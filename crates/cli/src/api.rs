@@ -136,6 +136,38 @@ pub async fn send_json(
     Ok(serde_json::from_slice(&body)?)
 }
 
+/// `GET path` whose answer is read as it comes (a tap): the response, once
+/// its status says the call was taken.
+pub async fn get_stream(
+    target: &Target,
+    path: &str,
+) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
+    let api = target.api;
+    let client: Client<_, Full<hyper::body::Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let mut req = hyper::Request::builder().uri(format!("http://{api}{path}"));
+    if let Some((credential, _)) = &target.credential {
+        req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {credential}"));
+    }
+    let resp = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.request(req.body(Full::default())?),
+    )
+    .await
+    .context("the control plane did not answer in 5s")?
+    .with_context(|| format!("cannot reach the control plane API at {api}"))?;
+    if resp.status().is_success() {
+        return Ok(resp);
+    }
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    let msg = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
+        .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+    anyhow::bail!("control plane answered {status}: {msg}")
+}
+
 pub fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -8,6 +8,8 @@ mod explain;
 mod identity;
 mod prometheus;
 mod rollout;
+mod tap;
+mod top;
 mod up;
 
 use std::net::SocketAddr;
@@ -116,6 +118,10 @@ enum Command {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// A live table of the busiest service pairs and routes.
+    Top(Box<top::TopArgs>),
+    /// A live stream of the requests a service's sidecars handle.
+    Tap(Box<tap::TapArgs>),
     /// Every proxy known to the control plane and the config version it runs.
     Status {
         #[command(flatten)]
@@ -655,6 +661,8 @@ fn main() -> ExitCode {
         } => api::stat(&api, window, output == Output::Json),
         Command::Status { api, output } => api::status(&api, output == Output::Json),
         Command::Rollout(cmd) => rollout::run(cmd),
+        Command::Top(args) => top::run(*args),
+        Command::Tap(args) => tap::run(*args),
         Command::Token(TokenCommand::Create {
             service,
             namespace,

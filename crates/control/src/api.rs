@@ -2,7 +2,10 @@
 //!
 //! - `GET /api/v1/proxies` — every known proxy and the config version it runs
 //! - `GET /api/v1/stats?window=DURATION` — golden signals per service pair
+//! - `GET /api/v1/stats/routes?window=DURATION` — the same per route and backend
 //! - `GET /api/v1/config` — the config in force and the last refused change
+//! - `GET /api/v1/tap?service=S&path=P&method=M&rate=N` — a live stream of
+//!   request summaries from S's proxies (JSON lines)
 //! - `GET /api/v1/push` — the push loop: rounds, compiles, sessions
 //! - `GET /api/v1/ca` — trust domain, roots, signing root, rotation phase
 //! - `POST /api/v1/ca/rotate` — start a root rotation
@@ -26,13 +29,18 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
 use crate::identity::Ca;
 use crate::mesh::Mesh;
 use crate::rollout::{ActError, Action, Rollouts};
 use crate::stats::Stats;
+use crate::tap::{TapRequest, Taps};
+
+/// An answer's body: JSON, or a stream of JSON lines (taps).
+pub type ApiBody = UnsyncBoxBody<Bytes, Infallible>;
 
 /// Largest `POST /api/v1/explain` body read.
 const MAX_EXPLAIN_BODY: usize = 64 << 10;
@@ -42,6 +50,7 @@ pub struct Api {
     pub stats: Arc<Stats>,
     pub ca: Arc<Ca>,
     pub rollouts: Arc<Rollouts>,
+    pub taps: Arc<Taps>,
     pub access: Access,
 }
 
@@ -162,7 +171,7 @@ impl Api {
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
-    ) -> Result<Response<Full<Bytes>>, Infallible> {
+    ) -> Result<Response<ApiBody>, Infallible> {
         let (head, body) = req.into_parts();
         let open = matches!(head.uri.path(), "/healthz" | "/readyz");
         match self.access.check(&head, open) {
@@ -223,6 +232,11 @@ impl Api {
                 Ok(window) => json(StatusCode::OK, &self.stats.query(window)),
                 Err(e) => json(StatusCode::BAD_REQUEST, &serde_json::json!({ "error": e })),
             },
+            "/api/v1/stats/routes" => match stats_window(req.uri().query()) {
+                Ok(window) => json(StatusCode::OK, &self.stats.routes(window)),
+                Err(e) => json(StatusCode::BAD_REQUEST, &serde_json::json!({ "error": e })),
+            },
+            "/api/v1/tap" => self.tap(req.uri().query()),
             "/api/v1/config" => json(StatusCode::OK, &self.mesh.config_status()),
             "/api/v1/push" => json(StatusCode::OK, &self.mesh.push_status()),
             "/api/v1/ca" => json(StatusCode::OK, &self.ca.info()),
@@ -255,7 +269,7 @@ impl Api {
     /// `POST /api/v1/explain`: what the mesh would do with the request in
     /// the body (`tandem_config::explain::ExplainRequest`, JSON), from the
     /// config and rollout splits in force.
-    async fn explain(&self, body: Incoming) -> Response<Full<Bytes>> {
+    async fn explain(&self, body: Incoming) -> Response<ApiBody> {
         use http_body_util::BodyExt;
         let bad = |e: String| json(StatusCode::BAD_REQUEST, &serde_json::json!({ "error": e }));
         let read = tokio::time::timeout(
@@ -284,7 +298,78 @@ impl Api {
         }
     }
 
-    async fn rollout_action(&self, ns: &str, name: &str, action: &str) -> Response<Full<Bytes>> {
+    /// `GET /api/v1/tap?service=NAME[.NAMESPACE]&path=PREFIX&method=M&rate=N&headers=reveal`:
+    /// the tapped proxies' summaries as JSON lines, for as long as the
+    /// caller reads (`?max=N` ends the answer after N lines).
+    fn tap(&self, query: Option<&str>) -> Response<ApiBody> {
+        let bad = |e: &str| json(StatusCode::BAD_REQUEST, &serde_json::json!({ "error": e }));
+        let param = |k| query_param(query, k).map(decode);
+        let Some(service) = param("service").filter(|s| !s.is_empty()) else {
+            return bad("name the service to tap: ?service=NAME");
+        };
+        let (ns, svc) =
+            tandem_config::compile::resolve_name(&service, tandem_config::model::DEFAULT_NAMESPACE);
+        if !tandem_identity::spiffe::valid_label(ns) || !tandem_identity::spiffe::valid_label(svc) {
+            return bad("the service is not a service name");
+        }
+        let path = param("path").unwrap_or_else(|| "/".into());
+        if !path.starts_with('/') || path.len() > 1024 {
+            return bad("path must be a path prefix (`/api`)");
+        }
+        let method = param("method").unwrap_or_default().to_ascii_uppercase();
+        if method.len() > 32 || !method.bytes().all(|b| b.is_ascii_uppercase()) {
+            return bad("method must be an HTTP method");
+        }
+        let rate = match param("rate").map(|r| r.parse::<u32>()) {
+            None => 50,
+            Some(Ok(r)) if (1..=1000).contains(&r) => r,
+            Some(_) => return bad("rate must be 1 to 1000 summaries a second"),
+        };
+        let max = match param("max").map(|r| r.parse::<u64>()) {
+            None => u64::MAX,
+            Some(Ok(m)) if m > 0 => m,
+            Some(_) => return bad("max must be a positive number"),
+        };
+        let tap = self.taps.start(
+            &self.mesh,
+            TapRequest {
+                namespace: ns.to_string(),
+                service: svc.to_string(),
+                path_prefix: path,
+                method,
+                per_second: rate,
+                reveal_headers: param("headers").as_deref() == Some("reveal"),
+            },
+        );
+        if tap.proxies == 0 {
+            return json(
+                StatusCode::NOT_FOUND,
+                &serde_json::json!({ "error": format!("no connected proxy of {ns}/{svc} to tap") }),
+            );
+        }
+        // The first line says what is tapped; then one line per request.
+        let first = serde_json::json!({ "tap": tap.id, "service": format!("{ns}/{svc}"), "proxies": tap.proxies })
+            .to_string();
+        let lines = futures_util::stream::unfold((tap, 0u64), move |(mut tap, n)| async move {
+            if n >= max {
+                return None;
+            }
+            let line = tap.events.recv().await?;
+            Some((line, (tap, n + 1)))
+        });
+        let frames = futures_util::StreamExt::map(
+            futures_util::StreamExt::chain(futures_util::stream::once(async { first }), lines),
+            |l| Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from(l + "\n"))),
+        );
+        let mut r = Response::new(http_body_util::StreamBody::new(frames).boxed_unsync());
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/x-ndjson"),
+        );
+        r
+    }
+
+    async fn rollout_action(&self, ns: &str, name: &str, action: &str) -> Response<ApiBody> {
         let Some(a) = Action::parse(action) else {
             return json(
                 StatusCode::NOT_FOUND,
@@ -334,6 +419,31 @@ fn stats_window(query: Option<&str>) -> Result<Duration, String> {
     }
 }
 
+/// `%2F` and `+` in a query value.
+fn decode(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+                {
+                    Ok(x) => {
+                        out.push(x);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn query_param<'a>(q: Option<&'a str>, name: &str) -> Option<&'a str> {
     q?.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=')?;
@@ -341,9 +451,9 @@ fn query_param<'a>(q: Option<&'a str>, name: &str) -> Option<&'a str> {
     })
 }
 
-fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Response<Full<Bytes>> {
+fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Response<ApiBody> {
     let body = serde_json::to_vec_pretty(v).unwrap_or_default();
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed_unsync());
     *r.status_mut() = status;
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,

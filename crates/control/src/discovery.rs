@@ -27,6 +27,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::identity::Ca;
 use crate::mesh::{Mesh, StreamEnds};
 use crate::stats::Stats;
+use crate::tap::Taps;
 
 /// Most destinations one proxy may ask for (its Hello's interest and its
 /// subscriptions together).
@@ -68,6 +69,8 @@ pub struct DiscoveryService {
     /// Where the proxies' traffic reports go, and how often they come.
     pub stats: Arc<Stats>,
     pub report_interval: Duration,
+    /// Where the proxies' tap summaries go.
+    pub taps: Arc<Taps>,
 }
 
 /// The fields of a Hello, each within its bounds. Conflicts with other
@@ -158,6 +161,7 @@ impl Discovery for DiscoveryService {
         hello.token.clear();
         let (tx, rx) = watch::channel(None);
         let (end_tx, end_rx) = oneshot::channel::<Status>();
+        let (commands, commands_rx) = tokio::sync::mpsc::channel::<ControlMessage>(16);
         let mesh = self.mesh.clone();
         let (key, conn) = mesh
             .connect(
@@ -166,10 +170,12 @@ impl Discovery for DiscoveryService {
                 StreamEnds {
                     snapshots: tx,
                     end: end_tx,
+                    commands,
                 },
             )
             .await?;
         let stats = self.stats.clone();
+        let taps = self.taps.clone();
         tokio::spawn(async move {
             while let Ok(Some(m)) = inbound.message().await {
                 match m.kind {
@@ -183,6 +189,7 @@ impl Discovery for DiscoveryService {
                         }
                     }
                     Some(proxy_message::Kind::Leave(_)) => mesh.leave(&key, conn).await,
+                    Some(proxy_message::Kind::TapEvent(e)) => taps.deliver(&key, e.id, e.json),
                     Some(proxy_message::Kind::Report(r)) => {
                         if let Err(why) = stats.report(&key, r) {
                             tracing::warn!(proxy = %key.2, %why, "traffic report refused");
@@ -212,6 +219,12 @@ impl Discovery for DiscoveryService {
             })),
         })));
         let snapshots = futures_util::StreamExt::chain(report_every, snapshots);
+        // Taps and the like, between snapshots.
+        let commands = futures_util::StreamExt::map(
+            tokio_stream::wrappers::ReceiverStream::new(commands_rx),
+            Ok,
+        );
+        let snapshots = futures_util::stream::select(snapshots, commands);
         let both = futures_util::stream::select(snapshots, ended);
         // Nothing after the end.
         let mut over = false;

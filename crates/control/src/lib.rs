@@ -15,6 +15,7 @@ pub mod rollout;
 mod rotation;
 mod snapshots;
 pub mod stats;
+pub mod tap;
 mod versions;
 mod watch;
 
@@ -153,11 +154,13 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
     }
     tokio::spawn(rollouts.clone().run(rollout::TICK));
     let stats_for_streams = stats.clone();
+    let taps = Arc::new(tap::Taps::default());
     let api = Arc::new(api::Api {
         mesh: mesh.clone(),
         stats,
         ca: ca.clone(),
         rollouts,
+        taps: taps.clone(),
         access: api::Access {
             credential,
             hosts: cfg.api_hosts.clone(),
@@ -192,6 +195,7 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
                 ca: ca.clone(),
                 stats: stats_for_streams,
                 report_interval: cfg.report_interval,
+                taps: taps.clone(),
             }))
             .add_service(IdentityServer::new(identity::IdentityService { ca, mesh }))
             .serve_with_incoming_shutdown(incoming, async {

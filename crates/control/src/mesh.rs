@@ -25,13 +25,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
-use tandem_api::v1::{Certificate, Hello, Snapshot as WireSnapshot};
+use tandem_api::v1::{Certificate, ControlMessage, Hello, Snapshot as WireSnapshot};
 use tandem_config::rollout::Splits;
 use tandem_config::snapshot::Trust;
 use tandem_config::ResourceSet;
 use tandem_runtime::sync::Mutex;
 use tandem_store::{Kv, Presence, Registration, RegistryStore};
-use tokio::sync::{oneshot, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::registry::EndpointTable;
 use crate::snapshots::{compile_groups, Group, Inputs, Snapshots};
@@ -47,6 +47,8 @@ pub type SnapshotTx = watch::Sender<Option<WireSnapshot>>;
 pub struct StreamEnds {
     pub snapshots: SnapshotTx,
     pub end: oneshot::Sender<tonic::Status>,
+    /// Other messages for the proxy (taps).
+    pub commands: mpsc::Sender<ControlMessage>,
 }
 
 /// Highest config version a proxy may say it applied: versions stay exact
@@ -107,6 +109,7 @@ struct Session {
     tx: Option<SnapshotTx>,
     /// Ends the stream with a status (taken when used).
     end: Option<oneshot::Sender<tonic::Status>>,
+    commands: mpsc::Sender<ControlMessage>,
     /// Reconnected during warm-up with a config of its own: it keeps that
     /// config until the warm-up ends or it asks for something new.
     held: bool,
@@ -365,6 +368,7 @@ impl Mesh {
                     lineage,
                     tx: Some(ends.snapshots),
                     end: Some(ends.end),
+                    commands: ends.commands,
                     held,
                     leaving: false,
                     group,
@@ -389,6 +393,17 @@ impl Mesh {
         }
         self.wake.notify_one();
         Ok((key, conn))
+    }
+
+    /// Sends `msg` to every connected proxy of `namespace/service`; the
+    /// number that took it (a proxy whose queue is full is skipped).
+    pub fn command(&self, namespace: &str, service: &str, msg: &ControlMessage) -> usize {
+        let st = self.state.lock();
+        st.sessions
+            .iter()
+            .filter(|((ns, svc, _), s)| ns == namespace && svc == service && s.tx.is_some())
+            .filter(|(_, s)| s.commands.try_send(msg.clone()).is_ok())
+            .count()
     }
 
     /// Ends a proxy's stream with `status`.
@@ -826,7 +841,12 @@ spec: {ports: [{port: 80, protocol: http}]}
     ) -> Result<(ProxyKey, u64, Rx, Ended), tonic::Status> {
         let (tx, rx) = watch::channel(None);
         let (end, ended) = oneshot::channel();
-        let ends = StreamEnds { snapshots: tx, end };
+        let (commands, _) = mpsc::channel(1);
+        let ends = StreamEnds {
+            snapshots: tx,
+            end,
+            commands,
+        };
         let (key, conn) = mesh.connect(h, lineage.to_string(), ends).await?;
         Ok((key, conn, rx, ended))
     }

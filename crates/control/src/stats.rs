@@ -42,7 +42,12 @@ pub type Pair = (String, String);
 struct Sample {
     at: Instant,
     pairs: HashMap<Pair, PairCounters>,
+    /// Outbound requests by (route, backend).
+    routes: HashMap<Pair, PairCounters>,
 }
+
+/// Counters by pair, and by route, of one report.
+type Reported = (HashMap<Pair, PairCounters>, HashMap<Pair, PairCounters>);
 
 #[derive(Default)]
 pub struct Stats {
@@ -64,6 +69,20 @@ pub struct Signals {
     /// A fraction (0.995).
     pub success_rate: f64,
     pub p99_ms: f64,
+}
+
+/// One route and backend's outbound requests (`tandem top`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RouteStat {
+    /// `namespace/name` of the HTTPRoute or GRPCRoute.
+    pub route: String,
+    /// The backend that answered.
+    pub backend: String,
+    pub rps: f64,
+    pub success_rate: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub requests: u64,
 }
 
 /// One row of `tandem stat` (the API's JSON, read back by the CLI).
@@ -101,15 +120,21 @@ impl Stats {
     /// A proxy's report, received now. Only the proxy's own traffic
     /// counts: outbound pairs from its service, inbound pairs to it.
     pub fn report(&self, key: &ProxyKey, report: Report) -> Result<(), String> {
-        let pairs = from_report(&key.1, report)?;
-        self.record(key.clone(), pairs, Instant::now());
+        let (pairs, routes) = from_report(&key.1, report)?;
+        self.record(key.clone(), pairs, routes, Instant::now());
         Ok(())
     }
 
-    fn record(&self, key: ProxyKey, pairs: HashMap<Pair, PairCounters>, at: Instant) {
+    fn record(
+        &self,
+        key: ProxyKey,
+        pairs: HashMap<Pair, PairCounters>,
+        routes: HashMap<Pair, PairCounters>,
+        at: Instant,
+    ) {
         let mut h = self.history.lock();
         let q = h.entry(key).or_default();
-        q.push_back(Sample { at, pairs });
+        q.push_back(Sample { at, pairs, routes });
         while q
             .front()
             .is_some_and(|s| at.saturating_duration_since(s.at) > HISTORY)
@@ -126,6 +151,15 @@ impl Stats {
     /// Each pair's counter differences over `span`, summed over every
     /// proxy, with its request rate.
     fn sums(&self, span: Span) -> HashMap<Pair, (PairCounters, f64)> {
+        self.sums_of(span, |s| &s.pairs)
+    }
+
+    /// The same over another set of counters of the samples.
+    fn sums_of(
+        &self,
+        span: Span,
+        of: impl Fn(&Sample) -> &HashMap<Pair, PairCounters>,
+    ) -> HashMap<Pair, (PairCounters, f64)> {
         let h = self.history.lock();
         let mut sums: HashMap<Pair, (PairCounters, f64)> = HashMap::new();
         let now = Instant::now();
@@ -148,8 +182,8 @@ impl Stats {
                 })
                 .unwrap_or(last);
             let dt = last.at.saturating_duration_since(base.at).as_secs_f64();
-            for (pair, now) in &last.pairs {
-                let d = delta(now, base.pairs.get(pair));
+            for (pair, now) in of(last) {
+                let d = delta(now, of(base).get(pair));
                 if d.requests <= 0.0 && d.tries <= 0.0 && d.retries <= 0.0 {
                     continue;
                 }
@@ -184,6 +218,27 @@ impl Stats {
             },
             p99_ms: round(quantile(&c.buckets, 0.99) * 1000.0, 3),
         }
+    }
+
+    /// Outbound requests per route and backend over the last `window`, the
+    /// busiest first (`tandem top`).
+    pub fn routes(&self, window: Duration) -> Vec<RouteStat> {
+        let mut out: Vec<RouteStat> = self
+            .sums_of(Span::Last(window), |s| &s.routes)
+            .into_iter()
+            .filter(|(_, (c, _))| c.requests > 0.0)
+            .map(|((route, backend), (c, rps))| RouteStat {
+                route,
+                backend,
+                rps: round(rps, 2),
+                success_rate: round(1.0 - c.failures / c.requests, 4),
+                p50_ms: round(quantile(&c.buckets, 0.50) * 1000.0, 3),
+                p99_ms: round(quantile(&c.buckets, 0.99) * 1000.0, 3),
+                requests: c.requests.round() as u64,
+            })
+            .collect();
+        out.sort_by(|a, b| b.rps.total_cmp(&a.rps).then_with(|| a.route.cmp(&b.route)));
+        out
     }
 
     /// Aggregates the last `window` over every proxy.
@@ -328,7 +383,7 @@ const MAX_BUCKETS: usize = 64;
 /// ascending, one count per bucket, names that are service names, and
 /// only the reporting service's own traffic (outbound from `service`,
 /// inbound to it).
-fn from_report(service: &str, r: Report) -> Result<HashMap<Pair, PairCounters>, String> {
+fn from_report(service: &str, r: Report) -> Result<Reported, String> {
     if r.pairs.len() > MAX_REPORT_PAIRS {
         return Err(format!(
             "{} service pairs; at most {MAX_REPORT_PAIRS}",
@@ -367,6 +422,7 @@ fn from_report(service: &str, r: Report) -> Result<HashMap<Pair, PairCounters>, 
             .collect())
     };
     let mut out: HashMap<Pair, PairCounters> = HashMap::new();
+    let mut routes: HashMap<Pair, PairCounters> = HashMap::new();
     for p in r.pairs {
         let own = if p.inbound { &p.destination } else { &p.source };
         // An inbound caller without a verified identity has an empty name.
@@ -379,6 +435,14 @@ fn from_report(service: &str, r: Report) -> Result<HashMap<Pair, PairCounters>, 
         }
         let latency = cumulative(&r.latency_bounds, &p.latency)?;
         let proxy = cumulative(&r.proxy_bounds, &p.proxy_latency)?;
+        if !p.inbound && !p.route.is_empty() && p.route.len() <= 253 {
+            let c = routes
+                .entry((p.route.clone(), p.destination.clone()))
+                .or_default();
+            c.requests += p.requests as f64;
+            c.failures += p.failures as f64;
+            add_buckets(&mut c.buckets, &latency);
+        }
         let c = out.entry((p.source, p.destination)).or_default();
         if p.inbound {
             c.tries += p.requests as f64;
@@ -392,7 +456,7 @@ fn from_report(service: &str, r: Report) -> Result<HashMap<Pair, PairCounters>, 
             add_buckets(&mut c.proxy, &proxy);
         }
     }
-    Ok(out)
+    Ok((out, routes))
 }
 
 #[cfg(test)]
@@ -411,6 +475,7 @@ mod tests {
             latency: vec![requests / 2, requests - requests / 2, 0],
             proxy_latency: vec![requests, 0],
             retries: 0,
+            route: String::new(),
         }
     }
 
@@ -426,7 +491,7 @@ mod tests {
     fn reports_become_pair_counters() {
         let mut out = pair(false, "web", "catalog-v1", 100, 10);
         out.retries = 7;
-        let m = from_report(
+        let (m, _) = from_report(
             "web",
             report(vec![
                 out,
@@ -441,6 +506,12 @@ mod tests {
         assert_eq!(m.len(), 2);
         let c = &m[&("web".to_string(), "catalog-v1".to_string())];
         assert_eq!((c.requests, c.failures, c.retries), (100.0, 10.0, 7.0));
+        // Requests a route took are counted by route and backend too.
+        let mut routed = pair(false, "web", "catalog-v2", 8, 1);
+        routed.route = "default/catalog".into();
+        let (_, routes) = from_report("web", report(vec![routed])).expect("valid");
+        let r = &routes[&("default/catalog".to_string(), "catalog-v2".to_string())];
+        assert_eq!((r.requests, r.failures), (8.0, 1.0));
         assert_eq!(
             c.buckets,
             vec![(0.001, 50.0), (0.002, 100.0), (f64::INFINITY, 100.0)]
@@ -489,15 +560,25 @@ mod tests {
             );
             m
         };
-        stats.record(key.clone(), mk(100.0, 0.0), t0);
-        stats.record(key.clone(), mk(200.0, 10.0), t0 + Duration::from_secs(10));
+        stats.record(key.clone(), mk(100.0, 0.0), HashMap::new(), t0);
+        stats.record(
+            key.clone(),
+            mk(200.0, 10.0),
+            HashMap::new(),
+            t0 + Duration::from_secs(10),
+        );
         let s = stats.query(Duration::from_secs(10));
         assert_eq!(s.len(), 1);
         assert_eq!(s[0].requests, 100);
         assert_eq!(s[0].rps, 10.0);
         assert_eq!(s[0].success_rate, 0.9);
         // A restarted proxy's counters start over; the new value is the delta.
-        stats.record(key, mk(5.0, 0.0), t0 + Duration::from_secs(11));
+        stats.record(
+            key,
+            mk(5.0, 0.0),
+            HashMap::new(),
+            t0 + Duration::from_secs(11),
+        );
         let s = stats.query(Duration::from_secs(1));
         assert_eq!(s[0].requests, 5);
     }

@@ -132,8 +132,8 @@ fn help_explains_every_command() {
     assert_eq!(
         commands(&top),
         [
-            "up", "control", "token", "ca", "proxy", "validate", "authz", "explain", "stat",
-            "status", "rollout", "demo-app"
+            "up", "control", "token", "ca", "proxy", "validate", "authz", "explain", "stat", "top",
+            "tap", "status", "rollout", "demo-app"
         ],
         "{top}"
     );

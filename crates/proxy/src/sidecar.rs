@@ -26,6 +26,7 @@ use crate::telemetry::admin::{self, Admin};
 use crate::telemetry::metrics::{Metrics, Name};
 use crate::telemetry::otlp::{Exporter, Me, TraceConfig};
 use crate::telemetry::record::Recorder;
+use crate::telemetry::tap::Taps;
 use crate::transport::forward::Connectors;
 use crate::transport::tls::{Connector, MeshTls, PeerNames};
 use crate::{inbound, outbound};
@@ -167,10 +168,16 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
         me.trust_domain.clone(),
         metrics.access_log_dropped.clone(),
     )?;
+    let (taps, tap_events) = Taps::new(
+        format!("{}/{}/{}", me.namespace, me.service, me.instance),
+        metrics.taps.clone(),
+    );
+    let taps = Arc::new(taps);
     let recorder = Arc::new(Recorder::new(
         cfg.trace.sampler,
         Exporter::new(&cfg.trace, &me, metrics.spans.clone()),
         access,
+        taps.clone(),
     ));
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -200,8 +207,9 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
         routes: routes.clone(),
         subscriptions: subscriptions.clone(),
         metrics: metrics.clone(),
+        taps,
     };
-    tokio::spawn(client.run(asks, stop_rx.clone()));
+    tokio::spawn(client.run(asks, tap_events, stop_rx.clone()));
     tokio::spawn(keep_fresh(
         identity.clone(),
         cfg.instance.clone(),

@@ -9,6 +9,7 @@ use std::time::Duration;
 use tandem_api::v1::discovery_client::DiscoveryClient;
 use tandem_api::v1::{
     control_message, proxy_message, Ack, Certificate, Hello, Leave, Nack, ProxyMessage, Subscribe,
+    TapEvent,
 };
 use tandem_config::snapshot::{Snapshot, Trust};
 use tokio::sync::{mpsc, watch};
@@ -18,6 +19,7 @@ use crate::control::identity::Identity;
 use crate::control::{Subscriptions, ToControl};
 use crate::routing::Routes;
 use crate::telemetry::metrics::{ConfigLabels, Metrics};
+use crate::telemetry::tap::{TapFilter, Taps};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -44,21 +46,27 @@ pub(crate) struct Client {
     pub(crate) routes: Arc<Routes>,
     pub(crate) subscriptions: Arc<Subscriptions>,
     pub(crate) metrics: Arc<Metrics>,
+    /// The taps the control plane asked for, and their summaries.
+    pub(crate) taps: Arc<Taps>,
 }
 
 impl Client {
     pub(crate) async fn run(
         self,
         mut asks: mpsc::UnboundedReceiver<ToControl>,
+        mut tap_events: mpsc::Receiver<(u64, String)>,
         mut stop: watch::Receiver<bool>,
     ) {
         let mut backoff = BACKOFF_MIN;
         loop {
             let result = tokio::select! {
-                r = self.session(&mut asks, &mut backoff) => r,
+                r = self.session(&mut asks, &mut tap_events, &mut backoff) => r,
                 _ = stop.changed() => return,
             };
             self.connected(false);
+            // Taps belong to the stream that asked for them.
+            self.taps.clear();
+            while tap_events.try_recv().is_ok() {}
             match result {
                 Ok(()) => tracing::warn!("control plane closed the stream; reconnecting"),
                 Err(e) => {
@@ -85,6 +93,7 @@ impl Client {
     async fn session(
         &self,
         asks: &mut mpsc::UnboundedReceiver<ToControl>,
+        tap_events: &mut mpsc::Receiver<(u64, String)>,
         backoff: &mut Duration,
     ) -> anyhow::Result<()> {
         let channel = self.identity.control_channel().await?;
@@ -123,6 +132,26 @@ impl Client {
                     let Some(m) = m? else { return Ok(()) };
                     let s = match m.kind {
                         Some(control_message::Kind::Snapshot(s)) => s,
+                        Some(control_message::Kind::TapStart(t)) => {
+                            let method = (!t.method.is_empty())
+                                .then(|| http::Method::from_bytes(t.method.as_bytes()).ok())
+                                .flatten();
+                            let filter = TapFilter {
+                                id: t.id,
+                                path_prefix: t.path_prefix,
+                                method,
+                                per_second: t.per_second,
+                                reveal_headers: t.reveal_headers,
+                            };
+                            if let Err(e) = self.taps.start(filter) {
+                                tracing::warn!(error = %e, "tap refused");
+                            }
+                            continue;
+                        }
+                        Some(control_message::Kind::TapStop(t)) => {
+                            self.taps.stop(t.id);
+                            continue;
+                        }
                         Some(control_message::Kind::ReportEvery(r)) => {
                             let every = Duration::from_millis(u64::from(r.interval_ms))
                                 .max(MIN_REPORT_INTERVAL);
@@ -148,6 +177,9 @@ impl Client {
                         ToControl::Leave => proxy_message::Kind::Leave(Leave {}),
                     };
                     tx.send(msg(kind)).await?;
+                }
+                Some((id, json)) = tap_events.recv() => {
+                    tx.send(msg(proxy_message::Kind::TapEvent(TapEvent { id, json }))).await?;
                 }
                 _ = next_tick(&mut reports) => {
                     let report = self.metrics.traffic.report();

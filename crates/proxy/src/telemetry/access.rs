@@ -217,7 +217,7 @@ fn redact_query(q: &str) -> String {
 }
 
 /// `2026-11-30T13:36:38.123Z`.
-fn rfc3339(t: SystemTime) -> String {
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);

@@ -143,6 +143,7 @@ pub(crate) struct Metrics {
     pub(crate) mirrors: Family<MirrorLabels, Counter>,
     pub(crate) spans: Family<SpanLabels, Counter>,
     pub(crate) access_log_dropped: Counter,
+    pub(crate) taps: Gauge,
     registry: Registry,
 }
 
@@ -174,6 +175,7 @@ impl Metrics {
         let mirrors = Family::<MirrorLabels, Counter>::default();
         let spans = Family::<SpanLabels, Counter>::default();
         let access_log_dropped = Counter::default();
+        let taps = Gauge::default();
         let mut r = Registry::with_prefix("tandem");
         r.register_collector(Box::new(traffic.clone()));
         r.register(
@@ -190,6 +192,11 @@ impl Metrics {
             "trace_spans",
             "Spans this sidecar made, by result: exported, dropped-queue-full (the export queue was full) or dropped-export-failed (the collector did not take them)",
             spans.clone(),
+        );
+        r.register(
+            "taps_active",
+            "Taps in force on this sidecar (tandem tap)",
+            taps.clone(),
         );
         r.register(
             "access_log_dropped_lines",
@@ -292,6 +299,7 @@ impl Metrics {
             mirrors,
             spans,
             access_log_dropped,
+            taps,
             registry: r,
         }
     }

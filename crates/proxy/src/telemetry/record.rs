@@ -1,4 +1,5 @@
-//! What a sidecar keeps of one request for its spans and its access log:
+//! What a sidecar keeps of one request for its spans, its access log and
+//! the taps in force:
 //! the trace it belongs to (joined or started at the edge), and for a
 //! request that is sampled for either, a [`Recording`] filled in as it
 //! goes and handed over when its response body ends. A request that is
@@ -16,6 +17,7 @@ use crate::error::MeshError;
 use crate::telemetry::access::AccessLog;
 use crate::telemetry::metrics::Direction;
 use crate::telemetry::otlp::Exporter;
+use crate::telemetry::tap::Taps;
 use crate::telemetry::trace::{new_span_id, Parent, Sampler, TraceContext, REQUEST_ID};
 
 /// Starts each request's trace and records the sampled ones.
@@ -23,6 +25,7 @@ pub(crate) struct Recorder {
     sampler: Sampler,
     spans: Option<Exporter>,
     access: Option<AccessLog>,
+    pub(crate) taps: Arc<Taps>,
 }
 
 /// A sampled request, as it goes.
@@ -32,6 +35,8 @@ pub(crate) struct Recording {
     pub(crate) spans: bool,
     /// It gets an access log line.
     pub(crate) log: bool,
+    /// A tap wants it: its request headers are kept.
+    pub(crate) headers: Option<HeaderMap>,
     /// The wall clock when the request arrived.
     pub(crate) started: SystemTime,
     pub(crate) method: Method,
@@ -62,18 +67,21 @@ impl Recorder {
         sampler: Sampler,
         spans: Option<Exporter>,
         access: Option<AccessLog>,
+        taps: Arc<Taps>,
     ) -> Self {
         Recorder {
             sampler,
             spans,
             access,
+            taps,
         }
     }
 
     /// The request's trace: the caller's joined (or a new one) with a span
     /// of this sidecar's when spans are exported; otherwise the caller's
     /// trace as it came, for logs, with its headers untouched. A request
-    /// sampled for spans or the access log gets a [`Recording`].
+    /// sampled for spans or the access log, or tapped, gets a
+    /// [`Recording`].
     pub(crate) fn start(
         self: &Arc<Self>,
         ctx: &mut RequestCtx,
@@ -101,13 +109,15 @@ impl Recorder {
             .access
             .as_ref()
             .is_some_and(|a| a.sample(t.map(|t| t.trace_id)));
-        if !spans && !log {
+        let tap = self.taps.wants(method, uri.path());
+        if !spans && !log && !tap {
             return;
         }
         ctx.trace = Some(Box::new(Recording {
             recorder: self.clone(),
             spans,
             log,
+            headers: tap.then(|| headers.clone()),
             started: SystemTime::now(),
             method: method.clone(),
             path: uri.path().into(),
@@ -183,6 +193,9 @@ impl RequestCtx {
             if let Some(a) = &recorder.access {
                 a.write(self, &rec, now);
             }
+        }
+        if rec.headers.is_some() {
+            recorder.taps.send(self, &rec, now);
         }
     }
 }

@@ -156,18 +156,19 @@ impl Traffic {
         });
     }
 
-    /// Everything counted so far, summed per direction and service pair:
-    /// what `tandem stat` is made of.
+    /// Everything counted so far, summed per direction, service pair and
+    /// route: what `tandem stat` and `tandem top` are made of.
     pub(crate) fn report(&self) -> Report {
-        let mut pairs: HashMap<(Direction, &str, &str), PairTraffic> = HashMap::new();
+        let mut pairs: HashMap<(Direction, &str, &str, &str), PairTraffic> = HashMap::new();
         let cells = self.requests.cells.read();
         for (l, c) in cells.iter() {
             let p = pairs
-                .entry((l.direction, &l.src_service.0, &l.dst_service.0))
+                .entry((l.direction, &l.src_service.0, &l.dst_service.0, &l.route.0))
                 .or_insert_with(|| PairTraffic {
                     inbound: l.direction == Direction::inbound,
                     source: l.src_service.0.to_string(),
                     destination: l.dst_service.0.to_string(),
+                    route: l.route.0.to_string(),
                     latency: vec![0; LATENCY_N],
                     proxy_latency: vec![0; PROXY_N],
                     ..PairTraffic::default()
@@ -187,7 +188,7 @@ impl Traffic {
         let retries = self.retries.cells.read();
         for (l, n) in retries.iter() {
             let p = pairs
-                .entry((Direction::outbound, &l.src_service.0, &l.dst_service.0))
+                .entry((Direction::outbound, &l.src_service.0, &l.dst_service.0, ""))
                 .or_insert_with(|| PairTraffic {
                     source: l.src_service.0.to_string(),
                     destination: l.dst_service.0.to_string(),
@@ -317,12 +318,19 @@ mod tests {
             dst_service: Name::from("orders"),
         });
         let r = t.report();
-        assert_eq!(r.pairs.len(), 2);
-        let out = r.pairs.iter().find(|p| !p.inbound).expect("outbound");
-        assert_eq!((out.requests, out.failures, out.retries), (4, 2, 1));
-        assert_eq!(out.latency.iter().sum::<u64>(), 4);
-        assert_eq!(out.latency.len(), LATENCY_BUCKETS.len() + 1);
-        assert_eq!(out.proxy_latency.len(), PROXY_BUCKETS.len() + 1);
+        // Outbound: one entry for the route, one for the retries (counted
+        // per destination, not per route).
+        let out: Vec<&PairTraffic> = r.pairs.iter().filter(|p| !p.inbound).collect();
+        assert_eq!(out.len(), 2);
+        let routed = out
+            .iter()
+            .find(|p| p.route == "default/orders")
+            .expect("route");
+        assert_eq!((routed.requests, routed.failures), (4, 2));
+        assert_eq!(routed.latency.iter().sum::<u64>(), 4);
+        assert_eq!(routed.latency.len(), LATENCY_BUCKETS.len() + 1);
+        assert_eq!(routed.proxy_latency.len(), PROXY_BUCKETS.len() + 1);
+        assert_eq!(out.iter().map(|p| p.retries).sum::<u64>(), 1);
         let inb = r.pairs.iter().find(|p| p.inbound).expect("inbound");
         assert_eq!((inb.requests, inb.failures, inb.retries), (1, 0, 0));
     }
