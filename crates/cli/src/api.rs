@@ -73,6 +73,20 @@ impl Target {
         }
         .target()
     }
+
+    /// The dashboard's address with its login token.
+    pub fn dashboard_url(&self) -> anyhow::Result<String> {
+        let Some((credential, _)) = &self.credential else {
+            anyhow::bail!(
+                "the dashboard's login token comes from the admin credential: pass the control plane's data directory (--data or TANDEM_DATA) or --admin-token-file"
+            );
+        };
+        Ok(format!(
+            "http://{}/dashboard?token={}",
+            self.api,
+            tandem_control::api::dashboard_token(credential)
+        ))
+    }
 }
 
 pub async fn get_json(api: &Target, path: &str) -> anyhow::Result<serde_json::Value> {

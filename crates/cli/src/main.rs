@@ -120,6 +120,11 @@ enum Command {
     },
     /// A live table of the busiest service pairs and routes.
     Top(Box<top::TopArgs>),
+    /// The address of the web dashboard, with its login token.
+    Dashboard {
+        #[command(flatten)]
+        api: api::ApiArgs,
+    },
     /// A live stream of the requests a service's sidecars handle.
     Tap(Box<tap::TapArgs>),
     /// Every proxy known to the control plane and the config version it runs.
@@ -662,6 +667,9 @@ fn main() -> ExitCode {
         Command::Status { api, output } => api::status(&api, output == Output::Json),
         Command::Rollout(cmd) => rollout::run(cmd),
         Command::Top(args) => top::run(*args),
+        Command::Dashboard { api } => api.target().and_then(|t| t.dashboard_url()).map(|u| {
+            println!("{u}");
+        }),
         Command::Tap(args) => tap::run(*args),
         Command::Token(TokenCommand::Create {
             service,

@@ -217,6 +217,11 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         "  metrics: prometheus --config.file={}  (finds every sidecar as they come and go)",
         scrape.config_file().display()
     );
+    if let Ok(url) =
+        api::Target::local(args.api, &state.join("data")).and_then(|t| t.dashboard_url())
+    {
+        println!("  dashboard: {url}");
+    }
     println!("  from another terminal:  tandem stat{api_flag}{data_flag}    tandem status{api_flag}{data_flag}");
     println!("  Ctrl-C stops everything.");
     println!();

@@ -14,6 +14,9 @@
 //! - `GET /api/v1/rollouts` — every Rollout: its plan, step, signals, history
 //! - `GET /api/v1/rollouts/NAMESPACE/NAME` — one
 //! - `POST /api/v1/rollouts/NAMESPACE/NAME/{pause,resume,abort,promote}`
+//! - `GET /api/v1/stats/series?service=S&window=5m&step=10s` — what S's
+//!   callers saw of it, step by step
+//! - `GET /dashboard` — the web dashboard (`/dashboard?token=T` logs in)
 //! - `GET /healthz`, `GET /readyz` — liveness and readiness
 //!
 //! Every endpoint but the last two needs the admin credential
@@ -88,6 +91,22 @@ pub struct Access {
     pub hosts: Vec<String>,
 }
 
+/// The dashboard's login token: derived from the admin credential (HMAC),
+/// so it changes with it and gives no way back to it. In the URL that
+/// `tandem dashboard` prints, it becomes a cookie that lets a browser read
+/// the API (GET only) and the dashboard.
+pub fn dashboard_token(credential: &str) -> String {
+    let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, credential.as_bytes());
+    aws_lc_rs::hmac::sign(&key, b"tandem dashboard")
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The cookie the dashboard's login sets.
+const DASHBOARD_COOKIE: &str = "tandem_dashboard";
+
 /// Why a request was refused before it was served.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Refusal {
@@ -134,6 +153,22 @@ impl Access {
         if open {
             return Ok(());
         }
+        // A browser with the dashboard's cookie may read, never change.
+        if head.method == http::Method::GET {
+            let token = dashboard_token(&self.credential);
+            let cookie = head
+                .headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|kv| kv.trim().split_once('='))
+                .find(|(k, _)| *k == DASHBOARD_COOKIE)
+                .map(|(_, v)| v);
+            if cookie.is_some_and(|c| constant_time_eq(c.as_bytes(), token.as_bytes())) {
+                return Ok(());
+            }
+        }
         let given = head
             .headers
             .get(http::header::AUTHORIZATION)
@@ -173,9 +208,22 @@ impl Api {
         req: Request<Incoming>,
     ) -> Result<Response<ApiBody>, Infallible> {
         let (head, body) = req.into_parts();
+        // The dashboard's login: the token in the URL becomes a cookie.
+        if head.uri.path() == "/dashboard" {
+            if let Some(token) = query_param(head.uri.query(), "token") {
+                return Ok(self.login(&head, token));
+            }
+        }
         let open = matches!(head.uri.path(), "/healthz" | "/readyz");
         match self.access.check(&head, open) {
             Ok(()) => {}
+            Err(Refusal::Credential) if head.uri.path().starts_with("/dashboard") => {
+                return Ok(page(
+                    StatusCode::UNAUTHORIZED,
+                    "text/html; charset=utf-8",
+                    DASHBOARD_LOGIN,
+                ));
+            }
             Err(Refusal::Credential) => {
                 let mut r = json(
                     StatusCode::UNAUTHORIZED,
@@ -237,6 +285,15 @@ impl Api {
                 Err(e) => json(StatusCode::BAD_REQUEST, &serde_json::json!({ "error": e })),
             },
             "/api/v1/tap" => self.tap(req.uri().query()),
+            "/api/v1/stats/series" => self.series(req.uri().query()),
+            "/dashboard" | "/dashboard/" => {
+                page(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD_HTML)
+            }
+            "/dashboard/app.js" => page(
+                StatusCode::OK,
+                "text/javascript; charset=utf-8",
+                DASHBOARD_JS,
+            ),
             "/api/v1/config" => json(StatusCode::OK, &self.mesh.config_status()),
             "/api/v1/push" => json(StatusCode::OK, &self.mesh.push_status()),
             "/api/v1/ca" => json(StatusCode::OK, &self.ca.info()),
@@ -296,6 +353,59 @@ impl Api {
             Ok(e) => json(StatusCode::OK, &e),
             Err(e) => bad(e),
         }
+    }
+
+    /// `/dashboard?token=T`: with the right token, a cookie for the
+    /// dashboard and a redirect to it (the token leaves the address bar).
+    fn login(&self, head: &http::request::Parts, token: &str) -> Response<ApiBody> {
+        if let Err(Refusal::Host(e) | Refusal::Origin(e)) = self.access.check(head, true) {
+            return json(StatusCode::FORBIDDEN, &serde_json::json!({ "error": e }));
+        }
+        let want = dashboard_token(&self.access.credential);
+        if !constant_time_eq(token.as_bytes(), want.as_bytes()) {
+            return page(
+                StatusCode::UNAUTHORIZED,
+                "text/html; charset=utf-8",
+                DASHBOARD_LOGIN,
+            );
+        }
+        let mut r = page(StatusCode::SEE_OTHER, "text/plain", "");
+        r.headers_mut().insert(
+            http::header::LOCATION,
+            http::HeaderValue::from_static("/dashboard"),
+        );
+        if let Ok(v) = http::HeaderValue::from_str(&format!(
+            "{DASHBOARD_COOKIE}={want}; HttpOnly; SameSite=Strict; Path=/"
+        )) {
+            r.headers_mut().insert(http::header::SET_COOKIE, v);
+        }
+        r
+    }
+
+    /// `GET /api/v1/stats/series?service=NAME&window=5m&step=10s`: what
+    /// the callers of a service saw of it, step by step.
+    fn series(&self, query: Option<&str>) -> Response<ApiBody> {
+        let bad = |e: String| json(StatusCode::BAD_REQUEST, &serde_json::json!({ "error": e }));
+        let Some(service) = query_param(query, "service").filter(|s| !s.is_empty()) else {
+            return bad("name the service: ?service=NAME".into());
+        };
+        let dur = |k: &str, default: Duration| match query_param(query, k) {
+            None => Ok(default),
+            Some(v) => tandem_config::duration::parse_within(
+                v,
+                Duration::from_secs(1),
+                Duration::from_secs(300),
+            )
+            .map_err(|e| format!("{k}: {e}")),
+        };
+        let (window, step) = match (
+            dur("window", Duration::from_secs(300)),
+            dur("step", Duration::from_secs(10)),
+        ) {
+            (Ok(w), Ok(s)) => (w, s),
+            (Err(e), _) | (_, Err(e)) => return bad(e),
+        };
+        json(StatusCode::OK, &self.stats.series(service, window, step))
     }
 
     /// `GET /api/v1/tap?service=NAME[.NAMESPACE]&path=PREFIX&method=M&rate=N&headers=reveal`:
@@ -449,6 +559,29 @@ fn query_param<'a>(q: Option<&'a str>, name: &str) -> Option<&'a str> {
         let (k, v) = kv.split_once('=')?;
         (k == name).then_some(v)
     })
+}
+
+/// The dashboard: one page and its script, compiled in (no build step,
+/// no Node). docs/observability.md says what it shows.
+const DASHBOARD_HTML: &str = include_str!("../dashboard/index.html");
+const DASHBOARD_JS: &str = include_str!("../dashboard/app.js");
+const DASHBOARD_LOGIN: &str = "<!doctype html><title>Tandem</title><p>Open the dashboard with the address <code>tandem dashboard</code> (or <code>tandem up</code>) prints: it carries the login token.</p>";
+
+fn page(status: StatusCode, ctype: &'static str, body: &'static str) -> Response<ApiBody> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())).boxed_unsync());
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(ctype),
+    );
+    // The page's own script and style only.
+    r.headers_mut().insert(
+        http::header::CONTENT_SECURITY_POLICY,
+        http::HeaderValue::from_static(
+            "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:",
+        ),
+    );
+    r
 }
 
 fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Response<ApiBody> {

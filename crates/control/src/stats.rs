@@ -60,6 +60,8 @@ pub struct Stats {
 enum Span {
     Last(Duration),
     Since(Instant),
+    /// The samples taken from the first instant to the second.
+    Between(Instant, Instant),
 }
 
 /// A destination's golden signals over a window (a rollout's canary).
@@ -69,6 +71,18 @@ pub struct Signals {
     /// A fraction (0.995).
     pub success_rate: f64,
     pub p99_ms: f64,
+}
+
+/// A destination's signals over one step of a series.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Point {
+    /// How long ago the step ended, in seconds.
+    pub ago_s: f64,
+    pub rps: f64,
+    /// `None` without requests.
+    pub success_rate: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub requests: u64,
 }
 
 /// One route and backend's outbound requests (`tandem top`).
@@ -164,12 +178,17 @@ impl Stats {
         let mut sums: HashMap<Pair, (PairCounters, f64)> = HashMap::new();
         let now = Instant::now();
         for samples in h.values() {
-            let Some(last) = samples.back() else { continue };
+            let last = match span {
+                Span::Between(_, to) => samples.iter().rev().find(|s| s.at <= to),
+                _ => samples.back(),
+            };
+            let Some(last) = last else { continue };
             // A proxy whose reports stopped has nothing to say about this
             // window.
             let stale = match span {
                 Span::Since(t) => last.at < t,
                 Span::Last(window) => now.saturating_duration_since(last.at) > window,
+                Span::Between(from, _) => last.at < from,
             };
             if stale {
                 continue;
@@ -177,7 +196,7 @@ impl Stats {
             let base = samples
                 .iter()
                 .find(|s| match span {
-                    Span::Since(t) => s.at >= t,
+                    Span::Since(t) | Span::Between(t, _) => s.at >= t,
                     Span::Last(window) => last.at.saturating_duration_since(s.at) <= window,
                 })
                 .unwrap_or(last);
@@ -218,6 +237,37 @@ impl Stats {
             },
             p99_ms: round(quantile(&c.buckets, 0.99) * 1000.0, 3),
         }
+    }
+
+    /// What the callers of `destination` saw of it over the last `window`,
+    /// in `step`s, oldest first (the dashboard's charts). A step's figures
+    /// come from reports taken during it.
+    pub fn series(&self, destination: &str, window: Duration, step: Duration) -> Vec<Point> {
+        let now = Instant::now();
+        let steps = (window.as_secs_f64() / step.as_secs_f64().max(0.001)).ceil() as u32;
+        (0..steps.min(600))
+            .rev()
+            .map(|k| {
+                let to = now.checked_sub(step * k).unwrap_or(now);
+                let from = to.checked_sub(step).unwrap_or(to);
+                let mut c = PairCounters::default();
+                let mut rps = 0.0;
+                for ((_, dst), (d, r)) in self.sums(Span::Between(from, to)) {
+                    if dst == destination {
+                        add(&mut c, &d);
+                        rps += r;
+                    }
+                }
+                Point {
+                    ago_s: (step * k).as_secs_f64(),
+                    rps: round(rps, 2),
+                    success_rate: (c.requests > 0.0)
+                        .then(|| round(1.0 - c.failures / c.requests, 4)),
+                    p99_ms: ms_quantile(&c.buckets, 0.99),
+                    requests: c.requests.round() as u64,
+                }
+            })
+            .collect()
     }
 
     /// Outbound requests per route and backend over the last `window`, the

@@ -8,11 +8,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -359,46 +358,71 @@ fn silent_sockets_on_the_grpc_port_do_not_hold_up_a_bootstrap() {
 }
 
 #[test]
-fn a_metrics_page_without_end_is_cut_off() {
+fn reports_count_only_their_own_traffic_and_bad_ones_are_refused() {
+    use tandem_api::v1::{PairTraffic, Report};
     let mesh = Mesh::start(&common::config());
-    // An "admin endpoint" that streams metrics forever.
-    let evil = TcpListener::bind("127.0.0.1:0").unwrap();
-    let evil_addr = evil.local_addr().unwrap();
-    let sent = Arc::new(AtomicU64::new(0));
-    let closed = Arc::new(AtomicU64::new(0));
-    {
-        let (sent, closed) = (sent.clone(), closed.clone());
-        std::thread::spawn(move || {
-            for conn in evil.incoming() {
-                let Ok(mut conn) = conn else { return };
-                let mut head = [0u8; 1024];
-                let _ = conn.read(&mut head);
-                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\n");
-                let chunk = vec![b'#'; 64 * 1024];
-                let mut n = 0u64;
-                while conn.write_all(&chunk).is_ok() {
-                    n += chunk.len() as u64;
-                    if n > 1 << 30 {
-                        break;
-                    }
-                }
-                sent.fetch_max(n, Ordering::Relaxed);
-                closed.fetch_add(1, Ordering::Relaxed);
-            }
-        });
-    }
     let rt = tandem_e2e::rt();
     let cert = mesh.identity_for("client").client_config(&alpn());
-    let mut h = hello("client", "c-evil");
-    h.admin_addr = evil_addr.to_string();
-    let _stream = open(&rt, &mesh, cert, h).unwrap();
-    wait_for("two scrapes cut off", Duration::from_secs(30), || {
-        (closed.load(Ordering::Relaxed) >= 2).then_some(())
-    });
-    let most = sent.load(Ordering::Relaxed);
-    // 8 MiB read, plus what the sockets' buffers held.
-    assert!(most < 24 << 20, "a scrape read {most} bytes");
-    assert!(mesh.api_json("/api/v1/stats").is_some());
+    let (tx, _stream) = open(&rt, &mesh, cert, hello("client", "c-1")).unwrap();
+    let pair = |inbound: bool, src: &str, dst: &str, requests: u64| PairTraffic {
+        inbound,
+        source: src.into(),
+        destination: dst.into(),
+        requests,
+        failures: requests,
+        latency: vec![0, requests],
+        proxy_latency: vec![requests],
+        ..PairTraffic::default()
+    };
+    let send = |r: Report| {
+        rt.block_on(tx.send(ProxyMessage {
+            kind: Some(proxy_message::Kind::Report(r)),
+        }))
+        .unwrap()
+    };
+    let report = |pairs: Vec<PairTraffic>| Report {
+        latency_bounds: vec![0.01],
+        proxy_bounds: vec![],
+        pairs,
+    };
+    // Malformed and oversized reports are refused whole...
+    let mut bad = report(vec![pair(false, "client", "web", 5)]);
+    bad.latency_bounds = vec![f64::NAN];
+    send(bad);
+    send(report(
+        (0..5000)
+            .map(|i| pair(false, "client", &format!("s{i}"), 1))
+            .collect(),
+    ));
+    // ...and a report of other services' traffic counts for nothing: the
+    // client's proxy cannot make web's calls to catalog look bad.
+    send(report(vec![
+        pair(false, "web", "catalog-v1", 1000),
+        pair(true, "web", "catalog-v2", 1000),
+        pair(false, "client", "web", 0),
+    ]));
+    send(report(vec![
+        pair(false, "web", "catalog-v1", 2000),
+        pair(true, "web", "catalog-v2", 2000),
+        pair(false, "client", "web", 10),
+    ]));
+    let rows = wait_for(
+        "the client's own pair in the stats",
+        Duration::from_secs(20),
+        || {
+            let v = mesh.api_json("/api/v1/stats?window=1m")?;
+            let rows = v.as_array()?.clone();
+            rows.iter()
+                .any(|r| r["source"] == "client" && r["destination"] == "web")
+                .then_some(rows)
+        },
+    );
+    assert!(
+        rows.iter().all(|r| r["source"] != "web"),
+        "another service's traffic was counted: {rows:?}"
+    );
+    let log = std::fs::read_to_string(&mesh.control.as_ref().unwrap().log).unwrap_or_default();
+    assert!(log.contains("traffic report refused"), "{log}");
 }
 
 fn renewals(inst: &Instance, result: &str) -> f64 {
