@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use tandem_config::authz::{normalize_path, AuthzRequest, Caller, DecidedBy, Verdict};
+use tandem_config::authz::{normalize_path, AuthzRequest, Caller, Verdict};
 use tandem_config::compile::resolve_name;
 use tandem_config::model::DEFAULT_NAMESPACE;
 use tandem_config::ResourceSet;
@@ -181,22 +181,7 @@ fn check(
         Verdict::Deny => "deny",
     };
     println!("{verdict}: {who} → {ns}/{name} {method} {path}");
-    match d.by {
-        DecidedBy::Rule(p, i) => println!(
-            "  decided by {}{} ({}), rule {i}: {}",
-            p.name,
-            p.scope(),
-            p.action.as_str(),
-            p.rules[i]
-        ),
-        DecidedBy::NoAllowMatched => {
-            println!("  decided by: allow policies target the service and none matched")
-        }
-        DecidedBy::Default(def) => println!(
-            "  decided by the mesh default ({})",
-            default_name(def, authz.permissive)
-        ),
-    }
+    println!("  decided by {}", d.by.describe(authz.permissive));
     for (p, i) in &d.audited {
         println!("  audit {}, rule {i} would deny: {}", p.name, p.rules[*i]);
     }

@@ -255,6 +255,35 @@ pub enum DecidedBy<'a> {
     Default(AuthzDefault),
 }
 
+impl DecidedBy<'_> {
+    /// What decided, in words: `default/web (allow), rule 0: from
+    /// services [...]`, `allow policies target the service and none
+    /// matched`, `the mesh default (allow-authenticated)`. `permissive`:
+    /// the service takes plaintext too.
+    pub fn describe(&self, permissive: bool) -> String {
+        match self {
+            DecidedBy::Rule(p, i) => format!(
+                "{}{} ({}), rule {i}: {}",
+                p.name,
+                p.scope(),
+                p.action.as_str(),
+                p.rules[*i]
+            ),
+            DecidedBy::NoAllowMatched => {
+                "allow policies target the service and none matched".to_string()
+            }
+            DecidedBy::Default(AuthzDefault::AllowAuthenticated) if permissive => {
+                "the mesh default (allow-authenticated; the service is permissive, so plaintext too)"
+                    .to_string()
+            }
+            DecidedBy::Default(AuthzDefault::AllowAuthenticated) => {
+                "the mesh default (allow-authenticated)".to_string()
+            }
+            DecidedBy::Default(AuthzDefault::Deny) => "the mesh default (deny)".to_string(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Decision<'a> {
     pub verdict: Verdict,

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
-use crate::authz::{normalize_path, AuthzRequest, Caller, DecidedBy, Verdict};
+use crate::authz::{normalize_path, AuthzRequest, Caller, Verdict};
 use crate::compile::{compile_with, resolve_name, Target};
 use crate::matching::{select, RequestHead};
 use crate::model::DEFAULT_NAMESPACE;
@@ -431,25 +431,7 @@ pub fn explain(
             Verdict::Deny => "deny",
         }
         .into();
-        share.decided_by = match d.by {
-            DecidedBy::Rule(p, i) => format!(
-                "{}{} ({}), rule {i}: {}",
-                p.name,
-                p.scope(),
-                p.action.as_str(),
-                p.rules[i]
-            ),
-            DecidedBy::NoAllowMatched => {
-                "allow policies target the service and none matched".into()
-            }
-            DecidedBy::Default(def) => format!(
-                "the mesh default ({})",
-                match def {
-                    crate::authz::AuthzDefault::AllowAuthenticated => "allow-authenticated",
-                    crate::authz::AuthzDefault::Deny => "deny",
-                }
-            ),
-        };
+        share.decided_by = d.by.describe(inbound.authz.permissive);
         share.audit = d
             .audited
             .iter()

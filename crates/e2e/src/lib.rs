@@ -1181,3 +1181,34 @@ impl Drop for Collector {
         let _ = self.child.wait();
     }
 }
+
+/// A process killed (and reaped) when the test ends, however it ends.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `tandem up --plain --rps 20` with its state in `dir/state` and its API on
+/// `api`, its output in `dir/up.out`, with `env` added to its environment.
+pub fn start_up(dir: &TempDir, api: SocketAddr, env: &[(&str, String)]) -> Child {
+    let log = std::fs::File::create(dir.0.join("up.out")).expect("log");
+    Command::new(bin())
+        .args(["up", "--plain", "--rps", "20", "--state-dir"])
+        .arg(dir.0.join("state"))
+        .args([
+            "--api",
+            &api.to_string(),
+            "--listen",
+            &free_port().to_string(),
+        ])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("tandem up")
+}

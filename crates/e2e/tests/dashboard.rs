@@ -11,16 +11,6 @@ use base64::Engine;
 use serde_json::{json, Value};
 use tandem_e2e::*;
 
-/// A process killed when the test ends, however it ends.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A WebDriver call (with curl); its `value`.
 fn wd(port: u16, method: &str, path: &str, body: Option<Value>) -> Value {
     let mut c = Command::new("curl");
@@ -56,23 +46,7 @@ fn curl_status(args: &[&str]) -> String {
 fn the_dashboard_shows_the_mesh_live_in_a_real_browser() {
     let dir = TempDir::new("dashboard");
     let api = free_port();
-    let log = std::fs::File::create(dir.0.join("up.out")).expect("log");
-    let _up = KillOnDrop(
-        Command::new(bin())
-            .args(["up", "--plain", "--rps", "20", "--state-dir"])
-            .arg(dir.0.join("state"))
-            .args([
-                "--api",
-                &api.to_string(),
-                "--listen",
-                &free_port().to_string(),
-            ])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("tandem up"),
-    );
+    let _up = KillOnDrop(start_up(&dir, api, &[]));
     let url = wait_for("the dashboard's address", Duration::from_secs(60), || {
         let shown = std::fs::read_to_string(dir.0.join("up.out")).ok()?;
         let line = shown.lines().find(|l| l.contains("dashboard: "))?;

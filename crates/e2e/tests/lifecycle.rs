@@ -132,8 +132,21 @@ fn help_explains_every_command() {
     assert_eq!(
         commands(&top),
         [
-            "up", "control", "token", "ca", "proxy", "validate", "authz", "explain", "stat", "top",
-            "tap", "status", "rollout", "demo-app"
+            "up",
+            "control",
+            "token",
+            "ca",
+            "proxy",
+            "validate",
+            "authz",
+            "explain",
+            "stat",
+            "top",
+            "dashboard",
+            "tap",
+            "status",
+            "rollout",
+            "demo-app"
         ],
         "{top}"
     );
@@ -187,28 +200,6 @@ fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-fn start_up(dir: &TempDir, api: std::net::SocketAddr) -> std::process::Child {
-    let log = std::fs::File::create(dir.0.join("up.out")).expect("log");
-    Command::new(bin())
-        .args([
-            "up",
-            "--plain",
-            "--rps",
-            "20",
-            "--state-dir",
-            &dir.0.join("state").display().to_string(),
-            "--api",
-            &api.to_string(),
-            "--listen",
-            &free_port().to_string(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("tandem up")
-}
-
 fn stat_json(api: std::net::SocketAddr, data: &str) -> Option<serde_json::Value> {
     let out = Command::new(bin())
         .args([
@@ -229,7 +220,7 @@ fn stat_json(api: std::net::SocketAddr, data: &str) -> Option<serde_json::Value>
 fn tandem_up_runs_the_demo_and_cleans_up() {
     let dir = TempDir::new("up");
     let api = free_port();
-    let mut up = start_up(&dir, api);
+    let mut up = start_up(&dir, api, &[]);
     let up_out = dir.0.join("up.out");
     let data = dir.0.join("state/data").display().to_string();
     let rows = wait_for("traffic in tandem stat", Duration::from_secs(60), || {
@@ -429,7 +420,7 @@ fn tandem_up_runs_the_demo_and_cleans_up() {
     // Even `kill -9` of tandem up leaves nothing behind: the children see
     // their stdin close and exit by themselves.
     let api = free_port();
-    let mut up = start_up(&dir, api);
+    let mut up = start_up(&dir, api, &[]);
     wait_for("traffic again", Duration::from_secs(60), || {
         stat_json(api, &data)?
             .as_array()?
@@ -574,21 +565,11 @@ fn scrape_targets(file: &std::path::Path) -> Option<Vec<(String, std::net::Socke
         .collect()
 }
 
-/// A process killed when the test ends, however it ends.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn a_real_prometheus_scrapes_tandem_up() {
     let dir = TempDir::new("up-prometheus");
     let api = free_port();
-    let up = KillOnDrop(start_up(&dir, api));
+    let up = KillOnDrop(start_up(&dir, api, &[]));
     let prom = dir.0.join("state/prometheus");
     let targets_file = prom.join("targets.json");
     let targets = wait_for(

@@ -302,37 +302,20 @@ fn a_dead_collector_costs_the_requests_nothing() {
     );
 }
 
-/// A process killed when the test ends, however it ends.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn tandem_up_hands_the_otel_variables_to_its_sidecars() {
     let c = Collector::start();
     let dir = TempDir::new("up-traces");
-    let log = std::fs::File::create(dir.0.join("up.out")).expect("log");
-    let _up = KillOnDrop(
-        std::process::Command::new(bin())
-            .args(["up", "--plain", "--rps", "20", "--state-dir"])
-            .arg(dir.0.join("state"))
-            .args(["--api", &free_port().to_string()])
-            .args(["--listen", &free_port().to_string()])
-            .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{}", c.grpc))
-            .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
-            .env("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
-            .env("OTEL_TRACES_SAMPLER_ARG", "0.1")
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("tandem up"),
-    );
+    let _up = KillOnDrop(start_up(
+        &dir,
+        free_port(),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{}", c.grpc)),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".into()),
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio".into()),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.1".into()),
+        ],
+    ));
     // A trace of the demo's loadgen → web → orders → payments, whole.
     let chain = wait_for(
         "a whole trace from loadgen to payments",

@@ -365,7 +365,8 @@ pub fn server_name(namespace: &str, service: &str) -> ServerName<'static> {
         .unwrap_or_else(|_| ServerName::try_from("invalid.invalid").expect("valid name"))
 }
 
-fn expected_id(trust_domain: &str, name: &ServerName<'_>) -> Option<SpiffeId> {
+/// The SPIFFE ID a [`server_name`] names (`None` for any other name).
+pub fn expected_id(trust_domain: &str, name: &ServerName<'_>) -> Option<SpiffeId> {
     let ServerName::DnsName(d) = name else {
         return None;
     };

@@ -10,13 +10,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderValue;
+use rustls_pki_types::ServerName;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use crate::error::MeshError;
 use crate::policy::circuit::InProgress;
 use crate::policy::deadline::Propagated;
-use crate::routing::Destination;
+use crate::routing::{Destination, Endpoint};
 use crate::telemetry::metrics::{Direction, Name};
 use crate::telemetry::record::Recording;
 use crate::telemetry::trace::TraceContext;
@@ -189,29 +190,26 @@ impl RequestCtx {
         }
     }
 
-    /// The address of the current try's endpoint.
-    pub(crate) fn endpoint_addr(&self) -> Option<SocketAddr> {
-        let dest = self.dest.as_ref()?;
-        let ep = dest
+    /// The current try's endpoint.
+    fn endpoint(&self) -> Option<&Endpoint> {
+        self.dest
+            .as_ref()?
             .backends
             .get(self.backend)?
             .endpoints
-            .get(self.endpoint?)?;
-        Some(ep.addr())
+            .get(self.endpoint?)
     }
 
-    /// The mTLS server name of the current try's endpoint, if meshed.
-    pub(crate) fn endpoint_server_name(&self) -> Option<String> {
-        let dest = self.dest.as_ref()?;
-        let ep = dest
-            .backends
-            .get(self.backend)?
-            .endpoints
-            .get(self.endpoint?)?;
-        match ep.server_name.as_ref()? {
-            rustls_pki_types::ServerName::DnsName(n) => Some(n.as_ref().to_string()),
-            _ => None,
-        }
+    /// The address of the current try's endpoint.
+    pub(crate) fn endpoint_addr(&self) -> Option<SocketAddr> {
+        self.endpoint().map(Endpoint::addr)
+    }
+
+    /// The mTLS server name of the current try's endpoint, if meshed: it
+    /// names the identity the endpoint must prove
+    /// (`tandem_identity::tls::expected_id`).
+    pub(crate) fn endpoint_server_name(&self) -> Option<ServerName<'static>> {
+        self.endpoint()?.server_name.clone()
     }
 
     /// The response body ended (`complete`) or was dropped: the request

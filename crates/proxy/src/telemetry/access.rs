@@ -150,11 +150,8 @@ impl AccessLog {
             }),
             Redact::Path => None,
         };
-        let peer_id = |server_name: Option<String>| {
-            let n = server_name?;
-            let mut parts = n.split('.');
-            let (svc, ns) = (parts.next()?, parts.next()?);
-            Some(format!("spiffe://{}/ns/{ns}/svc/{svc}", self.trust_domain))
+        let peer_id = |server_name: Option<rustls_pki_types::ServerName<'static>>| {
+            tandem_identity::tls::expected_id(&self.trust_domain, &server_name?).map(|id| id.uri())
         };
         let (caller, callee) = if inbound {
             (

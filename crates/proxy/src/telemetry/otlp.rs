@@ -316,14 +316,12 @@ fn spans(
         }
         // The identity the endpoint's sidecar had to prove
         // (`name.namespace.tandem`).
-        if let Some((svc, ns)) = tr.identity.as_deref().and_then(|n| {
-            let mut parts = n.split('.');
-            Some((parts.next()?, parts.next()?))
-        }) {
-            attrs.push(s(
-                "tandem.peer.spiffe_id",
-                format!("spiffe://{trust_domain}/ns/{ns}/svc/{svc}"),
-            ));
+        if let Some(id) = tr
+            .identity
+            .as_ref()
+            .and_then(|n| tandem_identity::tls::expected_id(trust_domain, n))
+        {
+            attrs.push(s("tandem.peer.spiffe_id", id.uri()));
         }
         let failed = tr.flag.is_some() || tr.status == 0 || tr.status >= 500;
         out.push(Span {

@@ -57,7 +57,7 @@ pub(crate) struct TrySpan {
     pub(crate) end: Option<Instant>,
     pub(crate) endpoint: Option<SocketAddr>,
     /// The mTLS server name of a meshed endpoint.
-    pub(crate) identity: Option<String>,
+    pub(crate) identity: Option<rustls_pki_types::ServerName<'static>>,
     pub(crate) status: u16,
     pub(crate) flag: Option<MeshError>,
 }
