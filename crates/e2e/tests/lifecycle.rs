@@ -242,9 +242,12 @@ fn tandem_up_runs_the_demo_and_cleans_up() {
             "web->orders",
             "orders->payments",
         ];
-        want.iter()
-            .all(|w| pairs.iter().any(|p| p == w))
-            .then_some(rows)
+        // Both sides of every pair have reported (the destinations'
+        // sidecars report on their own clocks).
+        let both_sides = rows
+            .iter()
+            .all(|r| r["raw_success_rate"].is_number() && r["dst_proxy_p99_ms"].is_number());
+        (both_sides && want.iter().all(|w| pairs.iter().any(|p| p == w))).then_some(rows)
     });
     for r in &rows {
         let num = |f: &str| {

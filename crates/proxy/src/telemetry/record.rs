@@ -122,7 +122,11 @@ impl Recorder {
             method: method.clone(),
             path: uri.path().into(),
             query: uri.query().map(Into::into),
-            host: headers.get(http::header::HOST).cloned(),
+            // HTTP/2 names it in the `:authority`, not in `Host`.
+            host: headers.get(http::header::HOST).cloned().or_else(|| {
+                uri.authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            }),
             version,
             request_id: headers.get(&REQUEST_ID).cloned(),
             request_bytes: headers
