@@ -115,19 +115,36 @@ struct Proc {
 /// Hands out distinct free loopback ports: each stays bound (so the
 /// kernel cannot hand it out twice) until `release` is called, just before
 /// the children start.
-#[derive(Default)]
-struct Ports(Vec<TcpListener>);
+struct Ports {
+    held: Vec<TcpListener>,
+    /// Ports promised elsewhere (the control plane's, which it may not have
+    /// bound yet): never handed out.
+    avoid: Vec<u16>,
+}
 
 impl Ports {
+    fn new(avoid: &[SocketAddr]) -> Self {
+        Ports {
+            held: Vec::new(),
+            avoid: avoid.iter().map(SocketAddr::port).collect(),
+        }
+    }
+
     fn take(&mut self) -> anyhow::Result<SocketAddr> {
-        let l = TcpListener::bind("127.0.0.1:0")?;
-        let addr = l.local_addr()?;
-        self.0.push(l);
-        Ok(addr)
+        loop {
+            let l = TcpListener::bind("127.0.0.1:0")?;
+            let addr = l.local_addr()?;
+            // A refused port stays held, so the kernel offers another.
+            let ok = !self.avoid.contains(&addr.port());
+            self.held.push(l);
+            if ok {
+                return Ok(addr);
+            }
+        }
     }
 
     fn release(&mut self) {
-        self.0.clear();
+        self.held.clear();
     }
 }
 
@@ -337,7 +354,7 @@ async fn start_all(
     )?;
     let control = format!("http://{}", args.listen);
     let mut admins = Vec::new();
-    let mut ports = Ports::default();
+    let mut ports = Ports::new(&[args.api, args.listen]);
     let mut plan = Vec::new();
     for _ in SERVICES {
         plan.push((ports.take()?, ports.take()?, ports.take()?, ports.take()?));

@@ -219,7 +219,7 @@ impl Stats {
     }
 
     /// What the callers' sidecars saw of calls to `destination` between
-    /// the first scrape at or after `since` and the last, summed over every
+    /// the first report at or after `since` and the last, summed over every
     /// caller (nothing from before `since` counts).
     pub fn destination(&self, destination: &str, since: Instant) -> Signals {
         let mut c = PairCounters::default();
@@ -297,7 +297,7 @@ impl Stats {
         let mut out: Vec<PairStat> = sums
             .into_iter()
             // Tries seen only by a destination (a caller without a sidecar,
-            // or a caller's own sidecar not scraped) make no row.
+            // or a caller whose own sidecar has not reported) make no row.
             .filter(|(_, (c, _))| c.requests > 0.0 || c.retries > 0.0)
             .map(|((source, destination), (c, rps))| PairStat {
                 source,

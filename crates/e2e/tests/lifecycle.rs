@@ -572,13 +572,20 @@ fn scrape_targets(file: &std::path::Path) -> Option<Vec<(String, std::net::Socke
 fn a_real_prometheus_scrapes_tandem_up() {
     let dir = TempDir::new("up-prometheus");
     let api = free_port();
-    let up = KillOnDrop(start_up(&dir, api, &[]));
+    let mut up = KillOnDrop(start_up(&dir, api, &[]));
     let prom = dir.0.join("state/prometheus");
     let targets_file = prom.join("targets.json");
     let targets = wait_for(
         "six sidecars in the targets file",
         Duration::from_secs(60),
-        || scrape_targets(&targets_file).filter(|t| t.len() == 6),
+        || {
+            // `tandem up` gone: say why at once.
+            if let Ok(Some(status)) = up.0.try_wait() {
+                let out = std::fs::read_to_string(dir.0.join("up.out")).unwrap_or_default();
+                panic!("tandem up exited ({status}):\n{out}");
+            }
+            scrape_targets(&targets_file).filter(|t| t.len() == 6)
+        },
     );
 
     // Every sidecar's page, once it has served requests, passes
