@@ -288,10 +288,17 @@ fn mirror_sends_a_marked_share_and_never_holds_the_caller() {
     // About half arrived at the shadow, marked; the caller's sidecar counts
     // them (answered, or still in progress and then cut).
     let (lo, hi) = bounds(n as f64, 0.5);
+    // Counted once every copy is in and answered (the last ones are still
+    // on their way when the last request returns).
     let marked = wait_for("shadow copies to arrive", Duration::from_secs(20), || {
         let c = shadow.counters("mirrored");
         let started = c["started"].as_f64()?;
-        (started >= lo).then_some(started)
+        let done = metric_sum(
+            &client.metrics(),
+            "tandem_mirror_requests_total",
+            &[("dst_service", "shadow")],
+        );
+        (started >= lo && c["in_flight"].as_u64()? == 0 && done == started).then_some(started)
     });
     assert!((lo..=hi).contains(&marked), "{marked} of {n} mirrored");
     let all = shadow.counters("");
