@@ -142,8 +142,9 @@ pub(crate) struct RequestCtx {
     /// The trace the request belongs to: this sidecar's span in it (or,
     /// with tracing off, the caller's trace as it came).
     pub(crate) span: Option<TraceContext>,
-    /// A request sampled for spans or the access log, recorded as it goes.
-    pub(crate) trace: Option<Box<Recording>>,
+    /// A request sampled for spans or the access log, or tapped, recorded
+    /// as it goes.
+    pub(crate) recording: Option<Box<Recording>>,
     /// Bytes of the response body sent so far.
     pub(crate) response_bytes: u64,
     pub(crate) held: Held,
@@ -184,7 +185,7 @@ impl RequestCtx {
                 waiting_since: None,
             },
             span: None,
-            trace: None,
+            recording: None,
             response_bytes: 0,
             held: Held::default(),
         }

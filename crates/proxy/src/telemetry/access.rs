@@ -40,16 +40,6 @@ pub struct AccessLogConfig {
     pub redact: Redact,
 }
 
-impl Default for AccessLogConfig {
-    fn default() -> Self {
-        AccessLogConfig {
-            path: None,
-            sample: 1.0,
-            redact: Redact::Query,
-        }
-    }
-}
-
 /// The log's queue and writer, and what every line needs.
 pub(crate) struct AccessLog {
     tx: SyncSender<String>,

@@ -61,17 +61,6 @@ pub struct TraceConfig {
     pub sampler: Sampler,
 }
 
-impl Default for TraceConfig {
-    fn default() -> Self {
-        TraceConfig {
-            endpoint: None,
-            traces_endpoint: None,
-            protocol: OtlpProtocol::HttpProtobuf,
-            sampler: Sampler::ParentBased(crate::telemetry::trace::Root::AlwaysOn),
-        }
-    }
-}
-
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub(crate) struct SpanLabels {
     /// `exported`, `dropped-queue-full` or `dropped-export-failed`.

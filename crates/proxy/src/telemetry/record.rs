@@ -113,7 +113,7 @@ impl Recorder {
         if !spans && !log && !tap {
             return;
         }
-        ctx.trace = Some(Box::new(Recording {
+        ctx.recording = Some(Box::new(Recording {
             recorder: self.clone(),
             spans,
             log,
@@ -145,7 +145,7 @@ impl RequestCtx {
         let Some(t) = self.span.filter(|t| t.ours) else {
             return;
         };
-        let span_id = match (&mut self.trace, self.direction) {
+        let span_id = match (&mut self.recording, self.direction) {
             (Some(r), Direction::outbound) if r.spans => {
                 let id = new_span_id();
                 r.tries.push(TrySpan {
@@ -166,12 +166,12 @@ impl RequestCtx {
 
     /// The current try ended: its status (0: none) and flag.
     pub(crate) fn trace_hop_done(&mut self, status: u16, flag: Option<MeshError>) {
-        if self.trace.as_ref().is_none_or(|r| r.tries.is_empty()) {
+        if self.recording.as_ref().is_none_or(|r| r.tries.is_empty()) {
             return;
         }
         let endpoint = self.endpoint_addr();
         let identity = self.endpoint_server_name();
-        if let Some(t) = self.trace.as_mut().and_then(|r| r.tries.last_mut()) {
+        if let Some(t) = self.recording.as_mut().and_then(|r| r.tries.last_mut()) {
             if t.end.is_none() {
                 t.end = Some(Instant::now());
                 t.endpoint = endpoint;
@@ -186,7 +186,9 @@ impl RequestCtx {
     /// export queue and its access log line to the writer (either is
     /// dropped, and counted, when its queue is full).
     pub(crate) fn end_recording(&mut self, now: Instant) {
-        let Some(rec) = self.trace.take() else { return };
+        let Some(rec) = self.recording.take() else {
+            return;
+        };
         let recorder = rec.recorder.clone();
         if rec.spans {
             if let (Some(e), Some(t)) = (&recorder.spans, self.span) {
