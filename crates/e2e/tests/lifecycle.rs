@@ -243,10 +243,14 @@ fn tandem_up_runs_the_demo_and_cleans_up() {
             "orders->payments",
         ];
         // Both sides of every pair have reported (the destinations'
-        // sidecars report on their own clocks).
-        let both_sides = rows
-            .iter()
-            .all(|r| r["raw_success_rate"].is_number() && r["dst_proxy_p99_ms"].is_number());
+        // sidecars report on their own clocks), and the window is past the
+        // start, when callers' first requests may find a sidecar not ready
+        // yet.
+        let both_sides = rows.iter().all(|r| {
+            r["raw_success_rate"].is_number()
+                && r["dst_proxy_p99_ms"].is_number()
+                && r["success_rate"].as_f64().is_some_and(|s| s >= 0.9)
+        });
         (both_sides && want.iter().all(|w| pairs.iter().any(|p| p == w))).then_some(rows)
     });
     for r in &rows {
