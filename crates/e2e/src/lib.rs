@@ -16,6 +16,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub mod etcd;
+
 /// Runs `tandem ARGS`, which must succeed; its output, trimmed.
 pub fn tandem_ok(args: &[&str]) -> String {
     let out = Command::new(bin()).args(args).output().unwrap();

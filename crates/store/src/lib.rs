@@ -15,6 +15,7 @@
 //! a dead replica's expire; values with etcd's mod revisions.
 #![forbid(unsafe_code)]
 
+pub mod etcd;
 mod kv;
 mod registry;
 
