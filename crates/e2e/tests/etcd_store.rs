@@ -2,6 +2,8 @@
 //! shared by replicas (each with its own client and lease), leader
 //! election, and a member that dies under them.
 
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
