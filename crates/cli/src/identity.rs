@@ -1,7 +1,7 @@
 //! `tandem token ...` (offline, with the control plane's data directory)
 //! and `tandem ca ...` (through the control plane's API).
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -14,8 +14,61 @@ use crate::api::{block_on, call_json, get_json, human, ApiArgs};
 /// until it expires.
 pub const MAX_REUSABLE_TTL: Duration = Duration::from_secs(24 * 3600);
 
+/// Where the CA lives, for the commands that work on it offline: the
+/// control plane's data directory, or the etcd its replicas share.
+#[derive(clap::Args)]
+pub struct StoreArgs {
+    /// The control plane's data directory.
+    #[arg(long, required_unless_present = "store")]
+    data: Option<PathBuf>,
+    /// The etcd the control-plane replicas share
+    /// (`etcd://host:port[,host:port...][/prefix]`).
+    #[arg(long, conflicts_with = "data")]
+    store: Option<String>,
+    /// TLS towards etcd: the CA of its members' certificates.
+    #[arg(long, requires = "store")]
+    etcd_ca: Option<PathBuf>,
+    /// TLS towards etcd: a client certificate (PEM).
+    #[arg(long, requires_all = ["etcd_ca", "etcd_key"])]
+    etcd_cert: Option<PathBuf>,
+    /// TLS towards etcd: the key of --etcd-cert (PEM).
+    #[arg(long, requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    fn describe(&self) -> String {
+        match (&self.store, &self.data) {
+            (Some(s), _) => s.clone(),
+            (None, Some(d)) => d.display().to_string(),
+            (None, None) => String::new(),
+        }
+    }
+
+    /// The store, and whether a missing CA may be created in it (only in
+    /// a data directory, as before the control plane first started).
+    fn open(&self) -> anyhow::Result<(Box<dyn tandem_store::Kv>, bool)> {
+        if let Some(url) = &self.store {
+            let url: tandem_store::etcd::EtcdUrl =
+                url.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+            let tls = self.etcd_ca.clone().map(|ca| tandem_store::etcd::EtcdTls {
+                ca,
+                cert: self.etcd_cert.clone(),
+                key: self.etcd_key.clone(),
+            });
+            let etcd = tandem_store::etcd::Etcd::new(&url, tls.as_ref())?;
+            return Ok((Box::new(tandem_store::etcd::EtcdKv::new(etcd)), false));
+        }
+        let data = self
+            .data
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("--data or --store is needed"))?;
+        Ok((Box::new(tandem_store::LocalDir::open(data)?), true))
+    }
+}
+
 pub fn token_create(
-    data: &Path,
+    store: &StoreArgs,
     namespace: &str,
     service: &str,
     ttl: Duration,
@@ -39,10 +92,14 @@ pub fn token_create(
         );
     }
     let ca = block_on(async {
-        let kv = tandem_store::LocalDir::open(data)?;
-        Ok(Authority::open(&kv, None, None).await?)
+        let (kv, create) = store.open()?;
+        Ok(if create {
+            Authority::open(&*kv, None, None).await?
+        } else {
+            Authority::load(&*kv).await?
+        })
     })
-    .with_context(|| format!("certificate authority in {}", data.display()))?;
+    .with_context(|| format!("certificate authority in {}", store.describe()))?;
     let (claims, token) = ca.mint_token(namespace, service, ttl, reusable)?;
     let kind = if reusable { "reusable" } else { "single-use" };
     if json {
@@ -75,15 +132,15 @@ pub fn token_create(
     Ok(())
 }
 
-pub fn token_revoke(data: &Path, id: &str) -> anyhow::Result<()> {
+pub fn token_revoke(store: &StoreArgs, id: &str) -> anyhow::Result<()> {
     block_on(async {
-        let kv = tandem_store::LocalDir::open(data)?;
+        let (kv, _) = store.open()?;
         // The CA must exist: a revocation in an empty directory would
         // revoke nothing anyone uses.
-        Authority::load(&kv).await?;
-        Ok(Authority::revoke(&kv, id).await?)
+        Authority::load(&*kv).await?;
+        Ok(Authority::revoke(&*kv, id).await?)
     })
-    .with_context(|| format!("certificate authority in {}", data.display()))?;
+    .with_context(|| format!("certificate authority in {}", store.describe()))?;
     eprintln!("token {id} revoked: proxies bootstrapped with it are expelled by the control plane within seconds, and neither it nor their certificates obtain new ones");
     Ok(())
 }

@@ -87,6 +87,28 @@ enum Command {
         /// The private key (PEM) of --ca-cert.
         #[arg(long, requires = "ca_cert")]
         ca_key: Option<PathBuf>,
+        /// Where the mesh's state lives: the data directory (default), or
+        /// etcd shared by several replicas:
+        /// `etcd://host:port[,host:port...][/prefix]`.
+        #[arg(long)]
+        store: Option<String>,
+        /// TLS towards etcd: the CA that signed its members' certificates.
+        #[arg(long, requires = "store")]
+        etcd_ca: Option<PathBuf>,
+        /// TLS towards etcd: this replica's client certificate (PEM).
+        #[arg(long, requires_all = ["etcd_ca", "etcd_key"])]
+        etcd_cert: Option<PathBuf>,
+        /// TLS towards etcd: the key of --etcd-cert (PEM).
+        #[arg(long, requires = "etcd_cert")]
+        etcd_key: Option<PathBuf>,
+        /// This replica's name among those sharing the store (default: the
+        /// host name and the gRPC port).
+        #[arg(long)]
+        name: Option<String>,
+        /// The gRPC address other hosts reach this replica at, as the
+        /// replica directory shows it (default: --listen).
+        #[arg(long)]
+        advertise: Option<String>,
         #[command(flatten)]
         common: Common,
     },
@@ -159,17 +181,16 @@ enum TokenCommand {
         /// certifies one proxy's key, once.
         #[arg(long)]
         reusable: bool,
-        /// The control plane's data directory.
-        #[arg(long)]
-        data: PathBuf,
+        #[command(flatten)]
+        store: identity::StoreArgs,
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
     /// Revoke a token by id: proxies using it can no longer register or renew.
     Revoke {
         id: String,
-        #[arg(long)]
-        data: PathBuf,
+        #[command(flatten)]
+        store: identity::StoreArgs,
     },
 }
 
@@ -214,7 +235,10 @@ struct Common {
 
 #[derive(clap::Args)]
 struct ProxyArgs {
-    /// Control-plane gRPC URL.
+    /// Control-plane gRPC URL; several replicas comma-separated
+    /// (`http://cp1:7700,http://cp2:7700`), or a host name with several
+    /// addresses. The proxy moves to another replica when its own stops
+    /// answering.
     #[arg(long, default_value = "http://127.0.0.1:7700")]
     control: String,
     /// Service this instance belongs to.
@@ -542,9 +566,32 @@ fn main() -> ExitCode {
             allow_intermediates,
             ca_cert,
             ca_key,
+            store,
+            etcd_ca,
+            etcd_cert,
+            etcd_key,
+            name,
+            advertise,
             common,
         } => {
             init_logging();
+            let store = match store.as_deref() {
+                None | Some("local") => tandem_control::store::StoreConfig::Local,
+                Some(url) => match url.parse() {
+                    Ok(url) => tandem_control::store::StoreConfig::Etcd {
+                        url,
+                        tls: etcd_ca.map(|ca| tandem_store::etcd::EtcdTls {
+                            ca,
+                            cert: etcd_cert,
+                            key: etcd_key,
+                        }),
+                    },
+                    Err(e) => {
+                        eprintln!("tandem: --store: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+            };
             let cfg = tandem_control::ControlConfig {
                 config_dir: config,
                 data_dir: data,
@@ -558,6 +605,9 @@ fn main() -> ExitCode {
                 ca_import: ca_cert.zip(ca_key),
                 api_hosts: api_host,
                 allow_intermediates,
+                store,
+                name,
+                advertise,
             };
             block_on(
                 common.threads.max(2),
@@ -676,17 +726,17 @@ fn main() -> ExitCode {
             namespace,
             ttl,
             reusable,
-            data,
+            store,
             output,
         }) => identity::token_create(
-            &data,
+            &store,
             &namespace,
             &service,
             ttl,
             reusable,
             output == Output::Json,
         ),
-        Command::Token(TokenCommand::Revoke { id, data }) => identity::token_revoke(&data, &id),
+        Command::Token(TokenCommand::Revoke { id, store }) => identity::token_revoke(&store, &id),
         Command::Ca(CaCommand::Show { api, output }) => {
             identity::ca_show(&api, output == Output::Json)
         }

@@ -54,6 +54,9 @@ pub struct Api {
     pub ca: Arc<Ca>,
     pub rollouts: Arc<Rollouts>,
     pub taps: Arc<Taps>,
+    /// The replicas and etcd, when the store is shared.
+    pub store: Option<Arc<crate::store::Shared>>,
+    pub data_dir: std::path::PathBuf,
     pub access: Access,
 }
 
@@ -297,6 +300,7 @@ impl Api {
             "/api/v1/config" => json(StatusCode::OK, &self.mesh.config_status()),
             "/api/v1/push" => json(StatusCode::OK, &self.mesh.push_status()),
             "/api/v1/ca" => json(StatusCode::OK, &self.ca.info()),
+            "/api/v1/store" => json(StatusCode::OK, &self.store_status().await),
             "/api/v1/rollouts" => json(StatusCode::OK, &self.rollouts.list()),
             "/healthz" | "/readyz" => json(StatusCode::OK, &serde_json::json!({"ok": true})),
             path => match rollout_path(path) {
@@ -326,6 +330,21 @@ impl Api {
     /// `POST /api/v1/explain`: what the mesh would do with the request in
     /// the body (`tandem_config::explain::ExplainRequest`, JSON), from the
     /// config and rollout splits in force.
+    async fn store_status(&self) -> crate::store::StoreStatus {
+        match &self.store {
+            Some(shared) => shared.status().await,
+            None => crate::store::StoreStatus {
+                kind: "local",
+                location: self.data_dir.display().to_string(),
+                replica: String::new(),
+                leader: None,
+                replicas: Vec::new(),
+                members: Vec::new(),
+                error: None,
+            },
+        }
+    }
+
     async fn explain(&self, body: Incoming) -> Response<ApiBody> {
         use http_body_util::BodyExt;
         let bad = |e: String| json(StatusCode::BAD_REQUEST, &serde_json::json!({ "error": e }));

@@ -27,6 +27,7 @@ use tandem_identity::tls::TlsIdentity;
 use tandem_identity::token;
 use tandem_identity::SpiffeId;
 use tandem_runtime::sync::{Mutex, MutexGuard};
+use tandem_store::etcd::Leadership;
 use tandem_store::Kv;
 use tonic::{Request, Response, Status};
 
@@ -55,6 +56,10 @@ pub struct Ca {
     /// Revoked join tokens, as last read (told to proxies too: they refuse
     /// certificates issued under them).
     revoked_tokens: Mutex<Vec<String>>,
+    /// Promotion is the leader's step (with replicas sharing a store).
+    leadership: Leadership,
+    /// The root this control plane waits to promote, if any.
+    promoting: Mutex<Option<String>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -74,6 +79,7 @@ impl Ca {
         lifetime: Duration,
         intermediates: bool,
         mesh: Arc<Mesh>,
+        leadership: Leadership,
     ) -> anyhow::Result<Arc<Ca>> {
         let tls = TlsIdentity::new(authority.trust_domain(), authority.bundle())?;
         tls.set_allow_intermediates(intermediates);
@@ -88,18 +94,28 @@ impl Ca {
             steps: tokio::sync::Mutex::new(()),
             intermediates,
             revoked_tokens: Mutex::new(Vec::new()),
+            leadership,
+            promoting: Mutex::new(None),
         });
         ca.issue_own()?;
         Ok(ca)
     }
 
-    /// Carries on with a rotation that a restart interrupted.
-    pub fn resume(self: &Arc<Self>, generation: u64) {
+    /// Carries on with a rotation in progress: one a restart interrupted,
+    /// or one another replica started.
+    pub fn resume(self: &Arc<Self>) {
         let r = self.rotation().clone();
         if let (Phase::Distributing, Some(root)) = (r.phase, r.new_root) {
+            {
+                let mut p = self.promoting.lock();
+                if p.as_deref() == Some(root.as_str()) {
+                    return;
+                }
+                *p = Some(root.clone());
+            }
             tracing::info!(root = %root, "root rotation in progress: waiting for proxies to acknowledge the new bundle");
             let me = self.clone();
-            tokio::spawn(async move { me.promote_when_distributed(root, generation).await });
+            tokio::spawn(async move { me.promote_when_distributed(root).await });
         }
     }
 
@@ -124,7 +140,36 @@ impl Ca {
     /// Pushes the current bundle to every proxy; returns its generation.
     pub fn publish(&self) -> u64 {
         let trust = self.trust();
-        self.mesh.set_trust(trust)
+        let ids = self.authority().root_ids();
+        self.mesh.set_trust(trust, ids)
+    }
+
+    /// Takes in a change of the CA made elsewhere (another replica, the
+    /// CLI): the new state is loaded, published and, mid-rotation, its
+    /// next step awaited.
+    async fn reload(self: &Arc<Self>) -> Result<(), String> {
+        let _step = self.steps.lock().await;
+        let authority = Authority::load(&*self.kv)
+            .await
+            .map_err(|e| e.to_string())?;
+        let same = {
+            let a = self.authority();
+            a.root_ids() == authority.root_ids() && a.signer_id() == authority.signer_id()
+        };
+        if same {
+            return Ok(());
+        }
+        tracing::info!(roots = ?authority.root_ids(), signer = %authority.signer_id(), "certificate authority changed in the store");
+        *self.rotation() = Rotation::of(&authority.root_ids(), authority.signer_id());
+        let _ = self.tls.set_bundle(authority.bundle());
+        *self.authority() = authority;
+        if let Err(e) = self.issue_own() {
+            tracing::error!(error = %e, "cannot re-issue the control plane's certificate");
+        }
+        self.publish();
+        drop(_step);
+        self.resume();
+        Ok(())
     }
 
     /// (Re-)issues the control plane's own serving certificate.
@@ -203,7 +248,22 @@ impl Ca {
     /// certificates (the list travels with the trust bundle).
     pub async fn follow_revocations(self: Arc<Self>, every: Duration) {
         let mut seen: Vec<String> = Vec::new();
+        let mut state: Option<Vec<u8>> = None;
         loop {
+            match self.kv.get(tandem_identity::ca::STATE).await {
+                Ok(Some(v)) if state.as_ref() != Some(&v.value) => {
+                    if state.is_some() {
+                        if let Err(e) = self.reload().await {
+                            tracing::warn!(error = %e, "cannot load the changed certificate authority");
+                        }
+                    }
+                    state = Some(v.value);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the certificate authority's state")
+                }
+            }
             match self.revoked().await {
                 Ok(revoked) if revoked != seen => {
                     self.mesh.expel(&revoked).await;
@@ -233,16 +293,37 @@ impl Ca {
         let _ = self.tls.set_bundle(authority.bundle());
         *self.authority() = authority;
         tracing::info!(root = %new_root, "root rotation: new root added to the trust bundle");
-        let generation = self.publish();
-        let me = self.clone();
-        tokio::spawn(async move { me.promote_when_distributed(new_root, generation).await });
+        self.publish();
+        drop(_step);
+        self.resume();
         Ok(self.rotation().clone())
     }
 
-    async fn promote_when_distributed(self: Arc<Self>, root: String, generation: u64) {
-        let start = Instant::now();
+    async fn promote_when_distributed(self: Arc<Self>, root: String) {
+        let mut leadership = self.leadership.clone();
+        let mut start = Instant::now();
         loop {
-            let pending = self.mesh.trust_pending(generation);
+            // Promoted (or started over) meanwhile, here or elsewhere.
+            let r = self.rotation().clone();
+            if r.phase != Phase::Distributing || r.new_root.as_deref() != Some(root.as_str()) {
+                *self.promoting.lock() = None;
+                return;
+            }
+            if !leadership.is_leader() {
+                tokio::select! {
+                    _ = leadership.until_leader() => start = Instant::now(),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                continue;
+            }
+            let pending = match self.mesh.trust_pending(&root).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "root rotation: cannot read the registry");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
             let step = self.rotation().step(pending, start.elapsed(), PROMOTE_WAIT);
             match step {
                 Step::Wait => tokio::time::sleep(Duration::from_millis(200)).await,

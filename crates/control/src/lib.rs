@@ -15,6 +15,7 @@ pub mod rollout;
 mod rotation;
 mod snapshots;
 pub mod stats;
+pub mod store;
 pub mod tap;
 mod versions;
 mod watch;
@@ -63,6 +64,28 @@ pub struct ControlConfig {
     /// Accept peer certificates that chain to the bundle through
     /// intermediate CAs.
     pub allow_intermediates: bool,
+    /// Where state lives: the data directory, or etcd shared by replicas.
+    pub store: store::StoreConfig,
+    /// This replica's name among those sharing the store (default: the
+    /// host name and the gRPC port).
+    pub name: Option<String>,
+    /// The gRPC address other hosts reach this replica at (default:
+    /// `listen`), as the replica directory shows it.
+    pub advertise: Option<String>,
+}
+
+impl ControlConfig {
+    /// The replica's name: given, or the host's name and the gRPC port.
+    pub fn replica_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "control".into());
+            format!("{host}-{}", self.listen.port())
+        })
+    }
 }
 
 /// Default lifetime of issued certificates.
@@ -99,13 +122,33 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
         dir.check_private(private)
             .context("refusing to start: the data directory must be private")?;
     }
-    let kv: Arc<dyn tandem_store::Kv> = Arc::new(dir);
+    let name = cfg.replica_name();
+    let (store_stop, store_stopped) = tokio::sync::watch::channel(false);
+    let local_copy = matches!(cfg.store, store::StoreConfig::Etcd { .. })
+        .then(|| tandem_store::LocalDir::open(&cfg.data_dir))
+        .transpose()?;
+    let stores = store::Stores::open(&cfg, &name, dir, store_stopped).await?;
+    let kv = stores.kv.clone();
     let credential = api::admin_credential(&*kv)
         .await
         .context("admin credential")?;
-    let registry: Arc<dyn tandem_store::RegistryStore> =
-        Arc::new(tandem_store::MemoryRegistry::default());
-    let mesh = mesh::Mesh::start(config, registry, kv.clone(), cfg.grace).await?;
+    // Replicas share the credential through the store; the CLI on this
+    // host reads it from the data directory.
+    if let Some(local) = local_copy {
+        use tandem_store::Kv;
+        local
+            .put(api::ADMIN_CREDENTIAL, format!("{credential}\n").as_bytes())
+            .await
+            .context("cannot write the admin credential to the data directory")?;
+    }
+    let mesh = mesh::Mesh::start(
+        config,
+        stores.registry.clone(),
+        kv.clone(),
+        cfg.grace,
+        name.clone(),
+    )
+    .await?;
     let authority = tandem_identity::ca::Authority::open(
         &*kv,
         cfg.trust_domain.as_deref(),
@@ -122,9 +165,10 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
         cfg.cert_lifetime,
         cfg.allow_intermediates,
         mesh.clone(),
+        stores.leadership.clone(),
     )?;
-    let generation = ca.publish();
-    ca.resume(generation);
+    ca.publish();
+    ca.resume();
     tokio::spawn(ca.clone().renew_own());
     tokio::spawn(ca.clone().follow_revocations(REVOCATION_CHECK));
     let stats = Arc::new(stats::Stats::default());
@@ -146,7 +190,12 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
             mesh.end_warmup();
         }
     });
-    let rollouts = rollout::Rollouts::new(mesh.clone(), stats.clone(), kv.clone());
+    let rollouts = rollout::Rollouts::new(
+        mesh.clone(),
+        stats.clone(),
+        kv.clone(),
+        stores.leadership.clone(),
+    );
     // The splits in force before the first proxy is served (a restarted
     // control plane goes on with its rollouts where they were).
     if let Err(e) = rollouts.step_all().await {
@@ -161,6 +210,8 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
         ca: ca.clone(),
         rollouts,
         taps: taps.clone(),
+        store: stores.shared.clone(),
+        data_dir: cfg.data_dir.clone(),
         access: api::Access {
             credential,
             hosts: cfg.api_hosts.clone(),
@@ -212,6 +263,9 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
     }
     let _ = stop_tx.send(());
     let _ = accept_stop.send(true);
+    // Resigns the leadership and leaves the replica directory; the
+    // registrations stay under the lease until the proxies have moved.
+    let _ = store_stop.send(true);
     // Proxy streams never end by themselves; they are cut after a moment and
     // the proxies reconnect to the next control plane.
     tokio::time::sleep(Duration::from_millis(200)).await;

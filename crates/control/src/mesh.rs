@@ -89,6 +89,8 @@ struct State {
     config_errors: Vec<String>,
     trust: Option<Trust>,
     trust_generation: u64,
+    /// The ids of the roots in `trust`.
+    trust_roots: Arc<Vec<String>>,
     sessions: HashMap<ProxyKey, Session>,
     next_conn: u64,
     endpoints: Arc<EndpointTable>,
@@ -124,6 +126,10 @@ struct Session {
     /// Trust generation in the last snapshot sent, and in the last one acked.
     trust_sent: u64,
     trust_acked: u64,
+    /// The roots of the bundle in the last snapshot sent, and in the last
+    /// one acked (recorded in the registration).
+    trust_sent_roots: Arc<Vec<String>>,
+    trust_acked_roots: Arc<Vec<String>>,
     certificate: Option<Certificate>,
 }
 
@@ -177,11 +183,14 @@ pub struct PushStatus {
 
 impl Mesh {
     /// The mesh with its push task running.
+    /// `id` names this control plane as the holder of registrations (a
+    /// replica's name; unique among the replicas sharing a store).
     pub async fn start(
         config: ResourceSet,
         registry: Arc<dyn RegistryStore>,
         kv: Arc<dyn Kv>,
         grace: Duration,
+        id: String,
     ) -> std::io::Result<Arc<Self>> {
         let floor = Floor::new(kv);
         let (first, ceiling) = floor.reserve(1, 1).await?;
@@ -193,6 +202,7 @@ impl Mesh {
                 config_errors: Vec::new(),
                 trust: None,
                 trust_generation: 0,
+                trust_roots: Arc::default(),
                 sessions: HashMap::new(),
                 next_conn: 1,
                 endpoints: Arc::new(EndpointTable::default()),
@@ -203,7 +213,7 @@ impl Mesh {
             }),
             registry,
             floor,
-            id: format!("{}-{:08x}", std::process::id(), fastrand::u32(..)),
+            id,
             grace,
             warming: AtomicBool::new(true),
             wake: Notify::new(),
@@ -310,6 +320,7 @@ impl Mesh {
             inbound: hello.inbound_addr.clone(),
             presence: Presence::Connected,
             holder: String::new(),
+            roots: Vec::new(),
         };
         let conn = {
             let mut st = self.state.lock();
@@ -378,6 +389,8 @@ impl Mesh {
                     nack: None,
                     trust_sent: 0,
                     trust_acked: 0,
+                    trust_sent_roots: Arc::default(),
+                    trust_acked_roots: Arc::default(),
                     certificate,
                 },
             );
@@ -450,14 +463,31 @@ impl Mesh {
     }
 
     pub fn ack(&self, key: &ProxyKey, conn: u64, version: u64) {
-        let mut st = self.state.lock();
-        if let Some(s) = st.sessions.get_mut(key).filter(|s| s.conn == conn) {
+        let roots = {
+            let mut st = self.state.lock();
+            let Some(s) = st.sessions.get_mut(key).filter(|s| s.conn == conn) else {
+                return;
+            };
             s.acked_version = s.acked_version.max(version);
-            if version == s.sent_version {
-                s.nack = None;
-                s.trust_acked = s.trust_sent;
+            if version != s.sent_version {
+                return;
             }
-        }
+            s.nack = None;
+            s.trust_acked = s.trust_sent;
+            if s.trust_acked_roots == s.trust_sent_roots {
+                return;
+            }
+            s.trust_acked_roots = s.trust_sent_roots.clone();
+            (*s.trust_acked_roots).clone()
+        };
+        // Recorded in the registration, where a rotation led by any
+        // replica counts it.
+        let (registry, key, holder) = (self.registry.clone(), key.clone(), self.holder(conn));
+        tokio::spawn(async move {
+            if let Err(e) = registry.set_roots(&key, &holder, roots).await {
+                tracing::warn!(error = %e, "cannot record the proxy's trust bundle");
+            }
+        });
     }
 
     pub fn nack(&self, key: &ProxyKey, conn: u64, version: u64, reason: String) {
@@ -663,6 +693,7 @@ impl Mesh {
         let st = &mut *st;
         st.rounds += 1;
         let trust_generation = st.trust_generation;
+        let trust_roots = st.trust_roots.clone();
         for s in st.sessions.values_mut().filter(|s| s.active()) {
             let Some(body) = st.snapshots.body(&s.group) else {
                 continue;
@@ -674,6 +705,7 @@ impl Mesh {
             st.next_version += 1;
             s.sent_version = version;
             s.trust_sent = trust_generation;
+            s.trust_sent_roots = trust_roots.clone();
             s.sent_body = Some(body.clone());
             if let Some(tx) = &s.tx {
                 tx.send_replace(Some(WireSnapshot {
@@ -719,13 +751,14 @@ impl Mesh {
 
     /// Sets the trust bundle carried by every snapshot; returns its
     /// generation.
-    pub fn set_trust(&self, trust: Trust) -> u64 {
+    pub fn set_trust(&self, trust: Trust, root_ids: Vec<String>) -> u64 {
         let generation = {
             let mut st = self.state.lock();
             if st.trust.as_ref() == Some(&trust) {
                 return st.trust_generation;
             }
             st.trust = Some(trust);
+            st.trust_roots = Arc::new(root_ids);
             st.trust_generation += 1;
             st.trust_generation
         };
@@ -733,15 +766,17 @@ impl Mesh {
         generation
     }
 
-    /// Connected proxies that have not yet acknowledged a snapshot with
-    /// trust generation `generation` (or a later one).
-    pub fn trust_pending(&self, generation: u64) -> Vec<String> {
-        let st = self.state.lock();
-        st.sessions
+    /// Connected proxies, whichever control plane holds them, that have
+    /// not yet acknowledged a trust bundle with `root` in it.
+    pub async fn trust_pending(&self, root: &str) -> std::io::Result<Vec<String>> {
+        let (_, regs) = self.registry.list().await?;
+        let mut pending: Vec<String> = regs
             .iter()
-            .filter(|(_, s)| s.tx.is_some() && s.trust_acked < generation)
-            .map(|((ns, svc, inst), _)| format!("{ns}/{svc}/{inst}"))
-            .collect()
+            .filter(|r| r.presence == Presence::Connected && !r.roots.iter().any(|x| x == root))
+            .map(|r| format!("{}/{}/{}", r.namespace, r.service, r.instance))
+            .collect();
+        pending.sort();
+        Ok(pending)
     }
 
     /// Records a certificate issued to (or reported by) a proxy.
@@ -803,9 +838,15 @@ spec: {ports: [{port: 80, protocol: http}]}
 
     async fn mesh_on(kv: Arc<dyn Kv>) -> Arc<Mesh> {
         let config = tandem_config::load_str("c.yaml", CONFIG).expect("config");
-        Mesh::start(config, Arc::new(MemoryRegistry::default()), kv, GRACE)
-            .await
-            .expect("mesh")
+        Mesh::start(
+            config,
+            Arc::new(MemoryRegistry::default()),
+            kv,
+            GRACE,
+            "cp".into(),
+        )
+        .await
+        .expect("mesh")
     }
 
     async fn mesh() -> Arc<Mesh> {

@@ -132,6 +132,7 @@ mod tests {
             inbound: addr.into(),
             presence,
             holder: format!("cp/{inst}"),
+            roots: Vec::new(),
         }
     }
 

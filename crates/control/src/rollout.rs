@@ -340,6 +340,9 @@ pub struct Rollouts {
     mesh: Arc<Mesh>,
     stats: Arc<Stats>,
     kv: Arc<dyn Kv>,
+    /// Only the leader decides; every replica puts the stored splits in
+    /// force.
+    leadership: tandem_store::etcd::Leadership,
     /// The last known state of each rollout in the config, by key, and
     /// what it waits for.
     known: Mutex<BTreeMap<String, (State, Option<String>)>>,
@@ -360,11 +363,17 @@ fn record(kv: &Arc<dyn Kv>, plan: &Plan) -> Record<State> {
 }
 
 impl Rollouts {
-    pub fn new(mesh: Arc<Mesh>, stats: Arc<Stats>, kv: Arc<dyn Kv>) -> Arc<Self> {
+    pub fn new(
+        mesh: Arc<Mesh>,
+        stats: Arc<Stats>,
+        kv: Arc<dyn Kv>,
+        leadership: tandem_store::etcd::Leadership,
+    ) -> Arc<Self> {
         Arc::new(Rollouts {
             mesh,
             stats,
             kv,
+            leadership,
             known: Mutex::new(BTreeMap::new()),
         })
     }
@@ -398,6 +407,9 @@ impl Rollouts {
         }
         *self.known.lock() = known;
         self.mesh.set_splits(splits);
+        if !self.leadership.is_leader() {
+            return Ok(());
+        }
         // A rollout gone from the config is forgotten: the same spec added
         // again later is a new rollout, not the end of the old one.
         let keep: Vec<String> = plans
@@ -415,6 +427,15 @@ impl Rollouts {
 
     async fn step_one(&self, plan: &Plan) -> std::io::Result<(State, Option<String>)> {
         let now = now_ms();
+        if !self.leadership.is_leader() {
+            // Another replica decides: follow what it stored.
+            let stored = record(&self.kv, plan).get().await?.map(|(st, _)| st);
+            let state = match stored {
+                Some(st) if st.spec == plan.describe() => st,
+                _ => start(plan, now, "start", "new rollout".into(), false),
+            };
+            return Ok((state, Some("decided by the leading replica".into())));
+        }
         let stats = self.stats.clone();
         let mut waiting = None;
         let out = record(&self.kv, plan)

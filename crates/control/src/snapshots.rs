@@ -189,6 +189,7 @@ spec: {ports: [{port: 5432, protocol: tcp}]}
             inbound: addr.into(),
             presence: Presence::Connected,
             holder: format!("cp/{inst}"),
+            roots: Vec::new(),
         }
     }
 

@@ -422,6 +422,20 @@ pub struct Mesh {
     pub control: Option<Proc>,
     /// Extra arguments of `tandem control`.
     pub control_args: Vec<String>,
+    /// Replicas sharing etcd ([`Mesh::replicated`]); `control` is then
+    /// unused, and `grpc`, `api` are the first replica's.
+    pub replicas: Vec<Replica>,
+    /// The etcd URL the replicas share (tokens are minted there).
+    pub store: Option<String>,
+}
+
+/// One control-plane replica of a [`Mesh::replicated`].
+pub struct Replica {
+    pub name: String,
+    pub grpc: SocketAddr,
+    pub api: SocketAddr,
+    pub data: PathBuf,
+    pub proc: Option<Proc>,
 }
 
 /// One service instance: a demo app and its sidecar.
@@ -455,10 +469,115 @@ impl Mesh {
             api: free_port(),
             control: None,
             control_args: control_args.iter().map(|s| s.to_string()).collect(),
+            replicas: Vec::new(),
+            store: None,
             dir,
         };
         mesh.start_control();
         mesh
+    }
+
+    /// `n` control-plane replicas sharing the etcd at `store`, each with
+    /// its own data directory (the first one's is [`Mesh::data_dir`]).
+    pub fn replicated(config: &str, store: &str, n: usize) -> Mesh {
+        let dir = TempDir::new("mesh");
+        let config_dir = dir.0.join("config");
+        std::fs::create_dir_all(&config_dir).unwrap();
+        std::fs::write(config_dir.join("mesh.yaml"), config).unwrap();
+        let replicas: Vec<Replica> = (0..n)
+            .map(|i| Replica {
+                name: format!("r{i}"),
+                grpc: free_port(),
+                api: free_port(),
+                data: dir.0.join(if i == 0 {
+                    "data".into()
+                } else {
+                    format!("data-{i}")
+                }),
+                proc: None,
+            })
+            .collect();
+        let mut mesh = Mesh {
+            config_dir,
+            grpc: replicas[0].grpc,
+            api: replicas[0].api,
+            control: None,
+            control_args: Vec::new(),
+            replicas,
+            store: Some(store.to_string()),
+            dir,
+        };
+        for i in 0..n {
+            mesh.start_replica(i);
+        }
+        mesh
+    }
+
+    /// Starts (or starts again) replica `i`.
+    pub fn start_replica(&mut self, i: usize) {
+        let r = &self.replicas[i];
+        let mut args = vec![
+            "control".to_string(),
+            "--config".into(),
+            self.config_dir.display().to_string(),
+            "--data".into(),
+            r.data.display().to_string(),
+            "--listen".into(),
+            r.grpc.to_string(),
+            "--api".into(),
+            r.api.to_string(),
+            "--name".into(),
+            r.name.clone(),
+            "--report-interval".into(),
+            "500ms".into(),
+            "--store".into(),
+            self.store.clone().expect("a replicated mesh"),
+        ];
+        args.extend(self.control_args.iter().cloned());
+        let n = std::fs::read_dir(&self.dir.0)
+            .map(|d| d.count())
+            .unwrap_or(0);
+        let proc = Proc::spawn(&format!("{}-{n}", r.name), &args, &self.dir.0);
+        let api = r.api;
+        self.replicas[i].proc = Some(proc);
+        wait_for(
+            &format!("replica r{i}'s API"),
+            Duration::from_secs(20),
+            || api_open(api, "/healthz"),
+        );
+    }
+
+    /// Kills replica `i` (SIGKILL: its proxies' streams just break).
+    pub fn kill_replica(&mut self, i: usize) {
+        if let Some(mut p) = self.replicas[i].proc.take() {
+            p.kill();
+        }
+    }
+
+    /// `--control` for a proxy: every replica, `first` first.
+    pub fn control_urls(&self, first: usize) -> String {
+        let n = self.replicas.len();
+        (0..n)
+            .map(|k| format!("http://{}", self.replicas[(first + k) % n].grpc))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// `GET path` on replica `i`'s API, as JSON (`None` unless 200).
+    pub fn replica_json(&self, i: usize, path: &str) -> Option<serde_json::Value> {
+        let api = self.replicas[i].api;
+        let host = api.to_string();
+        let auth = format!("Bearer {}", self.credential());
+        let (status, body) = http_request(
+            api,
+            "GET",
+            path,
+            &[("Host", host.as_str()), ("Authorization", auth.as_str())],
+        )?;
+        if status != 200 {
+            return None;
+        }
+        serde_json::from_str(&body).ok()
     }
 
     pub fn start_control(&mut self) {
@@ -599,10 +718,14 @@ impl Mesh {
         self.token_with(&["--service", service])
     }
 
-    /// `tandem token create` with these arguments (plus `--data`).
+    /// `tandem token create` with these arguments (plus `--data`, or
+    /// `--store` for replicas).
     pub fn token_with(&self, args: &[&str]) -> String {
         let data = self.data_dir().display().to_string();
-        let mut all = vec!["token", "create", "--data", data.as_str()];
+        let mut all = match &self.store {
+            Some(url) => vec!["token", "create", "--store", url.as_str()],
+            None => vec!["token", "create", "--data", data.as_str()],
+        };
         all.extend_from_slice(args);
         tandem_ok(&all)
     }
@@ -675,11 +798,18 @@ impl Mesh {
     /// with `--tcp-echo ADDR`, the sidecar's app is that TCP echo server.
     pub fn start_proxy(&self, inst: &mut Instance, extra: &[&str]) {
         let app_target = inst.tcp_echo.unwrap_or(inst.app_addr);
-        let mut args = vec![
-            "proxy".to_string(),
-            "--control".into(),
-            format!("http://{}", self.grpc),
-            "--service".into(),
+        let mut args = vec!["proxy".to_string()];
+        // A test may say which replicas, in which order.
+        if !extra.contains(&"--control") {
+            args.push("--control".into());
+            args.push(if self.replicas.is_empty() {
+                format!("http://{}", self.grpc)
+            } else {
+                self.control_urls(0)
+            });
+        }
+        args.extend([
+            "--service".to_string(),
             inst.service.clone(),
             "--instance".into(),
             inst.instance.clone(),
@@ -691,7 +821,7 @@ impl Mesh {
             inst.admin.to_string(),
             "--http-proxy".into(),
             inst.http_proxy.to_string(),
-        ];
+        ]);
         // A test may bring its own credentials.
         if !extra
             .iter()

@@ -44,6 +44,7 @@ fn reg(instance: &str, holder: &str, inbound: &str) -> Registration {
         inbound: inbound.into(),
         presence: Presence::Connected,
         holder: holder.into(),
+        roots: Vec::new(),
     }
 }
 

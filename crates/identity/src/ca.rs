@@ -42,7 +42,9 @@ const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Leaves start a minute in the past, for clocks that are slightly behind.
 pub const BACKDATE: Duration = Duration::from_secs(60);
 
-const STATE: &str = "ca/state.json";
+/// The key of the CA's state (roots, signer, trust domain): it moves with
+/// every change of the CA.
+pub const STATE: &str = "ca/state.json";
 const TOKEN_KEY: &str = "ca/token.key";
 const REVOKED: &str = "ca/revoked-tokens";
 const USED: &str = "ca/used-tokens";

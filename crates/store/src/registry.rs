@@ -38,6 +38,10 @@ pub struct Registration {
     /// The stream that holds the registration: which control plane, which
     /// connection.
     pub holder: String,
+    /// The roots of the trust bundle the proxy last acknowledged (a root
+    /// rotation waits for every proxy, whichever replica holds it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roots: Vec<String>,
 }
 
 impl Registration {
@@ -61,6 +65,14 @@ pub trait RegistryStore: Send + Sync + 'static {
         key: &'a InstanceKey,
         holder: &'a str,
         presence: Presence,
+    ) -> StoreFuture<'a, bool>;
+    /// Records the trust roots an instance acknowledged, if `holder` still
+    /// holds it; returns whether it does.
+    fn set_roots<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        holder: &'a str,
+        roots: Vec<String>,
     ) -> StoreFuture<'a, bool>;
     /// Removes an instance's registration if `holder` still holds it.
     fn remove<'a>(&'a self, key: &'a InstanceKey, holder: &'a str) -> StoreFuture<'a, bool>;
@@ -89,6 +101,31 @@ impl MemoryRegistry {
     fn changed(&self) {
         self.revision.send_modify(|r| *r += 1);
     }
+
+    /// Applies `change` to an instance's registration if `holder` holds
+    /// it; whether it does.
+    fn modify(
+        &self,
+        key: &InstanceKey,
+        holder: &str,
+        change: impl FnOnce(&mut Registration),
+    ) -> bool {
+        let changed = {
+            let mut regs = self.regs.lock();
+            match regs.get_mut(key) {
+                Some(r) if r.holder == holder => {
+                    let before = r.clone();
+                    change(r);
+                    Some(*r != before)
+                }
+                _ => None,
+            }
+        };
+        if changed == Some(true) {
+            self.changed();
+        }
+        changed.is_some()
+    }
 }
 
 impl RegistryStore for MemoryRegistry {
@@ -112,21 +149,18 @@ impl RegistryStore for MemoryRegistry {
         holder: &'a str,
         presence: Presence,
     ) -> StoreFuture<'a, bool> {
-        let changed = {
-            let mut regs = self.regs.lock();
-            match regs.get_mut(key) {
-                Some(r) if r.holder == holder => {
-                    let changed = r.presence != presence;
-                    r.presence = presence;
-                    Some(changed)
-                }
-                _ => None,
-            }
-        };
-        if changed == Some(true) {
-            self.changed();
-        }
-        Box::pin(async move { Ok(changed.is_some()) })
+        let held = self.modify(key, holder, |r| r.presence = presence);
+        Box::pin(async move { Ok(held) })
+    }
+
+    fn set_roots<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        holder: &'a str,
+        roots: Vec<String>,
+    ) -> StoreFuture<'a, bool> {
+        let held = self.modify(key, holder, |r| r.roots = roots);
+        Box::pin(async move { Ok(held) })
     }
 
     fn remove<'a>(&'a self, key: &'a InstanceKey, holder: &'a str) -> StoreFuture<'a, bool> {
@@ -171,6 +205,7 @@ mod tests {
             inbound: "127.0.0.1:1".into(),
             presence: Presence::Connected,
             holder: holder.into(),
+            roots: Vec::new(),
         }
     }
 

@@ -45,8 +45,8 @@ pub(crate) struct Identity {
     pub(crate) tls: Arc<TlsIdentity>,
     pub(crate) claims: Claims,
     token: String,
-    /// `host:port` of the control plane's gRPC port.
-    control: String,
+    /// The control plane's replicas (`host:port` of their gRPC ports).
+    control: Replicas,
     /// Renew now (a new signing root was announced).
     pub(crate) renew_now: Notify,
 }
@@ -58,6 +58,55 @@ pub(crate) fn control_addr(url: &str) -> String {
         .or_else(|| url.strip_prefix("http://"))
         .unwrap_or(url);
     s.trim_end_matches('/').to_string()
+}
+
+/// The control plane's replicas, from `--control a,b,c` (each a URL or
+/// `host:port`; a host name with several addresses is tried address by
+/// address when connecting). A proxy stays with the replica that answered
+/// last and moves to the next one when it stops answering.
+pub(crate) struct Replicas {
+    addrs: Vec<String>,
+    current: std::sync::atomic::AtomicUsize,
+}
+
+impl Replicas {
+    pub(crate) fn parse(urls: &str) -> Replicas {
+        Replicas {
+            addrs: urls
+                .split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .map(control_addr)
+                .collect(),
+            current: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// A channel to the first replica that answers, from the current one
+    /// on.
+    async fn channel(&self, cfg: &Arc<rustls::ClientConfig>) -> anyhow::Result<(Channel, &str)> {
+        use std::sync::atomic::Ordering;
+        let n = self.addrs.len();
+        if n == 0 {
+            bail!("no control plane address given (--control)");
+        }
+        let start = self.current.load(Ordering::Relaxed);
+        let mut errors = Vec::new();
+        for i in 0..n {
+            let k = (start + i) % n;
+            match channel(&self.addrs[k], cfg.clone()).await {
+                Ok(ch) => {
+                    if k != start {
+                        self.current.store(k, Ordering::Relaxed);
+                        tracing::info!(control = %self.addrs[k], "moving to another control-plane replica");
+                    }
+                    return Ok((ch, &self.addrs[k]));
+                }
+                Err(e) => errors.push(format!("{}: {e:#}", self.addrs[k])),
+            }
+        }
+        bail!("no control-plane replica answers ({})", errors.join("; "))
+    }
 }
 
 /// A gRPC channel to the control plane over TLS with `cfg`, verifying the
@@ -104,7 +153,7 @@ impl Identity {
                 claims.svc
             );
         }
-        let control = control_addr(control_url);
+        let control = Replicas::parse(control_url);
         let roots = match pinned {
             Some(r) => r,
             None => {
@@ -114,7 +163,7 @@ impl Identity {
                         Ok(r) => break r,
                         Err(e) if e.is::<Refused>() => return Err(e),
                         Err(e) => {
-                            tracing::warn!(error = %e, %control, "cannot get the trust bundle yet; retrying");
+                            tracing::warn!(error = %e, control = %control_url, "cannot get the trust bundle yet; retrying");
                             tokio::time::sleep(wait).await;
                             wait = (wait * 2).min(RETRY_MAX);
                         }
@@ -159,7 +208,8 @@ impl Identity {
     /// A channel to the control plane, verified against the bundle, on
     /// which this proxy presents its certificate (once it has one).
     pub(crate) async fn control_channel(&self) -> anyhow::Result<Channel> {
-        channel(&self.control, self.tls.client_config(&[ALPN_H2])).await
+        let cfg = self.tls.client_config(&[ALPN_H2]);
+        Ok(self.control.channel(&cfg).await?.0)
     }
 
     /// One certificate request with a new key.
@@ -245,11 +295,13 @@ fn refused(s: tonic::Status) -> anyhow::Error {
 }
 
 async fn fetch_bundle(
-    control: &str,
+    replicas: &Replicas,
     claims_part: &str,
     mac: &[u8],
 ) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let ch = channel(control, tls::bootstrap_client_config(&[ALPN_H2])).await?;
+    let (ch, control) = replicas
+        .channel(&tls::bootstrap_client_config(&[ALPN_H2]))
+        .await?;
     let resp = IdentityClient::new(ch)
         .bundle(BundleRequest {
             claims: claims_part.to_string(),

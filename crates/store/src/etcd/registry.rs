@@ -309,6 +309,51 @@ impl Inner {
     }
 }
 
+impl EtcdRegistry {
+    /// Applies `change` to a registration this replica holds for `holder`,
+    /// here at once and in etcd when it answers; whether it still holds it.
+    fn modify<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        holder: &'a str,
+        change: impl FnOnce(&mut Registration) + Send + 'a,
+    ) -> StoreFuture<'a, bool> {
+        let held = {
+            let mut st = self.inner.state.lock();
+            match st.mine.get_mut(key) {
+                Some(m) if m.reg.holder == holder => {
+                    let before = m.reg.clone();
+                    change(&mut m.reg);
+                    if m.reg != before {
+                        if m.write == Write::Done {
+                            m.write = Write::Update;
+                        }
+                        drop(st);
+                        self.inner.changed();
+                    }
+                    true
+                }
+                _ => false,
+            }
+        };
+        Box::pin(async move {
+            if !held {
+                return Ok(false);
+            }
+            if let Err(e) = self.inner.write(key).await {
+                tracing::warn!(error = %e, "etcd: change kept here, written once etcd answers");
+            }
+            Ok(self
+                .inner
+                .state
+                .lock()
+                .mine
+                .get(key)
+                .is_some_and(|m| m.reg.holder == holder))
+        })
+    }
+}
+
 impl RegistryStore for EtcdRegistry {
     fn put(&self, reg: Registration) -> StoreFuture<'_, ()> {
         let k = reg.key();
@@ -340,38 +385,16 @@ impl RegistryStore for EtcdRegistry {
         holder: &'a str,
         presence: Presence,
     ) -> StoreFuture<'a, bool> {
-        let held = {
-            let mut st = self.inner.state.lock();
-            match st.mine.get_mut(key) {
-                Some(m) if m.reg.holder == holder => {
-                    if m.reg.presence != presence {
-                        m.reg.presence = presence;
-                        if m.write == Write::Done {
-                            m.write = Write::Update;
-                        }
-                        drop(st);
-                        self.inner.changed();
-                    }
-                    true
-                }
-                _ => false,
-            }
-        };
-        Box::pin(async move {
-            if !held {
-                return Ok(false);
-            }
-            if let Err(e) = self.inner.write(key).await {
-                tracing::warn!(error = %e, "etcd: presence kept here, written once etcd answers");
-            }
-            Ok(self
-                .inner
-                .state
-                .lock()
-                .mine
-                .get(key)
-                .is_some_and(|m| m.reg.holder == holder))
-        })
+        self.modify(key, holder, move |r| r.presence = presence)
+    }
+
+    fn set_roots<'a>(
+        &'a self,
+        key: &'a InstanceKey,
+        holder: &'a str,
+        roots: Vec<String>,
+    ) -> StoreFuture<'a, bool> {
+        self.modify(key, holder, move |r| r.roots = roots)
     }
 
     fn remove<'a>(&'a self, key: &'a InstanceKey, holder: &'a str) -> StoreFuture<'a, bool> {
