@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod api;
+mod apply;
 mod authz;
 mod explain;
 mod identity;
@@ -43,9 +44,10 @@ enum Command {
     Up(up::UpArgs),
     /// Run the control plane.
     Control {
-        /// Directory of YAML config files, watched for changes.
+        /// Directory of YAML config files, watched for changes. Without it
+        /// (replicas sharing etcd), config is pushed with `tandem apply`.
         #[arg(long)]
-        config: PathBuf,
+        config: Option<PathBuf>,
         /// Directory for state that must survive a restart.
         #[arg(long)]
         data: PathBuf,
@@ -122,6 +124,14 @@ enum Command {
     Proxy(Box<ProxyArgs>),
     /// Check a config directory; print every problem as `file:line:col: message`.
     Validate { dir: PathBuf },
+    /// Push a config directory to control-plane replicas that share a
+    /// store (`tandem control --store etcd://...` without --config); it is
+    /// checked first, and applied by every replica at once.
+    Apply {
+        dir: PathBuf,
+        #[command(flatten)]
+        api: api::ApiArgs,
+    },
     /// Access policy: check a request, list who may reach a service
     /// (offline, from a config directory).
     #[command(subcommand)]
@@ -551,6 +561,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Apply { dir, api } => apply::apply(&dir, &api),
         Command::Up(args) => up::run(args),
         Command::Control {
             config,

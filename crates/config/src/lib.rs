@@ -21,5 +21,5 @@ pub mod snapshot;
 pub mod validate;
 
 pub use diag::Diagnostic;
-pub use load::{load_dir, load_str};
+pub use load::{config_files, load_dir, load_files, load_str};
 pub use model::ResourceSet;

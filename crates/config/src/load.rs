@@ -46,6 +46,28 @@ pub fn load_dir(dir: &Path) -> Result<ResourceSet, Vec<Diagnostic>> {
     finish(set, diags)
 }
 
+/// Loads and validates config given as named texts (files pushed through
+/// the control plane's API); problems name the files as given.
+pub fn load_files<'a>(
+    files: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Result<ResourceSet, Vec<Diagnostic>> {
+    let mut set = ResourceSet::default();
+    let mut diags = Vec::new();
+    for (name, text) in files {
+        parse_file(Path::new(name), text, &mut set, &mut diags);
+    }
+    finish(set, diags)
+}
+
+/// The config files under a directory (`*.yaml`, `*.yml`; hidden files
+/// and editors' backups skipped), sorted.
+pub fn config_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    collect_files(dir, &mut files)?;
+    files.sort();
+    Ok(files)
+}
+
 /// Loads and validates config given as text (one "file"); used by tests and
 /// by `tandem up`'s built-in demo.
 pub fn load_str(name: &str, text: &str) -> Result<ResourceSet, Vec<Diagnostic>> {

@@ -46,6 +46,9 @@ use crate::tap::{TapRequest, Taps};
 pub type ApiBody = UnsyncBoxBody<Bytes, Infallible>;
 
 /// Largest `POST /api/v1/explain` body read.
+/// Largest config set `tandem apply` may push (etcd's own limit on one
+/// value is 1.5 MiB).
+const MAX_CONFIG_BODY: usize = 1024 * 1024;
 const MAX_EXPLAIN_BODY: usize = 64 << 10;
 
 pub struct Api {
@@ -57,6 +60,10 @@ pub struct Api {
     /// The replicas and etcd, when the store is shared.
     pub store: Option<Arc<crate::store::Shared>>,
     pub data_dir: std::path::PathBuf,
+    /// The config directory this control plane follows, if any.
+    pub config_dir: Option<std::path::PathBuf>,
+    /// Where pushed config goes (when it is not a directory's).
+    pub pushed: Option<Arc<dyn tandem_store::Kv>>,
     pub access: Access,
 }
 
@@ -247,6 +254,9 @@ impl Api {
             }
         }
         let req = Request::from_parts(head, ());
+        if req.method() == http::Method::PUT && req.uri().path() == "/api/v1/config" {
+            return Ok(self.push_config(body).await);
+        }
         if req.method() == http::Method::POST {
             let resp = match req.uri().path() {
                 "/api/v1/ca/rotate" => match self.ca.rotate().await {
@@ -327,9 +337,70 @@ impl Api {
         Ok(resp)
     }
 
-    /// `POST /api/v1/explain`: what the mesh would do with the request in
-    /// the body (`tandem_config::explain::ExplainRequest`, JSON), from the
-    /// config and rollout splits in force.
+    /// `PUT /api/v1/config`: a whole config set (`{"files": {name:
+    /// text}}`), validated, then stored where every replica follows it.
+    /// Refused with every `file:line:col` problem (422), or when this
+    /// control plane follows a directory (409) or the store cannot be
+    /// written (503); the config in force stays.
+    async fn push_config(&self, body: Incoming) -> Response<ApiBody> {
+        use http_body_util::BodyExt;
+        let error = |status, e: String| json(status, &serde_json::json!({ "error": e }));
+        let Some(kv) = &self.pushed else {
+            let dir = self
+                .config_dir
+                .as_ref()
+                .map_or(String::new(), |d| d.display().to_string());
+            return error(
+                StatusCode::CONFLICT,
+                format!(
+                    "this control plane follows the config directory {dir}; change the files there"
+                ),
+            );
+        };
+        let read = tokio::time::timeout(
+            Duration::from_secs(10),
+            http_body_util::Limited::new(body, MAX_CONFIG_BODY).collect(),
+        )
+        .await;
+        let bytes = match read {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("request body: {e}")),
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "request body: not sent within 10s".into(),
+                )
+            }
+        };
+        let pushed: crate::config::Pushed = match serde_json::from_slice(&bytes) {
+            Ok(p) => p,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("request body: {e}")),
+        };
+        if let Err(problems) = pushed.load() {
+            return json(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &serde_json::json!({ "error": "the config has problems; nothing changed", "problems": problems }),
+            );
+        }
+        let value = match serde_json::to_vec(&pushed) {
+            Ok(v) => v,
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        };
+        match kv.put(crate::config::PUSHED_KEY, &value).await {
+            Ok(revision) => {
+                tracing::info!(files = pushed.files.len(), revision, "config pushed");
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "files": pushed.files.len(), "revision": revision }),
+                )
+            }
+            Err(e) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("config not stored, the config in force stays: {e}"),
+            ),
+        }
+    }
+
     async fn store_status(&self) -> crate::store::StoreStatus {
         match &self.store {
             Some(shared) => shared.status().await,
@@ -345,6 +416,9 @@ impl Api {
         }
     }
 
+    /// `POST /api/v1/explain`: what the mesh would do with the request in
+    /// the body (`tandem_config::explain::ExplainRequest`, JSON), from the
+    /// config and rollout splits in force.
     async fn explain(&self, body: Incoming) -> Response<ApiBody> {
         use http_body_util::BodyExt;
         let bad = |e: String| json(StatusCode::BAD_REQUEST, &serde_json::json!({ "error": e }));

@@ -38,7 +38,9 @@ pub const DEFAULT_API: &str = "127.0.0.1:7701";
 
 #[derive(Clone, Debug)]
 pub struct ControlConfig {
-    pub config_dir: PathBuf,
+    /// The config directory (GitOps); `None`: config is pushed through
+    /// the API into the shared store (`tandem apply`).
+    pub config_dir: Option<PathBuf>,
     pub data_dir: PathBuf,
     /// gRPC address proxies connect to.
     pub listen: SocketAddr,
@@ -100,20 +102,6 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
             most.as_secs() / 86400
         );
     }
-    let (source, config) = match watch::DirSource::open(cfg.config_dir.clone()).await? {
-        Ok(loaded) => loaded,
-        Err(diags) => {
-            for d in &diags {
-                eprintln!("{d}");
-            }
-            anyhow::bail!(
-                "the config in {} has {} problem(s); fix them and start again",
-                cfg.config_dir.display(),
-                diags.len()
-            );
-        }
-    };
-    tracing::info!(services = config.services.len(), routes = config.http_routes.len(), dir = %cfg.config_dir.display(), "config loaded");
     let dir = tandem_store::LocalDir::open(&cfg.data_dir)
         .with_context(|| format!("cannot use data directory {}", cfg.data_dir.display()))?;
     // The CA's keys and the admin credential are the mesh's secrets: a
@@ -141,6 +129,26 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
             .await
             .context("cannot write the admin credential to the data directory")?;
     }
+    let (source, config) = match &cfg.config_dir {
+        Some(dir) => {
+            let (source, config) = open_dir(dir).await?;
+            (Source::Dir(source), config)
+        }
+        None => {
+            if stores.shared.is_none() {
+                anyhow::bail!("--config is needed unless the store is shared (--store etcd://...), where config is pushed with `tandem apply`");
+            }
+            let (source, config) = config::StoreSource::open(kv.clone())
+                .await
+                .context("cannot read the pushed config from the store")?;
+            tracing::info!(
+                services = config.services.len(),
+                routes = config.http_routes.len(),
+                "config loaded from the store"
+            );
+            (Source::Store(source), config)
+        }
+    };
     let mesh = mesh::Mesh::start(
         config,
         stores.registry.clone(),
@@ -181,7 +189,11 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
         .with_context(|| format!("cannot listen on {} (API)", cfg.api))?;
     tracing::info!(grpc = %cfg.listen, api = %cfg.api, credential = %cfg.data_dir.join(api::ADMIN_CREDENTIAL).display(), "control plane listening");
 
-    tokio::spawn(config::follow(source, mesh.clone()));
+    let pushable = matches!(source, Source::Store(_));
+    match source {
+        Source::Dir(s) => tokio::spawn(config::follow(s, mesh.clone())),
+        Source::Store(s) => tokio::spawn(config::follow(s, mesh.clone())),
+    };
     tokio::spawn({
         let mesh = mesh.clone();
         let warmup = cfg.warmup;
@@ -212,6 +224,8 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
         taps: taps.clone(),
         store: stores.shared.clone(),
         data_dir: cfg.data_dir.clone(),
+        config_dir: cfg.config_dir.clone(),
+        pushed: pushable.then(|| kv.clone()),
         access: api::Access {
             credential,
             hosts: cfg.api_hosts.clone(),
@@ -271,6 +285,33 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
     tokio::time::sleep(Duration::from_millis(200)).await;
     tracing::info!("control plane stopped");
     Ok(())
+}
+
+enum Source {
+    Dir(watch::DirSource),
+    Store(config::StoreSource),
+}
+
+/// The config directory, loaded and watched; refused with every problem.
+async fn open_dir(
+    dir: &std::path::Path,
+) -> anyhow::Result<(watch::DirSource, tandem_config::ResourceSet)> {
+    match watch::DirSource::open(dir.to_path_buf()).await? {
+        Ok((source, config)) => {
+            tracing::info!(services = config.services.len(), routes = config.http_routes.len(), dir = %dir.display(), "config loaded");
+            Ok((source, config))
+        }
+        Err(diags) => {
+            for d in &diags {
+                eprintln!("{d}");
+            }
+            anyhow::bail!(
+                "the config in {} has {} problem(s); fix them and start again",
+                dir.display(),
+                diags.len()
+            );
+        }
+    }
 }
 
 /// How often the revocation list is read (a revoked token's proxies are

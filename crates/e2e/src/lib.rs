@@ -281,7 +281,7 @@ pub fn http_request(
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
-    if method == "POST" {
+    if method == "POST" || method == "PUT" {
         head.push_str("Content-Length: 0\r\n");
     }
     head.push_str("Connection: close\r\n\r\n");
@@ -427,6 +427,9 @@ pub struct Mesh {
     pub replicas: Vec<Replica>,
     /// The etcd URL the replicas share (tokens are minted there).
     pub store: Option<String>,
+    /// The replicas take config pushed with `tandem apply`, not from
+    /// `config_dir`.
+    pub pushed: bool,
 }
 
 /// One control-plane replica of a [`Mesh::replicated`].
@@ -471,6 +474,7 @@ impl Mesh {
             control_args: control_args.iter().map(|s| s.to_string()).collect(),
             replicas: Vec::new(),
             store: None,
+            pushed: false,
             dir,
         };
         mesh.start_control();
@@ -479,6 +483,8 @@ impl Mesh {
 
     /// `n` control-plane replicas sharing the etcd at `store`, each with
     /// its own data directory (the first one's is [`Mesh::data_dir`]).
+    /// With an empty `config` they follow no directory: config is pushed
+    /// with `tandem apply`.
     pub fn replicated(config: &str, store: &str, n: usize) -> Mesh {
         let dir = TempDir::new("mesh");
         let config_dir = dir.0.join("config");
@@ -505,6 +511,7 @@ impl Mesh {
             control_args: Vec::new(),
             replicas,
             store: Some(store.to_string()),
+            pushed: config.is_empty(),
             dir,
         };
         for i in 0..n {
@@ -516,11 +523,13 @@ impl Mesh {
     /// Starts (or starts again) replica `i`.
     pub fn start_replica(&mut self, i: usize) {
         let r = &self.replicas[i];
-        let mut args = vec![
-            "control".to_string(),
-            "--config".into(),
-            self.config_dir.display().to_string(),
-            "--data".into(),
+        let mut args = vec!["control".to_string()];
+        if !self.pushed {
+            args.push("--config".into());
+            args.push(self.config_dir.display().to_string());
+        }
+        args.extend([
+            "--data".to_string(),
             r.data.display().to_string(),
             "--listen".into(),
             r.grpc.to_string(),
@@ -532,7 +541,7 @@ impl Mesh {
             "500ms".into(),
             "--store".into(),
             self.store.clone().expect("a replicated mesh"),
-        ];
+        ]);
         args.extend(self.control_args.iter().cloned());
         let n = std::fs::read_dir(&self.dir.0)
             .map(|d| d.count())

@@ -185,3 +185,155 @@ fn replicas_share_etcd_and_survive_failures() {
     });
     drop((catalog, catalog2));
 }
+
+#[test]
+fn a_root_rotation_waits_for_the_proxies_of_every_replica() {
+    let etcd = EtcdCluster::start(1);
+    let mesh = Mesh::replicated(&common::config(), &etcd.url("/rot"), 2);
+    let client = mesh.instance_with_upstreams(
+        "client",
+        "client-1",
+        &[],
+        &["--control", &mesh.control_urls(0)],
+        &["catalog-v1"],
+    );
+    let _catalog = mesh.instance(
+        "catalog-v1",
+        "catalog-1",
+        &[],
+        &["--control", &mesh.control_urls(1)],
+    );
+    let up = client.upstream("catalog-v1");
+    wait_for("traffic", Duration::from_secs(10), || {
+        http_get(up, "catalog-v1", "/").filter(|r| r.0 == 200)
+    });
+    let old = mesh.replica_json(0, "/api/v1/ca").expect("ca")["signer"].clone();
+    // Started through r1, whichever replica leads.
+    let api = mesh.replicas[1].api.to_string();
+    let data = mesh.replicas[1].data.display().to_string();
+    tandem_ok(&["ca", "rotate", "--api", &api, "--data", &data]);
+    // Both replicas see the new root sign, and both proxies, one on each
+    // replica, renew under it.
+    let new = wait_for(
+        "the new root signs everywhere",
+        Duration::from_secs(20),
+        || {
+            let a = mesh.replica_json(0, "/api/v1/ca")?;
+            let b = mesh.replica_json(1, "/api/v1/ca")?;
+            (a["signer"] != old && a["signer"] == b["signer"]).then(|| a["signer"].clone())
+        },
+    );
+    let new = new.as_str().expect("root id").to_string();
+    wait_for(
+        "proxies renewed under the new root",
+        Duration::from_secs(20),
+        || {
+            let signers: Vec<serde_json::Value> = (0..2)
+                .flat_map(|i| {
+                    mesh.replica_json(i, "/api/v1/proxies")
+                        .and_then(|v| v.as_array().cloned())
+                        .unwrap_or_default()
+                })
+                .filter(|p| p["connected"] == true)
+                .map(|p| p["cert_signer"].clone())
+                .collect();
+            (signers.len() == 2 && signers.iter().all(|s| s == new.as_str())).then_some(())
+        },
+    );
+    assert_eq!(http_get(up, "catalog-v1", "/").map(|r| r.0), Some(200));
+    // The promotion counted acknowledgements: nobody was left pending.
+    let logs: String = mesh
+        .replicas
+        .iter()
+        .filter_map(|r| r.proc.as_ref())
+        .map(|p| p.log_text())
+        .collect();
+    assert!(!logs.contains("promoting anyway"), "{logs}");
+}
+
+#[test]
+fn config_pushed_through_one_replica_reaches_the_proxies_of_all() {
+    let etcd = EtcdCluster::start(1);
+    let mesh = Mesh::replicated("", &etcd.url("/push"), 2);
+    let dir = TempDir::new("apply");
+    let apply = |via: usize| {
+        let api = mesh.replicas[via].api.to_string();
+        let data = mesh.replicas[via].data.display().to_string();
+        std::process::Command::new(bin())
+            .args([
+                "apply",
+                &dir.0.display().to_string(),
+                "--api",
+                &api,
+                "--data",
+                &data,
+            ])
+            .output()
+            .expect("tandem apply")
+    };
+    // A broken set is refused before it leaves, with its position.
+    std::fs::write(dir.0.join("mesh.yaml"), "apiVersion: tandem.dev/v1alpha1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports: [{name: http, port: 0, protocol: http}]\n").expect("write");
+    let out = apply(0);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("mesh.yaml:5:"), "{err}");
+    assert_eq!(
+        mesh.replica_json(1, "/api/v1/config").expect("config")["services"],
+        0
+    );
+
+    // A good set pushed through r0 reaches a proxy on r1.
+    std::fs::write(dir.0.join("mesh.yaml"), common::config()).expect("write");
+    let out = apply(0);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let client = mesh.instance_with_upstreams(
+        "client",
+        "client-1",
+        &[],
+        &["--control", &mesh.control_urls(1)],
+        &["catalog-v1"],
+    );
+    let _catalog = mesh.instance(
+        "catalog-v1",
+        "catalog-1",
+        &[],
+        &["--control", &mesh.control_urls(0)],
+    );
+    let up = client.upstream("catalog-v1");
+    wait_for("traffic", Duration::from_secs(10), || {
+        http_get(up, "catalog-v1", "/").filter(|r| r.0 == 200)
+    });
+    // A change pushed through r1 reaches r0 too.
+    std::fs::write(
+        dir.0.join("mesh.yaml"),
+        common::config() + &tandem_e2e::service_yaml("extra", "http"),
+    )
+    .expect("write");
+    let before = mesh.replica_json(0, "/api/v1/config").expect("config")["services"]
+        .as_u64()
+        .expect("count");
+    let out = apply(1);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(
+        "r0 to follow the push through r1",
+        Duration::from_secs(5),
+        || {
+            (mesh.replica_json(0, "/api/v1/config")?["services"].as_u64()? == before + 1)
+                .then_some(())
+        },
+    );
+
+    // A control plane that follows a directory refuses pushes.
+    let gitops = Mesh::start(&common::config());
+    let (status, body) = gitops.api_call("PUT", "/api/v1/config").expect("answer");
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("follows the config directory"), "{body}");
+}
