@@ -330,8 +330,60 @@ pub fn status(api: &ApiArgs, json: bool) -> anyhow::Result<()> {
                 println!("  {}", crate::rollout::summary(r));
             }
         }
+        store_section(&get_json(api, "/api/v1/store").await?, now);
         Ok(())
     })
+}
+
+/// The replicas sharing etcd and the health of its members (nothing for
+/// a control plane alone on its data directory).
+fn store_section(v: &serde_json::Value, now: u64) {
+    if v["kind"] != "etcd" {
+        return;
+    }
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+    println!(
+        "\nSTORE {} (this replica: {}; leader: {})",
+        s(&v["location"]),
+        s(&v["replica"]),
+        s(&v["leader"])
+    );
+    if let Some(e) = v["error"].as_str() {
+        println!("  UNREACHABLE: {e}");
+    }
+    println!(
+        "  {:<24} {:<10} {:<7} {:>10}  STATUS",
+        "MEMBER", "VERSION", "LEADER", "DB SIZE"
+    );
+    for m in v["members"].as_array().into_iter().flatten() {
+        let status = m["error"]
+            .as_str()
+            .map_or("ok".to_string(), |e| format!("DOWN: {e}"));
+        println!(
+            "  {:<24} {:<10} {:<7} {:>10}  {status}",
+            s(&m["endpoint"]),
+            s(&m["version"]),
+            if m["leader"] == true { "yes" } else { "" },
+            format!("{} KiB", m["db_size"].as_i64().unwrap_or(0) / 1024),
+        );
+    }
+    println!("\nREPLICAS");
+    println!(
+        "  {:<24} {:<24} {:<24} {:<10} UP FOR",
+        "NAME", "GRPC", "API", "VERSION"
+    );
+    for r in v["replicas"].as_array().into_iter().flatten() {
+        let up = r["started"]
+            .as_u64()
+            .map_or("-".to_string(), |t| human(now.saturating_sub(t)));
+        println!(
+            "  {:<24} {:<24} {:<24} {:<10} {up}",
+            s(&r["name"]),
+            s(&r["grpc"]),
+            s(&r["api"]),
+            s(&r["version"]),
+        );
+    }
 }
 
 /// `3h12m`, `45s`: a duration for people.

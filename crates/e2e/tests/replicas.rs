@@ -93,6 +93,19 @@ fn replicas_share_etcd_and_survive_failures() {
         "{store}"
     );
     assert!(store["leader"].is_string(), "{store}");
+    let api = mesh.replicas[0].api.to_string();
+    let data = mesh.data_dir().display().to_string();
+    let status = tandem_ok(&["status", "--api", &api, "--data", &data]);
+    assert!(status.contains(&format!("STORE {url}")), "{status}");
+    assert!(
+        status.contains("REPLICAS") && status.contains("r1"),
+        "{status}"
+    );
+    assert_eq!(
+        status.matches("3.4.").count(),
+        3,
+        "three members up: {status}"
+    );
 
     // Traffic flows all along what follows.
     let load = Load::start(up, "catalog-v1", "/", 2, Duration::from_millis(5));
