@@ -17,6 +17,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub mod etcd;
+pub mod netns;
 
 /// Runs `tandem ARGS`, which must succeed; its output, trimmed.
 pub fn tandem_ok(args: &[&str]) -> String {
@@ -101,9 +102,20 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, args: &[String], dir: &Path) -> Proc {
+        Self::spawn_program(bin(), name, args, dir)
+    }
+
+    /// `program ARGS --exit-on-stdin-close` (a `tandem` command behind a
+    /// wrapper such as `ip netns exec`).
+    pub fn spawn_program(
+        program: impl AsRef<std::ffi::OsStr>,
+        name: &str,
+        args: &[String],
+        dir: &Path,
+    ) -> Proc {
         let log = dir.join(format!("{name}.log"));
         let f = std::fs::File::create(&log).unwrap();
-        let child = Command::new(bin())
+        let child = Command::new(program)
             .args(args)
             .arg("--exit-on-stdin-close")
             .env(

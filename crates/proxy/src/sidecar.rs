@@ -94,6 +94,12 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
     for (name, _) in cfg.upstreams.iter_mut() {
         *name = destination_key(&name.to_ascii_lowercase()).to_string();
     }
+    if cfg.advertise.is_none() && cfg.inbound.ip().is_unspecified() {
+        anyhow::bail!(
+            "--inbound {} listens on every address, and other sidecars need one: give the address they reach this one at with --advertise HOST:PORT",
+            cfg.inbound
+        );
+    }
     let inbound_listener = bind(cfg.inbound, "inbound").await?;
     let admin_listener = bind(cfg.admin, "admin").await?;
     let http_proxy = match cfg.http_proxy {
