@@ -331,8 +331,52 @@ pub fn status(api: &ApiArgs, json: bool) -> anyhow::Result<()> {
             }
         }
         store_section(&get_json(api, "/api/v1/store").await?, now);
+        clusters_section(&get_json(api, "/api/v1/clusters").await?, now);
         Ok(())
     })
+}
+
+/// What this cluster exports and what it imports from other clusters
+/// (nothing when it does neither).
+fn clusters_section(v: &serde_json::Value, now: u64) {
+    let exports = v["exports"]["services"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let remotes = v["remotes"].as_array().cloned().unwrap_or_default();
+    if exports.is_empty() && remotes.is_empty() {
+        return;
+    }
+    println!("\nCLUSTER {}", v["cluster"].as_str().unwrap_or("-"));
+    for s in &exports {
+        println!(
+            "  exports {}/{} ({} endpoints)",
+            s["namespace"].as_str().unwrap_or(""),
+            s["service"].as_str().unwrap_or(""),
+            s["endpoints"].as_array().map_or(0, Vec::len)
+        );
+    }
+    for r in &remotes {
+        let name = r["name"].as_str().unwrap_or("-");
+        let age = match r["fetched"].as_u64() {
+            Some(0) | None => "never read".to_string(),
+            Some(t) => format!("read {} ago", human(now.saturating_sub(t))),
+        };
+        println!(
+            "  remote {name} at {} ({age})",
+            r["api"].as_str().unwrap_or("-")
+        );
+        if let Some(e) = r["error"].as_str() {
+            println!("    UNREACHABLE: {e}");
+        }
+        for s in r["services"].as_array().into_iter().flatten() {
+            println!(
+                "    imports {} ({} endpoints)",
+                s[0].as_str().unwrap_or(""),
+                s[1].as_u64().unwrap_or(0)
+            );
+        }
+    }
 }
 
 /// The replicas sharing etcd and the health of its members (nothing for

@@ -113,6 +113,10 @@ enum Command {
         /// replica directory shows it (default: --listen).
         #[arg(long)]
         advertise: Option<String>,
+        /// The name of this control plane's cluster, as other clusters'
+        /// RemoteCluster resources name it.
+        #[arg(long, default_value = "default")]
+        cluster: String,
         #[command(flatten)]
         common: Common,
     },
@@ -267,6 +271,10 @@ struct ProxyArgs {
     /// Address registered for other sidecars, if not `--inbound`.
     #[arg(long)]
     advertise: Option<String>,
+    /// The zone this instance runs in: callers prefer endpoints of their
+    /// own zone, then of their cluster, then other clusters.
+    #[arg(long, default_value = "")]
+    zone: String,
     /// The local application.
     #[arg(long)]
     app: SocketAddr,
@@ -585,6 +593,7 @@ fn main() -> ExitCode {
             etcd_key,
             name,
             advertise,
+            cluster,
             common,
         } => {
             init_logging();
@@ -621,6 +630,7 @@ fn main() -> ExitCode {
                 store,
                 name,
                 advertise,
+                cluster,
             };
             block_on(
                 common.threads.max(2),
@@ -652,6 +662,7 @@ fn main() -> ExitCode {
                 instance: a.instance,
                 inbound: a.inbound,
                 advertise: a.advertise,
+                zone: a.zone,
                 app: a.app,
                 admin: a.admin,
                 http_proxy: a.http_proxy,

@@ -89,6 +89,7 @@ pub fn compile_with(
         destinations,
         unknown,
         trust: None,
+        cluster: String::new(),
     }
 }
 
@@ -98,6 +99,8 @@ fn backend(s: &Loaded<ServiceSpec>, endpoints: &dyn Fn(&str, &str) -> Vec<Endpoi
         address: e.address.value.clone(),
         instance: String::new(),
         meshed: false,
+        cluster: String::new(),
+        zone: String::new(),
     }));
     eps.sort();
     eps.dedup();

@@ -255,10 +255,15 @@ fn parse_document(ctx: &Ctx<'_>, doc: &str, set: &mut ResourceSet) -> Result<(),
             let d: Document<MeshSpec> = ctx.parse(doc)?;
             set.meshes.push(loaded(ctx, d));
         }
+        "RemoteCluster" => {
+            expect_api(TANDEM_API)?;
+            let d: Document<crate::model::RemoteClusterSpec> = ctx.parse(doc)?;
+            set.remote_clusters.push(loaded(ctx, d));
+        }
         other => {
             return Err(Diagnostic::at(
                 &ctx.pos(kind.referenced),
-                format!("unknown kind `{other}`; supported kinds: Service, TrafficPolicy, AuthorizationPolicy, FaultInjection, Rollout and Mesh ({TANDEM_API}), HTTPRoute and GRPCRoute ({GATEWAY_API})"),
+                format!("unknown kind `{other}`; supported kinds: Service, TrafficPolicy, AuthorizationPolicy, FaultInjection, Rollout, Mesh and RemoteCluster ({TANDEM_API}), HTTPRoute and GRPCRoute ({GATEWAY_API})"),
             ))
         }
     }

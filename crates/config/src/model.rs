@@ -94,6 +94,9 @@ pub struct ServiceSpec {
     /// Whether the service's sidecars accept plaintext besides mTLS.
     #[serde(default)]
     pub mtls: Option<Spanned<MtlsMode>>,
+    /// Whether other clusters may import its endpoints (`RemoteCluster`).
+    #[serde(default)]
+    pub export: bool,
 }
 
 /// How a sidecar treats inbound connections that are not mTLS.
@@ -760,6 +763,19 @@ pub struct MeshAuthorizationSpec {
     pub default: Option<Spanned<String>>,
 }
 
+// ---- RemoteCluster -----------------------------------------------------------
+
+/// Another cluster whose exported services this one imports: its control
+/// planes' API addresses and the credential its export API takes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RemoteClusterSpec {
+    /// `host:port` of its control-plane replicas' HTTP API, tried in turn.
+    pub api: Vec<Spanned<String>>,
+    /// A file holding its export credential (its `<data>/export.token`).
+    pub credential_file: Spanned<String>,
+}
+
 // ---- The loaded set ----------------------------------------------------------
 
 /// A resource with its identity and where it was defined.
@@ -807,6 +823,7 @@ pub struct ResourceSet {
     pub fault_injections: Vec<Loaded<FaultInjectionSpec>>,
     pub rollouts: Vec<Loaded<RolloutSpec>>,
     pub meshes: Vec<Loaded<MeshSpec>>,
+    pub remote_clusters: Vec<Loaded<RemoteClusterSpec>>,
 }
 
 impl ResourceSet {

@@ -23,6 +23,11 @@ pub struct Snapshot {
     /// The mesh's trust bundle, set by the control plane.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust: Option<Trust>,
+    /// The cluster of the control plane that compiled it (the proxy's
+    /// own): endpoints of other clusters are used only when none of its
+    /// own is left.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cluster: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -442,6 +447,13 @@ pub struct Endpoint {
     pub instance: String,
     /// Whether a Tandem sidecar answers on this address.
     pub meshed: bool,
+    /// The cluster it runs in, when not the proxy's own (imported from a
+    /// remote cluster).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cluster: String,
+    /// Its zone, when its sidecar said (`--zone`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub zone: String,
 }
 
 impl Snapshot {

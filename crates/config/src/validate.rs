@@ -30,6 +30,45 @@ pub(crate) fn validate(set: &ResourceSet, diags: &mut Vec<Diagnostic>) {
         }
         validate_service(s, diags);
     }
+    let mut clusters: HashMap<&str, &crate::model::Pos> = HashMap::new();
+    for c in &set.remote_clusters {
+        check_name(&c.name, &c.name_pos, diags);
+        if let Some(first) = clusters.insert(c.name.as_str(), &c.pos) {
+            diags.push(Diagnostic::at(
+                &c.name_pos,
+                format!(
+                    "duplicate RemoteCluster `{}` (first defined at {}:{}); clusters are named mesh-wide",
+                    c.name,
+                    first.file.display(),
+                    first.line
+                ),
+            ));
+        }
+        if c.spec.api.is_empty() {
+            diags.push(Diagnostic::at(
+                &c.pos,
+                "a RemoteCluster needs at least one `api` address (host:port of its control plane's API)",
+            ));
+        }
+        for a in &c.spec.api {
+            let ok = a
+                .value
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if !ok {
+                diags.push(Diagnostic::at(
+                    &c.at(a),
+                    format!("`{}` is not host:port", a.value),
+                ));
+            }
+        }
+        if c.spec.credential_file.value.trim().is_empty() {
+            diags.push(Diagnostic::at(
+                &c.at(&c.spec.credential_file),
+                "credentialFile names the file with the remote cluster's export credential",
+            ));
+        }
+    }
     for r in &set.http_routes {
         check_name(&r.name, &r.name_pos, diags);
         check_name(&r.namespace, &r.namespace_pos, diags);

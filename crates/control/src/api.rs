@@ -64,6 +64,8 @@ pub struct Api {
     pub config_dir: Option<std::path::PathBuf>,
     /// Where pushed config goes (when it is not a directory's).
     pub pushed: Option<Arc<dyn tandem_store::Kv>>,
+    /// The remote clusters this one imports from.
+    pub remotes: Arc<crate::remote::Remotes>,
     pub access: Access,
 }
 
@@ -74,29 +76,37 @@ pub const ADMIN_CREDENTIAL: &str = "admin.token";
 /// hex) on first start. Written once with compare-and-swap, so two
 /// processes starting on one directory agree on it.
 pub async fn admin_credential(kv: &dyn tandem_store::Kv) -> std::io::Result<String> {
-    if let Some(v) = kv.get(ADMIN_CREDENTIAL).await? {
+    credential(kv, ADMIN_CREDENTIAL).await
+}
+
+/// A credential at `key` in the store: read, or made (32 random bytes,
+/// hex) the first time, with compare-and-swap so that every process
+/// agrees on it.
+pub async fn credential(kv: &dyn tandem_store::Kv, key: &str) -> std::io::Result<String> {
+    if let Some(v) = kv.get(key).await? {
         let t = String::from_utf8_lossy(&v.value).trim().to_string();
         if t.len() >= 32 {
             return Ok(t);
         }
         return Err(std::io::Error::other(format!(
-            "{ADMIN_CREDENTIAL} in the data directory is too short; delete it to make a new one"
+            "{key} in the data directory is too short; delete it to make a new one"
         )));
     }
     let t = tandem_identity::ca::random_secret().map_err(std::io::Error::other)?;
-    kv.put_if(ADMIN_CREDENTIAL, None, format!("{t}\n").as_bytes())
-        .await?;
+    kv.put_if(key, None, format!("{t}\n").as_bytes()).await?;
     // Another process may have written first: theirs stands.
     let v = kv
-        .get(ADMIN_CREDENTIAL)
+        .get(key)
         .await?
-        .ok_or_else(|| std::io::Error::other("the admin credential vanished"))?;
+        .ok_or_else(|| std::io::Error::other(format!("{key} vanished")))?;
     Ok(String::from_utf8_lossy(&v.value).trim().to_string())
 }
 
 /// Who may use the API: the credential, and the names it may be reached by.
 pub struct Access {
     pub credential: String,
+    /// What other clusters read this one's exports with (that only).
+    pub export_credential: String,
     /// Host names accepted besides IP addresses and `localhost`.
     pub hosts: Vec<String>,
 }
@@ -187,6 +197,11 @@ impl Access {
             .map(str::trim)
             .unwrap_or("");
         if constant_time_eq(given.as_bytes(), self.credential.as_bytes()) {
+            Ok(())
+        } else if head.method == http::Method::GET
+            && head.uri.path() == "/api/v1/exports"
+            && constant_time_eq(given.as_bytes(), self.export_credential.as_bytes())
+        {
             Ok(())
         } else {
             Err(Refusal::Credential)
@@ -311,6 +326,15 @@ impl Api {
             "/api/v1/push" => json(StatusCode::OK, &self.mesh.push_status()),
             "/api/v1/ca" => json(StatusCode::OK, &self.ca.info()),
             "/api/v1/store" => json(StatusCode::OK, &self.store_status().await),
+            "/api/v1/exports" => json(StatusCode::OK, &crate::remote::exports(&self.mesh)),
+            "/api/v1/clusters" => json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "cluster": self.mesh.cluster(),
+                    "exports": crate::remote::exports(&self.mesh),
+                    "remotes": self.remotes.status(),
+                }),
+            ),
             "/api/v1/rollouts" => json(StatusCode::OK, &self.rollouts.list()),
             "/healthz" | "/readyz" => json(StatusCode::OK, &serde_json::json!({"ok": true})),
             path => match rollout_path(path) {

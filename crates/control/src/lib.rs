@@ -11,6 +11,7 @@ pub mod discovery;
 pub mod identity;
 pub mod mesh;
 mod registry;
+mod remote;
 pub mod rollout;
 mod rotation;
 mod snapshots;
@@ -74,6 +75,9 @@ pub struct ControlConfig {
     /// The gRPC address other hosts reach this replica at (default:
     /// `listen`), as the replica directory shows it.
     pub advertise: Option<String>,
+    /// The name of this control plane's cluster (endpoints imported from
+    /// other clusters carry theirs).
+    pub cluster: String,
 }
 
 impl ControlConfig {
@@ -120,14 +124,22 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
     let credential = api::admin_credential(&*kv)
         .await
         .context("admin credential")?;
-    // Replicas share the credential through the store; the CLI on this
-    // host reads it from the data directory.
+    let export_credential = api::credential(&*kv, remote::EXPORT_CREDENTIAL)
+        .await
+        .context("export credential")?;
+    // Replicas share the credentials through the store; the CLI on this
+    // host reads them from the data directory.
     if let Some(local) = local_copy {
         use tandem_store::Kv;
-        local
-            .put(api::ADMIN_CREDENTIAL, format!("{credential}\n").as_bytes())
-            .await
-            .context("cannot write the admin credential to the data directory")?;
+        for (key, value) in [
+            (api::ADMIN_CREDENTIAL, &credential),
+            (remote::EXPORT_CREDENTIAL, &export_credential),
+        ] {
+            local
+                .put(key, format!("{value}\n").as_bytes())
+                .await
+                .with_context(|| format!("cannot write {key} to the data directory"))?;
+        }
     }
     let (source, config) = match &cfg.config_dir {
         Some(dir) => {
@@ -155,6 +167,7 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
         kv.clone(),
         cfg.grace,
         name.clone(),
+        &cfg.cluster,
     )
     .await?;
     let authority = tandem_identity::ca::Authority::open(
@@ -215,6 +228,8 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
     }
     tokio::spawn(rollouts.clone().run(rollout::TICK));
     let stats_for_streams = stats.clone();
+    let remotes = Arc::new(remote::Remotes::default());
+    tokio::spawn(remotes.clone().follow(mesh.clone()));
     let taps = Arc::new(tap::Taps::default());
     let api = Arc::new(api::Api {
         mesh: mesh.clone(),
@@ -226,8 +241,10 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
         data_dir: cfg.data_dir.clone(),
         config_dir: cfg.config_dir.clone(),
         pushed: pushable.then(|| kv.clone()),
+        remotes: remotes.clone(),
         access: api::Access {
             credential,
+            export_credential,
             hosts: cfg.api_hosts.clone(),
         },
     });

@@ -27,13 +27,13 @@ use std::time::Duration;
 use serde::Serialize;
 use tandem_api::v1::{Certificate, ControlMessage, Hello, Snapshot as WireSnapshot};
 use tandem_config::rollout::Splits;
-use tandem_config::snapshot::Trust;
+use tandem_config::snapshot::{Endpoint, Trust};
 use tandem_config::ResourceSet;
 use tandem_runtime::sync::Mutex;
 use tandem_store::{Kv, Presence, Registration, RegistryStore};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
-use crate::registry::EndpointTable;
+use crate::registry::{EndpointTable, Remote, ServiceKey};
 use crate::snapshots::{compile_groups, Group, Inputs, Snapshots};
 use crate::versions::Floor;
 
@@ -71,6 +71,8 @@ pub struct Mesh {
     /// This control plane, as the holder of registrations.
     id: String,
     pub grace: Duration,
+    /// The cluster this control plane belongs to (named in snapshots).
+    cluster: Arc<str>,
     /// Set from start until the warm-up period is over: proxies that
     /// already run a config (they reconnect after a control-plane restart)
     /// keep it until the registry has had time to fill again, instead of
@@ -94,6 +96,8 @@ struct State {
     sessions: HashMap<ProxyKey, Session>,
     next_conn: u64,
     endpoints: Arc<EndpointTable>,
+    /// Endpoints imported from remote clusters.
+    remote: Arc<Remote>,
     snapshots: Snapshots,
     /// The next version to hand out, and the top of the reserved block.
     next_version: u64,
@@ -191,6 +195,7 @@ impl Mesh {
         kv: Arc<dyn Kv>,
         grace: Duration,
         id: String,
+        cluster: &str,
     ) -> std::io::Result<Arc<Self>> {
         let floor = Floor::new(kv);
         let (first, ceiling) = floor.reserve(1, 1).await?;
@@ -206,6 +211,7 @@ impl Mesh {
                 sessions: HashMap::new(),
                 next_conn: 1,
                 endpoints: Arc::new(EndpointTable::default()),
+                remote: Arc::default(),
                 snapshots: Snapshots::default(),
                 next_version: first,
                 ceiling,
@@ -214,6 +220,7 @@ impl Mesh {
             registry,
             floor,
             id,
+            cluster: Arc::from(cluster),
             grace,
             warming: AtomicBool::new(true),
             wake: Notify::new(),
@@ -321,6 +328,7 @@ impl Mesh {
             presence: Presence::Connected,
             holder: String::new(),
             roots: Vec::new(),
+            zone: hello.zone.clone(),
         };
         let conn = {
             let mut st = self.state.lock();
@@ -629,14 +637,22 @@ impl Mesh {
 
     /// One push round.
     async fn round(&self) -> std::io::Result<()> {
-        // The registry, if it moved since the table was made.
+        // The registry and the remote clusters' endpoints, if either moved
+        // since the table was made.
         let seen = *self.registry.changes().borrow();
-        if seen != self.state.lock().endpoints.revision {
+        let moved = {
+            let st = self.state.lock();
+            seen != st.endpoints.revision || st.remote.generation != st.endpoints.remote_generation
+        };
+        if moved {
             let (revision, regs) = self.registry.list().await?;
             let mut st = self.state.lock();
-            if revision != st.endpoints.revision {
-                let changed = Arc::make_mut(&mut st.endpoints).update(revision, &regs);
-                tracing::debug!(revision, services = changed.len(), "registry changed");
+            let remote = st.remote.clone();
+            if revision != st.endpoints.revision
+                || remote.generation != st.endpoints.remote_generation
+            {
+                let changed = Arc::make_mut(&mut st.endpoints).update(revision, &regs, &remote);
+                tracing::debug!(revision, services = changed.len(), "endpoints changed");
             }
         }
         // What must be compiled for the proxies that take snapshots now.
@@ -649,6 +665,7 @@ impl Mesh {
                 trust: st.trust.clone(),
                 trust_generation: st.trust_generation,
                 endpoints: st.endpoints.clone(),
+                cluster: self.cluster.clone(),
             };
             let groups = st
                 .sessions
@@ -747,6 +764,43 @@ impl Mesh {
             (&a.namespace, &a.service, &a.instance).cmp(&(&b.namespace, &b.service, &b.instance))
         });
         out
+    }
+
+    /// Replaces the endpoints imported from remote clusters (each carries
+    /// its cluster); snapshots that list them are compiled again.
+    pub fn set_remote(&self, endpoints: std::collections::BTreeMap<ServiceKey, Vec<Endpoint>>) {
+        {
+            let mut st = self.state.lock();
+            if st.remote.endpoints == endpoints {
+                return;
+            }
+            let generation = st.remote.generation + 1;
+            st.remote = Arc::new(Remote {
+                generation,
+                endpoints,
+            });
+        }
+        self.wake.notify_one();
+    }
+
+    /// This cluster's own endpoints of a service (none imported).
+    pub fn local_endpoints(&self, namespace: &str, service: &str) -> Vec<Endpoint> {
+        let st = self.state.lock();
+        st.endpoints
+            .get(namespace, service)
+            .map(|e| {
+                e.endpoints
+                    .iter()
+                    .filter(|e| e.cluster.is_empty())
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The cluster this control plane belongs to.
+    pub fn cluster(&self) -> &str {
+        &self.cluster
     }
 
     /// Sets the trust bundle carried by every snapshot; returns its

@@ -33,6 +33,8 @@ pub struct ServiceEndpoints {
 #[derive(Clone, Debug, Default)]
 pub struct EndpointTable {
     pub revision: u64,
+    /// The generation of the remote clusters' endpoints it holds.
+    pub remote_generation: u64,
     /// By namespace, then service (looked up by `&str` without allocating).
     services: HashMap<String, HashMap<String, Arc<ServiceEndpoints>>>,
     next_version: u64,
@@ -49,10 +51,23 @@ impl EndpointTable {
         self.get(namespace, service).map_or(0, |e| e.version)
     }
 
-    /// Recomputes the table from `regs` (the registry at `revision`);
-    /// returns the services whose endpoints changed.
-    pub fn update(&mut self, revision: u64, regs: &[Registration]) -> Vec<ServiceKey> {
-        let next = endpoints_by_service(regs);
+    /// Recomputes the table from `regs` (the registry at `revision`) and
+    /// the endpoints imported from remote clusters; returns the services
+    /// whose endpoints changed.
+    pub fn update(
+        &mut self,
+        revision: u64,
+        regs: &[Registration],
+        remote: &Remote,
+    ) -> Vec<ServiceKey> {
+        let mut next = endpoints_by_service(regs);
+        for (key, eps) in &remote.endpoints {
+            let all = next.entry(key.clone()).or_default();
+            all.extend(eps.iter().cloned());
+            all.sort();
+            all.dedup();
+        }
+        self.remote_generation = remote.generation;
         let mut changed = Vec::new();
         for ((ns, svc), endpoints) in &next {
             let same = self.get(ns, svc).is_some_and(|e| e.endpoints == *endpoints);
@@ -81,6 +96,14 @@ impl EndpointTable {
         self.revision = revision;
         changed
     }
+}
+
+/// Endpoints imported from remote clusters, by service (each carries its
+/// cluster), and their generation.
+#[derive(Debug, Default, PartialEq)]
+pub struct Remote {
+    pub generation: u64,
+    pub endpoints: BTreeMap<ServiceKey, Vec<Endpoint>>,
 }
 
 fn endpoints_by_service(regs: &[Registration]) -> BTreeMap<ServiceKey, Vec<Endpoint>> {
@@ -112,6 +135,8 @@ fn endpoints_by_service(regs: &[Registration]) -> BTreeMap<ServiceKey, Vec<Endpo
                 address: r.inbound.clone(),
                 instance: r.instance.clone(),
                 meshed: true,
+                cluster: String::new(),
+                zone: r.zone.clone(),
             });
     }
     for eps in table.values_mut() {
@@ -133,6 +158,7 @@ mod tests {
             presence,
             holder: format!("cp/{inst}"),
             roots: Vec::new(),
+            zone: String::new(),
         }
     }
 
@@ -153,6 +179,7 @@ mod tests {
                 reg("web", "w3", "10.0.0.3:80", Presence::Disconnected),
                 reg("web", "w4", "", Presence::Connected),
             ],
+            &super::Remote::default(),
         );
         // Leaving and address-less instances are no endpoints; one in its
         // grace period still is.
@@ -166,6 +193,7 @@ mod tests {
                 reg("web", "w3", "10.0.0.3:80", Presence::Disconnected),
                 reg("api", "a1", "10.0.0.3:80", Presence::Connected),
             ],
+            &super::Remote::default(),
         );
         assert_eq!(addrs(&t, "web"), ["10.0.0.1:80"]);
         assert_eq!(addrs(&t, "api"), ["10.0.0.3:80"]);
@@ -178,6 +206,7 @@ mod tests {
                 reg("web", "w1", "10.0.0.9:80", Presence::Connected),
                 reg("api", "a1", "10.0.0.9:80", Presence::Connected),
             ],
+            &super::Remote::default(),
         );
         assert_eq!(addrs(&t, "web"), ["10.0.0.9:80"]);
         assert_eq!(addrs(&t, "api"), ["10.0.0.9:80"]);
@@ -192,6 +221,7 @@ mod tests {
                 reg("web", "w1", "10.0.0.1:80", Presence::Connected),
                 reg("api", "a1", "10.0.0.2:80", Presence::Connected),
             ],
+            &super::Remote::default(),
         );
         assert_eq!(first.len(), 2);
         let (web, api) = (t.version("default", "web"), t.version("default", "api"));
@@ -204,6 +234,7 @@ mod tests {
                 reg("web", "w2", "10.0.0.4:80", Presence::Connected),
                 reg("api", "a1", "10.0.0.2:80", Presence::Connected),
             ],
+            &super::Remote::default(),
         );
         assert_eq!(changed, [("default".to_string(), "web".to_string())]);
         assert!(t.version("default", "web") > web);
@@ -216,10 +247,15 @@ mod tests {
                 reg("web", "w1", "10.0.0.1:80", Presence::Disconnected),
                 reg("api", "a1", "10.0.0.2:80", Presence::Connected),
             ],
+            &super::Remote::default(),
         );
         assert!(again.is_empty(), "{again:?}");
         // The last api instance goes: api is gone, its version 0.
-        t.update(4, &[reg("web", "w2", "10.0.0.4:80", Presence::Connected)]);
+        t.update(
+            4,
+            &[reg("web", "w2", "10.0.0.4:80", Presence::Connected)],
+            &super::Remote::default(),
+        );
         assert_eq!(t.version("default", "api"), 0);
         assert!(t.get("default", "api").is_none());
     }

@@ -37,6 +37,8 @@ pub struct Inputs {
     pub trust: Option<Trust>,
     pub trust_generation: u64,
     pub endpoints: Arc<EndpointTable>,
+    /// The cluster of this control plane, named in every snapshot.
+    pub cluster: Arc<str>,
 }
 
 /// What a compiled body was made from.
@@ -96,6 +98,7 @@ fn compile_group(group: &Group, inputs: &Inputs) -> Compiled {
     };
     let mut snapshot = compile_with(&inputs.config, &target, &lookup, &inputs.splits);
     snapshot.trust = inputs.trust.clone();
+    snapshot.cluster = inputs.cluster.to_string();
     Compiled {
         stamp: Stamp {
             config: inputs.config_generation,
@@ -190,6 +193,7 @@ spec: {ports: [{port: 5432, protocol: tcp}]}
             presence: Presence::Connected,
             holder: format!("cp/{inst}"),
             roots: Vec::new(),
+            zone: String::new(),
         }
     }
 
@@ -225,12 +229,14 @@ spec: {ports: [{port: 5432, protocol: tcp}]}
                 reg("api", "a1", "10.0.0.1:80"),
                 reg("db", "d1", "10.0.0.2:5432"),
             ],
+            &crate::registry::Remote::default(),
         );
         let mut inputs = Inputs {
             config: Arc::new(config),
             config_generation: 1,
             splits: Arc::new(Splits::new()),
             trust: None,
+            cluster: Arc::from(""),
             trust_generation: 0,
             endpoints: Arc::new(table.clone()),
         };
@@ -249,6 +255,7 @@ spec: {ports: [{port: 5432, protocol: tcp}]}
                 reg("api", "a1", "10.0.0.1:80"),
                 reg("db", "d2", "10.0.0.3:5432"),
             ],
+            &crate::registry::Remote::default(),
         );
         inputs.endpoints = Arc::new(table.clone());
         assert_eq!(compile_stale(&mut s, &groups, &inputs), 1);

@@ -45,6 +45,7 @@ fn reg(instance: &str, holder: &str, inbound: &str) -> Registration {
         presence: Presence::Connected,
         holder: holder.into(),
         roots: Vec::new(),
+        zone: String::new(),
     }
 }
 

@@ -72,7 +72,12 @@ impl Destination {
 
 pub(crate) struct Backend {
     pub(crate) name: Name,
+    /// Nearest first: the proxy's zone, its cluster, other clusters.
     pub(crate) endpoints: Vec<Endpoint>,
+    /// Where each locality tier of `endpoints` ends (one entry when all
+    /// are alike): picks stay in the first tier with an endpoint not
+    /// ejected.
+    pub(crate) tiers: Vec<usize>,
     pub(crate) lb: Lb,
     /// Held while counting ejected endpoints and ejecting one, so two
     /// endpoints failing at once cannot both pass `maxEjectionPercent`.
@@ -104,6 +109,8 @@ type BudgetKey = (Box<str>, u32, u32);
 /// What successive routing tables share (see [`crate::cache`]).
 #[derive(Default)]
 pub(crate) struct Kept {
+    /// The proxy's zone (`--zone`), which locality tiers are counted from.
+    pub(crate) zone: Box<str>,
     loads: WeakCache<SocketAddr, EndpointLoad>,
     pools: WeakCache<PoolKey, Pool>,
     budgets: WeakCache<BudgetKey, RetryBudget>,
@@ -181,7 +188,15 @@ impl Routing {
             let mut backends = Vec::with_capacity(d.backends.len());
             for b in &d.backends {
                 let mut endpoints = Vec::with_capacity(b.endpoints.len());
-                for e in &b.endpoints {
+                let mut tiers: Vec<u8> = b
+                    .endpoints
+                    .iter()
+                    .map(|e| locality_tier(e, &snapshot.cluster, &kept.zone))
+                    .collect();
+                let mut order: Vec<usize> = (0..b.endpoints.len()).collect();
+                order.sort_by_key(|&i| tiers[i]);
+                tiers.sort_unstable();
+                for e in order.iter().map(|&i| &b.endpoints[i]) {
                     let addr: SocketAddr = e.address.parse().map_err(|_| {
                         format!("endpoint `{}` of {} is not an ip:port", e.address, b.name)
                     })?;
@@ -216,9 +231,16 @@ impl Routing {
                         .unwrap_or_default(),
                     &endpoints,
                 );
+                let mut tier_ends: Vec<usize> = Vec::new();
+                for (i, t) in tiers.iter().enumerate() {
+                    if tiers.get(i + 1) != Some(t) {
+                        tier_ends.push(i + 1);
+                    }
+                }
                 backends.push(Backend {
                     name: Name::from(b.name.as_str()),
                     endpoints,
+                    tiers: tier_ends,
                     lb,
                     ejecting: Mutex::new(()),
                 });
@@ -331,12 +353,28 @@ pub(crate) struct Routes {
     peer_names: Arc<ArcSwap<PeerNames>>,
 }
 
+/// How near an endpoint is: 0 in the proxy's zone (or anywhere in its
+/// cluster when zones are not said), 1 elsewhere in its cluster, 2 in
+/// another cluster.
+fn locality_tier(e: &tandem_config::snapshot::Endpoint, cluster: &str, zone: &str) -> u8 {
+    if !e.cluster.is_empty() && e.cluster != cluster {
+        2
+    } else if zone.is_empty() || e.zone == zone {
+        0
+    } else {
+        1
+    }
+}
+
 impl Routes {
-    pub(crate) fn new(peer_names: Arc<ArcSwap<PeerNames>>) -> Self {
+    pub(crate) fn new(peer_names: Arc<ArcSwap<PeerNames>>, zone: &str) -> Self {
         Routes {
             current: ArcSwap::from_pointee(Routing::empty()),
             changed: watch::channel(0).0,
-            kept: Kept::default(),
+            kept: Kept {
+                zone: zone.into(),
+                ..Kept::default()
+            },
             peer_names,
         }
     }
@@ -442,7 +480,7 @@ pub(crate) mod tests {
 
     #[test]
     fn refuses_a_snapshot_it_cannot_use_and_keeps_the_last() {
-        let routes = Routes::new(Arc::new(ArcSwap::from_pointee(PeerNames::new())));
+        let routes = Routes::new(Arc::new(ArcSwap::from_pointee(PeerNames::new())), "");
         routes.apply(1, snapshot("127.0.0.1:9")).expect("applied");
         let err = routes
             .apply(2, snapshot("not-an-address"))

@@ -45,6 +45,9 @@ pub struct ProxyConfig {
     pub inbound: SocketAddr,
     /// Address registered for other sidecars (defaults to `inbound`).
     pub advertise: Option<String>,
+    /// The zone this instance runs in: callers in the same zone prefer it,
+    /// and it prefers endpoints of its zone (empty: not said).
+    pub zone: String,
     pub app: SocketAddr,
     pub admin: SocketAddr,
     pub http_proxy: Option<SocketAddr>,
@@ -147,7 +150,7 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
         h2: connector(&[ALPN_H2]),
         handshakes: metrics.handshakes.clone(),
     });
-    let routes = Arc::new(Routes::new(peer_names.clone()));
+    let routes = Arc::new(Routes::new(peer_names.clone(), &cfg.zone));
     let (subscriptions, asks) = Subscriptions::new(cfg.upstreams.iter().map(|(n, _)| n.clone()));
     let subscriptions = Arc::new(subscriptions);
     let limits = Limits::new(
@@ -208,6 +211,7 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
                 .unwrap_or_else(|| cfg.inbound.to_string()),
             admin: cfg.admin.to_string(),
             http_proxy: cfg.http_proxy.map(|a| a.to_string()).unwrap_or_default(),
+            zone: cfg.zone.clone(),
         },
         identity: identity.clone(),
         routes: routes.clone(),

@@ -42,6 +42,9 @@ pub struct Registration {
     /// rotation waits for every proxy, whichever replica holds it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub roots: Vec<String>,
+    /// The zone the proxy runs in (empty: not said).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub zone: String,
 }
 
 impl Registration {
@@ -206,6 +209,7 @@ mod tests {
             presence: Presence::Connected,
             holder: holder.into(),
             roots: Vec::new(),
+            zone: String::new(),
         }
     }
 

@@ -4,6 +4,7 @@
 //! endpoints that outlier detection has ejected while others are in.
 
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tandem_config::snapshot::LoadBalancer;
@@ -77,22 +78,45 @@ pub(crate) fn p2c(n: usize, cost: impl Fn(usize) -> f64) -> Option<usize> {
 }
 
 impl Backend {
+    /// The endpoints picks choose from: the nearest locality tier with an
+    /// endpoint that outlier detection has not ejected (all of them when
+    /// there is one tier, or when every endpoint is ejected).
+    fn active(&self) -> Range<usize> {
+        let n = self.endpoints.len();
+        if self.tiers.len() <= 1 {
+            return 0..n;
+        }
+        let now = now_ms();
+        let mut start = 0;
+        for &end in &self.tiers {
+            if self.endpoints[start..end]
+                .iter()
+                .any(|e| !e.load.outlier.is_ejected(now))
+            {
+                return start..end;
+            }
+            start = end;
+        }
+        0..n
+    }
+
     /// The index of an endpoint for a first try, by the backend's load
     /// balancer. `key` is the hash of the ring-hash header, when the
     /// request has it.
     pub(crate) fn pick_for(&self, key: Option<u64>) -> Option<usize> {
-        let n = self.endpoints.len();
+        let range = self.active();
+        let n = range.len();
         match &self.lb {
-            Lb::PeakEwma => self.pick(),
+            Lb::PeakEwma => self.pick_in(range),
             Lb::RoundRobin(next) => {
                 if n == 0 {
                     return None;
                 }
                 let now = now_ms();
-                let mut i = 0;
+                let mut i = range.start;
                 // The next endpoint in turn that is not ejected.
                 for _ in 0..n {
-                    i = next.fetch_add(1, Ordering::Relaxed) % n;
+                    i = range.start + next.fetch_add(1, Ordering::Relaxed) % n;
                     if !self.endpoints[i].load.outlier.is_ejected(now) {
                         break;
                     }
@@ -101,28 +125,30 @@ impl Backend {
             }
             Lb::LeastRequest => {
                 let now = now_ms();
-                let i = p2c(n, |i| {
-                    let l = &self.endpoints[i].load;
-                    if l.outlier.is_ejected(now) {
-                        f64::INFINITY
-                    } else {
-                        l.pending() as f64
-                    }
-                })?;
-                self.unless_ejected(i, &[])
+                let i = range.start
+                    + p2c(n, |i| {
+                        let l = &self.endpoints[range.start + i].load;
+                        if l.outlier.is_ejected(now) {
+                            f64::INFINITY
+                        } else {
+                            l.pending() as f64
+                        }
+                    })?;
+                self.unless_ejected(i, &[], range)
             }
             Lb::RingHash(ring) => match key {
-                None => self.pick(),
+                None => self.pick_in(range),
                 Some(k) => {
                     let k = mix(k);
                     let at = ring.partition_point(|(p, _)| *p < k);
                     let now = now_ms();
                     // The key's point, or the next one whose endpoint is
-                    // not ejected.
+                    // in the nearest tier and not ejected.
                     let mut found = ring.get(at).or_else(|| ring.first())?.1;
                     for j in 0..ring.len() {
                         let idx = ring[(at + j) % ring.len()].1;
-                        if !self.endpoints[idx].load.outlier.is_ejected(now) {
+                        if range.contains(&idx) && !self.endpoints[idx].load.outlier.is_ejected(now)
+                        {
                             found = idx;
                             break;
                         }
@@ -135,21 +161,29 @@ impl Backend {
 
     /// Power of two choices over the endpoints' peak-EWMA cost.
     pub(crate) fn pick(&self) -> Option<usize> {
-        let now = tokio::time::Instant::now();
-        let i = p2c(self.endpoints.len(), |i| self.endpoints[i].load.cost(now))?;
-        self.unless_ejected(i, &[])
+        self.pick_in(self.active())
     }
 
-    /// Endpoint `i`, unless outlier detection ejected it and another (not
-    /// in `tried`) is in: then a power-of-two pick among those. Both random
-    /// candidates of a pick can be ejected; this keeps them out anyway.
-    fn unless_ejected(&self, i: usize, tried: &[SocketAddr]) -> Option<usize> {
+    fn pick_in(&self, range: Range<usize>) -> Option<usize> {
+        let now = tokio::time::Instant::now();
+        let i = range.start
+            + p2c(range.len(), |i| {
+                self.endpoints[range.start + i].load.cost(now)
+            })?;
+        self.unless_ejected(i, &[], range)
+    }
+
+    /// Endpoint `i`, unless outlier detection ejected it and another of
+    /// `range` (not in `tried`) is in: then a power-of-two pick among
+    /// those. Both random candidates of a pick can be ejected; this keeps
+    /// them out anyway.
+    fn unless_ejected(&self, i: usize, tried: &[SocketAddr], range: Range<usize>) -> Option<usize> {
         let ep = self.endpoints.get(i)?;
         let now = now_ms();
         if !ep.load.outlier.is_ejected(now) {
             return Some(i);
         }
-        let live: Vec<usize> = (0..self.endpoints.len())
+        let live: Vec<usize> = range
             .filter(|&j| {
                 let e = &self.endpoints[j];
                 !e.load.outlier.is_ejected(now) && !tried.contains(&e.addr())
@@ -163,17 +197,25 @@ impl Backend {
     }
 
     /// A pick for a retry: one of the endpoints not tried yet when there
-    /// are any.
+    /// are any, the nearest first.
     pub(crate) fn pick_avoiding(&self, tried: &[SocketAddr]) -> Option<usize> {
         if tried.is_empty() || tried.len() >= self.endpoints.len() {
             return self.pick();
         }
         let now = tokio::time::Instant::now();
-        let fresh: Vec<usize> = (0..self.endpoints.len())
-            .filter(|&j| !tried.contains(&self.endpoints[j].addr()))
-            .collect();
+        let untried = |r: Range<usize>| -> Vec<usize> {
+            r.filter(|&j| !tried.contains(&self.endpoints[j].addr()))
+                .collect()
+        };
+        let range = self.active();
+        let mut fresh = untried(range.clone());
+        let mut within = range;
+        if fresh.is_empty() {
+            within = 0..self.endpoints.len();
+            fresh = untried(within.clone());
+        }
         let i = p2c(fresh.len(), |i| self.endpoints[fresh[i]].load.cost(now))?;
-        self.unless_ejected(*fresh.get(i)?, tried)
+        self.unless_ejected(*fresh.get(i)?, tried, within)
     }
 }
 

@@ -37,6 +37,7 @@ pub(crate) struct Registration {
     pub(crate) advertise: String,
     pub(crate) admin: String,
     pub(crate) http_proxy: String,
+    pub(crate) zone: String,
 }
 
 /// What the stream works with.
@@ -110,6 +111,7 @@ impl Client {
             interest: self.subscriptions.interest(),
             proxy_version: env!("CARGO_PKG_VERSION").to_string(),
             applied_version: self.routes.load().version,
+            zone: me.zone.clone(),
             // The certificate on the channel is the credential.
             token: String::new(),
             certificate: self.identity.tls.leaf().map(|l| Certificate {
