@@ -51,6 +51,8 @@ fn registry(ns: &str, name: &str) -> Vec<Endpoint> {
             address: "127.0.0.1:7001".into(),
             instance: "api-1".into(),
             meshed: true,
+            cluster: String::new(),
+            zone: String::new(),
         }],
         _ => vec![],
     }

@@ -371,3 +371,32 @@ spec:
     let cb = compile("{baseEjectionTime: 5s}");
     assert_eq!((cb.consecutive_errors, cb.base_ejection_ms), (5, 5000));
 }
+
+#[test]
+fn remote_clusters_and_exports() {
+    let good = "apiVersion: tandem.dev/v1alpha1\nkind: Service\nmetadata: {name: payments}\nspec:\n  ports: [{port: 8080, protocol: http}]\n  export: true\n---\napiVersion: tandem.dev/v1alpha1\nkind: RemoteCluster\nmetadata: {name: west}\nspec:\n  api: [\"10.1.0.5:7701\", \"cp.west:7701\"]\n  credentialFile: /etc/tandem/west.token\n";
+    let set = load_str("t.yaml", good).expect("valid");
+    assert!(set.services[0].spec.export);
+    assert_eq!(set.remote_clusters[0].spec.api.len(), 2);
+    let bad = "apiVersion: tandem.dev/v1alpha1\nkind: RemoteCluster\nmetadata: {name: west}\nspec:\n  api: [\"nowhere\"]\n  credentialFile: \"\"\n---\napiVersion: tandem.dev/v1alpha1\nkind: RemoteCluster\nmetadata: {name: west}\nspec:\n  api: []\n  credentialFile: f\n";
+    let e = errors(bad);
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with("t.yaml:5:9: ") && m.contains("`nowhere` is not host:port")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with("t.yaml:6:") && m.contains("credentialFile")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter()
+            .any(|m| m.contains("duplicate RemoteCluster `west`")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter().any(|m| m.contains("at least one `api` address")),
+        "{e:?}"
+    );
+}

@@ -196,12 +196,11 @@ impl Access {
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim)
             .unwrap_or("");
-        if constant_time_eq(given.as_bytes(), self.credential.as_bytes()) {
-            Ok(())
-        } else if head.method == http::Method::GET
+        let admin = constant_time_eq(given.as_bytes(), self.credential.as_bytes());
+        let exports = head.method == http::Method::GET
             && head.uri.path() == "/api/v1/exports"
-            && constant_time_eq(given.as_bytes(), self.export_credential.as_bytes())
-        {
+            && constant_time_eq(given.as_bytes(), self.export_credential.as_bytes());
+        if admin || exports {
             Ok(())
         } else {
             Err(Refusal::Credential)
@@ -728,9 +727,24 @@ mod tests {
     fn hosts_origins_and_the_credential() {
         let access = Access {
             credential: "s3cret-s3cret-s3cret-s3cret-s3cret".into(),
+            export_credential: "export-export-export-export-export".into(),
             hosts: vec!["tandem.internal".into()],
         };
         let auth = "Bearer s3cret-s3cret-s3cret-s3cret-s3cret";
+        // The export credential reads the exports, and nothing else.
+        let export = |method: &str, path: &str| {
+            let mut h = head(&[
+                ("host", "127.0.0.1:7701"),
+                ("authorization", "Bearer export-export-export-export-export"),
+            ]);
+            h.method = method.parse().expect("method");
+            h.uri = path.parse().expect("path");
+            access.check(&h, false)
+        };
+        assert_eq!(export("GET", "/api/v1/exports"), Ok(()));
+        assert_eq!(export("GET", "/api/v1/ca"), Err(Refusal::Credential));
+        assert_eq!(export("POST", "/api/v1/exports"), Err(Refusal::Credential));
+        assert_eq!(export("PUT", "/api/v1/config"), Err(Refusal::Credential));
         for host in [
             "127.0.0.1:7701",
             "[::1]:7701",

@@ -898,6 +898,7 @@ spec: {ports: [{port: 80, protocol: http}]}
             kv,
             GRACE,
             "cp".into(),
+            "",
         )
         .await
         .expect("mesh")

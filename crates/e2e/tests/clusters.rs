@@ -4,6 +4,8 @@
 //! it stops, and come back when it returns; the cross-cluster hop is
 //! mTLS with verified identities (the clusters share a root CA).
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::process::{Child, Command, Stdio};
@@ -50,6 +52,7 @@ fn control(
 }
 
 /// A sidecar of `service` on `host`, with `extra` arguments.
+#[allow(clippy::too_many_arguments)]
 fn proxy(
     net: &Network,
     host: usize,

@@ -2,6 +2,8 @@
 //! joined by veth pairs and a bridge. Nothing may assume loopback between
 //! them: each proxy advertises the address the others reach it at.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::process::{Command, Stdio};

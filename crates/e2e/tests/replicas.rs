@@ -5,6 +5,8 @@
 //! writes with a clear error), and a restart of everything keeps the CA
 //! and rollout state.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::Duration;

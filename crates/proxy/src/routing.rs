@@ -123,6 +123,14 @@ pub(crate) struct Kept {
 }
 
 impl Kept {
+    /// Nothing kept yet, for a proxy in `zone`.
+    pub(crate) fn in_zone(zone: &str) -> Kept {
+        Kept {
+            zone: zone.into(),
+            ..Kept::default()
+        }
+    }
+
     fn load(&self, addr: SocketAddr) -> Arc<EndpointLoad> {
         self.loads.get_or_make(addr, || EndpointLoad::new(addr))
     }
@@ -371,10 +379,7 @@ impl Routes {
         Routes {
             current: ArcSwap::from_pointee(Routing::empty()),
             changed: watch::channel(0).0,
-            kept: Kept {
-                zone: zone.into(),
-                ..Kept::default()
-            },
+            kept: Kept::in_zone(zone),
             peer_names,
         }
     }
@@ -429,12 +434,15 @@ pub(crate) mod tests {
                         address: address.into(),
                         instance: "a".into(),
                         meshed: true,
+                        cluster: String::new(),
+                        zone: String::new(),
                     }],
                 }],
                 policy: None,
             }],
             unknown: vec!["ghost".into()],
             trust: None,
+            cluster: String::new(),
         }
     }
 

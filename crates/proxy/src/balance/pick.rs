@@ -266,6 +266,92 @@ mod tests {
         }
     }
 
+    /// Endpoints 127.0.0.1:20.. in (cluster, zone) pairs, seen by a proxy
+    /// of cluster `home` in zone `z1`.
+    fn located(eps: &[(&str, &str)], lb: &str) -> crate::routing::Routing {
+        use crate::routing::tests::snapshot;
+        let mut s = snapshot("127.0.0.1:20");
+        s.cluster = "home".into();
+        if lb == "round-robin" {
+            s.destinations[0].policy = Some(tandem_config::snapshot::Policy {
+                source: String::new(),
+                timeout_ms: None,
+                retry: None,
+                load_balancer: LoadBalancer::RoundRobin,
+                circuit_breaker: None,
+            });
+        }
+        let proto = s.destinations[0].backends[0].endpoints[0].clone();
+        s.destinations[0].backends[0].endpoints = eps
+            .iter()
+            .enumerate()
+            .map(|(i, (cluster, zone))| {
+                let mut e = proto.clone();
+                e.address = format!("127.0.0.1:{}", 20 + i);
+                e.cluster = cluster.to_string();
+                e.zone = zone.to_string();
+                e
+            })
+            .collect();
+        let kept = crate::routing::Kept::in_zone("z1");
+        crate::routing::Routing::build(1, s, &kept).expect("build")
+    }
+
+    fn eject(e: &Endpoint) {
+        let cb = CircuitBreaker {
+            consecutive_errors: 1,
+            consecutive_gateway_errors: 0,
+            interval_ms: 1000,
+            base_ejection_ms: 60_000,
+            max_ejection_percent: 100,
+            max_requests: None,
+            max_connections: None,
+            max_pending_requests: None,
+        };
+        e.load.outlier.eject(&cb, now_ms());
+    }
+
+    #[test]
+    fn picks_stay_in_the_nearest_locality_with_a_live_endpoint() {
+        for lb in ["peak-ewma", "round-robin"] {
+            // Another cluster, the proxy's zone, its cluster elsewhere.
+            let r = located(&[("west", ""), ("", "z1"), ("", "z2"), ("home", "z1")], lb);
+            let b = &r.destination("api").expect("api").backends[0];
+            let port = |i: usize| b.endpoints[i].addr().port();
+            assert_eq!(b.tiers, [2, 3, 4], "{lb}");
+            for _ in 0..100 {
+                let i = b.pick_for(None).expect("pick");
+                assert!([21, 23].contains(&port(i)), "{lb}: {}", port(i));
+            }
+            // The zone's endpoints ejected: the rest of the cluster.
+            eject(&b.endpoints[0]);
+            eject(&b.endpoints[1]);
+            for _ in 0..50 {
+                assert_eq!(port(b.pick_for(None).expect("pick")), 22, "{lb}");
+            }
+            // Nothing left in the cluster: the other cluster.
+            eject(&b.endpoints[2]);
+            for _ in 0..50 {
+                assert_eq!(port(b.pick_for(None).expect("pick")), 20, "{lb}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_retry_moves_to_the_next_locality_once_the_nearest_is_tried() {
+        let r = located(&[("", "z1"), ("west", "")], "peak-ewma");
+        let b = &r.destination("api").expect("api").backends[0];
+        let local = b.endpoints[0].addr();
+        assert_eq!(
+            b.pick_avoiding(&[local])
+                .map(|i| b.endpoints[i].addr().port()),
+            Some(21)
+        );
+        // Without zones or clusters, one tier: every endpoint is a peer.
+        let flat = three_endpoints();
+        assert_eq!(flat.destination("api").expect("api").backends[0].tiers, [3]);
+    }
+
     #[test]
     fn a_retry_goes_to_an_endpoint_not_tried() {
         let r = three_endpoints();
