@@ -34,6 +34,10 @@ pub struct StoreArgs {
     /// TLS towards etcd: the key of --etcd-cert (PEM).
     #[arg(long, requires = "etcd_cert")]
     etcd_key: Option<PathBuf>,
+    /// The key that seals the CA's private keys in the store (as given to
+    /// `tandem control --seal-key`).
+    #[arg(long)]
+    seal_key: Option<PathBuf>,
 }
 
 impl StoreArgs {
@@ -48,6 +52,16 @@ impl StoreArgs {
     /// The store, and whether a missing CA may be created in it (only in
     /// a data directory, as before the control plane first started).
     fn open(&self) -> anyhow::Result<(Box<dyn tandem_store::Kv>, bool)> {
+        let (kv, create) = self.open_raw()?;
+        let kv: std::sync::Arc<dyn tandem_store::Kv> = std::sync::Arc::from(kv);
+        let sealed = match &self.seal_key {
+            Some(f) => tandem_store::sealed::Sealed::open(kv, f)?,
+            None => tandem_store::sealed::Sealed::clear(kv),
+        };
+        Ok((Box::new(sealed), create))
+    }
+
+    fn open_raw(&self) -> anyhow::Result<(Box<dyn tandem_store::Kv>, bool)> {
         if let Some(url) = &self.store {
             let url: tandem_store::etcd::EtcdUrl =
                 url.parse().map_err(|e: String| anyhow::anyhow!(e))?;

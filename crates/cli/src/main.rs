@@ -117,6 +117,11 @@ enum Command {
         /// RemoteCluster resources name it.
         #[arg(long, default_value = "default")]
         cluster: String,
+        /// A local file with the key (64 hex digits, `openssl rand -hex
+        /// 32`) that seals the CA's private keys in the store: etcd and its
+        /// backups then hold only ciphertext. Every replica needs it.
+        #[arg(long)]
+        seal_key: Option<PathBuf>,
         #[command(flatten)]
         common: Common,
     },
@@ -594,6 +599,7 @@ fn main() -> ExitCode {
             name,
             advertise,
             cluster,
+            seal_key,
             common,
         } => {
             init_logging();
@@ -631,6 +637,7 @@ fn main() -> ExitCode {
                 name,
                 advertise,
                 cluster,
+                seal_key,
             };
             block_on(
                 common.threads.max(2),

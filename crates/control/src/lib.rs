@@ -78,6 +78,9 @@ pub struct ControlConfig {
     /// The name of this control plane's cluster (endpoints imported from
     /// other clusters carry theirs).
     pub cluster: String,
+    /// A local file with the key that seals the CA's private keys in the
+    /// store (they never reach it in the clear).
+    pub seal_key: Option<PathBuf>,
 }
 
 impl ControlConfig {

@@ -11,6 +11,7 @@ use tandem_store::etcd::{
     Election, Etcd, EtcdKv, EtcdRegistry, EtcdTls, EtcdUrl, Leadership, Lease, MemberStatus,
     ReplicaInfo, Replicas,
 };
+use tandem_store::sealed::Sealed;
 use tandem_store::{Kv, LocalDir, MemoryRegistry, RegistryStore};
 use tokio::sync::watch;
 
@@ -73,6 +74,15 @@ impl Shared {
     }
 }
 
+/// The store with the CA's private keys sealed by `--seal-key` (or
+/// refused clearly when they are sealed and no key is given).
+fn sealed(kv: Arc<dyn Kv>, cfg: &crate::ControlConfig) -> anyhow::Result<Arc<dyn Kv>> {
+    Ok(match &cfg.seal_key {
+        Some(file) => Arc::new(Sealed::open(kv, file)?),
+        None => Arc::new(Sealed::clear(kv)),
+    })
+}
+
 impl Stores {
     /// Opens the store; with etcd, takes the replica's lease and starts
     /// following the registry and campaigning for leadership until `stop`.
@@ -84,7 +94,7 @@ impl Stores {
     ) -> anyhow::Result<Stores> {
         match &cfg.store {
             StoreConfig::Local => Ok(Stores {
-                kv: Arc::new(dir),
+                kv: sealed(Arc::new(dir), cfg)?,
                 registry: Arc::new(MemoryRegistry::default()),
                 leadership: Leadership::always(),
                 shared: None,
@@ -114,7 +124,7 @@ impl Stores {
                 );
                 tracing::info!(store = %url, replica = %name, "state in etcd, shared with the other replicas");
                 Ok(Stores {
-                    kv: Arc::new(EtcdKv::new(etcd.clone())),
+                    kv: sealed(Arc::new(EtcdKv::new(etcd.clone())), cfg)?,
                     registry: Arc::new(registry),
                     leadership,
                     shared: Some(Arc::new(Shared {

@@ -498,6 +498,11 @@ impl Mesh {
     /// With an empty `config` they follow no directory: config is pushed
     /// with `tandem apply`.
     pub fn replicated(config: &str, store: &str, n: usize) -> Mesh {
+        Self::replicated_with(config, store, n, &[])
+    }
+
+    /// [`Mesh::replicated`], each replica with `control_args` too.
+    pub fn replicated_with(config: &str, store: &str, n: usize, control_args: &[&str]) -> Mesh {
         let dir = TempDir::new("mesh");
         let config_dir = dir.0.join("config");
         std::fs::create_dir_all(&config_dir).unwrap();
@@ -520,7 +525,7 @@ impl Mesh {
             grpc: replicas[0].grpc,
             api: replicas[0].api,
             control: None,
-            control_args: Vec::new(),
+            control_args: control_args.iter().map(|s| s.to_string()).collect(),
             replicas,
             store: Some(store.to_string()),
             pushed: config.is_empty(),
@@ -747,6 +752,11 @@ impl Mesh {
             Some(url) => vec!["token", "create", "--store", url.as_str()],
             None => vec!["token", "create", "--data", data.as_str()],
         };
+        // The CA's keys open only with the replicas' seal key.
+        if let Some(i) = self.control_args.iter().position(|a| a == "--seal-key") {
+            all.push("--seal-key");
+            all.push(self.control_args[i + 1].as_str());
+        }
         all.extend_from_slice(args);
         tandem_ok(&all)
     }

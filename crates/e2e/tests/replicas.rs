@@ -352,3 +352,72 @@ fn config_pushed_through_one_replica_reaches_the_proxies_of_all() {
     assert_eq!(status, 409, "{body}");
     assert!(body.contains("follows the config directory"), "{body}");
 }
+
+#[test]
+fn the_cas_private_keys_reach_etcd_sealed() {
+    let etcd = EtcdCluster::start(1);
+    let url = etcd.url("/sealed");
+    let dir = TempDir::new("seal");
+    let seal = dir.0.join("seal.key");
+    std::fs::write(&seal, "0f".repeat(32)).unwrap();
+    let seal_arg = seal.display().to_string();
+    let mesh = Mesh::replicated_with(&common::config(), &url, 1, &["--seal-key", &seal_arg]);
+    // Proxies bootstrap as ever (tokens minted with the seal key).
+    let client = mesh.instance_with_upstreams("client", "client-1", &[], &[], &["catalog-v1"]);
+    let _catalog = mesh.instance("catalog-v1", "catalog-1", &[], &[]);
+    wait_for("traffic", Duration::from_secs(10), || {
+        http_get(client.upstream("catalog-v1"), "catalog-v1", "/").filter(|r| r.0 == 200)
+    });
+    // In etcd: ciphertext for every private key, certificates as they are.
+    let get = |key: &str| {
+        let out = std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &format!("http://{}", etcd.members[0].client)])
+            .args(["get", "--print-value-only", key])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let keys = etcd.keys("/sealed/kv/ca/");
+    let private: Vec<&String> = keys.iter().filter(|k| k.ends_with(".key")).collect();
+    assert!(private.len() >= 2, "a root key and the token key: {keys:?}");
+    for k in private {
+        let v = get(k);
+        assert!(v.starts_with("tandem-sealed-v1:"), "{k}: {v}");
+        assert!(!v.contains("PRIVATE KEY"), "{k}");
+    }
+    assert!(
+        keys.iter()
+            .any(|k| k.ends_with(".crt") && get(k).contains("BEGIN CERTIFICATE")),
+        "{keys:?}"
+    );
+    // Without the seal key, neither the CLI nor a replica can use the CA.
+    let out = std::process::Command::new(bin())
+        .args(["token", "create", "--service", "web", "--store", &url])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--seal-key"), "{err}");
+    let mut r = Proc::spawn(
+        "unsealed",
+        &[
+            "control".into(),
+            "--config".into(),
+            mesh.config_dir.display().to_string(),
+            "--data".into(),
+            dir.0.join("data-x").display().to_string(),
+            "--listen".into(),
+            free_port().to_string(),
+            "--api".into(),
+            free_port().to_string(),
+            "--store".into(),
+            url.clone(),
+        ],
+        &dir.0,
+    );
+    let status = r
+        .wait_exit(patience(Duration::from_secs(20)))
+        .expect("refused to start");
+    assert!(!status.success());
+    assert!(r.log_text().contains("--seal-key"), "{}", r.log_text());
+}

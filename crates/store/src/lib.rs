@@ -18,6 +18,7 @@
 pub mod etcd;
 mod kv;
 mod registry;
+pub mod sealed;
 
 use std::future::Future;
 use std::io;
