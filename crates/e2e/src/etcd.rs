@@ -13,6 +13,66 @@ pub struct EtcdCluster {
     pub dir: TempDir,
     pub members: Vec<Member>,
     token: String,
+    /// Client TLS, when the members require it.
+    pub tls: Option<Tls>,
+}
+
+/// PEM files of a TLS etcd: its CA, the members' certificate (for
+/// 127.0.0.1) and a client certificate the members require.
+#[derive(Clone)]
+pub struct Tls {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl Tls {
+    /// A CA and certificates made for the test, under `dir`.
+    pub fn generate(dir: &std::path::Path) -> Tls {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name
+            .push(DnType::CommonName, "test etcd CA");
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca = p.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(p, ca_key);
+        let leaf = |name: &str, sans: Vec<String>, client: bool| {
+            let key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::new(sans).unwrap();
+            p.distinguished_name.push(DnType::CommonName, name);
+            p.extended_key_usages = if client {
+                vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth]
+            } else {
+                vec![
+                    rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+                    rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+                ]
+            };
+            let cert = p.signed_by(&key, &issuer).unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let write = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let (sc, sk) = leaf("etcd", vec!["127.0.0.1".into(), "localhost".into()], false);
+        let (cc, ck) = leaf("tandem", vec![], true);
+        Tls {
+            ca: write("etcd-ca.pem", &ca.pem()),
+            server_cert: write("etcd-server.pem", &sc),
+            server_key: write("etcd-server.key", &sk),
+            client_cert: write("etcd-client.pem", &cc),
+            client_key: write("etcd-client.key", &ck),
+        }
+    }
 }
 
 pub struct Member {
@@ -26,7 +86,18 @@ pub struct Member {
 impl EtcdCluster {
     /// A cluster of `n` members, started and healthy.
     pub fn start(n: usize) -> EtcdCluster {
+        Self::start_with(n, false)
+    }
+
+    /// A cluster whose members serve clients over TLS only and require a
+    /// client certificate.
+    pub fn start_tls(n: usize) -> EtcdCluster {
+        Self::start_with(n, true)
+    }
+
+    fn start_with(n: usize, tls: bool) -> EtcdCluster {
         let dir = TempDir::new("etcd");
+        let tls = tls.then(|| Tls::generate(&dir.0));
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
@@ -45,6 +116,7 @@ impl EtcdCluster {
             dir,
             members,
             token,
+            tls,
         };
         for i in 0..n {
             c.start_member(i);
@@ -67,16 +139,24 @@ impl EtcdCluster {
             .collect();
         let m = &self.members[i];
         let log = std::fs::File::create(self.dir.0.join(format!("{}.log", m.name))).unwrap();
-        let child = Command::new("etcd")
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut cmd = Command::new("etcd");
+        if let Some(t) = &self.tls {
+            cmd.args(["--cert-file", &t.server_cert.display().to_string()])
+                .args(["--key-file", &t.server_key.display().to_string()])
+                .args(["--trusted-ca-file", &t.ca.display().to_string()])
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args([
                 "--name",
                 &m.name,
                 "--data-dir",
                 &m.data.display().to_string(),
                 "--listen-client-urls",
-                &format!("http://{}", m.client),
+                &format!("{scheme}://{}", m.client),
                 "--advertise-client-urls",
-                &format!("http://{}", m.client),
+                &format!("{scheme}://{}", m.client),
                 "--listen-peer-urls",
                 &format!("http://{}", m.peer),
                 "--initial-advertise-peer-urls",
@@ -127,36 +207,39 @@ impl EtcdCluster {
         self.wait_healthy();
     }
 
-    /// Waits until every running member reports healthy.
-    pub fn wait_healthy(&self) {
+    /// `etcdctl` against the running members (with the client
+    /// certificate, over TLS).
+    pub fn etcdctl(&self) -> Command {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         let running: Vec<String> = self
             .members
             .iter()
             .filter(|m| m.child.is_some())
-            .map(|m| format!("http://{}", m.client))
+            .map(|m| format!("{scheme}://{}", m.client))
             .collect();
+        let mut c = Command::new("etcdctl");
+        c.env("ETCDCTL_API", "3")
+            .args(["--endpoints", &running.join(","), "--dial-timeout", "1s"]);
+        if let Some(t) = &self.tls {
+            c.args(["--cacert", &t.ca.display().to_string()])
+                .args(["--cert", &t.client_cert.display().to_string()])
+                .args(["--key", &t.client_key.display().to_string()]);
+        }
+        c
+    }
+
+    /// Waits until every running member reports healthy.
+    pub fn wait_healthy(&self) {
         wait_for("etcd healthy", Duration::from_secs(20), || {
-            let out = Command::new("etcdctl")
-                .env("ETCDCTL_API", "3")
-                .args(["--endpoints", &running.join(","), "--dial-timeout", "1s"])
-                .args(["endpoint", "health"])
-                .output()
-                .ok()?;
+            let out = self.etcdctl().args(["endpoint", "health"]).output().ok()?;
             out.status.success().then_some(())
         });
     }
 
     /// `etcdctl get --prefix KEY`: the keys found.
     pub fn keys(&self, prefix: &str) -> Vec<String> {
-        let running: Vec<String> = self
-            .members
-            .iter()
-            .filter(|m| m.child.is_some())
-            .map(|m| format!("http://{}", m.client))
-            .collect();
-        let out = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .args(["--endpoints", &running.join(",")])
+        let out = self
+            .etcdctl()
             .args(["get", "--prefix", "--keys-only", prefix])
             .output()
             .unwrap();

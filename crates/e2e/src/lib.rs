@@ -752,10 +752,13 @@ impl Mesh {
             Some(url) => vec!["token", "create", "--store", url.as_str()],
             None => vec!["token", "create", "--data", data.as_str()],
         };
-        // The CA's keys open only with the replicas' seal key.
-        if let Some(i) = self.control_args.iter().position(|a| a == "--seal-key") {
-            all.push("--seal-key");
-            all.push(self.control_args[i + 1].as_str());
+        // The store as the replicas reach it: its TLS, the seal key of
+        // the CA's private keys.
+        for flag in ["--seal-key", "--etcd-ca", "--etcd-cert", "--etcd-key"] {
+            if let Some(i) = self.control_args.iter().position(|a| a == flag) {
+                all.push(flag);
+                all.push(self.control_args[i + 1].as_str());
+            }
         }
         all.extend_from_slice(args);
         tandem_ok(&all)

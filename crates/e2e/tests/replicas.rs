@@ -421,3 +421,74 @@ fn the_cas_private_keys_reach_etcd_sealed() {
     assert!(!status.success());
     assert!(r.log_text().contains("--seal-key"), "{}", r.log_text());
 }
+
+#[test]
+fn replicas_reach_etcd_over_tls_with_a_client_certificate() {
+    let etcd = EtcdCluster::start_tls(1);
+    let tls = etcd.tls.clone().expect("tls");
+    let url = etcd.url("/tls");
+    let (ca, cert, key) = (
+        tls.ca.display().to_string(),
+        tls.client_cert.display().to_string(),
+        tls.client_key.display().to_string(),
+    );
+    let mesh = Mesh::replicated_with(
+        &common::config(),
+        &url,
+        2,
+        &["--etcd-ca", &ca, "--etcd-cert", &cert, "--etcd-key", &key],
+    );
+    let client = mesh.instance_with_upstreams(
+        "client",
+        "client-1",
+        &[],
+        &["--control", &mesh.control_urls(0)],
+        &["catalog-v1"],
+    );
+    let _catalog = mesh.instance(
+        "catalog-v1",
+        "catalog-1",
+        &[],
+        &["--control", &mesh.control_urls(1)],
+    );
+    wait_for("traffic across replicas", Duration::from_secs(10), || {
+        http_get(client.upstream("catalog-v1"), "catalog-v1", "/").filter(|r| r.0 == 200)
+    });
+    let store = mesh.replica_json(1, "/api/v1/store").expect("store");
+    assert!(store["members"][0]["error"].is_null(), "{store}");
+    assert!(
+        store["members"][0]["version"]
+            .as_str()
+            .is_some_and(|v| v.starts_with('3')),
+        "{store}"
+    );
+    assert!(etcd.keys("/tls/registry/").len() >= 2);
+    // Without a client certificate the members refuse the replica, which
+    // says so instead of starting.
+    let dir = TempDir::new("tls-refused");
+    let mut r = Proc::spawn(
+        "no-client-cert",
+        &[
+            "control".into(),
+            "--config".into(),
+            mesh.config_dir.display().to_string(),
+            "--data".into(),
+            dir.0.join("data").display().to_string(),
+            "--listen".into(),
+            free_port().to_string(),
+            "--api".into(),
+            free_port().to_string(),
+            "--store".into(),
+            url.clone(),
+            "--etcd-ca".into(),
+            ca.clone(),
+        ],
+        &dir.0,
+    );
+    let status = r
+        .wait_exit(patience(Duration::from_secs(30)))
+        .expect("refused to start");
+    assert!(!status.success());
+    let log = r.log_text();
+    assert!(log.contains("cannot reach the store at etcd://"), "{log}");
+}
