@@ -313,6 +313,26 @@ impl Api {
             },
             "/api/v1/tap" => self.tap(req.uri().query()),
             "/api/v1/stats/series" => self.series(req.uri().query()),
+            "/api/v1/stats/destination" => {
+                let q = req.uri().query();
+                let service = query_param(q, "service").map(decode);
+                let since = query_param(q, "since_ms").and_then(|v| v.parse::<u64>().ok());
+                match (service, since) {
+                    (Some(service), Some(ms)) => {
+                        let since = tokio::time::Instant::now()
+                            .checked_sub(Duration::from_millis(ms))
+                            .unwrap_or_else(tokio::time::Instant::now);
+                        json(
+                            StatusCode::OK,
+                            &self.stats.destination_counters(&service, since),
+                        )
+                    }
+                    _ => json(
+                        StatusCode::BAD_REQUEST,
+                        &serde_json::json!({"error": "service and since_ms are needed"}),
+                    ),
+                }
+            }
             "/dashboard" | "/dashboard/" => {
                 page(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD_HTML)
             }

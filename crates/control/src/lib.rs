@@ -223,6 +223,10 @@ pub async fn run(cfg: ControlConfig, shutdown: impl Future<Output = ()>) -> anyh
         stats.clone(),
         kv.clone(),
         stores.leadership.clone(),
+        stores.shared.clone().map(|shared| rollout::Peers {
+            shared,
+            credential: credential.clone(),
+        }),
     );
     // The splits in force before the first proxy is served (a restarted
     // control plane goes on with its rollouts where they were).

@@ -343,6 +343,9 @@ pub struct Rollouts {
     /// Only the leader decides; every replica puts the stored splits in
     /// force.
     leadership: tandem_store::etcd::Leadership,
+    /// The other replicas, whose proxies report to them: the leader adds
+    /// their figures to its own.
+    peers: Option<Peers>,
     /// The last known state of each rollout in the config, by key, and
     /// what it waits for.
     known: Mutex<BTreeMap<String, (State, Option<String>)>>,
@@ -362,18 +365,88 @@ fn record(kv: &Arc<dyn Kv>, plan: &Plan) -> Record<State> {
     )
 }
 
+/// The other replicas sharing the store, asked for their proxies' figures.
+pub struct Peers {
+    pub shared: Arc<crate::store::Shared>,
+    /// The admin credential (shared by the replicas).
+    pub credential: String,
+}
+
+impl Peers {
+    /// Every other live replica's sums for calls to `destination` over the
+    /// last `age`; the name of one that did not answer (deciding on part
+    /// of the traffic could promote a canary its callers see failing).
+    async fn counters(
+        &self,
+        destination: &str,
+        age: Duration,
+    ) -> Result<Vec<crate::stats::PairCounters>, String> {
+        use http_body_util::BodyExt;
+        let peers = self
+            .shared
+            .peers()
+            .await
+            .map_err(|e| format!("cannot list the other replicas: {e}"))?;
+        let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        let mut out = Vec::new();
+        for (name, api) in peers {
+            let uri = format!(
+                "http://{api}/api/v1/stats/destination?service={destination}&since_ms={}",
+                age.as_millis()
+            );
+            let req = hyper::Request::get(uri)
+                .header(hyper::header::HOST, api.as_str())
+                .header(
+                    hyper::header::AUTHORIZATION,
+                    format!("Bearer {}", self.credential),
+                )
+                .body(http_body_util::Empty::new())
+                .map_err(|e| e.to_string())?;
+            let answer = tokio::time::timeout(Duration::from_secs(2), async {
+                let resp = client.request(req).await.map_err(|e| e.to_string())?;
+                if !resp.status().is_success() {
+                    return Err(resp.status().to_string());
+                }
+                let body = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .to_bytes();
+                serde_json::from_slice::<crate::stats::PairCounters>(&body)
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .unwrap_or_else(|_| Err("no answer in 2s".into()));
+            match answer {
+                Ok(c) => out.push(c),
+                Err(e) => {
+                    return Err(format!(
+                        "waiting for the figures of replica {name} ({api}): {e}"
+                    ))
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl Rollouts {
     pub fn new(
         mesh: Arc<Mesh>,
         stats: Arc<Stats>,
         kv: Arc<dyn Kv>,
         leadership: tandem_store::etcd::Leadership,
+        peers: Option<Peers>,
     ) -> Arc<Self> {
         Arc::new(Rollouts {
             mesh,
             stats,
             kv,
             leadership,
+            peers,
             known: Mutex::new(BTreeMap::new()),
         })
     }
@@ -436,6 +509,21 @@ impl Rollouts {
             };
             return Ok((state, Some("decided by the leading replica".into())));
         }
+        // The other replicas' figures for the canary over the current
+        // step (as stored now; the update below decides on the same step
+        // unless a person acted in between).
+        let mut remote = Vec::new();
+        if let Some(peers) = &self.peers {
+            let stored = record(&self.kv, plan).get().await?;
+            if let Some((st, _)) = stored.filter(|(st, _)| st.phase == Phase::Progressing) {
+                let age =
+                    Duration::from_millis(now.saturating_sub(st.step_started_ms)).min(MAX_WINDOW);
+                match peers.counters(&plan.canary, age).await {
+                    Ok(r) => remote = r,
+                    Err(why) => return Ok((st, Some(why))),
+                }
+            }
+        }
         let stats = self.stats.clone();
         let mut waiting = None;
         let out = record(&self.kv, plan)
@@ -459,7 +547,11 @@ impl Rollouts {
                 let since = tokio::time::Instant::now()
                     .checked_sub(Duration::from_millis(elapsed).min(MAX_WINDOW))
                     .unwrap_or_else(tokio::time::Instant::now);
-                let signals = stats.destination(&plan.canary, since);
+                let mut sums = stats.destination_counters(&plan.canary, since);
+                for r in &remote {
+                    crate::stats::merge(&mut sums, r);
+                }
+                let signals = crate::stats::signals(&sums);
                 let verdict = decide(plan, &st, &signals, elapsed);
                 if let Verdict::Wait(why) = &verdict {
                     waiting = Some(why.clone());

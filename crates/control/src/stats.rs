@@ -16,13 +16,16 @@ use crate::mesh::ProxyKey;
 
 const HISTORY: Duration = Duration::from_secs(300);
 
-/// Cumulative counters of one pair in one proxy at one time.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// Cumulative counters of one pair in one proxy at one time (or their
+/// sum: what replicas exchange to judge a rollout on every proxy's
+/// traffic).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PairCounters {
     /// What the caller's sidecar answered (after retries).
     pub requests: f64,
     pub failures: f64,
     /// `(upper bound in seconds, cumulative count)`, ascending.
+    #[serde(with = "bounds")]
     pub buckets: Vec<(f64, f64)>,
     /// Every try, as the destination's sidecar saw it (before retries).
     pub tries: f64,
@@ -32,8 +35,30 @@ pub struct PairCounters {
     pub retries: f64,
     /// The time the caller's sidecar spent on the requests itself, and the
     /// destination's sidecar on the tries (cumulative buckets).
+    #[serde(with = "bounds")]
     pub proxy: Vec<(f64, f64)>,
+    #[serde(with = "bounds")]
     pub dst_proxy: Vec<(f64, f64)>,
+}
+
+/// Buckets in JSON: the last bound, +Inf, as `null` (JSON has no
+/// infinity).
+mod bounds {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[(f64, f64)], s: S) -> Result<S::Ok, S::Error> {
+        v.iter()
+            .map(|(le, c)| (le.is_finite().then_some(*le), *c))
+            .collect::<Vec<_>>()
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(f64, f64)>, D::Error> {
+        let v: Vec<(Option<f64>, f64)> = Deserialize::deserialize(d)?;
+        Ok(v.into_iter()
+            .map(|(le, c)| (le.unwrap_or(f64::INFINITY), c))
+            .collect())
+    }
 }
 
 pub type Pair = (String, String);
@@ -222,23 +247,40 @@ impl Stats {
     /// the first report at or after `since` and the last, summed over every
     /// caller (nothing from before `since` counts).
     pub fn destination(&self, destination: &str, since: Instant) -> Signals {
+        signals(&self.destination_counters(destination, since))
+    }
+
+    /// The sums behind [`Stats::destination`], to add to other replicas'.
+    pub fn destination_counters(&self, destination: &str, since: Instant) -> PairCounters {
         let mut c = PairCounters::default();
         for ((_, dst), (d, _)) in self.sums(Span::Since(since)) {
             if dst == destination {
                 add(&mut c, &d);
             }
         }
-        Signals {
-            requests: c.requests.round() as u64,
-            success_rate: if c.requests > 0.0 {
-                round(1.0 - c.failures / c.requests, 4)
-            } else {
-                1.0
-            },
-            p99_ms: round(quantile(&c.buckets, 0.99) * 1000.0, 3),
-        }
+        c
     }
+}
 
+/// Adds `d` to `acc` (another replica's sums to this one's).
+pub fn merge(acc: &mut PairCounters, d: &PairCounters) {
+    add(acc, d);
+}
+
+/// The golden signals of summed counters.
+pub fn signals(c: &PairCounters) -> Signals {
+    Signals {
+        requests: c.requests.round() as u64,
+        success_rate: if c.requests > 0.0 {
+            round(1.0 - c.failures / c.requests, 4)
+        } else {
+            1.0
+        },
+        p99_ms: round(quantile(&c.buckets, 0.99) * 1000.0, 3),
+    }
+}
+
+impl Stats {
     /// What the callers of `destination` saw of it over the last `window`,
     /// in `step`s, oldest first (the dashboard's charts). A step's figures
     /// come from reports taken during it.
@@ -512,6 +554,22 @@ fn from_report(service: &str, r: Report) -> Result<Reported, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counters_cross_replicas_as_json_with_their_infinite_bucket() {
+        let mut c = PairCounters {
+            requests: 12.0,
+            failures: 1.0,
+            buckets: vec![(0.1, 10.0), (f64::INFINITY, 12.0)],
+            ..PairCounters::default()
+        };
+        let wire = serde_json::to_string(&c).expect("json");
+        let back: PairCounters = serde_json::from_str(&wire).expect("parse");
+        assert_eq!(back, c);
+        merge(&mut c, &back);
+        let s = signals(&c);
+        assert_eq!((s.requests, s.success_rate), (24, 0.9167));
+    }
 
     use tandem_api::v1::PairTraffic;
 

@@ -56,6 +56,18 @@ pub struct StoreStatus {
 }
 
 impl Shared {
+    /// The other live replicas: name and API address.
+    pub async fn peers(&self) -> std::io::Result<Vec<(String, String)>> {
+        Ok(self
+            .replicas
+            .list()
+            .await?
+            .into_iter()
+            .filter(|r| r.name != self.name)
+            .map(|r| (r.name, r.api))
+            .collect())
+    }
+
     pub async fn status(&self) -> StoreStatus {
         let (leader, replicas) = tokio::join!(Election::leader(&self.etcd), self.replicas.list());
         let error = match (&leader, &replicas) {

@@ -16,8 +16,17 @@
 //!    other connection and with 300 silent TCP connections held open on the
 //!    gRPC port.
 //!
+//! With `--replicas R` (R ≥ 1) the control plane is R replicas sharing a
+//! 3-member etcd (`etcd` on the PATH), proxy `i` connects to replica
+//! `i mod R`, and it also measures
+//!
+//! 5. how long a registration made through one replica takes to reach a
+//!    proxy on another: from a new instance's Hello on replica 1 until a
+//!    proxy on replica 0 that calls its service acknowledged a snapshot
+//!    listing it (9 times: min, median, max).
+//!
 //! ```text
-//! bench-control [--proxies 100,250,500,1000] [--services 50] [--markdown FILE]
+//! bench-control [--proxies 100,250,500,1000] [--services 50] [--replicas R] [--markdown FILE]
 //! ```
 //!
 //! Proxy `i` is an instance of service `svc-(i mod S)` and calls the next
@@ -32,6 +41,7 @@ use std::time::{Duration, Instant};
 
 use tandem_api::v1::discovery_client::DiscoveryClient;
 use tandem_api::v1::{control_message, proxy_message, Ack, Hello, ProxyMessage};
+use tandem_e2e::etcd::EtcdCluster;
 use tandem_e2e::Mesh;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -39,6 +49,8 @@ use tokio_stream::wrappers::ReceiverStream;
 struct Args {
     proxies: Vec<usize>,
     services: usize,
+    /// 0: one control plane on its data directory.
+    replicas: usize,
     markdown: Option<String>,
 }
 
@@ -46,6 +58,7 @@ fn args() -> Args {
     let mut a = Args {
         proxies: vec![100, 250, 500, 1000],
         services: 50,
+        replicas: 0,
         markdown: None,
     };
     let mut it = std::env::args().skip(1);
@@ -59,6 +72,7 @@ fn args() -> Args {
                     .collect()
             }
             "--services" => a.services = value.parse().expect("--services: a number"),
+            "--replicas" => a.replicas = value.parse().expect("--replicas: a number"),
             "--markdown" => a.markdown = Some(value),
             other => panic!("unknown flag {other}"),
         }
@@ -95,6 +109,9 @@ struct Row {
     rss_mib: f64,
     rounds: u64,
     compiles: u64,
+    /// A registration through replica 1 reaching a proxy on replica 0:
+    /// min, median, max.
+    crossing: Option<[Duration; 3]>,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -200,8 +217,23 @@ async fn first_acks(
     (first.into_iter().flatten().collect(), retried)
 }
 
-fn run(n: usize, services: usize) -> Row {
-    let mesh = Mesh::start(&config(services, "edition-1"));
+/// The control plane: one on its data directory, or `replicas` sharing a
+/// 3-member etcd (kept alive by the returned cluster).
+fn control(services: usize, replicas: usize) -> (Mesh, Option<EtcdCluster>) {
+    if replicas == 0 {
+        return (Mesh::start(&config(services, "edition-1")), None);
+    }
+    let etcd = EtcdCluster::start(3);
+    let mesh = Mesh::replicated(
+        &config(services, "edition-1"),
+        &etcd.url("/bench"),
+        replicas,
+    );
+    (mesh, Some(etcd))
+}
+
+fn run(n: usize, services: usize, replicas: usize) -> Row {
+    let (mesh, _etcd) = control(services, replicas);
     // One certificate per service, as its proxies hold after bootstrap:
     // the stream registers with it.
     let tls: Vec<_> = (0..services)
@@ -210,12 +242,20 @@ fn run(n: usize, services: usize) -> Row {
                 .client_config(&[tandem_identity::tls::ALPN_H2])
         })
         .collect();
-    let pid = mesh.control.as_ref().unwrap().pid();
+    let pid = match &mesh.control {
+        Some(c) => c.pid(),
+        None => mesh.replicas[0].proc.as_ref().unwrap().pid(),
+    };
     let rt = tandem_e2e::rt();
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let grpc = mesh.grpc.to_string();
+    let grpcs: Vec<String> = if mesh.replicas.is_empty() {
+        vec![mesh.grpc.to_string()]
+    } else {
+        mesh.replicas.iter().map(|r| r.grpc.to_string()).collect()
+    };
     let start = Instant::now();
     for i in 0..n {
+        let grpc = &grpcs[i % grpcs.len()];
         let k = i % services;
         let hello = Hello {
             service: format!("svc-{k}"),
@@ -265,6 +305,13 @@ fn run(n: usize, services: usize) -> Row {
     let mut lat: Vec<Duration> = edited.iter().map(|t| *t - edit_at).collect();
     lat.sort();
     let push = mesh.api_json("/api/v1/push").unwrap_or_default();
+    let crossing = (replicas >= 2).then(|| {
+        let mut t: Vec<Duration> = (0..9)
+            .map(|j| rt.block_on(registration_crossing(&mesh, &tls, services, j)))
+            .collect();
+        t.sort();
+        [t[0], t[4], t[8]]
+    });
     let row = Row {
         proxies: n,
         retried,
@@ -278,9 +325,108 @@ fn run(n: usize, services: usize) -> Row {
         rss_mib: rss,
         rounds: push["rounds"].as_u64().unwrap_or(0),
         compiles: push["compiles"].as_u64().unwrap_or(0),
+        crossing,
     };
     rt.shutdown_timeout(Duration::from_secs(1));
     row
+}
+
+/// From a new instance of `svc-0` saying Hello to replica 1 until a proxy
+/// on replica 0 that calls `svc-0` acknowledged a snapshot listing it.
+async fn registration_crossing(
+    mesh: &Mesh,
+    tls: &[Arc<rustls::ClientConfig>],
+    services: usize,
+    j: usize,
+) -> Duration {
+    let services_n = services;
+    let watcher_svc = services_n - 1; // calls svc-0 (its next service)
+    let (wtx, mut wrx) = mpsc::unbounded_channel();
+    let addr = format!("10.200.0.{}:8080", j + 1);
+    let watcher = Hello {
+        service: format!("svc-{watcher_svc}"),
+        instance: format!("watch-{j}"),
+        namespace: "default".into(),
+        inbound_addr: format!("10.201.0.{}:8080", j + 1),
+        interest: vec!["svc-0".into()],
+        proxy_version: "bench".into(),
+        ..Hello::default()
+    };
+    let r0 = mesh.replicas[0].grpc.to_string();
+    let r1 = mesh.replicas[1].grpc.to_string();
+    let (stx, srx) = mpsc::unbounded_channel();
+    tokio::spawn(watching_proxy(
+        r0,
+        tls[watcher_svc].clone(),
+        watcher,
+        addr.clone(),
+        wtx,
+        srx,
+    ));
+    // The watcher is in place (its first snapshot acknowledged).
+    wrx.recv().await.expect("watcher up");
+    let newcomer = Hello {
+        service: "svc-0".into(),
+        instance: format!("new-{j}"),
+        namespace: "default".into(),
+        inbound_addr: addr,
+        proxy_version: "bench".into(),
+        ..Hello::default()
+    };
+    let (ntx, _nrx) = mpsc::unbounded_channel();
+    let start = Instant::now();
+    let newcomer_task = tokio::spawn(simulated_proxy(
+        usize::MAX,
+        r1,
+        tls[0].clone(),
+        newcomer,
+        ntx,
+    ));
+    let seen_at = tokio::time::timeout(Duration::from_secs(30), wrx.recv())
+        .await
+        .expect("the registration reached replica 0's proxy")
+        .expect("watcher");
+    newcomer_task.abort();
+    let _ = stx.send(());
+    seen_at - start
+}
+
+/// A proxy on `grpc` that reports when it first acknowledged a snapshot,
+/// then when it acknowledged one listing `addr`; ends on `stop`.
+async fn watching_proxy(
+    grpc: String,
+    tls: Arc<rustls::ClientConfig>,
+    hello: Hello,
+    addr: String,
+    seen: mpsc::UnboundedSender<Instant>,
+    mut stop: mpsc::UnboundedReceiver<()>,
+) {
+    let channel = tandem_proxy::control_channel(&grpc, tls).await.unwrap();
+    let (tx, rx) = mpsc::channel::<ProxyMessage>(8);
+    let msg = |k| ProxyMessage { kind: Some(k) };
+    let _ = tx.send(msg(proxy_message::Kind::Hello(hello))).await;
+    let mut stream = DiscoveryClient::new(channel)
+        .stream(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut first, mut found) = (true, false);
+    loop {
+        tokio::select! {
+            m = stream.message() => {
+                let Ok(Some(m)) = m else { return };
+                let Some(control_message::Kind::Snapshot(s)) = m.kind else { continue };
+                let _ = tx.send(msg(proxy_message::Kind::Ack(Ack { version: s.version }))).await;
+                let listed = s.body.windows(addr.len()).any(|w| w == addr.as_bytes());
+                if first || (listed && !found) {
+                    found |= listed && !first;
+                    first = false;
+                    let _ = seen.send(Instant::now());
+                }
+            }
+            _ = stop.recv() => return,
+        }
+    }
 }
 
 /// One bootstrap as a proxy makes it (the trust bundle is read from the
@@ -368,8 +514,9 @@ fn main() {
         "| proxies | services | all connected and acked | connects made again | edit acked p50 | edit p99 | edit max | control-plane RSS | push rounds | compiles |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1e3);
+    let mut crossings = String::new();
     for &n in &a.proxies {
-        let r = run(n, a.services);
+        let r = run(n, a.services, a.replicas);
         let line = format!(
             "| {} | {} | {} | {} | {} | {} | {} | {:.1} MiB | {} | {} |\n",
             r.proxies,
@@ -385,6 +532,26 @@ fn main() {
         );
         eprint!("{line}");
         table.push_str(&line);
+        if let Some([min, med, max]) = r.crossing {
+            crossings.push_str(&format!(
+                "| {} | {} | {} | {} |\n",
+                r.proxies,
+                ms(min),
+                ms(med),
+                ms(max)
+            ));
+        }
+    }
+    if !crossings.is_empty() {
+        table.push_str("\n| proxies | registration via replica 1 seen by a proxy on replica 0: min | median | max |\n|---:|---:|---:|---:|\n");
+        table.push_str(&crossings);
+    }
+    if a.replicas > 0 {
+        println!("{table}");
+        if let Some(path) = a.markdown {
+            std::fs::write(&path, &table).unwrap();
+        }
+        return;
     }
     table.push_str(
         "\n| silent sockets held on the gRPC port | bootstrap min | median | max |\n|---:|---:|---:|---:|\n",

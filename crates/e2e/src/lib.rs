@@ -643,6 +643,19 @@ impl Mesh {
     /// The trust domain and the roots of the mesh's CA, as stored.
     pub fn trust(&self) -> (String, Vec<rustls_pki_types::CertificateDer<'static>>) {
         use rustls_pki_types::pem::PemObject;
+        if self.store.is_some() {
+            // Replicas keep the CA in etcd: its bundle from the API.
+            let ca = self.api_json("/api/v1/ca").expect("CA from the API");
+            let pem = ca["bundle_pem"]
+                .as_str()
+                .expect("bundle")
+                .as_bytes()
+                .to_vec();
+            let roots = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .expect("bundle PEM");
+            return (ca["trust_domain"].as_str().expect("td").to_string(), roots);
+        }
         let ca = self.data_dir().join("ca");
         let state: serde_json::Value =
             serde_json::from_slice(&std::fs::read(ca.join("state.json")).expect("CA state"))

@@ -492,3 +492,64 @@ fn replicas_reach_etcd_over_tls_with_a_client_certificate() {
     let log = r.log_text();
     assert!(log.contains("cannot reach the store at etcd://"), "{log}");
 }
+
+#[test]
+fn the_leader_judges_a_rollout_on_traffic_reported_to_another_replica() {
+    let etcd = EtcdCluster::start(1);
+    let mut config = common::config_with_split(100, 0);
+    config.push_str("apiVersion: tandem.dev/v1alpha1\nkind: Rollout\nmetadata: {name: catalog}\nspec:\n  service: catalog\n  stable: catalog-v1\n  canary: catalog-v2\n  steps: [20, 100]\n  hold: 1s\n  thresholds: {successRate: 90, p99: 2s, minRequests: 10}\n");
+    let mesh = Mesh::replicated(&config, &etcd.url("/roll"), 2);
+    let leader = wait_for("a leader", Duration::from_secs(10), || {
+        mesh.replica_json(0, "/api/v1/store")?["leader"]
+            .as_str()
+            .map(str::to_string)
+    });
+    // Every proxy on the replica that does not lead: only its reports see
+    // the canary's traffic.
+    let other = if leader == "r0" { 1 } else { 0 };
+    let control = mesh.control_urls(other);
+    let _v1 = mesh.instance(
+        "catalog-v1",
+        "v1",
+        &["--version", "v1"],
+        &["--control", &control],
+    );
+    let _v2 = mesh.instance(
+        "catalog-v2",
+        "v2",
+        &["--version", "v2"],
+        &["--control", &control],
+    );
+    let client = mesh.instance("client", "client-1", &[], &["--control", &control]);
+    let load = Load::start(
+        client.http_proxy,
+        "catalog",
+        "/",
+        2,
+        Duration::from_millis(5),
+    );
+    let mut last = String::new();
+    let v = wait_for("the rollout to succeed", Duration::from_secs(60), || {
+        let v = mesh.replica_json(other, "/api/v1/rollouts/default/catalog")?;
+        let l = mesh.replica_json(1 - other, "/api/v1/rollouts/default/catalog")?;
+        let now = format!(
+            "{} {} / leader: {}",
+            v["state"]["phase"], v["waiting"], l["waiting"]
+        );
+        if now != last {
+            eprintln!("rollout: {now}");
+            last = now;
+        }
+        (v["state"]["phase"] == "succeeded").then_some(v)
+    });
+    for d in v["state"]["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .skip(1)
+    {
+        assert!(d["signals"]["requests"].as_u64().unwrap_or(0) >= 10, "{d}");
+    }
+    let (_, failed) = load.finish();
+    assert!(failed.is_empty(), "{failed:?}");
+}
