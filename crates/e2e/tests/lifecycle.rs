@@ -138,6 +138,7 @@ fn help_explains_every_command() {
             "ca",
             "proxy",
             "validate",
+            "apply",
             "authz",
             "explain",
             "stat",
