@@ -48,6 +48,35 @@ fn held_by(mesh: &Mesh, replica: usize) -> Vec<String> {
     v
 }
 
+/// A replica of `mesh` on `store` with `extra` arguments, which must refuse
+/// to start: its log.
+fn refused_replica(mesh: &Mesh, store: &str, extra: &[&str]) -> String {
+    let dir = TempDir::new("refused");
+    let mut args: Vec<String> = [
+        "control",
+        "--config",
+        &mesh.config_dir.display().to_string(),
+        "--data",
+        &dir.0.join("data").display().to_string(),
+        "--listen",
+        &free_port().to_string(),
+        "--api",
+        &free_port().to_string(),
+        "--store",
+        store,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut r = Proc::spawn("refused", &args, &dir.0);
+    let status = r
+        .wait_exit(patience(Duration::from_secs(30)))
+        .expect("refused to start");
+    assert!(!status.success());
+    r.log_text()
+}
+
 #[test]
 fn replicas_share_etcd_and_survive_failures() {
     let mut etcd = EtcdCluster::start(3);
@@ -398,28 +427,8 @@ fn the_cas_private_keys_reach_etcd_sealed() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("--seal-key"), "{err}");
-    let mut r = Proc::spawn(
-        "unsealed",
-        &[
-            "control".into(),
-            "--config".into(),
-            mesh.config_dir.display().to_string(),
-            "--data".into(),
-            dir.0.join("data-x").display().to_string(),
-            "--listen".into(),
-            free_port().to_string(),
-            "--api".into(),
-            free_port().to_string(),
-            "--store".into(),
-            url.clone(),
-        ],
-        &dir.0,
-    );
-    let status = r
-        .wait_exit(patience(Duration::from_secs(20)))
-        .expect("refused to start");
-    assert!(!status.success());
-    assert!(r.log_text().contains("--seal-key"), "{}", r.log_text());
+    let log = refused_replica(&mesh, &url, &[]);
+    assert!(log.contains("--seal-key"), "{log}");
 }
 
 #[test]
@@ -465,31 +474,7 @@ fn replicas_reach_etcd_over_tls_with_a_client_certificate() {
     assert!(etcd.keys("/tls/registry/").len() >= 2);
     // Without a client certificate the members refuse the replica, which
     // says so instead of starting.
-    let dir = TempDir::new("tls-refused");
-    let mut r = Proc::spawn(
-        "no-client-cert",
-        &[
-            "control".into(),
-            "--config".into(),
-            mesh.config_dir.display().to_string(),
-            "--data".into(),
-            dir.0.join("data").display().to_string(),
-            "--listen".into(),
-            free_port().to_string(),
-            "--api".into(),
-            free_port().to_string(),
-            "--store".into(),
-            url.clone(),
-            "--etcd-ca".into(),
-            ca.clone(),
-        ],
-        &dir.0,
-    );
-    let status = r
-        .wait_exit(patience(Duration::from_secs(30)))
-        .expect("refused to start");
-    assert!(!status.success());
-    let log = r.log_text();
+    let log = refused_replica(&mesh, &url, &["--etcd-ca", &ca]);
     assert!(log.contains("cannot reach the store at etcd://"), "{log}");
 }
 
