@@ -360,3 +360,42 @@ fn calls_fail_over_to_the_remote_cluster_and_come_back() {
     );
     drop((pa, payments_a_token));
 }
+
+#[test]
+fn calls_prefer_the_callers_zone_while_it_has_an_instance() {
+    let mesh = Mesh::start(&common::config());
+    let mut near = mesh.instance("catalog-v1", "near", &[], &["--zone", "z1"]);
+    let _far = mesh.instance("catalog-v1", "far", &[], &["--zone", "z2"]);
+    let client = mesh.instance_with_upstreams(
+        "client",
+        "client-1",
+        &[],
+        &["--zone", "z1"],
+        &["catalog-v1"],
+    );
+    let up = client.upstream("catalog-v1");
+    wait_for("both endpoints", Duration::from_secs(10), || {
+        (client.endpoints("catalog-v1", "catalog-v1")?.len() == 2).then_some(())
+    });
+    let answered = || {
+        let (status, body) = http_get(up, "catalog-v1", "/")?;
+        (status == 200).then_some(())?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        v["instance"].as_str().map(str::to_string)
+    };
+    // Every call stays in the caller's zone.
+    for _ in 0..30 {
+        assert_eq!(answered().as_deref(), Some("near"));
+    }
+    // Its instance leaves: the other zone's takes the calls.
+    near.proxy().signal("TERM");
+    near.proxy_mut()
+        .wait_exit(patience(Duration::from_secs(20)))
+        .expect("near's sidecar stopped");
+    wait_for("calls in the other zone", Duration::from_secs(10), || {
+        (answered()? == "far").then_some(())
+    });
+    for _ in 0..10 {
+        assert_eq!(answered().as_deref(), Some("far"));
+    }
+}
