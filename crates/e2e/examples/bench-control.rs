@@ -339,8 +339,7 @@ async fn registration_crossing(
     services: usize,
     j: usize,
 ) -> Duration {
-    let services_n = services;
-    let watcher_svc = services_n - 1; // calls svc-0 (its next service)
+    let watcher_svc = services - 1; // calls svc-0 (its next service)
     let (wtx, mut wrx) = mpsc::unbounded_channel();
     let addr = format!("10.200.0.{}:8080", j + 1);
     let watcher = Hello {

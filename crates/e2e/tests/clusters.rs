@@ -96,6 +96,23 @@ fn proxy(
     p
 }
 
+/// A demo `payments` app on `host`, listening on 127.0.0.1:8081.
+fn payments_app(net: &Network, host: usize, instance: &str, dir: &std::path::Path) -> Proc {
+    let args: Vec<String> = [
+        "demo-app",
+        "--listen",
+        "127.0.0.1:8081",
+        "--service",
+        "payments",
+        "--instance",
+        instance,
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    net.spawn(host, &format!("{instance}-app"), &args, dir)
+}
+
 /// The instance that answered `orders`' call to payments.
 fn answered_by(net: &Network) -> Option<String> {
     let (code, body) = net.curl(0, &["http://127.0.0.1:9001/"])?;
@@ -148,20 +165,7 @@ fn calls_fail_over_to_the_remote_cluster_and_come_back() {
         net.curl(1, &[&format!("http://{ip_b}:7701/healthz")])
             .filter(|r| r.0 == 200)
     });
-    let _app_b = net.spawn(
-        1,
-        "payments-b-app",
-        &[
-            s("demo-app"),
-            s("--listen"),
-            s("127.0.0.1:8081"),
-            s("--service"),
-            s("payments"),
-            s("--instance"),
-            s("payments-b"),
-        ],
-        &dir.0,
-    );
+    let _app_b = payments_app(&net, 1, "payments-b", &dir.0);
     let _pb = proxy(
         &net,
         1,
@@ -183,20 +187,7 @@ fn calls_fail_over_to_the_remote_cluster_and_come_back() {
         net.curl(0, &[&format!("http://{ip_a}:7701/healthz")])
             .filter(|r| r.0 == 200)
     });
-    let _app_a = net.spawn(
-        0,
-        "payments-a-app",
-        &[
-            s("demo-app"),
-            s("--listen"),
-            s("127.0.0.1:8081"),
-            s("--service"),
-            s("payments"),
-            s("--instance"),
-            s("payments-a"),
-        ],
-        &dir.0,
-    );
+    let _app_a = payments_app(&net, 0, "payments-a", &dir.0);
     let payments_a_token = token("a", "payments");
     let mut pa = proxy(
         &net,

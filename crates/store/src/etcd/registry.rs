@@ -112,6 +112,13 @@ impl Inner {
         ))
     }
 
+    /// The instance a registry key names (the inverse of [`Inner::key`]).
+    fn instance_of(&self, key: &[u8]) -> Option<InstanceKey> {
+        let mut parts = self.etcd.strip(key, UNDER)?.split('/').map(unescape);
+        let k = (parts.next()?, parts.next()?, parts.next()?);
+        parts.next().is_none().then_some(k)
+    }
+
     /// A watch update: etcd's view moves; a registration another replica
     /// took over stops being this one's.
     fn seen(&self, u: Update) {
@@ -150,13 +157,8 @@ impl Inner {
                 }
             }
             Update::Delete(kv) => {
-                let k = st
-                    .seen
-                    .iter()
-                    .find(|(k, _)| self.key(k) == kv.key)
-                    .map(|(k, _)| k.clone());
-                if let Some(k) = k {
-                    st.seen.remove(&k);
+                let k = self.instance_of(&kv.key);
+                if let Some(k) = k.filter(|k| st.seen.remove(k).is_some()) {
                     match st.mine.get_mut(&k) {
                         Some(m) if m.write == Write::Done => m.write = Write::Update,
                         Some(_) => {}
@@ -464,6 +466,10 @@ fn taken(st: &mut State, k: &InstanceKey, holder: &str, rev: i64) {
 /// A name as one key segment (`/` and `%` escaped).
 fn escape(s: &str) -> String {
     s.replace('%', "%25").replace('/', "%2F")
+}
+
+fn unescape(s: &str) -> String {
+    s.replace("%2F", "/").replace("%25", "%")
 }
 
 /// A live replica, as it announces itself to the others.
