@@ -128,6 +128,10 @@ impl EtcdTls {
 
 /// How long one call to one member may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a call goes round the members while they answer without a
+/// leader (an election takes about one election timeout, 1 s by default).
+const RETRY_FOR: Duration = Duration::from_secs(5);
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 /// A client of one etcd cluster. Cheap to clone.
 #[derive(Clone)]
@@ -213,50 +217,62 @@ impl Etcd {
         std::str::from_utf8(key.strip_prefix(p.as_bytes())?).ok()
     }
 
-    /// Runs `call` on a member: the current one first, then each other
-    /// once, while they are unreachable, time out or have no leader.
+    /// Runs `call` on a member: the current one first, then each other,
+    /// while they are unreachable, time out or have no leader; the members
+    /// are gone round again (every 200 ms, for up to [`RETRY_FOR`]) so that
+    /// a call made while the members elect a new leader waits for it.
+    /// Members that all refuse connections fail the call at once.
     pub(crate) async fn call<T, F, Fut>(&self, what: &str, mut call: F) -> io::Result<T>
     where
         F: FnMut(Channel) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
         let n = self.inner.members.len();
-        let start = self.inner.current.load(Ordering::Relaxed);
+        let began = tokio::time::Instant::now();
         let mut last = String::new();
-        for i in 0..n {
-            let m = (start + i) % n;
-            let channel = self.inner.members[m].clone();
-            match tokio::time::timeout(CALL_TIMEOUT, call(channel)).await {
-                Ok(Ok(t)) => {
-                    if i > 0 {
-                        self.inner.current.store(m, Ordering::Relaxed);
-                        tracing::info!(member = %self.inner.url.endpoints[m], "etcd: now using this member");
+        loop {
+            let start = self.inner.current.load(Ordering::Relaxed);
+            // Whether a member answered at all (with no leader, say).
+            let mut answered = false;
+            for i in 0..n {
+                let m = (start + i) % n;
+                let channel = self.inner.members[m].clone();
+                match tokio::time::timeout(CALL_TIMEOUT, call(channel)).await {
+                    Ok(Ok(t)) => {
+                        if i > 0 {
+                            self.inner.current.store(m, Ordering::Relaxed);
+                            tracing::info!(member = %self.inner.url.endpoints[m], "etcd: now using this member");
+                        }
+                        return Ok(t);
                     }
-                    return Ok(t);
-                }
-                Ok(Err(s)) if !retryable(&s) => {
-                    return Err(io::Error::other(format!(
-                        "etcd {what}: {}: {}",
-                        self.inner.url.endpoints[m],
-                        s.message()
-                    )))
-                }
-                Ok(Err(s)) => {
-                    last = format!("{}: {}", self.inner.url.endpoints[m], status_text(&s))
-                }
-                Err(_) => {
-                    last = format!(
-                        "{}: no answer in {}s",
-                        self.inner.url.endpoints[m],
-                        CALL_TIMEOUT.as_secs()
-                    )
+                    Ok(Err(s)) if !retryable(&s) => {
+                        return Err(io::Error::other(format!(
+                            "etcd {what}: {}: {}",
+                            self.inner.url.endpoints[m],
+                            s.message()
+                        )))
+                    }
+                    Ok(Err(s)) => {
+                        answered |= s.code() != tonic::Code::Unavailable || !unreachable(&s);
+                        last = format!("{}: {}", self.inner.url.endpoints[m], status_text(&s))
+                    }
+                    Err(_) => {
+                        last = format!(
+                            "{}: no answer in {}s",
+                            self.inner.url.endpoints[m],
+                            CALL_TIMEOUT.as_secs()
+                        )
+                    }
                 }
             }
+            if !answered || began.elapsed() + RETRY_PAUSE > RETRY_FOR {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    format!("etcd is unreachable ({what}; last: {last})"),
+                ));
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
         }
-        Err(io::Error::new(
-            io::ErrorKind::NotConnected,
-            format!("etcd is unreachable ({what}; last: {last})"),
-        ))
     }
 
     /// The keys at `key` (or under it, with `prefix`), and the store's
@@ -541,6 +557,13 @@ fn retryable(s: &tonic::Status) -> bool {
             | tonic::Code::Cancelled
             | tonic::Code::Internal
     )
+}
+
+/// The member could not be reached at all (connection refused, reset,
+/// TLS refused), as opposed to answering without a leader.
+fn unreachable(s: &tonic::Status) -> bool {
+    use std::error::Error;
+    s.source().is_some() || s.message().contains("transport error")
 }
 
 fn status_text(s: &tonic::Status) -> String {
