@@ -922,7 +922,7 @@ fn compile_policy(
             }
             scope
         }
-        "Service" => {
+        "Service" | "ExternalService" => {
             crate::policy::check_target_kind(p, t, "an AuthorizationPolicy", diags);
             None
         }
@@ -936,18 +936,43 @@ fn compile_policy(
     };
     let (ns, name) = target(set, p);
     let service = set.service(ns, name);
-    if service.is_none() && !(on_route && route.is_none()) {
+    let external = (t.kind.value == "ExternalService")
+        .then(|| set.external_service(ns, name))
+        .flatten();
+    if t.kind.value == "ExternalService" {
+        if external.is_none() {
+            diags.push(Diagnostic::at(
+                &p.at(&t.name),
+                format!("no ExternalService `{ns}/{name}` to apply this policy to"),
+            ));
+        }
+    } else if service.is_none() && !(on_route && route.is_none()) {
         diags.push(Diagnostic::at(
             &p.at(&t.name),
             format!("no Service `{ns}/{name}` to apply this policy to"),
         ));
     }
+    let service = if external.is_some() { None } else { service };
+    // A tunnel to an external host shows only who calls and the port.
     let tcp = service.is_some_and(|s| {
         s.spec
             .ports
             .first()
             .is_some_and(|port| port.protocol.value == Protocol::Tcp)
+    }) || external.is_some_and(|e| {
+        !e.spec
+            .ports
+            .iter()
+            .any(|port| port.protocol.value == crate::model::ExternalProtocol::Http)
     });
+    if let (Some(port), Some(e)) = (&spec.port, external) {
+        if !e.spec.ports.iter().any(|ep| ep.port.value == port.value) {
+            diags.push(Diagnostic::at(
+                &p.at(port),
+                format!("ExternalService `{ns}/{name}` has no port {}", port.value),
+            ));
+        }
+    }
     if let (Some(port), Some(s)) = (&spec.port, service) {
         if !s.spec.ports.iter().any(|sp| sp.port.value == port.value) {
             diags.push(Diagnostic::at(

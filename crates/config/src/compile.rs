@@ -90,7 +90,46 @@ pub fn compile_with(
         unknown,
         trust: None,
         cluster: String::new(),
+        egress: egress(set),
     }
+}
+
+/// The mesh's egress mode and its ExternalServices, with their policies.
+pub fn egress(set: &ResourceSet) -> crate::snapshot::Egress {
+    let mode = crate::validate::egress_mode(set, &mut Vec::new());
+    let services = set
+        .external_services
+        .iter()
+        .map(|e| crate::snapshot::External {
+            name: e.name.clone(),
+            namespace: e.namespace.clone(),
+            hosts: e
+                .spec
+                .hosts
+                .iter()
+                .map(|h| h.value.to_ascii_lowercase())
+                .collect(),
+            ports: e
+                .spec
+                .ports
+                .iter()
+                .map(|p| crate::snapshot::ExternalPort {
+                    port: p.port.value,
+                    protocol: p.protocol.value,
+                })
+                .collect(),
+            policy: set
+                .traffic_policies
+                .iter()
+                .find(|p| {
+                    p.spec.target_ref.resolve(&p.namespace)
+                        == (e.namespace.as_str(), e.name.as_str())
+                })
+                .map(|p| crate::policy::compile_policy(set, p, &mut Vec::new())),
+            authz: crate::authz::compile(set, &e.namespace, &e.name),
+        })
+        .collect();
+    crate::snapshot::Egress { mode, services }
 }
 
 fn backend(s: &Loaded<ServiceSpec>, endpoints: &dyn Fn(&str, &str) -> Vec<Endpoint>) -> Backend {

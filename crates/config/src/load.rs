@@ -255,6 +255,11 @@ fn parse_document(ctx: &Ctx<'_>, doc: &str, set: &mut ResourceSet) -> Result<(),
             let d: Document<MeshSpec> = ctx.parse(doc)?;
             set.meshes.push(loaded(ctx, d));
         }
+        "ExternalService" => {
+            expect_api(TANDEM_API)?;
+            let d: Document<crate::model::ExternalServiceSpec> = ctx.parse(doc)?;
+            set.external_services.push(loaded(ctx, d));
+        }
         "RemoteCluster" => {
             expect_api(TANDEM_API)?;
             let d: Document<crate::model::RemoteClusterSpec> = ctx.parse(doc)?;
@@ -263,7 +268,7 @@ fn parse_document(ctx: &Ctx<'_>, doc: &str, set: &mut ResourceSet) -> Result<(),
         other => {
             return Err(Diagnostic::at(
                 &ctx.pos(kind.referenced),
-                format!("unknown kind `{other}`; supported kinds: Service, TrafficPolicy, AuthorizationPolicy, FaultInjection, Rollout, Mesh and RemoteCluster ({TANDEM_API}), HTTPRoute and GRPCRoute ({GATEWAY_API})"),
+                format!("unknown kind `{other}`; supported kinds: Service, TrafficPolicy, AuthorizationPolicy, FaultInjection, Rollout, Mesh, ExternalService and RemoteCluster ({TANDEM_API}), HTTPRoute and GRPCRoute ({GATEWAY_API})"),
             ))
         }
     }

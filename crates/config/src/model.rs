@@ -752,6 +752,18 @@ pub struct RolloutThresholdsSpec {
 pub struct MeshSpec {
     #[serde(default)]
     pub authorization: Option<MeshAuthorizationSpec>,
+    #[serde(default)]
+    pub egress: Option<MeshEgressSpec>,
+}
+
+/// What the sidecars do with calls to hosts outside the mesh.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MeshEgressSpec {
+    /// `allow-all` (the default): any outside host may be called;
+    /// `registry-only`: only the hosts of ExternalServices.
+    #[serde(default)]
+    pub mode: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -761,6 +773,41 @@ pub struct MeshAuthorizationSpec {
     /// default) or `deny`.
     #[serde(default)]
     pub default: Option<Spanned<String>>,
+}
+
+// ---- ExternalService -----------------------------------------------------------
+
+/// Hosts outside the mesh that its services call: named, so policies can
+/// target them and the golden signals show them.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ExternalServiceSpec {
+    /// DNS names (`api.example.com`), wildcards of one or more labels
+    /// (`*.example.com`) or IP addresses.
+    pub hosts: Vec<Spanned<String>>,
+    pub ports: Vec<ExternalPortSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ExternalPortSpec {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub port: Spanned<u16>,
+    pub protocol: Spanned<ExternalProtocol>,
+}
+
+/// What a sidecar sees of the calls to an external port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExternalProtocol {
+    /// Plain HTTP: requests are routed one by one, and timeouts, retries
+    /// and path rules apply.
+    Http,
+    /// TLS the application speaks itself (HTTPS), tunnelled with `CONNECT`.
+    Tls,
+    /// Any other TCP protocol, tunnelled with `CONNECT`.
+    Tcp,
 }
 
 // ---- RemoteCluster -----------------------------------------------------------
@@ -824,9 +871,20 @@ pub struct ResourceSet {
     pub rollouts: Vec<Loaded<RolloutSpec>>,
     pub meshes: Vec<Loaded<MeshSpec>>,
     pub remote_clusters: Vec<Loaded<RemoteClusterSpec>>,
+    pub external_services: Vec<Loaded<ExternalServiceSpec>>,
 }
 
 impl ResourceSet {
+    pub fn external_service(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Option<&Loaded<ExternalServiceSpec>> {
+        self.external_services
+            .iter()
+            .find(|s| s.name == name && s.namespace == namespace)
+    }
+
     pub fn service(&self, namespace: &str, name: &str) -> Option<&Loaded<ServiceSpec>> {
         self.services
             .iter()

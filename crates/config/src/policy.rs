@@ -77,23 +77,27 @@ pub fn compile_policy(
     let t = &p.spec.target_ref;
     check_target_kind(p, t, "a TrafficPolicy", diags);
     let (ns, _) = t.resolve(&p.namespace);
-    match set.service(ns, &t.name.value) {
-        None => diags.push(Diagnostic::at(
-            &p.at(&t.name),
-            format!(
-                "targetRef names Service `{ns}/{}`, which does not exist",
-                t.name.value
-            ),
-        )),
-        Some(svc) => {
-            if svc.spec.ports.first().map(|p| p.protocol.value) == Some(Protocol::Tcp) {
-                diags.push(Diagnostic::at(
+    if t.kind.value == "ExternalService" {
+        external_target(set, p, ns, diags);
+    } else {
+        match set.service(ns, &t.name.value) {
+            None => diags.push(Diagnostic::at(
+                &p.at(&t.name),
+                format!(
+                    "targetRef names Service `{ns}/{}`, which does not exist",
+                    t.name.value
+                ),
+            )),
+            Some(svc) => {
+                if svc.spec.ports.first().map(|p| p.protocol.value) == Some(Protocol::Tcp) {
+                    diags.push(Diagnostic::at(
                     &p.at(&t.name),
                     format!(
                         "Service `{ns}/{}` is tcp: timeouts and retries apply to HTTP and gRPC services",
                         t.name.value
                     ),
                 ));
+                }
             }
         }
     }
@@ -338,6 +342,54 @@ pub fn route_overrides(
     Some(o)
 }
 
+/// A TrafficPolicy on an ExternalService: it must exist and take plain
+/// HTTP; what needs the destination's own sidecar or several endpoints
+/// does not apply.
+fn external_target(
+    set: &ResourceSet,
+    p: &Loaded<TrafficPolicySpec>,
+    ns: &str,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let t = &p.spec.target_ref;
+    let Some(e) = set.external_service(ns, &t.name.value) else {
+        diags.push(Diagnostic::at(
+            &p.at(&t.name),
+            format!(
+                "targetRef names ExternalService `{ns}/{}`, which does not exist",
+                t.name.value
+            ),
+        ));
+        return;
+    };
+    let http = e
+        .spec
+        .ports
+        .iter()
+        .any(|port| port.protocol.value == crate::model::ExternalProtocol::Http);
+    if !http && (p.spec.timeout.is_some() || p.spec.retry.is_some()) {
+        diags.push(Diagnostic::at(
+            &p.at(&t.name),
+            format!(
+                "ExternalService `{ns}/{}` has no http port: timeouts and retries apply to plain HTTP calls (tunnels are opaque)",
+                t.name.value
+            ),
+        ));
+    }
+    if let Some(rl) = &p.spec.rate_limit {
+        diags.push(Diagnostic::at(
+            &p.at(&rl.requests_per_second),
+            "rateLimit is enforced by a service's own sidecars; an ExternalService has none",
+        ));
+    }
+    if let Some(lb) = &p.spec.load_balancer {
+        diags.push(Diagnostic::at(
+            &p.at(&lb.kind),
+            "loadBalancer does not apply to an ExternalService: each call goes to the host it names",
+        ));
+    }
+}
+
 /// A policy's `targetRef` names a Service: its kind is `Service` and its
 /// group `tandem.dev` or none. `what` names the policy (`a TrafficPolicy`).
 pub(crate) fn check_target_kind<S>(
@@ -346,11 +398,12 @@ pub(crate) fn check_target_kind<S>(
     what: &str,
     diags: &mut Vec<Diagnostic>,
 ) {
-    if t.kind.value != "Service" {
+    let kind = t.kind.value.as_str();
+    if kind != "Service" && kind != "ExternalService" {
         diags.push(Diagnostic::at(
             &p.at(&t.kind),
             format!(
-                "targetRef kind `{}` is not supported; {what} targets a Service",
+                "targetRef kind `{}` is not supported; {what} targets a Service or an ExternalService",
                 t.kind.value
             ),
         ));
@@ -358,10 +411,10 @@ pub(crate) fn check_target_kind<S>(
     if let Some(sn) = &t.section_name {
         diags.push(Diagnostic::at(
             &p.at(sn),
-            format!("sectionName is not supported on a Service target; {what} applies to the whole Service"),
+            format!("sectionName is not supported on a {kind} target; {what} applies to the whole {kind}"),
         ));
     }
-    check_target_group(p, t, "tandem.dev", "Service", diags);
+    check_target_group(p, t, "tandem.dev", kind, diags);
 }
 
 /// A targetRef's group must be its kind's (`group`), or left out.

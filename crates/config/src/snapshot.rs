@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 pub use crate::authz::Authz;
-pub use crate::model::{MtlsMode, PathMatchType, Protocol};
+pub use crate::model::{ExternalProtocol, MtlsMode, PathMatchType, Protocol};
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
@@ -28,6 +28,72 @@ pub struct Snapshot {
     /// own is left.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub cluster: String,
+    /// Calls to hosts outside the mesh: the mode and the ExternalServices.
+    #[serde(default, skip_serializing_if = "Egress::is_default")]
+    pub egress: Egress,
+}
+
+/// The destination name of every call to a host no ExternalService lists:
+/// one bucket, so the golden signals stay bounded whatever apps call. Not a
+/// valid service name, so it cannot be taken for one.
+pub const UNLISTED_EGRESS: &str = "(unlisted)";
+
+/// What the mesh lets its services call outside it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Egress {
+    #[serde(default)]
+    pub mode: EgressMode,
+    /// Every ExternalService of the mesh (they are few, and any proxy may
+    /// call them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<External>,
+}
+
+impl Egress {
+    pub fn is_default(&self) -> bool {
+        *self == Egress::default()
+    }
+}
+
+/// Whether hosts that no ExternalService lists may be called.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EgressMode {
+    #[default]
+    AllowAll,
+    RegistryOnly,
+}
+
+impl EgressMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EgressMode::AllowAll => "allow-all",
+            EgressMode::RegistryOnly => "registry-only",
+        }
+    }
+}
+
+/// One ExternalService, as a caller's sidecar applies it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct External {
+    pub name: String,
+    pub namespace: String,
+    /// Exact names, `*.suffix` wildcards and IP addresses, lower case.
+    pub hosts: Vec<String>,
+    pub ports: Vec<ExternalPort>,
+    /// The TrafficPolicy targeting it: timeouts and retries of plain HTTP
+    /// calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<Policy>,
+    /// Who may call it, checked by the caller's own sidecar.
+    #[serde(default)]
+    pub authz: Authz,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExternalPort {
+    pub port: u16,
+    pub protocol: ExternalProtocol,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

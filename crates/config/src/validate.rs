@@ -30,6 +30,8 @@ pub(crate) fn validate(set: &ResourceSet, diags: &mut Vec<Diagnostic>) {
         }
         validate_service(s, diags);
     }
+    validate_external(set, diags);
+    egress_mode(set, diags);
     let mut clusters: HashMap<&str, &crate::model::Pos> = HashMap::new();
     for c in &set.remote_clusters {
         check_name(&c.name, &c.name_pos, diags);
@@ -179,6 +181,129 @@ pub(crate) fn validate(set: &ResourceSet, diags: &mut Vec<Diagnostic>) {
     }
     crate::rollout::validate(set, diags);
     crate::authz::validate(set, diags);
+}
+
+/// The mesh's egress mode (`Mesh.spec.egress.mode`).
+pub(crate) fn egress_mode(
+    set: &ResourceSet,
+    diags: &mut Vec<Diagnostic>,
+) -> crate::snapshot::EgressMode {
+    use crate::snapshot::EgressMode;
+    let Some((m, mode)) = set.meshes.first().and_then(|m| {
+        let mode = m.spec.egress.as_ref()?.mode.as_ref()?;
+        Some((m, mode))
+    }) else {
+        return EgressMode::AllowAll;
+    };
+    match mode.value.as_str() {
+        "allow-all" => EgressMode::AllowAll,
+        "registry-only" => EgressMode::RegistryOnly,
+        other => {
+            diags.push(Diagnostic::at(
+                &m.at(mode),
+                format!("egress mode must be `allow-all` or `registry-only`, not `{other}`"),
+            ));
+            EgressMode::AllowAll
+        }
+    }
+}
+
+/// An ExternalService host: a DNS name, `*.` and a name, or an IP address.
+fn valid_external_host(host: &str) -> bool {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+fn validate_external(set: &ResourceSet, diags: &mut Vec<Diagnostic>) {
+    let mut hosts: HashMap<String, (&str, &crate::model::Pos)> = HashMap::new();
+    let mut names: HashMap<String, &crate::model::Pos> = HashMap::new();
+    for e in &set.external_services {
+        check_name(&e.name, &e.name_pos, diags);
+        check_name(&e.namespace, &e.namespace_pos, diags);
+        if let Some(s) = set.service(&e.namespace, &e.name) {
+            diags.push(Diagnostic::at(
+                &e.name_pos,
+                format!(
+                    "`{}` is already a Service (at {}:{}); an ExternalService needs a name of its own",
+                    e.key(),
+                    s.pos.file.display(),
+                    s.pos.line
+                ),
+            ));
+        }
+        if let Some(first) = names.insert(e.key(), &e.pos) {
+            diags.push(Diagnostic::at(
+                &e.name_pos,
+                format!(
+                    "duplicate ExternalService `{}` (first defined at {}:{})",
+                    e.key(),
+                    first.file.display(),
+                    first.line
+                ),
+            ));
+        }
+        if e.spec.hosts.is_empty() {
+            diags.push(Diagnostic::at(
+                &e.pos,
+                "an ExternalService needs at least one host",
+            ));
+        }
+        for h in &e.spec.hosts {
+            let host = h.value.to_ascii_lowercase();
+            if !valid_external_host(&host) {
+                diags.push(Diagnostic::at(
+                    &e.at(h),
+                    format!(
+                        "`{}` is not a host: use a DNS name, `*.` and a name, or an IP address",
+                        h.value
+                    ),
+                ));
+                continue;
+            }
+            match hosts.get(&host) {
+                Some((other, at)) => diags.push(Diagnostic::at(
+                    &e.at(h),
+                    format!(
+                        "host `{host}` is already listed by ExternalService `{other}` (at {}:{})",
+                        at.file.display(),
+                        at.line
+                    ),
+                )),
+                None => {
+                    hosts.insert(host, (e.name.as_str(), &e.pos));
+                }
+            }
+        }
+        if e.spec.ports.is_empty() {
+            diags.push(Diagnostic::at(
+                &e.pos,
+                format!("ExternalService `{}` declares no ports", e.name),
+            ));
+        }
+        let mut ports = HashSet::new();
+        for p in &e.spec.ports {
+            if p.port.value == 0 {
+                diags.push(Diagnostic::at(&e.at(&p.port), "port must be 1-65535"));
+            } else if !ports.insert(p.port.value) {
+                diags.push(Diagnostic::at(
+                    &e.at(&p.port),
+                    format!("port {} is declared twice", p.port.value),
+                ));
+            }
+        }
+    }
 }
 
 fn check_name(name: &str, pos: &crate::model::Pos, diags: &mut Vec<Diagnostic>) {

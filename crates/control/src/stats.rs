@@ -519,9 +519,11 @@ fn from_report(service: &str, r: Report) -> Result<Reported, String> {
         let own = if p.inbound { &p.destination } else { &p.source };
         // An inbound caller without a verified identity has an empty name.
         let names_ok = own == service
-            && [&p.source, &p.destination]
-                .iter()
-                .all(|n| n.is_empty() || tandem_identity::spiffe::valid_label(n));
+            && [&p.source, &p.destination].iter().all(|n| {
+                n.is_empty()
+                    || tandem_identity::spiffe::valid_label(n)
+                    || (!p.inbound && *n == tandem_config::snapshot::UNLISTED_EGRESS)
+            });
         if !names_ok {
             continue;
         }

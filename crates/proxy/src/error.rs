@@ -77,6 +77,9 @@ mesh_errors! {
     /// The service's access policy does not let this caller make this
     /// request.
     Forbidden = "forbidden", FORBIDDEN;
+    /// A call to a host outside the mesh that the egress mode, the
+    /// ExternalService's ports or its access policy do not allow.
+    EgressDenied = "egress-denied", FORBIDDEN;
     /// The sidecar is at its limit of requests in progress.
     Overloaded = "overloaded", SERVICE_UNAVAILABLE;
     /// The destination's `circuitBreaker.maxRequests` is reached.

@@ -49,7 +49,7 @@ use crate::svc::Service;
 use crate::telemetry::metrics::{Direction, HandshakeLabels, Metrics, Name, TcpLabels};
 use crate::transport::forward::{Connectors, ToApp};
 use crate::transport::tcp::{relay, Target};
-use crate::transport::tls::{self, MeshTls, HANDSHAKE_TIMEOUT, PLAINTEXT_SILENCE};
+use crate::transport::tls::{self, HANDSHAKE_TIMEOUT, PLAINTEXT_SILENCE};
 use caller::{ClientIdLayer, Peers};
 use path::NormalizePathLayer;
 use ready::ReadyLayer;
@@ -64,8 +64,6 @@ pub(crate) struct Inbound<S> {
     /// mTLS server configs: HTTP (ALPN h2, http/1.1) and opaque TCP.
     server_http: Arc<rustls::ServerConfig>,
     server_tcp: Arc<rustls::ServerConfig>,
-    /// For the opaque-TCP relay (which goes to the app in plaintext).
-    tcp_tls: MeshTls,
     peers: Peers,
     app: SocketAddr,
     service: Name,
@@ -80,7 +78,6 @@ pub(crate) struct Parts {
     pub(crate) recorder: Arc<crate::telemetry::record::Recorder>,
     pub(crate) limits: Arc<Limits>,
     pub(crate) connectors: Arc<Connectors>,
-    pub(crate) tcp_tls: MeshTls,
     pub(crate) app: SocketAddr,
     pub(crate) app_authority: Authority,
     pub(crate) service: Name,
@@ -118,7 +115,6 @@ pub(crate) fn build(p: Parts) -> Arc<Inbound<impl Service>> {
         identity: p.identity,
         metrics: p.metrics,
         limits: p.limits,
-        tcp_tls: p.tcp_tls,
         peers: Peers::new(unknown.clone()),
         app: p.app,
         service: p.service,
@@ -290,14 +286,7 @@ impl<S: Service> Inbound<S> {
                 src_service: src,
                 dst_service: self.service.clone(),
             };
-            relay(
-                conn,
-                Target::Plain(self.app),
-                &self.tcp_tls,
-                &self.metrics,
-                labels,
-            )
-            .await;
+            relay(conn, Target::Plain(self.app), &self.metrics, labels).await;
         }
     }
 }

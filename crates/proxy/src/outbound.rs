@@ -15,7 +15,8 @@
 //! |---|---|---|
 //! | edge (`edge.rs`) | the request head keeps RFC 9112 | `400 bad-request`; the flag header and the golden signals |
 //! | [`AdmitLayer`]: `--max-requests` | | `503 overloaded` |
-//! | [`DiscoverLayer`] | the destination (discovered on demand) | `404 unknown-service`, `503 discovery-unavailable`, `400 bad-request` |
+//! | [`ConnectLayer`] | HTTP proxy port: `CONNECT host:port` to a host outside the mesh, under the egress rules; a tunnel | `403 egress-denied`, `503 upstream-connect-failure` |
+//! | [`DiscoverLayer`] | the destination (discovered on demand), or a host outside the mesh (`egress.rs`) | `404 unknown-service`, `503 discovery-unavailable`, `400 bad-request`, `403 egress-denied` |
 //! | [`RouteLayer`] | the route rule, backend, ring-hash key | `404 no-route` |
 //! | [`FilterLayer`] | the rule's filters: redirect, header modifiers, URL rewrite | the redirect |
 //! | [`DeadlineLayer`] | the deadline: the policy's timeout or the caller's, counted from arrival | |
@@ -30,6 +31,7 @@
 //! | [`ToEndpoint`], each try | the connection (pool, mTLS, `maxConnections`) | `503 upstream-connect-failure`, `upstream-tls-failure`, `identity-expired`, `overflow`; `502 upstream-reset` |
 
 pub(crate) mod discover;
+pub(crate) mod egress;
 pub(crate) mod filter;
 pub(crate) mod mirror;
 pub(crate) mod route;
@@ -60,6 +62,7 @@ use crate::transport::forward::{Connectors, ToEndpoint};
 use crate::transport::tcp::{relay, Target};
 use crate::transport::tls::MeshTls;
 use discover::{destination_key, DiscoverLayer};
+use egress::ConnectLayer;
 use filter::FilterLayer;
 use mirror::{MirrorLayer, Shadows};
 use route::RouteLayer;
@@ -82,6 +85,8 @@ pub(crate) struct Parts {
     pub(crate) unknown: Name,
     /// Shadow requests in progress (`RequestMirror`), for the whole sidecar.
     pub(crate) mirror_permits: Arc<tokio::sync::Semaphore>,
+    /// This sidecar's identity, the caller its egress is checked as.
+    pub(crate) me: Arc<egress::Me>,
 }
 
 /// The outbound stack of a listener whose traffic goes to `target`.
@@ -91,10 +96,18 @@ fn stack(p: &Parts, target: Listen) -> impl Service {
             permits: p.limits.outbound_requests.clone(),
             limits: p.limits.clone(),
         })
+        .layer(ConnectLayer {
+            enabled: matches!(target, Listen::ByAuthority),
+            routes: p.routes.clone(),
+            me: p.me.clone(),
+            metrics: p.metrics.clone(),
+            limits: p.limits.clone(),
+        })
         .layer(DiscoverLayer {
             target,
             routes: p.routes.clone(),
             control: p.subscriptions.clone(),
+            me: p.me.clone(),
         })
         .layer(RouteLayer {})
         .layer(FilterLayer {})
@@ -201,7 +214,7 @@ pub(crate) async fn serve_upstream(
                     return;
                 };
                 let target = match ep.server_name.clone() {
-                    Some(sni) => Target::Mesh(ep.addr(), sni),
+                    Some(sni) => Target::Mesh(ep.addr(), sni, p.tcp_tls.clone()),
                     None => Target::Plain(ep.addr()),
                 };
                 // Counts as outstanding for balancing; its duration is not
@@ -212,11 +225,10 @@ pub(crate) async fn serve_upstream(
                     src_service: p.service.clone(),
                     dst_service: dest.name.clone(),
                 };
-                let (tls, metrics, keep) =
-                    (p.tcp_tls.clone(), p.metrics.clone(), (drain.clone(), slot));
+                let (metrics, keep) = (p.metrics.clone(), (drain.clone(), slot));
                 tokio::spawn(async move {
                     let _keep = (keep, pending);
-                    relay(sock, target, &tls, &metrics, labels).await;
+                    relay(sock, target, &metrics, labels).await;
                 });
             }
             // HTTP, or a destination not known yet: the HTTP path routes,

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use crate::balance::ewma::EndpointLoad;
 use crate::balance::pick::Lb;
 use crate::cache::WeakCache;
+use crate::outbound::egress::Egress;
 use crate::outbound::filter::RuleFilters;
 use crate::policy::budget::RetryBudget;
 use crate::policy::ratelimit::{Limiter, LimiterCache};
@@ -36,6 +37,8 @@ pub(crate) struct Routing {
     pub(crate) peer_names: Arc<PeerNames>,
     /// The inbound rate limit of this proxy's service, if any.
     pub(crate) limiter: Option<Arc<Limiter>>,
+    /// Calls to hosts outside the mesh.
+    pub(crate) egress: Egress,
 }
 
 pub(crate) struct Destination {
@@ -135,7 +138,7 @@ impl Kept {
         self.loads.get_or_make(addr, || EndpointLoad::new(addr))
     }
 
-    fn pool(&self, authority: &Authority, meshed: bool, h2: bool) -> Arc<Pool> {
+    pub(crate) fn pool(&self, authority: &Authority, meshed: bool, h2: bool) -> Arc<Pool> {
         let key = (Box::from(authority.as_str()), meshed, h2);
         self.pools.get_or_make(key, || {
             let uri = http::Uri::builder()
@@ -175,6 +178,7 @@ impl Routing {
             unknown: HashSet::new(),
             peer_names: Arc::new(PeerNames::new()),
             limiter: None,
+            egress: Egress::build(&Default::default()),
         }
     }
 
@@ -341,6 +345,7 @@ impl Routing {
             .map(|u| u.clone().into_boxed_str())
             .collect();
         Ok(Routing {
+            egress: Egress::build(&snapshot.egress),
             version,
             inbound: snapshot.inbound.clone(),
             snapshot: Arc::new(snapshot),
@@ -382,6 +387,12 @@ impl Routes {
             kept: Kept::in_zone(zone),
             peer_names,
         }
+    }
+
+    /// What successive tables share (egress destinations are built on
+    /// first use, from the same pools and budgets).
+    pub(crate) fn kept(&self) -> &Kept {
+        &self.kept
     }
 
     pub(crate) fn load(&self) -> arc_swap::Guard<Arc<Routing>> {
@@ -443,6 +454,7 @@ pub(crate) mod tests {
             unknown: vec!["ghost".into()],
             trust: None,
             cluster: String::new(),
+            egress: Default::default(),
         }
     }
 

@@ -249,7 +249,6 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
         recorder: recorder.clone(),
         limits: limits.clone(),
         connectors: connectors.clone(),
-        tcp_tls: mesh_tls(&[]),
         app: cfg.app,
         app_authority,
         service: service.clone(),
@@ -266,6 +265,14 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
         tcp_tls: mesh_tls(&[]),
         service,
         unknown: Name::from("unknown"),
+        me: Arc::new(outbound::egress::Me {
+            id: format!(
+                "spiffe://{}/ns/{}/svc/{}",
+                me.trust_domain, me.namespace, me.service
+            ),
+            namespace: me.namespace.clone(),
+            service: me.service.clone(),
+        }),
         mirror_permits: Arc::new(tokio::sync::Semaphore::new(
             outbound::mirror::MIRROR_IN_FLIGHT,
         )),

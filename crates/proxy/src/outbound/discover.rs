@@ -16,6 +16,8 @@ use crate::body::Body;
 use crate::control::Subscriptions;
 use crate::ctx::RequestCtx;
 use crate::error::{Error, MeshError};
+use crate::outbound::egress::{maybe_mesh, Listed, Me};
+use crate::policy::authz::header_values;
 use crate::routing::{Destination, Routes};
 use crate::svc::{layer, Service};
 
@@ -33,11 +35,13 @@ pub(crate) enum Target {
 }
 
 layer!(
-    /// Finds the request's destination.
+    /// Finds the request's destination: a mesh service, or a host outside
+    /// the mesh under the egress rules (`egress.rs`).
     DiscoverLayer => Discover {
         target: Target,
         routes: Arc<Routes>,
         control: Arc<Subscriptions>,
+        me: Arc<Me>,
     }
 );
 
@@ -60,11 +64,27 @@ impl<S: Service> Service for Discover<S> {
                     None => return Err(Error::new(MeshError::BadRequest, "request names no host")),
                 },
             };
-            let host = destination_key(&host);
-            let known = self.routes.load().destination(host).cloned();
+            let key = destination_key(&host);
+            let known = self.routes.load().destination(key).cloned();
             let dest = match known {
                 Some(d) => d,
-                None => self.discover(host).await?,
+                None if matches!(self.target, Target::Fixed(_)) => self.discover(key).await?,
+                None => {
+                    let listed = self.routes.load().egress.listed(&host);
+                    if listed.is_none() && maybe_mesh(&host) {
+                        match self.discover(key).await {
+                            Ok(d) => d,
+                            // A dotted name no service has: outside the
+                            // mesh. A bare name stays a mesh name.
+                            Err(e) if e.kind == MeshError::UnknownService && host.contains('.') => {
+                                self.egress(&req, listed, &host, port)?
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    } else {
+                        self.egress(&req, listed, &host, port)?
+                    }
+                }
             };
             (dest, port)
         };
@@ -78,6 +98,41 @@ impl<S: Service> Service for Discover<S> {
         ctx.port = port;
         ctx.dest = Some(dest);
         self.inner.call(req, ctx).await
+    }
+}
+
+impl<S> Discover<S> {
+    /// The destination of a plain HTTP call to a host outside the mesh,
+    /// if the egress rules let this sidecar make it.
+    fn egress(
+        &self,
+        req: &Request<Body>,
+        listed: Listed,
+        host: &str,
+        port: Option<u16>,
+    ) -> Result<Arc<Destination>, Error> {
+        if req.uri().scheme() == Some(&http::uri::Scheme::HTTPS) {
+            return Err(Error::new(
+                MeshError::BadRequest,
+                "an https:// URL goes through the proxy with CONNECT",
+            ));
+        }
+        let port = port.unwrap_or(80);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let routing = self.routes.load();
+        routing.egress.check(
+            listed,
+            host,
+            port,
+            &self.me,
+            req.method().as_str(),
+            req.uri().path(),
+            req.uri().query().unwrap_or(""),
+            &|name| header_values(req, name),
+        )?;
+        routing
+            .egress
+            .destination(listed, host, port, self.routes.kept())
     }
 }
 

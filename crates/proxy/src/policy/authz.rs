@@ -41,19 +41,7 @@ impl<S: Service> Service for Authorize<S> {
                 // with a verified identity.
                 Some(i) if i.authz.is_open() && ctx.caller.is_some() => true,
                 Some(i) => {
-                    let header = |name: &str| -> Vec<&str> {
-                        let mut v: Vec<&str> = req
-                            .headers()
-                            .get_all(name)
-                            .iter()
-                            .filter_map(|v| v.to_str().ok())
-                            .collect();
-                        // HTTP/2 carries the host as `:authority`.
-                        if v.is_empty() && name == "host" {
-                            v.extend(req.uri().authority().map(|a| a.as_str()));
-                        }
-                        v
-                    };
+                    let header = |name: &str| header_values(&req, name);
                     let r = AuthzRequest {
                         caller: ctx.caller.as_deref().map(caller),
                         port: i.port,
@@ -73,6 +61,21 @@ impl<S: Service> Service for Authorize<S> {
         }
         Ok(forbidden(&req))
     }
+}
+
+/// The values of a request header, as the access policy reads them.
+pub(crate) fn header_values<'a, B>(req: &'a Request<B>, name: &str) -> Vec<&'a str> {
+    let mut v: Vec<&str> = req
+        .headers()
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    // HTTP/2 carries the host as `:authority`.
+    if v.is_empty() && name == "host" {
+        v.extend(req.uri().authority().map(|a| a.as_str()));
+    }
+    v
 }
 
 pub(crate) fn caller(p: &Peer) -> Caller<'_> {

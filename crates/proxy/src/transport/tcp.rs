@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 
 use crate::telemetry::metrics::{Metrics, TcpLabels};
 use crate::transport::tls::{connect_tcp, MeshTls};
@@ -15,16 +16,14 @@ pub(crate) enum Target {
     /// Plain TCP: the local app, or a static endpoint outside the mesh.
     Plain(SocketAddr),
     /// A sidecar, over mTLS, which must prove this identity.
-    Mesh(SocketAddr, ServerName<'static>),
+    Mesh(SocketAddr, ServerName<'static>, MeshTls),
+    /// A connection already open (a `CONNECT` tunnel's host outside the
+    /// mesh).
+    Open(TcpStream),
 }
 
-pub(crate) async fn relay<C>(
-    mut client: C,
-    target: Target,
-    tls: &MeshTls,
-    metrics: &Metrics,
-    labels: TcpLabels,
-) where
+pub(crate) async fn relay<C>(mut client: C, target: Target, metrics: &Metrics, labels: TcpLabels)
+where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let m = metrics;
@@ -42,7 +41,10 @@ pub(crate) async fn relay<C>(
                 None
             }
         },
-        Target::Mesh(addr, name) => match tls.connect(addr, name).await {
+        Target::Open(mut up) => tokio::io::copy_bidirectional(&mut client, &mut up)
+            .await
+            .ok(),
+        Target::Mesh(addr, name, tls) => match tls.connect(addr, name).await {
             Ok(mut up) => tokio::io::copy_bidirectional(&mut client, &mut up)
                 .await
                 .ok(),

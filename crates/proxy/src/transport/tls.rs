@@ -96,6 +96,38 @@ pub(crate) async fn connect_tcp(addr: SocketAddr) -> io::Result<TcpStream> {
     Ok(s)
 }
 
+/// Connects to `host:port` outside the mesh: an IP address as it is, a
+/// name through the system's resolver, each of its addresses in turn,
+/// within the connect timeout.
+pub(crate) async fn connect_host(host: &str, port: u16) -> io::Result<TcpStream> {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return connect_tcp(SocketAddr::new(ip, port)).await;
+    }
+    let attempt = async {
+        let mut last = io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("`{host}` does not resolve"),
+        );
+        for addr in tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("`{host}` does not resolve: {e}")))?
+        {
+            match TcpStream::connect(addr).await {
+                Ok(s) => {
+                    let _ = s.set_nodelay(true);
+                    return Ok(s);
+                }
+                Err(e) => last = io::Error::new(e.kind(), format!("{addr}: {e}")),
+            }
+        }
+        Err(last)
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, attempt)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
 /// The connector of the HTTP clients.
 #[derive(Clone)]
 pub(crate) struct Connector {
@@ -111,10 +143,14 @@ impl Connector {
     /// `http://ip:port` (plain TCP).
     pub(crate) async fn open(&self, uri: &Uri) -> Result<Conn, BoxError> {
         let auth = uri.authority().ok_or("URI without authority")?;
-        let addr: SocketAddr = auth
-            .as_str()
-            .parse()
-            .map_err(|_| format!("endpoint `{auth}` is not an ip:port"))?;
+        let Ok(addr) = auth.as_str().parse::<SocketAddr>() else {
+            // A host outside the mesh, by name: plain TCP only.
+            if uri.scheme() == Some(&Scheme::HTTPS) {
+                return Err(format!("endpoint `{auth}` is not an ip:port").into());
+            }
+            let port = auth.port_u16().unwrap_or(80);
+            return Ok(Conn::plain(connect_host(auth.host(), port).await?));
+        };
         if uri.scheme() == Some(&Scheme::HTTPS) {
             let name = self
                 .names

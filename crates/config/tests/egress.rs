@@ -1,0 +1,155 @@
+//! ExternalService and the mesh's egress mode: checked with positions,
+//! compiled into every snapshot.
+
+use tandem_config::compile::egress;
+use tandem_config::load_str;
+use tandem_config::snapshot::{EgressMode, ExternalProtocol};
+
+const GOOD: &str = r#"apiVersion: tandem.dev/v1alpha1
+kind: Service
+metadata: {name: web}
+spec:
+  ports: [{port: 8080, protocol: http}]
+---
+apiVersion: tandem.dev/v1alpha1
+kind: Mesh
+metadata: {name: mesh}
+spec:
+  egress: {mode: registry-only}
+---
+apiVersion: tandem.dev/v1alpha1
+kind: ExternalService
+metadata: {name: payments-api}
+spec:
+  hosts: [API.Stripe.com, "*.stripe.net", 10.1.2.3]
+  ports: [{port: 443, protocol: tls}, {port: 80, protocol: http}]
+---
+apiVersion: tandem.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: payments-api}
+spec:
+  targetRef: {kind: ExternalService, name: payments-api}
+  timeout: 2s
+---
+apiVersion: tandem.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: payments-api}
+spec:
+  targetRef: {kind: ExternalService, name: payments-api}
+  rules: [{from: [{services: [web]}]}]
+"#;
+
+#[test]
+fn external_services_compile_into_the_egress_of_every_snapshot() {
+    let set = load_str("mesh.yaml", GOOD).expect("valid");
+    let e = egress(&set);
+    assert_eq!(e.mode, EgressMode::RegistryOnly);
+    let s = &e.services[0];
+    assert_eq!(s.hosts, ["api.stripe.com", "*.stripe.net", "10.1.2.3"]);
+    assert_eq!(s.ports[0].protocol, ExternalProtocol::Tls);
+    assert_eq!(s.policy.as_ref().and_then(|p| p.timeout_ms), Some(2000));
+    assert_eq!(s.authz.policies.len(), 1);
+}
+
+fn problems(extra: &str) -> Vec<String> {
+    let text = format!("{GOOD}---\n{extra}");
+    match load_str("mesh.yaml", &text) {
+        Ok(_) => Vec::new(),
+        Err(d) => d.iter().map(|d| d.to_string()).collect(),
+    }
+}
+
+#[test]
+fn bad_external_services_are_refused_with_positions() {
+    let p = problems(
+        r#"apiVersion: tandem.dev/v1alpha1
+kind: ExternalService
+metadata: {name: other}
+spec:
+  hosts: ["bad host", api.stripe.com]
+  ports: [{port: 0, protocol: tcp}]
+"#,
+    );
+    assert!(
+        p.iter()
+            .any(|d| d.starts_with("mesh.yaml:38:11:") && d.contains("`bad host` is not a host")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter().any(|d| d
+            .contains("host `api.stripe.com` is already listed by ExternalService `payments-api`")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter().any(|d| d.contains("port must be 1-65535")),
+        "{p:?}"
+    );
+
+    let p = problems(
+        r#"apiVersion: tandem.dev/v1alpha1
+kind: Service
+metadata: {name: payments-api}
+spec:
+  ports: [{port: 80, protocol: http}]
+"#,
+    );
+    assert!(p.iter().any(|d| d.contains("already a Service")), "{p:?}");
+
+    let bad_mode = GOOD.replace("registry-only", "closed");
+    let p = load_str("mesh.yaml", &bad_mode).expect_err("bad mode");
+    assert!(
+        p[0].to_string().starts_with("mesh.yaml:11:")
+            && p[0].to_string().contains("`allow-all` or `registry-only`"),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn policies_on_a_tunnelled_external_service_stay_within_what_a_tunnel_shows() {
+    let p = problems(
+        r#"apiVersion: tandem.dev/v1alpha1
+kind: ExternalService
+metadata: {name: bank}
+spec:
+  hosts: [bank.example.com]
+  ports: [{port: 443, protocol: tls}]
+---
+apiVersion: tandem.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: bank}
+spec:
+  targetRef: {kind: ExternalService, name: bank}
+  timeout: 1s
+  rateLimit: {requestsPerSecond: 5}
+---
+apiVersion: tandem.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: bank}
+spec:
+  targetRef: {kind: ExternalService, name: bank}
+  rules: [{to: [{paths: [/x]}]}]
+"#,
+    );
+    assert!(p.iter().any(|d| d.contains("has no http port")), "{p:?}");
+    assert!(
+        p.iter().any(|d| d.contains("rateLimit is enforced")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter().any(|d| d.contains("`paths` is an HTTP field")),
+        "{p:?}"
+    );
+    let p = problems(
+        r#"apiVersion: tandem.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: ghost}
+spec:
+  targetRef: {kind: ExternalService, name: ghost}
+"#,
+    );
+    assert!(
+        p.iter()
+            .any(|d| d.contains("ExternalService `default/ghost`, which does not exist")),
+        "{p:?}"
+    );
+}
