@@ -162,6 +162,10 @@ pub fn explain(
         .iter()
         .find(|d| d.name == dst_name && d.namespace == dst_ns)
     else {
+        if let Some(answer) = egress(&snapshot.egress, &host, port, &mut out) {
+            out.answer = answer;
+            return Ok(out);
+        }
         out.answer = Some(format!(
             "404 unknown-service: no service `{key}` in the mesh"
         ));
@@ -520,4 +524,48 @@ fn retry_on(r: &RetryOn) -> String {
         RetryOn::Status(s) => s.to_string(),
         RetryOn::Grpc(c) => format!("grpc {c}"),
     }
+}
+
+/// A host outside the mesh, as the caller's sidecar sees it (see
+/// `tandem-proxy`'s `outbound/egress.rs`): `Some(answer)` when the host
+/// is one (`None` inside: forwarded), `None` when it is a mesh name.
+fn egress(
+    e: &crate::snapshot::Egress,
+    host: &str,
+    port: Option<u16>,
+    out: &mut Explanation,
+) -> Option<Option<String>> {
+    let listed = e.services.iter().find(|s| {
+        s.hosts.iter().any(|h| match h.strip_prefix('*') {
+            Some(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
+            None => h == host,
+        })
+    });
+    let outside = host.parse::<std::net::IpAddr>().is_ok() || host.contains('.');
+    if listed.is_none() && !outside {
+        return None;
+    }
+    let port = port.unwrap_or(80);
+    out.port = Some(port);
+    let Some(s) = listed else {
+        out.destination = Some(crate::snapshot::UNLISTED_EGRESS.to_string());
+        return Some(match e.mode {
+            crate::snapshot::EgressMode::AllowAll => None,
+            crate::snapshot::EgressMode::RegistryOnly => Some(format!(
+                "403 egress-denied: `{host}` is outside the mesh and no ExternalService lists it (egress mode registry-only)"
+            )),
+        });
+    };
+    out.destination = Some(format!("{}/{}", s.namespace, s.name));
+    if !s.ports.iter().any(|p| p.port == port) {
+        return Some(Some(format!(
+            "403 egress-denied: ExternalService `{}` does not list port {port}",
+            s.name
+        )));
+    }
+    if let Some(p) = &s.policy {
+        out.policy = Some(p.source.clone());
+        out.timeout_ms = p.timeout_ms;
+    }
+    Some(None)
 }

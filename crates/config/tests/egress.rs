@@ -153,3 +153,49 @@ spec:
         "{p:?}"
     );
 }
+
+#[test]
+fn explain_tells_egress_from_mesh_calls() {
+    use tandem_config::explain::{explain, ExplainRequest};
+    use tandem_config::rollout::Splits;
+    let set = load_str("mesh.yaml", GOOD).expect("valid");
+    let ask = |authority: &str| {
+        explain(
+            &set,
+            &Splits::new(),
+            "tandem.local",
+            &ExplainRequest {
+                source: "web".into(),
+                method: "GET".into(),
+                authority: authority.into(),
+                path: "/".into(),
+                headers: Vec::new(),
+            },
+        )
+        .expect("explained")
+    };
+    let e = ask("files.stripe.net:80");
+    assert_eq!(e.destination.as_deref(), Some("default/payments-api"));
+    assert_eq!((e.answer, e.timeout_ms), (None, Some(2000)));
+    let e = ask("api.stripe.com:8443");
+    assert!(
+        e.answer
+            .as_deref()
+            .is_some_and(|a| a.starts_with("403 egress-denied") && a.contains("port 8443")),
+        "{e:?}"
+    );
+    let e = ask("example.com");
+    assert!(
+        e.answer
+            .as_deref()
+            .is_some_and(|a| a.contains("registry-only")),
+        "{e:?}"
+    );
+    let e = ask("nosuchservice");
+    assert!(
+        e.answer
+            .as_deref()
+            .is_some_and(|a| a.starts_with("404 unknown-service")),
+        "{e:?}"
+    );
+}
