@@ -9,6 +9,7 @@ mod explain;
 mod identity;
 mod prometheus;
 mod rollout;
+mod run;
 mod tap;
 mod top;
 mod up;
@@ -133,6 +134,14 @@ enum Command {
     Ca(CaCommand),
     /// Run a sidecar proxy for one service instance.
     Proxy(Box<ProxyArgs>),
+    /// Run an app with its sidecar: the sidecar starts first, the app
+    /// (`-- CMD ARGS...`) once the sidecar is ready, with HTTP_PROXY and PORT
+    /// pointing at it. Signals go to the app; the two stop together, and the
+    /// app's exit code is returned.
+    Run(Box<run::RunArgs>),
+    /// How `tandem run` starts its app (internal).
+    #[command(hide = true)]
+    RunExec(run::ExecArgs),
     /// Check a config directory; print every problem as `file:line:col: message`.
     Validate { dir: PathBuf },
     /// Push a config directory to control-plane replicas that share a
@@ -289,6 +298,15 @@ struct ProxyArgs {
     /// Outbound HTTP proxy port (destination from Host / authority).
     #[arg(long)]
     http_proxy: Option<SocketAddr>,
+    /// Where the app's connections arrive when the kernel redirects them
+    /// (`tandem run --transparent` sets this up).
+    #[arg(long)]
+    transparent: Option<SocketAddr>,
+    /// Answer the app's DNS queries here (UDP): mesh names get addresses
+    /// that the transparent listener recognizes; the rest is asked of
+    /// this host's resolver.
+    #[arg(long, requires = "transparent")]
+    dns: Option<SocketAddr>,
     /// Outbound port for one destination: SERVICE=LOCAL_ADDR (repeatable).
     #[arg(long, value_parser = parse_upstream)]
     upstream: Vec<(String, SocketAddr)>,
@@ -401,19 +419,23 @@ impl TraceArgs {
 
 #[derive(clap::Args)]
 struct DemoArgs {
+    /// Address to serve on (default: 127.0.0.1:$PORT, the port `tandem run`
+    /// gives its app).
     #[arg(long)]
-    listen: SocketAddr,
-    #[arg(long)]
+    listen: Option<SocketAddr>,
+    #[arg(long, env = "TANDEM_SERVICE")]
     service: String,
     #[arg(long, default_value = "v1")]
     version: String,
-    #[arg(long)]
+    /// Default: TANDEM_INSTANCE (set by `tandem run`), else SERVICE-VERSION.
+    #[arg(long, env = "TANDEM_INSTANCE")]
     instance: Option<String>,
     /// Service to call on every request, `[METHOD ]NAME[/PATH]` (`GET /`
     /// by default; repeatable).
     #[arg(long)]
     call: Vec<String>,
-    /// The sidecar's HTTP proxy port, used for calls.
+    /// The sidecar's HTTP proxy port, used for calls (default: the address
+    /// of HTTP_PROXY, `http://IP:PORT`, as `tandem run` sets it).
     #[arg(long)]
     proxy: Option<SocketAddr>,
     /// Latency added to every answer.
@@ -674,6 +696,8 @@ fn main() -> ExitCode {
                 admin: a.admin,
                 http_proxy: a.http_proxy,
                 upstreams: a.upstream,
+                transparent: a.transparent,
+                dns: a.dns,
                 drain_grace: a.drain_grace,
                 max_connections: a.max_connections,
                 max_requests: a.max_requests,
@@ -724,6 +748,7 @@ fn main() -> ExitCode {
                     (set.authorization_policies.len(), "authorization policies"),
                     (set.fault_injections.len(), "fault injections"),
                     (set.rollouts.len(), "rollouts"),
+                    (set.external_services.len(), "external services"),
                 ] {
                     if n > 0 {
                         counts.push(format!("{n} {what}"));

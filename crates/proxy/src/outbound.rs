@@ -31,10 +31,12 @@
 //! | [`ToEndpoint`], each try | the connection (pool, mTLS, `maxConnections`) | `503 upstream-connect-failure`, `upstream-tls-failure`, `identity-expired`, `overflow`; `502 upstream-reset` |
 
 pub(crate) mod discover;
+pub(crate) mod dns;
 pub(crate) mod egress;
 pub(crate) mod filter;
 pub(crate) mod mirror;
 pub(crate) mod route;
+pub(crate) mod transparent;
 
 use std::sync::Arc;
 
@@ -55,7 +57,7 @@ use crate::policy::outlier::OutlierLayer;
 use crate::policy::overload::{AdmitLayer, Limits};
 use crate::policy::retry::RetryLayer;
 use crate::policy::timeout::TryTimeoutLayer;
-use crate::routing::Routes;
+use crate::routing::{self, Routes};
 use crate::svc::Service;
 use crate::telemetry::metrics::{Direction, Metrics, Name, TcpLabels};
 use crate::transport::forward::{Connectors, ToEndpoint};
@@ -146,13 +148,15 @@ fn to_endpoint(p: &Parts) -> ToEndpoint {
 }
 
 /// Serves HTTP requests of `edge` on one connection.
-fn serve_conn<S: Service>(
+fn serve_conn<S: Service, I>(
     edge: &Arc<Edge<S>>,
     p: &Parts,
-    sock: tokio::net::TcpStream,
+    sock: I,
     stop: watch::Receiver<bool>,
     keep: impl Send + 'static,
-) {
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (edge, unknown, me) = (edge.clone(), p.unknown.clone(), p.service.clone());
     let svc = move |req| {
         let edge = edge.clone();
@@ -205,31 +209,7 @@ pub(crate) async fn serve_upstream(
         let dest = p.routes.load().destination(destination_key(&name)).cloned();
         match dest {
             Some(dest) if dest.protocol == Protocol::Tcp => {
-                let Some(ep) = dest
-                    .backends
-                    .first()
-                    .and_then(|b| b.endpoints.get(b.pick()?))
-                else {
-                    tracing::warn!(destination = %name, "no live endpoint; closing tcp connection");
-                    return;
-                };
-                let target = match ep.server_name.clone() {
-                    Some(sni) => Target::Mesh(ep.addr(), sni, p.tcp_tls.clone()),
-                    None => Target::Plain(ep.addr()),
-                };
-                // Counts as outstanding for balancing; its duration is not
-                // a latency, so nothing is observed.
-                let pending = ep.load.open();
-                let labels = TcpLabels {
-                    direction: Direction::outbound,
-                    src_service: p.service.clone(),
-                    dst_service: dest.name.clone(),
-                };
-                let (metrics, keep) = (p.metrics.clone(), (drain.clone(), slot));
-                tokio::spawn(async move {
-                    let _keep = (keep, pending);
-                    relay(sock, target, &metrics, labels).await;
-                });
+                relay_to(&p, &dest, sock, (drain.clone(), slot));
             }
             // HTTP, or a destination not known yet: the HTTP path routes,
             // discovers, or answers with a clear error.
@@ -237,4 +217,39 @@ pub(crate) async fn serve_upstream(
         }
     })
     .await;
+}
+
+/// Relays an opaque TCP connection to an endpoint of `dest` (over mTLS to
+/// a sidecar), in a task holding `keep`.
+pub(crate) fn relay_to(
+    p: &Parts,
+    dest: &routing::Destination,
+    sock: tokio::net::TcpStream,
+    keep: impl Send + 'static,
+) {
+    let Some(ep) = dest
+        .backends
+        .first()
+        .and_then(|b| b.endpoints.get(b.pick()?))
+    else {
+        tracing::warn!(destination = %dest.name.0, "no live endpoint; closing tcp connection");
+        return;
+    };
+    let target = match ep.server_name.clone() {
+        Some(sni) => Target::Mesh(ep.addr(), sni, p.tcp_tls.clone()),
+        None => Target::Plain(ep.addr()),
+    };
+    // Counts as outstanding for balancing; its duration is not a latency,
+    // so nothing is observed.
+    let pending = ep.load.open();
+    let labels = TcpLabels {
+        direction: Direction::outbound,
+        src_service: p.service.clone(),
+        dst_service: dest.name.clone(),
+    };
+    let metrics = p.metrics.clone();
+    tokio::spawn(async move {
+        let _keep = (keep, pending);
+        relay(sock, target, &metrics, labels).await;
+    });
 }

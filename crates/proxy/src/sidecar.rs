@@ -52,6 +52,11 @@ pub struct ProxyConfig {
     pub admin: SocketAddr,
     pub http_proxy: Option<SocketAddr>,
     pub upstreams: Vec<(String, SocketAddr)>,
+    /// Where the app's connections arrive when they are intercepted
+    /// transparently (redirected by the kernel; `tandem run --transparent`).
+    pub transparent: Option<SocketAddr>,
+    /// Where the app's DNS queries arrive (UDP), answered for mesh names.
+    pub dns: Option<SocketAddr>,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub drain_grace: Duration,
     /// Most connections open at once on the data listeners; more are
@@ -107,6 +112,18 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
     let admin_listener = bind(cfg.admin, "admin").await?;
     let http_proxy = match cfg.http_proxy {
         Some(a) => Some(bind(a, "http proxy").await?),
+        None => None,
+    };
+    let transparent = match cfg.transparent {
+        Some(a) => Some(bind(a, "transparent").await?),
+        None => None,
+    };
+    let dns_socket = match cfg.dns {
+        Some(a) => Some(
+            tokio::net::UdpSocket::bind(a)
+                .await
+                .with_context(|| format!("cannot listen on {a} (dns)"))?,
+        ),
         None => None,
     };
     let mut upstreams = Vec::new();
@@ -277,6 +294,26 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
             outbound::mirror::MIRROR_IN_FLIGHT,
         )),
     };
+    let vips = Arc::new(outbound::transparent::Vips::default());
+    if let Some(socket) = dns_socket {
+        let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        let dns = outbound::dns::Dns {
+            routes: routes.clone(),
+            control: subscriptions.clone(),
+            vips: vips.clone(),
+            upstream: outbound::dns::upstream_of(&resolv),
+        };
+        tokio::spawn(outbound::dns::serve(Arc::new(dns), socket, stop_rx.clone()));
+    }
+    if let Some(l) = transparent {
+        tokio::spawn(outbound::transparent::serve(
+            out.clone(),
+            vips,
+            l,
+            stop_rx.clone(),
+            drain.clone(),
+        ));
+    }
     if let Some(l) = http_proxy {
         tokio::spawn(outbound::serve_http_proxy(
             out.clone(),

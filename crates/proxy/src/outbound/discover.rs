@@ -137,9 +137,20 @@ impl<S> Discover<S> {
 }
 
 impl<S> Discover<S> {
-    /// Asks the control plane for a destination this proxy has not needed
-    /// before and waits briefly for a snapshot that has it.
     async fn discover(&self, host: &str) -> Result<Arc<Destination>, Error> {
+        discover(&self.routes, &self.control, host).await
+    }
+}
+
+/// Asks the control plane for a destination this proxy has not needed
+/// before and waits briefly for a snapshot that has it (the HTTP stacks,
+/// and the DNS answers of transparent interception).
+pub(crate) async fn discover(
+    routes: &Routes,
+    control: &Subscriptions,
+    host: &str,
+) -> Result<Arc<Destination>, Error> {
+    {
         let unknown = || {
             Error::new(
                 MeshError::UnknownService,
@@ -152,22 +163,22 @@ impl<S> Discover<S> {
                 format!("destination `{host}` is not yet known to this proxy and {why}"),
             )
         };
-        if self.routes.load().is_unknown(host) || !plausible_service_name(host) {
+        if routes.load().is_unknown(host) || !plausible_service_name(host) {
             return Err(unknown());
         }
-        let mut changes = self.routes.changes();
-        if !self.control.subscribe(host) {
+        let mut changes = routes.changes();
+        if !control.subscribe(host) {
             return Err(unavailable(
                 "this proxy already tracks the maximum number of destinations",
             ));
         }
-        if !self.control.is_connected() {
+        if !control.is_connected() {
             return Err(unavailable("the control plane is unreachable"));
         }
         let deadline = Instant::now() + DISCOVERY_WAIT;
         loop {
             {
-                let routing = self.routes.load();
+                let routing = routes.load();
                 if let Some(d) = routing.destination(host) {
                     return Ok(d.clone());
                 }

@@ -139,7 +139,7 @@ impl Egress {
     }
 
     /// The label of calls to `listed`.
-    fn name(&self, listed: Listed) -> &Name {
+    pub(crate) fn name(&self, listed: Listed) -> &Name {
         match listed {
             Some(i) => &self.services[i].name,
             None => &self.unlisted,

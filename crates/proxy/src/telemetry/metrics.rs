@@ -60,6 +60,13 @@ pub(crate) struct TcpLabels {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(crate) struct InterceptLabels {
+    /// What the connection turned out to be: `mesh` (a mesh service's
+    /// address), `http`, `tls`, `opaque`, or `refused`.
+    pub(crate) kind: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub(crate) struct ConfigLabels {
     pub(crate) result: &'static str,
 }
@@ -144,6 +151,7 @@ pub(crate) struct Metrics {
     pub(crate) spans: Family<SpanLabels, Counter>,
     pub(crate) access_log_dropped: Counter,
     pub(crate) taps: Gauge,
+    pub(crate) intercepted: Family<InterceptLabels, Counter>,
     registry: Registry,
 }
 
@@ -176,7 +184,13 @@ impl Metrics {
         let spans = Family::<SpanLabels, Counter>::default();
         let access_log_dropped = Counter::default();
         let taps = Gauge::default();
+        let intercepted = Family::<InterceptLabels, Counter>::default();
         let mut r = Registry::with_prefix("tandem");
+        r.register(
+            "intercepted_connections",
+            "Connections of the app intercepted transparently, by what they turned out to be",
+            intercepted.clone(),
+        );
         r.register_collector(Box::new(traffic.clone()));
         r.register(
             "faults_injected",
@@ -300,6 +314,7 @@ impl Metrics {
             spans,
             access_log_dropped,
             taps,
+            intercepted,
             registry: r,
         }
     }
