@@ -12,6 +12,7 @@ mod rollout;
 mod run;
 mod tap;
 mod top;
+mod transparent;
 mod up;
 
 use std::net::SocketAddr;
@@ -454,6 +455,60 @@ struct DemoArgs {
     common: Common,
 }
 
+/// The demo app's address: `--listen`, else 127.0.0.1:$PORT (what
+/// `tandem run` gives its app).
+fn demo_listen(listen: Option<SocketAddr>) -> anyhow::Result<SocketAddr> {
+    if let Some(a) = listen {
+        return Ok(a);
+    }
+    match std::env::var("PORT") {
+        Ok(p) => {
+            let port: u16 = p
+                .trim()
+                .parse()
+                .map_err(|_| anyhow::anyhow!("PORT=`{p}` is not a port number"))?;
+            Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+        }
+        Err(_) => anyhow::bail!(
+            "--listen ADDR is needed (or PORT in the environment, as `tandem run` sets it)"
+        ),
+    }
+}
+
+/// The demo app's sidecar: `--proxy`, else the address of HTTP_PROXY
+/// (`http://127.0.0.1:NNNN`, as `tandem run` sets it). An HTTP_PROXY that
+/// names no address (a proxy by host name) is refused when the app has
+/// calls to make, and ignored otherwise.
+fn demo_proxy(proxy: Option<SocketAddr>, calls: bool) -> anyhow::Result<Option<SocketAddr>> {
+    if proxy.is_some() {
+        return Ok(proxy);
+    }
+    let Some(url) = ["HTTP_PROXY", "http_proxy"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|u| !u.trim().is_empty()))
+    else {
+        return Ok(None);
+    };
+    match proxy_addr(&url) {
+        Some(a) => Ok(Some(a)),
+        None if calls => anyhow::bail!(
+            "HTTP_PROXY=`{url}` is not `http://IP:PORT`: give the sidecar's address with --proxy"
+        ),
+        None => Ok(None),
+    }
+}
+
+/// `http://127.0.0.1:4140` (or `http://127.0.0.1:4140/`) as an address.
+fn proxy_addr(url: &str) -> Option<SocketAddr> {
+    let url = url.trim();
+    let rest = url
+        .get(..7)
+        .filter(|s| s.eq_ignore_ascii_case("http://"))
+        .map(|_| &url[7..])
+        .unwrap_or(url);
+    rest.trim_end_matches('/').parse().ok()
+}
+
 fn parse_upstream(s: &str) -> Result<(String, SocketAddr), String> {
     let (name, addr) = s.split_once('=').ok_or("expected SERVICE=ADDR")?;
     let addr = addr.parse().map_err(|e| format!("`{addr}`: {e}"))?;
@@ -713,17 +768,28 @@ fn main() -> ExitCode {
                 tandem_proxy::run(cfg, shutdown_signal(a.common.exit_on_stdin_close)),
             )
         }
+        Command::Run(a) => return run::run(*a),
+        Command::RunExec(a) => return run::exec(a),
         Command::DemoApp(a) => {
             init_logging();
+            let addrs = demo_listen(a.listen)
+                .and_then(|l| Ok((l, demo_proxy(a.proxy, !a.call.is_empty())?)));
+            let (listen, proxy) = match addrs {
+                Ok(x) => x,
+                Err(e) => {
+                    eprintln!("tandem: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
             let cfg = tandem_demo::DemoConfig {
                 instance: a
                     .instance
                     .unwrap_or_else(|| format!("{}-{}", a.service, a.version)),
-                listen: a.listen,
+                listen,
                 service: a.service,
                 version: a.version,
                 calls: a.call,
-                proxy: a.proxy,
+                proxy,
                 latency: a.latency,
                 failure_rate: a.failure_rate.clamp(0.0, 1.0),
                 rps: a.rps.max(0.0),
@@ -828,6 +894,15 @@ mod tests {
         );
         assert!(parse_upstream("users").is_err());
         assert!(parse_upstream("=127.0.0.1:1").is_err());
+    }
+
+    #[test]
+    fn http_proxy_urls_name_the_sidecar() {
+        let want = Some("127.0.0.1:4140".parse().expect("addr"));
+        assert_eq!(proxy_addr("http://127.0.0.1:4140"), want);
+        assert_eq!(proxy_addr("HTTP://127.0.0.1:4140/"), want);
+        assert_eq!(proxy_addr("127.0.0.1:4140"), want);
+        assert_eq!(proxy_addr("http://proxy.corp:3128"), None);
     }
 
     #[test]

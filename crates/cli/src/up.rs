@@ -1,6 +1,8 @@
 //! `tandem up`: the whole demo mesh as child processes on loopback, with a
 //! live view of its golden signals.
 //!
+//! The children are the control plane and, for each demo service, one
+//! `tandem run` that starts the service's sidecar and then its demo app.
 //! Every child gets a pipe as standard input and exits (gracefully) when it
 //! closes, so no child outlives `tandem up` however it ends — Ctrl-C, a
 //! crash, or `kill -9`.
@@ -15,6 +17,7 @@ use anyhow::Context;
 use tokio::process::{Child, Command};
 
 use crate::api;
+use crate::run::{ready, Ports};
 
 pub const DEMO_CONFIG: &str = include_str!("../demo-config/demo.yaml");
 
@@ -110,42 +113,6 @@ struct Proc {
     name: String,
     child: Child,
     exited: bool,
-}
-
-/// Hands out distinct free loopback ports: each stays bound (so the
-/// kernel cannot hand it out twice) until `release` is called, just before
-/// the children start.
-struct Ports {
-    held: Vec<TcpListener>,
-    /// Ports promised elsewhere (the control plane's, which it may not have
-    /// bound yet): never handed out.
-    avoid: Vec<u16>,
-}
-
-impl Ports {
-    fn new(avoid: &[SocketAddr]) -> Self {
-        Ports {
-            held: Vec::new(),
-            avoid: avoid.iter().map(SocketAddr::port).collect(),
-        }
-    }
-
-    fn take(&mut self) -> anyhow::Result<SocketAddr> {
-        loop {
-            let l = TcpListener::bind("127.0.0.1:0")?;
-            let addr = l.local_addr()?;
-            // A refused port stays held, so the kernel offers another.
-            let ok = !self.avoid.contains(&addr.port());
-            self.held.push(l);
-            if ok {
-                return Ok(addr);
-            }
-        }
-    }
-
-    fn release(&mut self) {
-        self.held.clear();
-    }
 }
 
 /// Where `tandem up` keeps its state unless told otherwise (the CLI looks
@@ -267,8 +234,9 @@ const OTEL_VARS: [(&str, &str); 6] = [
     ("OTEL_TRACES_SAMPLER_ARG", "--trace-sampler-arg"),
 ];
 
-/// The tracing settings of `tandem up`'s environment, as sidecar flags:
-/// every demo sidecar gets them (and no other child sees the variables).
+/// The tracing settings of `tandem up`'s environment, as flags of `tandem
+/// run`, which hands them to its sidecar: every demo sidecar gets them (and
+/// no other child sees the variables).
 fn trace_flags() -> Vec<String> {
     OTEL_VARS
         .iter()
@@ -280,6 +248,8 @@ fn trace_flags() -> Vec<String> {
         .collect()
 }
 
+/// Starts `exe ARGS` (which must say `--exit-on-stdin-close`), its output
+/// to `logs/NAME.log`.
 fn spawn(
     exe: &Path,
     name: &str,
@@ -293,7 +263,6 @@ fn spawn(
         cmd.env_remove(var);
     }
     cmd.args(args)
-        .arg("--exit-on-stdin-close")
         .stdin(Stdio::piped())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -348,6 +317,7 @@ async fn start_all(
             s(&args.listen),
             s(&"--api"),
             s(&args.api),
+            s(&"--exit-on-stdin-close"),
         ],
         logs,
         procs,
@@ -372,56 +342,54 @@ async fn start_all(
         )?;
         let token_file = tokens.join(format!("{}.token", svc.service));
         write_secret(&token_file, &token)?;
-        let p = vec![
-            s(&"proxy"),
+        // `tandem run` starts the sidecar, and the app once the sidecar is
+        // ready; both write to the service's log, labelled.
+        let mut r = vec![
+            s(&"run"),
+            s(&"--service"),
+            s(&svc.service),
+            s(&"--instance"),
+            instance,
             s(&"--token-file"),
             token_file.display().to_string(),
             s(&"--control"),
             control.clone(),
-            s(&"--service"),
-            s(&svc.service),
-            s(&"--instance"),
-            instance.clone(),
             s(&"--inbound"),
             s(&inbound),
-            s(&"--app"),
-            s(&app),
-            s(&"--admin"),
-            s(&admin),
+            s(&"--app-port"),
+            s(&app.port()),
             s(&"--http-proxy"),
             s(&proxy),
+            s(&"--admin"),
+            s(&admin),
             s(&"--drain-grace"),
             s(&"2s"),
         ];
-        let mut p = p;
-        p.extend(trace_flags());
-        spawn(exe, &format!("{}-proxy", svc.service), &p, logs, procs)?;
-        let mut a = vec![
+        r.extend(trace_flags());
+        // The app finds its port and its sidecar in PORT and HTTP_PROXY.
+        r.extend([
+            s(&"--exit-on-stdin-close"),
+            s(&"--"),
+            exe.display().to_string(),
             s(&"demo-app"),
-            s(&"--listen"),
-            s(&app),
             s(&"--service"),
             s(&svc.service),
             s(&"--version"),
             s(&svc.version),
-            s(&"--instance"),
-            instance,
-            s(&"--proxy"),
-            s(&proxy),
             s(&"--latency"),
             s(&svc.latency),
             s(&"--failure-rate"),
             s(&svc.failure_rate),
-        ];
+        ]);
         for c in svc.calls {
-            a.push(s(&"--call"));
-            a.push(s(c));
+            r.push(s(&"--call"));
+            r.push(s(c));
         }
         if svc.load {
-            a.push(s(&"--rps"));
-            a.push(s(&args.rps));
+            r.push(s(&"--rps"));
+            r.push(s(&args.rps));
         }
-        spawn(exe, svc.service, &a, logs, procs)?;
+        spawn(exe, svc.service, &r, logs, procs)?;
         admins.push((svc.service, admin));
         println!(
             "  {:<11} app {app}  sidecar inbound {inbound}  http proxy {proxy}  admin {admin}",
@@ -455,24 +423,6 @@ async fn start_all(
         }
     }
     Ok(())
-}
-
-async fn ready(admin: SocketAddr) -> bool {
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(admin).await.ok()?;
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        s.write_all(b"GET /ready HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-            .await
-            .ok()?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.ok()?;
-        Some(buf.starts_with(b"HTTP/1.1 200"))
-    };
-    tokio::time::timeout(Duration::from_secs(1), fut)
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or(false)
 }
 
 /// Shows the live view until Ctrl-C / SIGTERM. A child that dies is

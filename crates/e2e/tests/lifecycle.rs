@@ -137,6 +137,7 @@ fn help_explains_every_command() {
             "token",
             "ca",
             "proxy",
+            "run",
             "validate",
             "apply",
             "authz",
@@ -170,35 +171,17 @@ fn help_explains_every_command() {
     );
 }
 
-/// PIDs of the direct children of `pid`.
-fn children(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
-        // Fields after the command name: state, ppid, ...
-        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let ppid = after
-            .split_whitespace()
-            .nth(1)
-            .and_then(|v| v.parse::<u32>().ok());
-        if ppid == Some(pid) {
-            out.push(p);
-        }
+/// `tandem up`'s children and theirs (`tandem run` starts an app and a
+/// sidecar).
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut all = children(pid);
+    let mut i = 0;
+    while i < all.len() {
+        let more = children(all[i]);
+        all.extend(more);
+        i += 1;
     }
-    out
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            !s.rsplit_once(')')
-                .map(|(_, r)| r.trim_start().starts_with('Z'))
-                .unwrap_or(true)
-        })
-        .unwrap_or(false)
+    all
 }
 
 fn stat_json(api: std::net::SocketAddr, data: &str) -> Option<serde_json::Value> {
@@ -411,8 +394,12 @@ fn tandem_up_runs_the_demo_and_cleans_up() {
     );
 
     // Ctrl-C: everything stops, nothing is left behind.
-    let kids = children(up.id());
-    assert_eq!(kids.len(), 13, "control + 6 apps + 6 sidecars: {kids:?}");
+    let kids = descendants(up.id());
+    assert_eq!(
+        kids.len(),
+        19,
+        "control + 6 `tandem run`, each with an app and its sidecar: {kids:?}"
+    );
     let ok = Command::new("kill")
         .args(["-INT", &up.id().to_string()])
         .status()
@@ -436,8 +423,8 @@ fn tandem_up_runs_the_demo_and_cleans_up() {
             .any(|r| r["source"] == "loadgen")
             .then_some(())
     });
-    let kids = children(up.id());
-    assert_eq!(kids.len(), 13, "{kids:?}");
+    let kids = descendants(up.id());
+    assert_eq!(kids.len(), 19, "{kids:?}");
     up.kill().expect("kill -9");
     let _ = up.wait();
     wait_for("children to exit", Duration::from_secs(20), || {
@@ -673,12 +660,11 @@ fn a_real_prometheus_scrapes_tandem_up() {
     assert!(payments.1 >= 0.004, "{p99:?}");
 
     // A sidecar that goes away leaves the targets file.
-    let catalog_v2 = children(up.0.id())
+    let catalog_v2 = descendants(up.0.id())
         .into_iter()
         .find(|pid| {
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-            args.contains(&&b"proxy"[..]) && args.contains(&&b"catalog-v2"[..])
+            let args = cmdline(*pid);
+            args.iter().any(|a| a == "proxy") && args.iter().any(|a| a == "catalog-v2")
         })
         .expect("the catalog-v2 sidecar");
     let ok = Command::new("kill")

@@ -145,6 +145,60 @@ impl Dns {
 mod tests {
     use super::*;
 
+    fn query(name: &str, id: u16) -> Vec<u8> {
+        let mut q = Packet::new_query(id);
+        q.questions.push(simple_dns::Question::new(
+            simple_dns::Name::new_unchecked(name),
+            QTYPE::TYPE(TYPE::A),
+            simple_dns::QCLASS::CLASS(CLASS::IN),
+            false,
+        ));
+        q.build_bytes_vec().expect("query")
+    }
+
+    /// A resolver that answers every query with its own bytes, marked.
+    async fn fake_upstream() -> SocketAddr {
+        let s = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let addr = s.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while let Ok((n, peer)) = s.recv_from(&mut buf).await {
+                let mut answer = buf[..n].to_vec();
+                answer.extend_from_slice(b"upstream");
+                let _ = s.send_to(&answer, peer).await;
+            }
+        });
+        addr
+    }
+
+    fn dns(upstream: Option<SocketAddr>) -> Dns {
+        let names = Arc::new(arc_swap::ArcSwap::from_pointee(
+            crate::transport::tls::PeerNames::new(),
+        ));
+        let (control, _asks) = Subscriptions::new(std::iter::empty());
+        Dns {
+            routes: Arc::new(Routes::new(names, "")),
+            control: Arc::new(control),
+            vips: Arc::new(Vips::default()),
+            upstream,
+        }
+    }
+
+    #[tokio::test]
+    async fn names_outside_the_mesh_are_asked_of_the_host_resolver() {
+        let d = dns(Some(fake_upstream().await));
+        let q = query("api.example.com", 7);
+        let a = d.answer(&q).await.expect("answered");
+        assert!(a.starts_with(&q) && a.ends_with(b"upstream"));
+        // A mesh-like name the mesh does not know (here: no control plane
+        // to ask) is asked upstream too.
+        let q = query("catalog", 8);
+        assert!(d.answer(&q).await.expect("answered").ends_with(b"upstream"));
+        // Without a resolver there is no answer; garbage gets none either.
+        assert_eq!(dns(None).answer(&query("example.com", 9)).await, None);
+        assert_eq!(d.answer(b"\x01\x02").await, None);
+    }
+
     #[test]
     fn the_first_nameserver_of_resolv_conf() {
         let conf = "# generated\nsearch example.com\nnameserver 10.0.0.2\nnameserver 10.0.0.3\n";
