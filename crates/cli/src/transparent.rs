@@ -73,7 +73,14 @@ impl Jail {
         let veth = format!("tdm{pid}h");
         let peer = format!("tdm{pid}a");
         let used = run("ip", &["-4", "-o", "addr", "show"])?;
+        // Searched from a place that depends on the pid, so that two
+        // `tandem run` starting at once rarely pick the same one (169 is
+        // left out: 169.254.169.254 is a cloud's metadata service).
+        let start = (pid % 254) as usize;
         let n = (1..=254u8)
+            .cycle()
+            .skip(start)
+            .take(254)
             .filter(|n| *n != 169)
             .find(|n| !used.contains(&format!("169.254.{n}.")))
             .context("no free 169.254.N.0/30 network for the app's namespace")?;

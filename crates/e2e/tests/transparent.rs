@@ -12,6 +12,16 @@ use std::time::Duration;
 
 use tandem_e2e::*;
 
+/// A server outside the mesh, stopped with the test.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `tandem run`, stopped (SIGTERM, then SIGKILL) with the test.
 struct Run(Child);
 
@@ -57,6 +67,43 @@ fn an_unmodified_app_uses_the_mesh_through_transparent_interception() {
         }
     });
 
+    // An HTTPS server and a plain HTTP one outside the mesh, on every
+    // address of this host too.
+    let tls_port = free_port().port();
+    let cert = rcgen::generate_simple_self_signed(vec!["outside".into()]).unwrap();
+    std::fs::write(dir.0.join("outside.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.0.join("outside.key"), cert.signing_key.serialize_pem()).unwrap();
+    let _https = Server(
+        Command::new("openssl")
+            .args(["s_server", "-quiet", "-www", "-accept"])
+            .arg(format!("0.0.0.0:{tls_port}"))
+            .arg("-cert")
+            .arg(dir.0.join("outside.pem"))
+            .arg("-key")
+            .arg(dir.0.join("outside.key"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("openssl is installed (the test command installs it)"),
+    );
+    let http_port = free_port().port();
+    let _http = Server(
+        Command::new(bin())
+            .args(["demo-app", "--service", "outside", "--listen"])
+            .arg(format!("0.0.0.0:{http_port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    for port in [tls_port, http_port] {
+        wait_for("the outside servers", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+    }
+
     // A capture of the link between the two sidecars (catalog's inbound).
     let pcap = dir.0.join("link.pcap");
     let err = dir.0.join("tcpdump.err");
@@ -90,6 +137,8 @@ head -n1 <&3 > $o/banner
 echo hello-outside >&3
 head -n1 <&3 >> $o/banner
 exec 3<&-
+curl -sS -k -m 10 -o /dev/null -w '%{{http_code}}' https://$gw:{tls_port}/ > $o/tls 2>&1
+curl -sS -m 10 http://$gw:{http_port}/ > $o/http.json 2>&1
 echo done > $o/done
 exec {bin} demo-app --service shop --listen 0.0.0.0:$PORT
 "#,
@@ -154,6 +203,17 @@ exec {bin} demo-app --service shop --listen 0.0.0.0:$PORT
         logs()
     );
 
+    // TLS and plain HTTP to hosts outside the mesh, told from their first
+    // bytes (allow-all: both pass).
+    assert_eq!(
+        std::fs::read_to_string(out.join("tls")).unwrap(),
+        "200",
+        "{}",
+        logs()
+    );
+    let outside = std::fs::read_to_string(out.join("http.json")).unwrap();
+    assert!(outside.contains("\"service\":\"outside\""), "{outside}");
+
     // Between the sidecars: TLS, and never the marker in clear.
     let _ = Command::new("kill")
         .args(["-INT", &tcpdump.id().to_string()])
@@ -169,8 +229,9 @@ exec {bin} demo-app --service shop --listen 0.0.0.0:$PORT
     );
 
     // Each of the app's connections was intercepted once: one to a mesh
-    // service, one opaque (the sidecar's own connections, to catalog's
-    // sidecar and to the outside server, were not intercepted again).
+    // service, one of each protocol outside (the sidecar's own
+    // connections, to catalog's sidecar and to the outside servers, were
+    // not intercepted again).
     let metrics = wait_for("the sidecar's metrics", Duration::from_secs(10), || {
         http_get(admin, "admin", "/metrics").map(|(_, body)| body)
     });
@@ -181,7 +242,11 @@ exec {bin} demo-app --service shop --listen 0.0.0.0:$PORT
         )
         .unwrap_or(0.0)
     };
-    assert_eq!((count("mesh"), count("opaque")), (1.0, 1.0), "{metrics}");
+    assert_eq!(
+        [count("mesh"), count("opaque"), count("tls"), count("http")],
+        [1.0; 4],
+        "{metrics}"
+    );
     assert_eq!(count("refused"), 0.0, "{metrics}");
 
     // Inbound: another service calls `shop`, through the sidecar, into
