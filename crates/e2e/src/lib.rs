@@ -1447,3 +1447,65 @@ pub fn start_up(dir: &TempDir, api: SocketAddr, env: &[(&str, String)]) -> Child
         .spawn()
         .expect("tandem up")
 }
+
+/// A capture of loopback traffic on `port`, until stopped.
+pub struct Capture {
+    child: Child,
+    file: PathBuf,
+    /// A port of the test's own: a write to it marks the end of the
+    /// capture, so stopping waits for the mark instead of a guessed time.
+    mark: std::net::TcpListener,
+}
+
+const END_MARK: &[u8] = b"tandem-capture-ends-here";
+
+impl Capture {
+    pub fn start(dir: &Path, port: u16) -> Capture {
+        let file = dir.join(format!("cap-{port}.pcap"));
+        let err = dir.join(format!("cap-{port}.err"));
+        let mark = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mark_port = mark.local_addr().unwrap().port();
+        let child = Command::new("tcpdump")
+            // Immediate mode: packets reach the file as they are seen, not
+            // in blocks that an interrupt would lose.
+            .args(["--immediate-mode", "-i", "lo", "-U", "-s", "0", "-w"])
+            .arg(&file)
+            .arg(format!("tcp port {port} or tcp port {mark_port}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .expect("tcpdump is installed (the test command installs it)");
+        wait_for("tcpdump listening", Duration::from_secs(10), || {
+            std::fs::read_to_string(&err)
+                .ok()
+                .filter(|s| s.contains("listening on"))
+        });
+        Capture { child, file, mark }
+    }
+
+    /// Stops the capture once everything sent before the call is in the
+    /// file (tcpdump writes packets in the order it sees them, so the end
+    /// mark is last); the captured bytes.
+    pub fn stop(mut self) -> Vec<u8> {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(self.mark.local_addr().unwrap()).unwrap();
+        s.write_all(END_MARK).unwrap();
+        wait_for(
+            "the end mark in the capture",
+            Duration::from_secs(10),
+            || {
+                let bytes = std::fs::read(&self.file).ok()?;
+                contains(&bytes, END_MARK).then_some(())
+            },
+        );
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        std::fs::read(&self.file).unwrap()
+    }
+}
+
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}

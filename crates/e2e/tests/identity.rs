@@ -6,13 +6,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
 use common::certs::{leaf, mesh_ca, other_ca, spiffe, Leaf, TD};
 use tandem_e2e::{
-    bin, curl, free_port, http_get, metric, tandem_ok, wait_for, Instance, Load, Mesh, TempDir,
+    bin, contains, curl, free_port, http_get, metric, tandem_ok, wait_for, Capture, Instance, Load,
+    Mesh, TempDir,
 };
 
 /// What an app behind a sidecar may trust (docs/security.md): headers a
@@ -313,68 +313,6 @@ fn outbound_side_refuses_a_peer_with_another_identity() {
         "{}",
         lonely.metrics()
     );
-}
-
-/// A capture of loopback traffic on `port`, until stopped.
-struct Capture {
-    child: std::process::Child,
-    file: PathBuf,
-    /// A port of the test's own: a write to it marks the end of the
-    /// capture, so stopping waits for the mark instead of a guessed time.
-    mark: std::net::TcpListener,
-}
-
-const END_MARK: &[u8] = b"tandem-capture-ends-here";
-
-impl Capture {
-    fn start(dir: &Path, port: u16) -> Capture {
-        let file = dir.join(format!("cap-{port}.pcap"));
-        let err = dir.join(format!("cap-{port}.err"));
-        let mark = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mark_port = mark.local_addr().unwrap().port();
-        let child = Command::new("tcpdump")
-            // Immediate mode: packets reach the file as they are seen, not
-            // in blocks that an interrupt would lose.
-            .args(["--immediate-mode", "-i", "lo", "-U", "-s", "0", "-w"])
-            .arg(&file)
-            .arg(format!("tcp port {port} or tcp port {mark_port}"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&err).unwrap())
-            .spawn()
-            .expect("tcpdump is installed (the test command installs it)");
-        wait_for("tcpdump listening", Duration::from_secs(10), || {
-            std::fs::read_to_string(&err)
-                .ok()
-                .filter(|s| s.contains("listening on"))
-        });
-        Capture { child, file, mark }
-    }
-
-    /// Stops the capture once everything sent before the call is in the
-    /// file (tcpdump writes packets in the order it sees them, so the end
-    /// mark is last); the captured bytes.
-    fn stop(mut self) -> Vec<u8> {
-        use std::io::Write;
-        let mut s = std::net::TcpStream::connect(self.mark.local_addr().unwrap()).unwrap();
-        s.write_all(END_MARK).unwrap();
-        wait_for(
-            "the end mark in the capture",
-            Duration::from_secs(10),
-            || {
-                let bytes = std::fs::read(&self.file).ok()?;
-                contains(&bytes, END_MARK).then_some(())
-            },
-        );
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-        std::fs::read(&self.file).unwrap()
-    }
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
 }
 
 #[test]

@@ -105,21 +105,7 @@ fn an_unmodified_app_uses_the_mesh_through_transparent_interception() {
     }
 
     // A capture of the link between the two sidecars (catalog's inbound).
-    let pcap = dir.0.join("link.pcap");
-    let err = dir.0.join("tcpdump.err");
-    let mut tcpdump = Command::new("tcpdump")
-        .args(["--immediate-mode", "-i", "lo", "-U", "-s", "0", "-w"])
-        .arg(&pcap)
-        .arg(format!("tcp port {}", catalog.inbound.port()))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&err).unwrap())
-        .spawn()
-        .expect("tcpdump is installed (the test command installs it)");
-    wait_for("tcpdump listening", Duration::from_secs(10), || {
-        std::fs::read_to_string(&err)
-            .ok()
-            .filter(|s| s.contains("listening on"))
-    });
+    let capture = Capture::start(&dir.0, catalog.inbound.port());
 
     // The app: no proxy variable is used (they are unset); it calls
     // `catalog` by name, then the outside server, then serves `shop`.
@@ -215,12 +201,8 @@ exec {bin} demo-app --service shop --listen 0.0.0.0:$PORT
     assert!(outside.contains("\"service\":\"outside\""), "{outside}");
 
     // Between the sidecars: TLS, and never the marker in clear.
-    let _ = Command::new("kill")
-        .args(["-INT", &tcpdump.id().to_string()])
-        .status();
-    let _ = tcpdump.wait();
-    let bytes = std::fs::read(&pcap).unwrap_or_default();
-    let has = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    let bytes = capture.stop();
+    let has = |needle: &[u8]| contains(&bytes, needle);
     assert!(bytes.len() > 500, "only {} bytes captured", bytes.len());
     assert!(!has(marker.as_bytes()), "the marker crossed in clear");
     assert!(
