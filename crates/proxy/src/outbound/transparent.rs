@@ -10,7 +10,9 @@
 //! - Any other address is outside the mesh, and what the app speaks is
 //!   detected from its first bytes (at most [`MAX_PEEK`]): HTTP/1.1 and
 //!   HTTP/2 go down the same stack (egress by their Host); TLS is checked
-//!   under the egress rules by its SNI name and relayed untouched; anything
+//!   under the egress rules by its SNI name (and, when an ExternalService
+//!   lists that name, connected to by the name, so that an SNI cannot carry
+//!   the app elsewhere) and relayed untouched; anything
 //!   else is opaque, checked by the address, and relayed. Detection never
 //!   stalls a protocol where the server speaks first: when the egress rules
 //!   allow the address, the connection to it is opened at once, and its
@@ -40,7 +42,7 @@ use crate::edge::Edge;
 use crate::listen::{stopped, Drain};
 use crate::telemetry::metrics::{Direction, InterceptLabels, TcpLabels};
 use crate::transport::tcp::{relay, Target};
-use crate::transport::tls::connect_tcp;
+use crate::transport::tls::{connect_host, connect_tcp};
 
 /// The most of a connection's first bytes read to tell its protocol (a TLS
 /// ClientHello with its SNI fits).
@@ -234,6 +236,10 @@ async fn outside<S: crate::svc::Service>(
             _ = tokio::time::sleep_until(deadline) => break Detected::Opaque,
         }
     };
+    // A name an ExternalService lists is called by that name, not at the
+    // address the app connected to: an SNI claiming a listed name cannot
+    // carry the app to another address.
+    let mut by_name = None;
     let (kind, host, listed) = match &detected {
         Detected::Http => {
             count(p, "http");
@@ -243,10 +249,13 @@ async fn outside<S: crate::svc::Service>(
             serve_conn(edge, p, Prefixed::new(buf, sock), stop, keep);
             return;
         }
-        Detected::Tls(Some(name)) => {
-            let listed = p.routes.load().egress.listed(name).or(by_ip);
-            ("tls", name.clone(), listed)
-        }
+        Detected::Tls(Some(name)) => match p.routes.load().egress.listed(name) {
+            Some(i) => {
+                by_name = Some(name.clone());
+                ("tls", name.clone(), Some(i))
+            }
+            None => ("tls", name.clone(), by_ip),
+        },
         Detected::Tls(None) => ("tls", ip, by_ip),
         _ => ("opaque", ip, by_ip),
     };
@@ -260,15 +269,17 @@ async fn outside<S: crate::svc::Service>(
         tracing::info!(%orig, %host, why = %e.detail, "transparent: egress denied; closing");
         return;
     }
-    let mut up = match up {
-        Some(u) => u,
-        None => match connect_tcp(orig).await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::debug!(%orig, error = %e, "transparent: connect failed");
-                return;
-            }
-        },
+    let connected = match (up, &by_name) {
+        (_, Some(name)) => connect_host(name, orig.port()).await,
+        (Some(u), None) => Ok(u),
+        (None, None) => connect_tcp(orig).await,
+    };
+    let mut up = match connected {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(%orig, %host, error = %e, "transparent: connect failed");
+            return;
+        }
     };
     if up.write_all(&buf).await.is_err() {
         return;
