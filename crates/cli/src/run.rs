@@ -145,6 +145,11 @@ pub struct RunArgs {
     /// settings (docs/onboarding.md). It must listen on `0.0.0.0:$PORT`.
     #[arg(long)]
     transparent: bool,
+    /// Run the app as this user (a name or a uid), with no capabilities
+    /// and no way to gain any (`setpriv`). With --transparent, an app left
+    /// as root could leave its namespace.
+    #[arg(long)]
+    user: Option<String>,
     #[command(flatten)]
     trace: TraceArgs,
     /// Stop (SIGTERM to the app) when standard input closes; the app's
@@ -246,6 +251,19 @@ async fn supervise(a: RunArgs, out: &Output) -> u8 {
     if let Err(e) = a.trace.config() {
         out.say(format!("tracing: {e:#}")).await;
         return EXIT_FAILED;
+    }
+    let user = match a.user.as_deref().map(resolve_user).transpose() {
+        Ok(u) => u,
+        Err(e) => {
+            out.say(format!("--user: {e:#}")).await;
+            return EXIT_FAILED;
+        }
+    };
+    if a.transparent && user.is_none() && nix::unistd::geteuid().is_root() {
+        out.say(
+            "the app runs as root: it could leave its network namespace (and the mesh); --user runs it without privileges".into(),
+        )
+        .await;
     }
     let exe = match std::env::current_exe() {
         Ok(e) => e,
@@ -391,6 +409,7 @@ async fn supervise(a: RunArgs, out: &Output) -> u8 {
         app,
         http_proxy,
         jail.as_ref().map(|(j, _)| j),
+        user,
     )
     .spawn()
     {
@@ -586,19 +605,33 @@ fn app_command(
     app: SocketAddr,
     http_proxy: SocketAddr,
     jail: Option<&crate::transparent::Jail>,
+    user: Option<(u32, u32)>,
 ) -> Command {
     let mut cmd = Command::new(exe);
     cmd.args(["run-exec", "--parent", &std::process::id().to_string()])
         .arg("--");
-    match jail {
+    if let Some(j) = jail {
         // Inside its namespace, where everything goes through the sidecar
         // without any setting.
-        Some(j) => {
-            let wrapped = j.wrap(&[]);
-            cmd.args(&wrapped).args(&a.command);
-        }
+        cmd.args(j.wrap(&[]));
+    }
+    if let Some((uid, gid)) = user {
+        // A change of user clears the parent-death signal: setpriv sets it
+        // again.
+        cmd.args([
+            "setpriv",
+            "--reuid",
+            &uid.to_string(),
+            "--regid",
+            &gid.to_string(),
+        ])
+        .args(["--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+        .args(["--no-new-privs", "--pdeathsig", "SIGKILL", "--"]);
+    }
+    cmd.args(&a.command);
+    match jail {
+        Some(_) => {}
         None => {
-            cmd.args(&a.command);
             let proxy = format!("http://{http_proxy}");
             for var in ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"] {
                 cmd.env(var, &proxy);
@@ -622,6 +655,23 @@ fn app_command(
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     cmd
+}
+
+/// The uid and gid of `--user` (a name, or a uid: its gid is the user's
+/// group if it has an entry, else the same number).
+fn resolve_user(user: &str) -> anyhow::Result<(u32, u32)> {
+    let id = |flag: &str| -> Option<u32> {
+        let out = std::process::Command::new("id")
+            .args([flag, user])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    };
+    match (id("-u"), id("-g"), user.parse::<u32>()) {
+        (Some(u), Some(g), _) => Ok((u, g)),
+        (_, _, Ok(n)) => Ok((n, n)),
+        _ => anyhow::bail!("no user `{user}`"),
+    }
 }
 
 /// The tracing settings as sidecar flags.

@@ -27,7 +27,8 @@ use std::process::Command;
 
 use anyhow::Context;
 
-/// The app's namespace and what was set up for it; undone on drop.
+/// The app's namespace and what was set up for it; what this run made is
+/// undone on drop, and only that.
 pub(crate) struct Jail {
     pub(crate) name: String,
     /// This side's address: the sidecar's transparent port and DNS.
@@ -35,8 +36,10 @@ pub(crate) struct Jail {
     /// The app's address in its namespace.
     pub(crate) app_ip: Ipv4Addr,
     veth: String,
-    /// The redirect rule, as `iptables -t nat` arguments after `-A`/`-D`.
-    rule: Option<Vec<String>>,
+    netns: bool,
+    link: bool,
+    /// The rules added, as `iptables` arguments after `-A`/`-D`.
+    rules: Vec<Vec<String>>,
     etc: Option<PathBuf>,
 }
 
@@ -91,14 +94,17 @@ impl Jail {
             host_ip,
             app_ip,
             veth: veth.clone(),
-            rule: None,
+            netns: false,
+            link: false,
+            rules: Vec::new(),
             etc: None,
         };
         run("ip", &["netns", "add", &name])?;
+        jail.netns = true;
         let (h, a) = (format!("{host_ip}/30"), format!("{app_ip}/30"));
         let gw = host_ip.to_string();
         let inside = |args: &[&str]| -> anyhow::Result<String> {
-            let mut all = vec!["netns", "exec", &name, "ip"];
+            let mut all = vec!["netns", "exec", &name];
             all.extend_from_slice(args);
             run("ip", &all)
         };
@@ -108,30 +114,59 @@ impl Jail {
                 "link", "add", &veth, "type", "veth", "peer", "name", &peer, "netns", &name,
             ],
         )?;
+        jail.link = true;
         run("ip", &["addr", "add", &h, "dev", &veth])?;
         run("ip", &["link", "set", &veth, "up"])?;
-        inside(&["addr", "add", &a, "dev", &peer])?;
-        inside(&["link", "set", &peer, "up"])?;
-        inside(&["link", "set", "lo", "up"])?;
-        inside(&["route", "add", "default", "via", &gw])?;
-        let rule: Vec<String> = [
-            "PREROUTING",
-            "-i",
-            &veth,
-            "-p",
-            "tcp",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            &transparent_port.to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let mut add = vec!["-t", "nat", "-A"];
-        add.extend(rule.iter().map(String::as_str));
-        run("iptables", &add)?;
-        jail.rule = Some(rule);
+        // IPv4 only: no IPv6 link-local way around the sidecar.
+        inside(&[
+            "sh",
+            "-c",
+            "d=/proc/sys/net/ipv6/conf; [ ! -d $d ] || { echo 1 > $d/all/disable_ipv6 && echo 1 > $d/default/disable_ipv6; }",
+        ])?;
+        inside(&["ip", "addr", "add", &a, "dev", &peer])?;
+        inside(&["ip", "link", "set", &peer, "up"])?;
+        inside(&["ip", "link", "set", "lo", "up"])?;
+        inside(&["ip", "route", "add", "default", "via", &gw])?;
+        // A rule left by an earlier run with this pid (killed with -9)
+        // would match this veth first: removed.
+        for table in ["filter", "nat"] {
+            let listed = run("iptables", &["-t", table, "-S"])?;
+            for line in listed.lines() {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                if words.first() == Some(&"-A") && words.windows(2).any(|w| w == ["-i", &*veth]) {
+                    let mut del = vec!["-t", table, "-D"];
+                    del.extend(&words[1..]);
+                    run("iptables", &del)?;
+                }
+            }
+        }
+        let port = transparent_port.to_string();
+        let rules: [&[&str]; 2] = [
+            // Every TCP connection of the app goes to the sidecar.
+            &[
+                "-t",
+                "nat",
+                "PREROUTING",
+                "-i",
+                &veth,
+                "-p",
+                "tcp",
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                &port,
+            ],
+            // Nothing of the app's is routed on by this host (UDP other
+            // than the sidecar's DNS goes nowhere).
+            &["-t", "filter", "FORWARD", "-i", &veth, "-j", "DROP"],
+        ];
+        for rule in rules {
+            let rule: Vec<String> = rule.iter().map(|s| s.to_string()).collect();
+            let mut add = vec![rule[0].as_str(), rule[1].as_str(), "-A"];
+            add.extend(rule[2..].iter().map(String::as_str));
+            run("iptables", &add)?;
+            jail.rules.push(rule);
+        }
         // `ip netns exec` puts /etc/netns/<name>/resolv.conf in place of
         // /etc/resolv.conf for the app.
         let etc = PathBuf::from("/etc/netns").join(&name);
@@ -164,19 +199,23 @@ impl Jail {
 
 impl Drop for Jail {
     fn drop(&mut self) {
-        if let Some(rule) = self.rule.take() {
-            let mut del = vec!["-t", "nat", "-D"];
-            del.extend(rule.iter().map(String::as_str));
+        for rule in self.rules.drain(..) {
+            let mut del = vec![rule[0].as_str(), rule[1].as_str(), "-D"];
+            del.extend(rule[2..].iter().map(String::as_str));
             if let Err(e) = run("iptables", &del) {
                 eprintln!("tandem run: {e:#}");
             }
         }
         // Deleting the namespace deletes the app's end of the veth pair,
         // and with it this end.
-        if let Err(e) = run("ip", &["netns", "del", &self.name]) {
-            eprintln!("tandem run: {e:#}");
+        if self.netns {
+            if let Err(e) = run("ip", &["netns", "del", &self.name]) {
+                eprintln!("tandem run: {e:#}");
+            }
         }
-        let _ = run("ip", &["link", "del", &self.veth]);
+        if self.link {
+            let _ = run("ip", &["link", "del", &self.veth]);
+        }
         if let Some(etc) = self.etc.take() {
             let _ = std::fs::remove_dir_all(etc);
         }

@@ -221,6 +221,38 @@ fn egress_under_the_mode_external_services_and_their_policies() {
         (403, Some("egress-denied")),
         "{r:?}"
     );
+    // The path the policy matches is the normalized one.
+    for path in ["//admin/users", "/./admin/users", "/%61dmin/users"] {
+        let r = ask(client.http_proxy, &listed_http.to_string(), path);
+        assert_eq!(
+            (r.status, r.header("tandem-error")),
+            (403, Some("egress-denied")),
+            "{path}: {r:?}"
+        );
+    }
+    // A tunnel to its http port would carry requests past those rules.
+    let out = curl(&[
+        "-x",
+        &proxy,
+        "--proxytunnel",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("http://{listed_http}/admin/users"),
+    ]);
+    assert!(out.stderr.contains("403"), "{} {}", out.stdout, out.stderr);
+    // The sidecar never calls itself on the app's behalf.
+    let r = ask(client.http_proxy, &client.http_proxy.to_string(), "/");
+    assert_eq!(
+        (r.status, r.header("tandem-error")),
+        (503, Some("upstream-connect-failure")),
+        "{r:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("own listener"),
+        "{r:?}"
+    );
     // A port the ExternalService does not list.
     let out = https(
         SocketAddr::new(listed_tls.ip(), unlisted_tls.port()),

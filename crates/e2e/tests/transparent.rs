@@ -109,12 +109,25 @@ fn an_unmodified_app_uses_the_mesh_through_transparent_interception() {
 
     // The app: no proxy variable is used (they are unset); it calls
     // `catalog` by name, then the outside server, then serves `shop`.
+    // The app runs as `nobody`: it needs its own copy of the binary (the
+    // checkout may not be readable by others) and a directory it may
+    // write to.
+    use std::os::unix::fs::PermissionsExt;
     let out = dir.0.join("out");
     std::fs::create_dir_all(&out).unwrap();
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let app_bin = dir.0.join("tandem");
+    if std::fs::hard_link(bin(), &app_bin).is_err() {
+        std::fs::copy(bin(), &app_bin).unwrap();
+    }
+    std::fs::set_permissions(&app_bin, std::fs::Permissions::from_mode(0o755)).unwrap();
     let marker = "tandem-marker-7e2a-transparent";
     let script = format!(
         r#"unset HTTP_PROXY http_proxy HTTPS_PROXY https_proxy
 o={out}
+id -u > $o/uid
+if ip link set lo down 2>/dev/null; then echo escaped; else echo refused; fi > $o/netadmin
 getent hosts catalog > $o/resolved
 curl -sS -m 10 -H 'x-marker: {marker}' http://catalog:8080/headers > $o/mesh.json 2> $o/mesh.err
 gw=$(ip route show default | awk '{{print $3}}')
@@ -129,7 +142,7 @@ echo done > $o/done
 exec {bin} demo-app --service shop --listen 0.0.0.0:$PORT
 "#,
         out = out.display(),
-        bin = bin().display(),
+        bin = app_bin.display(),
     );
     let token = dir.0.join("shop.token");
     std::fs::write(&token, mesh.token("shop")).unwrap();
@@ -150,6 +163,7 @@ exec {bin} demo-app --service shop --listen 0.0.0.0:$PORT
         .args(["--control", &format!("http://{}", mesh.grpc)])
         .args(["--inbound", &inbound.to_string()])
         .args(["--admin", &admin.to_string()])
+        .args(["--user", "nobody"])
         .args(["--", "bash", "-c", &script])
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&log).unwrap())
@@ -167,6 +181,13 @@ exec {bin} demo-app --service shop --listen 0.0.0.0:$PORT
     wait_for("the app's calls", Duration::from_secs(30), || {
         out.join("done").exists().then_some(())
     });
+
+    // The app ran as nobody, without the privileges to leave its network.
+    assert_eq!(std::fs::read_to_string(out.join("uid")).unwrap(), "65534\n");
+    assert_eq!(
+        std::fs::read_to_string(out.join("netadmin")).unwrap(),
+        "refused\n"
+    );
 
     // The mesh name resolved to an address the sidecar keeps for it, and
     // the call went through the mesh: catalog's sidecar saw the caller's

@@ -158,9 +158,15 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
         handshakes: metrics.handshakes.clone(),
     };
     let peer_names = Arc::new(ArcSwap::from_pointee(PeerNames::new()));
+    let mut own = vec![cfg.inbound, cfg.admin];
+    own.extend(cfg.http_proxy);
+    own.extend(cfg.transparent);
+    own.extend(cfg.upstreams.iter().map(|(_, a)| *a));
+    let own = Arc::new(crate::transport::tls::OwnAddrs(own));
     let connector = |alpn: &[&[u8]]| Connector {
         tls: mesh_tls(alpn),
         names: peer_names.clone(),
+        own: own.clone(),
     };
     let connectors = Arc::new(Connectors {
         h1: connector(&[ALPN_HTTP11]),
@@ -289,6 +295,7 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
             ),
             namespace: me.namespace.clone(),
             service: me.service.clone(),
+            own: own.clone(),
         }),
         mirror_permits: Arc::new(tokio::sync::Semaphore::new(
             outbound::mirror::MIRROR_IN_FLIGHT,

@@ -20,6 +20,7 @@ use crate::outbound::egress::{maybe_mesh, Listed, Me};
 use crate::policy::authz::header_values;
 use crate::routing::{Destination, Routes};
 use crate::svc::{layer, Service};
+use tandem_config::authz::normalize_path;
 
 /// How long a request for a destination the proxy has not seen yet waits
 /// for the control plane to send it.
@@ -70,19 +71,23 @@ impl<S: Service> Service for Discover<S> {
                 Some(d) => d,
                 None if matches!(self.target, Target::Fixed(_)) => self.discover(key).await?,
                 None => {
-                    let listed = self.routes.load().egress.listed(&host);
-                    if listed.is_none() && maybe_mesh(&host) {
+                    // One spelling of an outside host: no brackets around
+                    // an IPv6 address, no final dot.
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    let host = host.strip_suffix('.').unwrap_or(host);
+                    let listed = self.routes.load().egress.listed(host);
+                    if listed.is_none() && maybe_mesh(host) {
                         match self.discover(key).await {
                             Ok(d) => d,
                             // A dotted name no service has: outside the
                             // mesh. A bare name stays a mesh name.
                             Err(e) if e.kind == MeshError::UnknownService && host.contains('.') => {
-                                self.egress(&req, listed, &host, port)?
+                                self.egress(&req, listed, host, port)?
                             }
                             Err(e) => return Err(e),
                         }
                     } else {
-                        self.egress(&req, listed, &host, port)?
+                        self.egress(&req, listed, host, port)?
                     }
                 }
             };
@@ -118,15 +123,25 @@ impl<S> Discover<S> {
             ));
         }
         let port = port.unwrap_or(80);
-        let host = host.trim_start_matches('[').trim_end_matches(']');
         let routing = self.routes.load();
+        // The path an access policy matches, as inbound: `//admin`,
+        // `/./admin` and `/%61dmin` are all `/admin`, and a path that
+        // cannot be read one way only is refused.
+        let raw = req.uri().path();
+        let path = match normalize_path(raw) {
+            Ok(p) => p,
+            Err(e) if routing.egress.has_policy(listed) => {
+                return Err(Error::new(MeshError::BadRequest, e.describe()))
+            }
+            Err(_) => std::borrow::Cow::Borrowed(raw),
+        };
         routing.egress.check(
             listed,
             host,
             port,
             &self.me,
             req.method().as_str(),
-            req.uri().path(),
+            &path,
             req.uri().query().unwrap_or(""),
             &|name| header_values(req, name),
         )?;

@@ -27,7 +27,9 @@ use http::uri::Authority;
 use http::{Method, Request, Response};
 use hyper_util::rt::TokioIo;
 use tandem_config::authz::{AuthzRequest, Caller, Verdict};
-use tandem_config::snapshot::{self, Authz, EgressMode, ExternalPort, Policy, Protocol};
+use tandem_config::snapshot::{
+    self, Authz, EgressMode, ExternalPort, ExternalProtocol, Policy, Protocol,
+};
 use tandem_runtime::sync::Mutex;
 
 use crate::balance::ewma::EndpointLoad;
@@ -54,6 +56,8 @@ pub(crate) struct Me {
     pub(crate) id: String,
     pub(crate) namespace: String,
     pub(crate) service: String,
+    /// Its listeners, which no call outside the mesh may go to.
+    pub(crate) own: Arc<crate::transport::tls::OwnAddrs>,
 }
 
 impl Me {
@@ -147,8 +151,8 @@ impl Egress {
     }
 
     /// May this sidecar call `host:port`? The egress mode for an unlisted
-    /// host; for a listed one its ports and its access policy (`method`
-    /// and `path` empty for a tunnel).
+    /// host; for a listed one its ports (no tunnel to an `http` one) and
+    /// its access policy (`method` and `path` empty: a tunnel).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn check<'a>(
         &self,
@@ -171,6 +175,18 @@ impl Egress {
             };
         };
         let s = &self.services[i];
+        // A tunnel (no method: CONNECT, or bytes relayed) to a port that
+        // takes plain HTTP would carry requests past the HTTP rules.
+        if method.is_empty()
+            && s.ports
+                .iter()
+                .any(|p| p.port == port && p.protocol == ExternalProtocol::Http)
+        {
+            return denied(format!(
+                "port {port} of ExternalService `{}` is http: send it requests, not a tunnel",
+                s.name.0
+            ));
+        }
         if !s.ports.iter().any(|p| p.port == port) {
             let ports: Vec<String> = s.ports.iter().map(|p| p.port.to_string()).collect();
             return denied(format!(
@@ -206,6 +222,11 @@ impl Egress {
             "the access policy of ExternalService `{}` does not let {} call it",
             s.name.0, me.id
         ))
+    }
+
+    /// Whether calls to `listed` are checked against an access policy.
+    pub(crate) fn has_policy(&self, listed: Listed) -> bool {
+        listed.is_some_and(|i| !self.services[i].authz.is_open())
     }
 
     /// The destination plain HTTP calls to `host:port` go to, built on
@@ -361,7 +382,7 @@ impl<S: Service> Service for Connect<S> {
                 "this sidecar is at its limit of connections",
             ));
         };
-        let up = crate::transport::tls::connect_host(host, port)
+        let up = crate::transport::tls::connect_host(host, port, &self.me.own)
             .await
             .map_err(|e| {
                 Error::new(
@@ -429,6 +450,7 @@ mod tests {
             id: "spiffe://tandem.local/ns/default/svc/web".into(),
             namespace: "default".into(),
             service: "web".into(),
+            own: Default::default(),
         }
     }
 
@@ -464,6 +486,14 @@ mod tests {
             .check(Some(0), "api.stripe.com", 80, &me, "", "", "", &none)
             .expect_err("port");
         assert!(e.detail.contains("does not list port 80"), "{}", e.detail);
+        // A tunnel to an http port is refused; requests to it pass.
+        let e = closed
+            .check(Some(1), "a.eu.stripe.net", 80, &me, "", "", "", &none)
+            .expect_err("tunnel");
+        assert!(e.detail.contains("not a tunnel"), "{}", e.detail);
+        assert!(closed
+            .check(Some(1), "a.eu.stripe.net", 80, &me, "GET", "/", "", &none)
+            .is_ok());
     }
 
     #[test]

@@ -126,6 +126,13 @@ pub(crate) async fn serve(
                 return;
             }
         };
+        // The app connecting to the sidecar's own listeners (this one
+        // included): following it would loop.
+        if p.me.own.contains(orig) {
+            tracing::debug!(%orig, "transparent: a connection to the sidecar itself; closing");
+            count(&p, "refused");
+            return;
+        }
         let (p, edge, vips, stop, keep) = (
             p.clone(),
             edge.clone(),
@@ -270,7 +277,7 @@ async fn outside<S: crate::svc::Service>(
         return;
     }
     let connected = match (up, &by_name) {
-        (_, Some(name)) => connect_host(name, orig.port()).await,
+        (_, Some(name)) => connect_host(name, orig.port(), &p.me.own).await,
         (Some(u), None) => Ok(u),
         (None, None) => connect_tcp(orig).await,
     };

@@ -96,13 +96,40 @@ pub(crate) async fn connect_tcp(addr: SocketAddr) -> io::Result<TcpStream> {
     Ok(s)
 }
 
+/// The sidecar's own listeners: a plain connection to one of them (an
+/// app asking its sidecar to call the sidecar) would loop, and is refused.
+#[derive(Default)]
+pub(crate) struct OwnAddrs(pub(crate) Vec<SocketAddr>);
+
+impl OwnAddrs {
+    pub(crate) fn contains(&self, a: SocketAddr) -> bool {
+        let local = |ip: std::net::IpAddr| ip.is_loopback() || ip.is_unspecified();
+        self.0.iter().any(|l| {
+            l.port() == a.port() && (l.ip() == a.ip() || (l.ip().is_unspecified() && local(a.ip())))
+        })
+    }
+
+    fn refuse(&self, a: SocketAddr) -> io::Result<()> {
+        if self.contains(a) {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                format!("{a} is this sidecar's own listener"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Connects to `host:port` outside the mesh: an IP address as it is, a
 /// name through the system's resolver, each of its addresses in turn,
-/// within the connect timeout.
-pub(crate) async fn connect_host(host: &str, port: u16) -> io::Result<TcpStream> {
+/// within the connect timeout; never to one of the sidecar's `own`
+/// listeners.
+pub(crate) async fn connect_host(host: &str, port: u16, own: &OwnAddrs) -> io::Result<TcpStream> {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-        return connect_tcp(SocketAddr::new(ip, port)).await;
+        let addr = SocketAddr::new(ip, port);
+        own.refuse(addr)?;
+        return connect_tcp(addr).await;
     }
     let attempt = async {
         let mut last = io::Error::new(
@@ -113,6 +140,10 @@ pub(crate) async fn connect_host(host: &str, port: u16) -> io::Result<TcpStream>
             .await
             .map_err(|e| io::Error::new(e.kind(), format!("`{host}` does not resolve: {e}")))?
         {
+            if let Err(e) = own.refuse(addr) {
+                last = e;
+                continue;
+            }
             match TcpStream::connect(addr).await {
                 Ok(s) => {
                     let _ = s.set_nodelay(true);
@@ -133,6 +164,8 @@ pub(crate) async fn connect_host(host: &str, port: u16) -> io::Result<TcpStream>
 pub(crate) struct Connector {
     pub(crate) tls: MeshTls,
     pub(crate) names: Arc<ArcSwap<PeerNames>>,
+    /// Plain connections never go to these.
+    pub(crate) own: Arc<OwnAddrs>,
 }
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -149,7 +182,9 @@ impl Connector {
                 return Err(format!("endpoint `{auth}` is not an ip:port").into());
             }
             let port = auth.port_u16().unwrap_or(80);
-            return Ok(Conn::plain(connect_host(auth.host(), port).await?));
+            return Ok(Conn::plain(
+                connect_host(auth.host(), port, &self.own).await?,
+            ));
         };
         if uri.scheme() == Some(&Scheme::HTTPS) {
             let name = self
@@ -160,6 +195,7 @@ impl Connector {
                 .ok_or_else(|| format!("no identity known for endpoint {auth}"))?;
             Ok(Conn::tls(self.tls.connect(addr, name).await?))
         } else {
+            self.own.refuse(addr)?;
             Ok(Conn::plain(connect_tcp(addr).await?))
         }
     }
@@ -220,3 +256,44 @@ impl hyper::rt::Write for Conn {
 
 /// An accepted inbound connection: mTLS, or plaintext in permissive mode.
 pub(crate) type Inbound = Either<TcpStream, Box<tokio_rustls::server::TlsStream<TcpStream>>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_listeners_are_recognized() {
+        let own = OwnAddrs(vec![
+            "127.0.0.1:4140".parse().expect("addr"),
+            "0.0.0.0:8443".parse().expect("addr"),
+            "169.254.7.1:15001".parse().expect("addr"),
+        ]);
+        let is = |a: &str| own.contains(a.parse().expect("addr"));
+        assert!(is("127.0.0.1:4140"));
+        assert!(is("127.0.0.1:8443") && is("0.0.0.0:8443"));
+        assert!(is("169.254.7.1:15001"));
+        assert!(!is("127.0.0.1:4141"));
+        assert!(!is("10.0.0.9:4140"));
+        assert!(!is("169.254.7.2:15001"));
+    }
+
+    #[tokio::test]
+    async fn a_host_outside_the_mesh_is_never_the_sidecar_itself() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let own = OwnAddrs(vec![l.local_addr().expect("addr")]);
+        let port = l.local_addr().expect("addr").port();
+        let e = connect_host("127.0.0.1", port, &own)
+            .await
+            .expect_err("own");
+        assert!(e.to_string().contains("own listener"), "{e}");
+        let e = connect_host("localhost", port, &own)
+            .await
+            .expect_err("own");
+        assert!(e.to_string().contains("own listener"), "{e}");
+        assert!(connect_host("127.0.0.1", port, &OwnAddrs::default())
+            .await
+            .is_ok());
+    }
+}
