@@ -162,7 +162,12 @@ pub fn explain(
         .iter()
         .find(|d| d.name == dst_name && d.namespace == dst_ns)
     else {
-        if let Some(answer) = egress(&snapshot.egress, &host, port, &mut out) {
+        let caller = (
+            format!("spiffe://{trust_domain}/ns/{src_ns}/svc/{src}"),
+            src_ns,
+            src,
+        );
+        if let Some(answer) = egress(&snapshot.egress, &host, port, req, &caller, &mut out) {
             out.answer = answer;
             return Ok(out);
         }
@@ -533,6 +538,8 @@ fn egress(
     e: &crate::snapshot::Egress,
     host: &str,
     port: Option<u16>,
+    req: &ExplainRequest,
+    (caller_id, src_ns, src): &(String, &str, &str),
     out: &mut Explanation,
 ) -> Option<Option<String>> {
     let listed = e.services.iter().find(|s| {
@@ -567,5 +574,50 @@ fn egress(
         out.policy = Some(p.source.clone());
         out.timeout_ms = p.timeout_ms;
     }
-    Some(None)
+    if s.authz.is_open() {
+        return Some(None);
+    }
+    // Its access policy, as the caller's sidecar checks it.
+    let (path, query) = req.path.split_once('?').unwrap_or((req.path.as_str(), ""));
+    let path = match normalize_path(path) {
+        Ok(p) => p,
+        Err(e) => {
+            return Some(Some(format!(
+                "400 bad-request: the path has {}",
+                e.describe()
+            )))
+        }
+    };
+    let headers: Vec<(String, String)> = req
+        .headers
+        .iter()
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let header = |n: &str| -> Vec<&str> {
+        headers
+            .iter()
+            .filter(|(k, _)| k == n)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    };
+    let areq = AuthzRequest {
+        caller: Some(Caller {
+            id: caller_id,
+            namespace: src_ns,
+            service: src,
+        }),
+        port,
+        method: &req.method,
+        path: &path,
+        query,
+        header: &header,
+    };
+    let d = s.authz.decide(&areq);
+    Some((d.verdict == Verdict::Deny).then(|| {
+        format!(
+            "403 egress-denied: the access policy of ExternalService `{}` does not let {caller_id} call it ({})",
+            s.name,
+            d.by.describe(false)
+        )
+    }))
 }

@@ -12,6 +12,12 @@ spec:
   ports: [{port: 8080, protocol: http}]
 ---
 apiVersion: tandem.dev/v1alpha1
+kind: Service
+metadata: {name: billing}
+spec:
+  ports: [{port: 8080, protocol: http}]
+---
+apiVersion: tandem.dev/v1alpha1
 kind: Mesh
 metadata: {name: mesh}
 spec:
@@ -72,7 +78,7 @@ spec:
     );
     assert!(
         p.iter()
-            .any(|d| d.starts_with("mesh.yaml:38:11:") && d.contains("`bad host` is not a host")),
+            .any(|d| d.starts_with("mesh.yaml:44:11:") && d.contains("`bad host` is not a host")),
         "{p:?}"
     );
     assert!(
@@ -98,7 +104,7 @@ spec:
     let bad_mode = GOOD.replace("registry-only", "closed");
     let p = load_str("mesh.yaml", &bad_mode).expect_err("bad mode");
     assert!(
-        p[0].to_string().starts_with("mesh.yaml:11:")
+        p[0].to_string().starts_with("mesh.yaml:17:")
             && p[0].to_string().contains("`allow-all` or `registry-only`"),
         "{p:?}"
     );
@@ -182,6 +188,26 @@ fn explain_tells_egress_from_mesh_calls() {
         e.answer
             .as_deref()
             .is_some_and(|a| a.starts_with("403 egress-denied") && a.contains("port 8443")),
+        "{e:?}"
+    );
+    // Its access policy lets only `web` call it.
+    let e = explain(
+        &set,
+        &Splits::new(),
+        "tandem.local",
+        &ExplainRequest {
+            source: "billing".into(),
+            method: "GET".into(),
+            authority: "api.stripe.com:80".into(),
+            path: "/".into(),
+            headers: Vec::new(),
+        },
+    )
+    .expect("explained");
+    assert!(
+        e.answer
+            .as_deref()
+            .is_some_and(|a| a.starts_with("403 egress-denied") && a.contains("svc/billing")),
         "{e:?}"
     );
     let e = ask("example.com");
