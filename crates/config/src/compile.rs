@@ -129,7 +129,13 @@ pub fn egress(set: &ResourceSet) -> crate::snapshot::Egress {
             authz: crate::authz::compile(set, &e.namespace, &e.name),
         })
         .collect();
-    crate::snapshot::Egress { mode, services }
+    let namespaces: std::collections::BTreeSet<&str> =
+        set.services.iter().map(|s| s.namespace.as_str()).collect();
+    crate::snapshot::Egress {
+        mode,
+        namespaces: namespaces.into_iter().map(str::to_string).collect(),
+        services,
+    }
 }
 
 fn backend(s: &Loaded<ServiceSpec>, endpoints: &dyn Fn(&str, &str) -> Vec<Endpoint>) -> Backend {

@@ -43,6 +43,11 @@ pub const UNLISTED_EGRESS: &str = "(unlisted)";
 pub struct Egress {
     #[serde(default)]
     pub mode: EgressMode,
+    /// The namespaces the mesh's services are in: a name `a.b` is a mesh
+    /// name only when `b` is one of them, so the sidecar knows
+    /// `example.com` is outside without asking the control plane.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
     /// Every ExternalService of the mesh (they are few, and any proxy may
     /// call them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

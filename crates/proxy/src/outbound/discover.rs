@@ -16,7 +16,7 @@ use crate::body::Body;
 use crate::control::Subscriptions;
 use crate::ctx::RequestCtx;
 use crate::error::{Error, MeshError};
-use crate::outbound::egress::{maybe_mesh, Listed, Me};
+use crate::outbound::egress::{Listed, Me};
 use crate::policy::authz::header_values;
 use crate::routing::{Destination, Routes};
 use crate::svc::{layer, Service};
@@ -75,8 +75,11 @@ impl<S: Service> Service for Discover<S> {
                     // an IPv6 address, no final dot.
                     let host = host.trim_start_matches('[').trim_end_matches(']');
                     let host = host.strip_suffix('.').unwrap_or(host);
-                    let listed = self.routes.load().egress.listed(host);
-                    if listed.is_none() && maybe_mesh(host) {
+                    let (listed, mesh) = {
+                        let routing = self.routes.load();
+                        (routing.egress.listed(host), routing.egress.maybe_mesh(host))
+                    };
+                    if listed.is_none() && mesh {
                         match self.discover(key).await {
                             Ok(d) => d,
                             // A dotted name no service has: outside the

@@ -17,7 +17,6 @@ use tokio::net::UdpSocket;
 use tokio::sync::{watch, Semaphore};
 
 use super::discover::{destination_key, discover};
-use super::egress::maybe_mesh;
 use super::transparent::Vips;
 use crate::control::Subscriptions;
 use crate::routing::Routes;
@@ -87,7 +86,7 @@ impl Dns {
         let question = packet.questions.first()?;
         let name = question.qname.to_string().to_ascii_lowercase();
         let name = name.trim_end_matches('.');
-        if maybe_mesh(name) && !name.is_empty() {
+        if !name.is_empty() && self.routes.load().egress.maybe_mesh(name) {
             let key = destination_key(name);
             let known = self.routes.load().destination(key).is_some();
             if known || discover(&self.routes, &self.control, key).await.is_ok() {

@@ -19,7 +19,7 @@
 //! tunnel: the sidecar connects, answers `200`, and relays bytes; the
 //! app's TLS passes through untouched.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -79,6 +79,8 @@ pub(crate) struct Egress {
     wildcards: Vec<(Box<str>, usize)>,
     built: Mutex<HashMap<HostPort, Arc<Destination>>>,
     unlisted: Name,
+    /// The namespaces of the mesh's services ([`maybe_mesh`]).
+    namespaces: HashSet<Box<str>>,
 }
 
 type HostPort = (Box<str>, u16);
@@ -128,7 +130,13 @@ impl Egress {
             wildcards,
             built: Mutex::new(HashMap::new()),
             unlisted: Name::from(UNLISTED),
+            namespaces: e.namespaces.iter().map(|n| Box::from(n.as_str())).collect(),
         }
+    }
+
+    /// Whether `host` may name a mesh service ([`maybe_mesh`]).
+    pub(crate) fn maybe_mesh(&self, host: &str) -> bool {
+        maybe_mesh(host, &self.namespaces)
     }
 
     /// The ExternalService listing `host` (lower case), if any.
@@ -311,16 +319,23 @@ fn join(host: &str, port: u16) -> String {
 }
 
 /// Whether `host` may be a mesh service's name: `name`, `name.namespace`
-/// or `name.namespace.svc...`. Anything else (an IP address, a name of
-/// three labels or more not under `.svc`) is outside the mesh, without
-/// asking the control plane.
-pub(crate) fn maybe_mesh(host: &str) -> bool {
+/// or `name.namespace.svc...`, where `namespace` has services (when the
+/// snapshot says which do). Anything else (an IP address, `example.com`,
+/// a name of three labels or more not under `.svc`) is outside the mesh,
+/// without asking the control plane.
+pub(crate) fn maybe_mesh(host: &str, namespaces: &HashSet<Box<str>>) -> bool {
     if host.starts_with('[') || host.parse::<IpAddr>().is_ok() {
         return false;
     }
     let mut labels = host.split('.');
-    let _ = (labels.next(), labels.next());
-    matches!(labels.next(), None | Some("svc"))
+    let _ = labels.next();
+    let ns = labels.next();
+    let known = |ns: &str| namespaces.is_empty() || namespaces.contains(ns);
+    match (ns, labels.next()) {
+        (None, _) => true,
+        (Some(ns), None | Some("svc")) => known(ns),
+        _ => false,
+    }
 }
 
 layer!(
@@ -418,6 +433,7 @@ mod tests {
     fn egress(mode: EgressMode) -> Egress {
         Egress::build(&snapshot::Egress {
             mode,
+            namespaces: vec!["default".into()],
             services: vec![
                 SExternal {
                     name: "stripe".into(),
@@ -498,12 +514,21 @@ mod tests {
 
     #[test]
     fn mesh_names_are_told_from_outside_hosts() {
-        assert!(maybe_mesh("catalog"));
-        assert!(maybe_mesh("catalog.shop"));
-        assert!(maybe_mesh("catalog.shop.svc.cluster.local"));
-        assert!(!maybe_mesh("api.stripe.com"));
-        assert!(!maybe_mesh("10.0.0.1"));
-        assert!(!maybe_mesh("::1"));
+        let unknown = HashSet::new();
+        assert!(maybe_mesh("catalog", &unknown));
+        assert!(maybe_mesh("catalog.shop", &unknown));
+        assert!(maybe_mesh("catalog.shop.svc.cluster.local", &unknown));
+        assert!(!maybe_mesh("api.stripe.com", &unknown));
+        assert!(!maybe_mesh("10.0.0.1", &unknown));
+        assert!(!maybe_mesh("::1", &unknown));
+        // With the mesh's namespaces known, `example.com` is outside
+        // without a question to the control plane.
+        let known: HashSet<Box<str>> = ["default".into(), "shop".into()].into();
+        assert!(maybe_mesh("catalog", &known));
+        assert!(maybe_mesh("catalog.shop", &known));
+        assert!(maybe_mesh("catalog.shop.svc.cluster.local", &known));
+        assert!(!maybe_mesh("example.com", &known));
+        assert!(!maybe_mesh("api.example.svc", &known));
     }
 
     #[test]
