@@ -613,7 +613,7 @@ fn app_command(
     if let Some(j) = jail {
         // Inside its namespace, where everything goes through the sidecar
         // without any setting.
-        cmd.args(j.wrap(&[]));
+        cmd.args(j.exec_prefix());
     }
     if let Some((uid, gid)) = user {
         // A change of user clears the parent-death signal: setpriv sets it
@@ -629,16 +629,14 @@ fn app_command(
         .args(["--no-new-privs", "--pdeathsig", "SIGKILL", "--"]);
     }
     cmd.args(&a.command);
-    match jail {
-        Some(_) => {}
-        None => {
-            let proxy = format!("http://{http_proxy}");
-            for var in ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"] {
-                cmd.env(var, &proxy);
-            }
-            for var in ["NO_PROXY", "no_proxy"] {
-                cmd.env(var, "localhost,127.0.0.1,::1");
-            }
+    // An intercepted app needs no proxy setting.
+    if jail.is_none() {
+        let proxy = format!("http://{http_proxy}");
+        for var in ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"] {
+            cmd.env(var, &proxy);
+        }
+        for var in ["NO_PROXY", "no_proxy"] {
+            cmd.env(var, "localhost,127.0.0.1,::1");
         }
     }
     cmd.env("PORT", app.port().to_string())

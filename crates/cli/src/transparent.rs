@@ -183,17 +183,10 @@ impl Jail {
         Ok(jail)
     }
 
-    /// `CMD ARGS` run inside the namespace (`ip netns exec`, which becomes
-    /// the command: same pid).
-    pub(crate) fn wrap(&self, cmd: &[String]) -> Vec<String> {
-        let mut all = vec![
-            "ip".to_string(),
-            "netns".to_string(),
-            "exec".to_string(),
-            self.name.clone(),
-        ];
-        all.extend(cmd.iter().cloned());
-        all
+    /// What runs a command inside the namespace: `ip netns exec NAME`
+    /// (which becomes the command: same pid).
+    pub(crate) fn exec_prefix(&self) -> [String; 4] {
+        ["ip", "netns", "exec", &self.name].map(str::to_string)
     }
 }
 

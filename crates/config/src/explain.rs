@@ -156,18 +156,35 @@ pub fn explain(
         )
     };
     let snapshot = compile(src_ns, src, &interest);
+    let headers: Vec<(String, String)> = req
+        .headers
+        .iter()
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let (path, query) = match req.path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (req.path.as_str(), None),
+    };
+    let caller_id = format!("spiffe://{trust_domain}/ns/{src_ns}/svc/{src}");
+    let caller = Caller {
+        id: &caller_id,
+        namespace: src_ns,
+        service: src,
+    };
     let (dst_ns, dst_name) = resolve_name(key, src_ns);
     let Some(dest) = snapshot
         .destinations
         .iter()
         .find(|d| d.name == dst_name && d.namespace == dst_ns)
     else {
-        let caller = (
-            format!("spiffe://{trust_domain}/ns/{src_ns}/svc/{src}"),
-            src_ns,
-            src,
-        );
-        if let Some(answer) = egress(&snapshot.egress, &host, port, req, &caller, &mut out) {
+        let head = Head {
+            method: &req.method,
+            path,
+            query,
+            headers: &headers,
+            port,
+        };
+        if let Some(answer) = egress(&snapshot.egress, &host, &head, caller, &mut out) {
             out.answer = answer;
             return Ok(out);
         }
@@ -179,15 +196,6 @@ pub fn explain(
     out.destination = Some(format!("{}/{}", dest.namespace, dest.name));
     let port = port.or(dest.ports.first().copied());
     out.port = port;
-    let headers: Vec<(String, String)> = req
-        .headers
-        .iter()
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let (path, query) = match req.path.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (req.path.as_str(), None),
-    };
     let head = Head {
         method: &req.method,
         path,
@@ -371,7 +379,6 @@ pub fn explain(
     }
     // Each backend: its share, and what its own sidecar decides.
     let total: u64 = weighted.iter().map(|(_, w, _)| u64::from(*w)).sum();
-    let caller_id = format!("spiffe://{trust_domain}/ns/{src_ns}/svc/{src}");
     let normalized = normalize_path(path);
     for (b, weight, bf) in weighted {
         let Some(backend) = dest.backends.get(b) else {
@@ -415,26 +422,7 @@ pub fn explain(
                 continue;
             }
         };
-        let header = |n: &str| -> Vec<&str> {
-            headers
-                .iter()
-                .filter(|(k, _)| k == n)
-                .map(|(_, v)| v.as_str())
-                .collect()
-        };
-        let areq = AuthzRequest {
-            caller: Some(Caller {
-                id: &caller_id,
-                namespace: src_ns,
-                service: src,
-            }),
-            port: inbound.port,
-            method: &req.method,
-            path,
-            query: query.unwrap_or(""),
-            header: &header,
-        };
-        let d = inbound.authz.decide(&areq);
+        let d = decide(&inbound.authz, caller, inbound.port, &head, path);
         share.verdict = match d.verdict {
             Verdict::Allow => "allow",
             Verdict::Deny => "deny",
@@ -537,9 +525,8 @@ fn retry_on(r: &RetryOn) -> String {
 fn egress(
     e: &crate::snapshot::Egress,
     host: &str,
-    port: Option<u16>,
-    req: &ExplainRequest,
-    (caller_id, src_ns, src): &(String, &str, &str),
+    head: &Head<'_>,
+    caller: Caller<'_>,
     out: &mut Explanation,
 ) -> Option<Option<String>> {
     let listed = e.services.iter().find(|s| {
@@ -552,7 +539,7 @@ fn egress(
     if listed.is_none() && !outside {
         return None;
     }
-    let port = port.unwrap_or(80);
+    let port = head.port.unwrap_or(80);
     out.port = Some(port);
     let Some(s) = listed else {
         out.destination = Some(crate::snapshot::UNLISTED_EGRESS.to_string());
@@ -578,8 +565,7 @@ fn egress(
         return Some(None);
     }
     // Its access policy, as the caller's sidecar checks it.
-    let (path, query) = req.path.split_once('?').unwrap_or((req.path.as_str(), ""));
-    let path = match normalize_path(path) {
+    let path = match normalize_path(head.path) {
         Ok(p) => p,
         Err(e) => {
             return Some(Some(format!(
@@ -588,36 +574,39 @@ fn egress(
             )))
         }
     };
-    let headers: Vec<(String, String)> = req
-        .headers
-        .iter()
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
+    let d = decide(&s.authz, caller, port, head, &path);
+    Some((d.verdict == Verdict::Deny).then(|| {
+        format!(
+            "403 egress-denied: the access policy of ExternalService `{}` does not let {} call it ({})",
+            s.name,
+            caller.id,
+            d.by.describe(false)
+        )
+    }))
+}
+
+/// What access policy `authz` decides for the request `head` (its path
+/// normalized: `path`) from `caller` on `port`.
+fn decide<'p>(
+    authz: &'p crate::authz::Authz,
+    caller: Caller<'_>,
+    port: u16,
+    head: &Head<'_>,
+    path: &str,
+) -> crate::authz::Decision<'p> {
     let header = |n: &str| -> Vec<&str> {
-        headers
+        head.headers
             .iter()
             .filter(|(k, _)| k == n)
             .map(|(_, v)| v.as_str())
             .collect()
     };
-    let areq = AuthzRequest {
-        caller: Some(Caller {
-            id: caller_id,
-            namespace: src_ns,
-            service: src,
-        }),
+    authz.decide(&AuthzRequest {
+        caller: Some(caller),
         port,
-        method: &req.method,
-        path: &path,
-        query,
+        method: head.method,
+        path,
+        query: head.query.unwrap_or(""),
         header: &header,
-    };
-    let d = s.authz.decide(&areq);
-    Some((d.verdict == Verdict::Deny).then(|| {
-        format!(
-            "403 egress-denied: the access policy of ExternalService `{}` does not let {caller_id} call it ({})",
-            s.name,
-            d.by.describe(false)
-        )
-    }))
+    })
 }

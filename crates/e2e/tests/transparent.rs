@@ -30,11 +30,8 @@ impl Drop for Run {
         let _ = Command::new("kill")
             .args(["-TERM", &self.0.id().to_string()])
             .status();
-        for _ in 0..100 {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        if wait_child(&mut self.0, patience(Duration::from_secs(10))).is_some() {
+            return;
         }
         let _ = self.0.kill();
         let _ = self.0.wait();

@@ -69,7 +69,9 @@ impl<S: Service> Service for Discover<S> {
             let known = self.routes.load().destination(key).cloned();
             let dest = match known {
                 Some(d) => d,
-                None if matches!(self.target, Target::Fixed(_)) => self.discover(key).await?,
+                None if matches!(self.target, Target::Fixed(_)) => {
+                    discover(&self.routes, &self.control, key).await?
+                }
                 None => {
                     // One spelling of an outside host: no brackets around
                     // an IPv6 address, no final dot.
@@ -80,7 +82,7 @@ impl<S: Service> Service for Discover<S> {
                         (routing.egress.listed(host), routing.egress.maybe_mesh(host))
                     };
                     if listed.is_none() && mesh {
-                        match self.discover(key).await {
+                        match discover(&self.routes, &self.control, key).await {
                             Ok(d) => d,
                             // A dotted name no service has: outside the
                             // mesh. A bare name stays a mesh name.
@@ -154,12 +156,6 @@ impl<S> Discover<S> {
     }
 }
 
-impl<S> Discover<S> {
-    async fn discover(&self, host: &str) -> Result<Arc<Destination>, Error> {
-        discover(&self.routes, &self.control, host).await
-    }
-}
-
 /// Asks the control plane for a destination this proxy has not needed
 /// before and waits briefly for a snapshot that has it (the HTTP stacks,
 /// and the DNS answers of transparent interception).
@@ -168,46 +164,44 @@ pub(crate) async fn discover(
     control: &Subscriptions,
     host: &str,
 ) -> Result<Arc<Destination>, Error> {
-    {
-        let unknown = || {
-            Error::new(
-                MeshError::UnknownService,
-                format!("no service `{host}` in the mesh"),
-            )
-        };
-        let unavailable = |why: &str| {
-            Error::new(
-                MeshError::DiscoveryUnavailable,
-                format!("destination `{host}` is not yet known to this proxy and {why}"),
-            )
-        };
-        if routes.load().is_unknown(host) || !plausible_service_name(host) {
-            return Err(unknown());
-        }
-        let mut changes = routes.changes();
-        if !control.subscribe(host) {
-            return Err(unavailable(
-                "this proxy already tracks the maximum number of destinations",
-            ));
-        }
-        if !control.is_connected() {
-            return Err(unavailable("the control plane is unreachable"));
-        }
-        let deadline = Instant::now() + DISCOVERY_WAIT;
-        loop {
-            {
-                let routing = routes.load();
-                if let Some(d) = routing.destination(host) {
-                    return Ok(d.clone());
-                }
-                if routing.is_unknown(host) {
-                    return Err(unknown());
-                }
+    let unknown = || {
+        Error::new(
+            MeshError::UnknownService,
+            format!("no service `{host}` in the mesh"),
+        )
+    };
+    let unavailable = |why: &str| {
+        Error::new(
+            MeshError::DiscoveryUnavailable,
+            format!("destination `{host}` is not yet known to this proxy and {why}"),
+        )
+    };
+    if routes.load().is_unknown(host) || !plausible_service_name(host) {
+        return Err(unknown());
+    }
+    let mut changes = routes.changes();
+    if !control.subscribe(host) {
+        return Err(unavailable(
+            "this proxy already tracks the maximum number of destinations",
+        ));
+    }
+    if !control.is_connected() {
+        return Err(unavailable("the control plane is unreachable"));
+    }
+    let deadline = Instant::now() + DISCOVERY_WAIT;
+    loop {
+        {
+            let routing = routes.load();
+            if let Some(d) = routing.destination(host) {
+                return Ok(d.clone());
             }
-            match tokio::time::timeout_at(deadline, changes.changed()).await {
-                Ok(Ok(())) => continue,
-                _ => return Err(unavailable("the control plane did not answer in time")),
+            if routing.is_unknown(host) {
+                return Err(unknown());
             }
+        }
+        match tokio::time::timeout_at(deadline, changes.changed()).await {
+            Ok(Ok(())) => continue,
+            _ => return Err(unavailable("the control plane did not answer in time")),
         }
     }
 }

@@ -372,24 +372,25 @@ impl<S: Service> Service for Connect<S> {
         let Some(port) = authority.port_u16() else {
             return Err(Error::new(MeshError::BadRequest, "CONNECT needs host:port"));
         };
-        let (listed, is_mesh) = {
+        // One table for the decision; none is held while connecting.
+        {
             let routing = self.routes.load();
-            let key = super::discover::destination_key(host);
-            let mesh = routing.destination(key).is_some();
-            (routing.egress.listed(host), mesh)
-        };
-        if is_mesh {
-            return Err(Error::new(
-                MeshError::BadRequest,
-                format!("`{host}` is a mesh service: call it over plain HTTP, and its sidecar adds mTLS"),
-            ));
+            if routing
+                .destination(super::discover::destination_key(host))
+                .is_some()
+            {
+                return Err(Error::new(
+                    MeshError::BadRequest,
+                    format!("`{host}` is a mesh service: call it over plain HTTP, and its sidecar adds mTLS"),
+                ));
+            }
+            let listed = routing.egress.listed(host);
+            let none = |_: &str| -> Vec<&str> { Vec::new() };
+            routing
+                .egress
+                .check(listed, host, port, &self.me, "", "", "", &none)?;
+            ctx.dst = routing.egress.name(listed).clone();
         }
-        let none = |_: &str| -> Vec<&str> { Vec::new() };
-        self.routes
-            .load()
-            .egress
-            .check(listed, host, port, &self.me, "", "", "", &none)?;
-        ctx.dst = self.routes.load().egress.name(listed).clone();
         ctx.port = Some(port);
         let Some(slot) = self.limits.connection() else {
             return Err(Error::new(
